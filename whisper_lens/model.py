@@ -1,0 +1,418 @@
+"""Whisper, written out for reading: an audio encoder, a text decoder, and every activation named.
+
+Whisper (Radford et al., 2022, "Robust Speech Recognition via Large-Scale Weak Supervision") is
+an encoder-decoder Transformer. The encoder turns a log-mel spectrogram of 30 s of audio into
+``n_audio_ctx`` vectors (two convolutions, the second with stride 2, then pre-LayerNorm
+residual blocks). The decoder reads text tokens, attends to itself causally and to the audio
+through cross-attention, and predicts the next token with the token embedding matrix reused
+as the unembedding.
+
+Reading guide. Shapes use B batch, S audio positions (``n_audio_ctx``), T text positions,
+D width, H heads, Dh = D / H, V vocabulary. Every ``rec("name", x)`` is a named point: the
+recorder (``trace.py``) applies edits there and keeps the value if it was asked for; with no
+trace and no edits it returns ``x`` unchanged. Module and parameter names are OpenAI's
+state-dict keys, so an OpenAI checkpoint loads as is.
+
+Attention runs the fused ``scaled_dot_product_attention`` unless a layer's ``scores`` or
+``pattern`` is asked for (recorded or edited); then that layer computes softmax(q k^T / sqrt(Dh))
+by hand, the same numbers written out.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .trace import IDLE, Edits, Recorder, Trace, TraceRequest, select_names
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The ten numbers that fix a Whisper network's shape (OpenAI's field names)."""
+
+    n_mels: int  # mel bins of the input spectrogram (80; 128 for large-v3)
+    n_audio_ctx: int  # encoder positions: input frames / 2 (1500 for 30 s)
+    n_audio_state: int  # encoder width
+    n_audio_head: int
+    n_audio_layer: int
+    n_vocab: int
+    n_text_ctx: int  # longest token sequence (448)
+    n_text_state: int  # decoder width
+    n_text_head: int
+    n_text_layer: int
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelDims.{name} must be a positive int, got {value!r}")
+        if self.n_audio_state % self.n_audio_head or self.n_text_state % self.n_text_head:
+            raise ValueError(f"widths must divide by head counts: {self}")
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
+    """Fixed sinusoidal positions of the encoder: sin in the first half of channels, cos in the second."""
+    if channels % 2:
+        raise ValueError(f"sinusoidal embedding needs an even width, got {channels}")
+    half = channels // 2
+    log_step = math.log(max_timescale) / (half - 1)
+    inv_timescales = torch.exp(-log_step * torch.arange(half))  # (D/2,)
+    angles = torch.arange(length)[:, None] * inv_timescales[None, :]  # (S, D/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)  # (S, D)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the activations' dtype (as OpenAI's, for fp16 stability)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Static key/value buffers for incremental decoding: one fixed shape for a whole generation.
+
+    Self-attention keys/values of every decoder layer are written at the positions of each
+    step (``index_copy_``); the cross-attention keys/values of the audio are computed once.
+    """
+
+    k: Tensor  # (L, B, H, n_text_ctx, Dh)
+    v: Tensor  # (L, B, H, n_text_ctx, Dh)
+    cross_k: Tensor  # (L, B, H, S, Dh)
+    cross_v: Tensor  # (L, B, H, S, Dh)
+
+
+class Attention(nn.Module):
+    """Multi-head attention. Keys/values are computed by the caller (``kv``) so caches stay visible."""
+
+    def __init__(self, n_state: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.query = nn.Linear(n_state, n_state)
+        self.key = nn.Linear(n_state, n_state, bias=False)
+        self.value = nn.Linear(n_state, n_state)
+        self.out = nn.Linear(n_state, n_state)
+
+    def heads(self, x: Tensor) -> Tensor:
+        """(B, T, D) -> (B, H, T, Dh)."""
+        B, T, D = x.shape
+        return x.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
+
+    def kv(self, x: Tensor, rec: Recorder) -> tuple[Tensor, Tensor]:
+        """Per-head keys and values of the sequence ``x`` (B, S, D) that the queries will attend to."""
+        k = rec("k", self.heads(self.key(x)))  # (B, H, S, Dh)
+        v = rec("v", self.heads(self.value(x)))  # (B, H, S, Dh)
+        return k, v
+
+    def pattern(self, q: Tensor, k: Tensor, rec: Recorder, mask: Tensor | None, causal: bool) -> Tensor:
+        """softmax(q k^T / sqrt(Dh)) written out, recording ``scores`` and ``pattern``: (B, H, T, S)."""
+        T, S = q.shape[2], k.shape[2]
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, T, S)
+        if causal:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()  # (T, S)
+        if mask is not None:
+            scores.masked_fill_(~mask, float("-inf"))
+        scores = rec("scores", scores)  # (B, H, T, S)
+        return rec("pattern", scores.float().softmax(dim=-1).to(q.dtype))  # (B, H, T, S)
+
+    def forward(
+        self, x: Tensor, k: Tensor, v: Tensor, rec: Recorder, mask: Tensor | None = None, causal: bool = False
+    ) -> Tensor:
+        """Queries from ``x`` (B, T, D) attend over ``k``, ``v`` (B, H, S, Dh).
+
+        ``mask`` (T, S) bool is True where a query may look; ``causal`` is the square lower triangle.
+        Recording the pattern leaves the fused kernel's output (and so the logits) bit for bit as
+        without a trace; only an edit of ``scores``/``pattern`` makes ``z`` come from the hand path.
+        """
+        B, T, D = x.shape
+        q = rec("q", self.heads(self.query(x)))  # (B, H, T, Dh)
+        if rec.edited("scores") or rec.edited("pattern"):  # the attention itself is edited: compute it by hand
+            pattern = self.pattern(q, k, rec, mask, causal)  # (B, H, T, S)
+            z = pattern @ v  # (B, H, T, Dh)
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, Dh)
+            if rec.wants("scores") or rec.wants("pattern"):  # recorded only: the fused kernel's numbers stay
+                self.pattern(q, k, rec, mask, causal)
+        z = rec("z", z.transpose(1, 2))  # (B, T, H, Dh)
+        return self.out(z.reshape(B, T, D))  # (B, T, D)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LN block: self-attention, then (decoder only) cross-attention, then a GELU MLP."""
+
+    def __init__(self, n_state: int, n_head: int, cross_attention: bool = False) -> None:
+        super().__init__()
+        self.attn = Attention(n_state, n_head)
+        self.attn_ln = LayerNorm(n_state)
+        self.cross_attn = Attention(n_state, n_head) if cross_attention else None
+        self.cross_attn_ln = LayerNorm(n_state) if cross_attention else None
+        self.mlp = nn.Sequential(nn.Linear(n_state, 4 * n_state), nn.GELU(), nn.Linear(4 * n_state, n_state))
+        self.mlp_ln = LayerNorm(n_state)
+
+    def forward(
+        self,
+        x: Tensor,
+        rec: Recorder,
+        *,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        cross_kv: tuple[Tensor, Tensor] | None = None,
+        cache_kv: tuple[Tensor, Tensor] | None = None,
+        pos: Tensor | None = None,
+    ) -> Tensor:
+        """One block on the residual stream ``x`` (B, T, D).
+
+        ``cross_kv``: the audio's keys/values for cross-attention (decoder). ``cache_kv`` and
+        ``pos``: this layer's static self-attention buffers (B, H, n_ctx, Dh) and the positions
+        (T,) of ``x`` in them; the new keys/values are written there and the queries attend
+        over the whole buffer under ``mask``.
+        """
+        h = self.attn_ln(x)  # (B, T, D)
+        k, v = self.attn.kv(h, rec.child("attn"))  # (B, H, T, Dh)
+        if cache_kv is not None:
+            cache_kv[0].index_copy_(2, pos, k)  # (B, H, n_ctx, Dh)
+            cache_kv[1].index_copy_(2, pos, v)
+            k, v = cache_kv
+        attn_out = rec("attn_out", self.attn(h, k, v, rec.child("attn"), mask=mask, causal=causal))  # (B, T, D)
+        x = rec("resid_mid", x + attn_out)  # (B, T, D)
+
+        if self.cross_attn is not None:
+            h = self.cross_attn_ln(x)  # (B, T, D)
+            cross_out = self.cross_attn(h, *cross_kv, rec.child("cross_attn"))  # (B, T, D)
+            cross_out = rec("cross_attn_out", cross_out)
+            x = rec("resid_mid_cross", x + cross_out)  # (B, T, D)
+
+        pre = rec("mlp.pre", self.mlp[0](self.mlp_ln(x)))  # (B, T, 4D)
+        post = rec("mlp.post", self.mlp[1](pre))  # (B, T, 4D)
+        mlp_out = rec("mlp_out", self.mlp[2](post))  # (B, T, D)
+        return rec("resid_post", x + mlp_out)  # (B, T, D)
+
+
+class AudioEncoder(nn.Module):
+    """Log-mel (B, n_mels, 2S) -> audio features (B, S, D)."""
+
+    def __init__(self, n_mels: int, n_ctx: int, n_state: int, n_head: int, n_layer: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(n_mels, n_state, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(n_ctx, n_state))
+        self.blocks = nn.ModuleList([ResidualBlock(n_state, n_head) for _ in range(n_layer)])
+        self.ln_post = LayerNorm(n_state)
+
+    def forward(self, mel: Tensor, rec: Recorder = IDLE) -> Tensor:
+        x = F.gelu(self.conv1(mel))  # (B, D, 2S)
+        x = rec("conv1", x.transpose(1, 2))  # (B, 2S, D)
+        x = F.gelu(self.conv2(x.transpose(1, 2)))  # (B, D, S)
+        x = rec("conv2", x.transpose(1, 2))  # (B, S, D)
+        x = rec("embed", (x + self.positional_embedding).to(x.dtype))  # (B, S, D)
+        S = x.shape[1]
+        for i, block in enumerate(self.blocks):
+            brec = rec.child(f"blocks.{i}")
+            x = brec("resid_pre", x)  # (B, S, D)
+            if rec.skips(f"blocks.{i}"):
+                x = brec("resid_post", x)
+                continue
+            k = rec.window(i)
+            mask = None if k is None else local_mask(S, k, x.device)  # (S, S)
+            x = block(x, brec, mask=mask)  # (B, S, D)
+        return rec("ln_post", self.ln_post(x))  # (B, S, D)
+
+
+def local_mask(n: int, k: int, device: torch.device) -> Tensor:
+    """(n, n) bool: position i may attend to j when |i - j| <= k."""
+    idx = torch.arange(n, device=device)
+    return (idx[:, None] - idx[None, :]).abs() <= k
+
+
+class TextDecoder(nn.Module):
+    """Tokens (B, T) and audio features (B, S, D) -> logits (B, T, V)."""
+
+    def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(n_vocab, n_state)
+        self.positional_embedding = nn.Parameter(torch.empty(n_ctx, n_state))
+        self.blocks = nn.ModuleList([ResidualBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)])
+        self.ln = LayerNorm(n_state)
+
+    def cross_kv(self, xa: Tensor, rec: Recorder = IDLE) -> tuple[Tensor, Tensor]:
+        """Every layer's cross-attention keys and values of the audio ``xa`` (B, S, D): (L, B, H, S, Dh) each."""
+        kvs = [blk.cross_attn.kv(xa, rec.child(f"blocks.{i}.cross_attn")) for i, blk in enumerate(self.blocks)]
+        return torch.stack([k for k, _ in kvs]), torch.stack([v for _, v in kvs])  # (L, B, H, S, Dh)
+
+    def new_cache(self, xa: Tensor, rec: Recorder = IDLE) -> KVCache:
+        """Empty self-attention buffers for ``xa``'s batch, and the audio's cross-attention keys/values."""
+        cross_k, cross_v = self.cross_kv(xa, rec)  # (L, B, H, S, Dh)
+        L, B, H, _, Dh = cross_k.shape
+        shape = (L, B, H, self.positional_embedding.shape[0], Dh)
+        k = torch.zeros(shape, dtype=cross_k.dtype, device=xa.device)  # (L, B, H, n_ctx, Dh)
+        return KVCache(k, torch.zeros_like(k), cross_k, cross_v)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        rec: Recorder = IDLE,
+        *,
+        xa: Tensor | None = None,
+        cache: KVCache | None = None,
+        pos: Tensor | None = None,
+    ) -> Tensor:
+        """Teacher-forced over the audio ``xa`` (B, S, D), or one incremental step through ``cache``.
+
+        Incremental: ``tokens`` (B, t) sit at positions ``pos`` (t,) (a tensor, so a compiled step
+        has one fixed shape); every query attends over the whole cache, masked to positions <= its own.
+        """
+        if cache is None:
+            positions, mask = torch.arange(tokens.shape[1], device=tokens.device), None  # (T,)
+        else:
+            n_ctx = cache.k.shape[3]
+            positions = pos  # (T,)
+            mask = torch.arange(n_ctx, device=tokens.device)[None, :] <= pos[:, None]  # (T, n_ctx)
+        x = rec("embed", self.token_embedding(tokens) + self.positional_embedding[positions])  # (B, T, D)
+        for i, block in enumerate(self.blocks):
+            brec = rec.child(f"blocks.{i}")
+            x = brec("resid_pre", x)  # (B, T, D)
+            if rec.skips(f"blocks.{i}"):
+                x = brec("resid_post", x)
+                continue
+            if cache is None:  # teacher-forced: keys/values of the audio, and a causal square
+                cross_kv, cache_kv = block.cross_attn.kv(xa, brec.child("cross_attn")), None  # (B, H, S, Dh)
+            else:  # one step: cached audio keys/values, this layer's static buffers
+                cross_kv, cache_kv = (cache.cross_k[i], cache.cross_v[i]), (cache.k[i], cache.v[i])
+            x = block(x, brec, mask=mask, causal=cache is None, cross_kv=cross_kv, cache_kv=cache_kv, pos=pos)
+        x = rec("ln", self.ln(x))  # (B, T, D)
+        return (x @ self.token_embedding.weight.to(x.dtype).T).float()  # (B, T, V)
+
+
+@dataclass
+class Run:
+    """The result of ``Whisper.run``: logits and the activations asked for."""
+
+    logits: Tensor  # (B, T, V)
+    trace: Trace
+
+
+class Whisper(nn.Module):
+    """The whole model. ``model(mel, tokens)`` gives logits; ``model.run`` also gives a trace."""
+
+    def __init__(self, dims: ModelDims) -> None:
+        super().__init__()
+        self.dims = dims
+        self.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head,
+                                    dims.n_audio_layer)  # fmt: skip
+        self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head,
+                                   dims.n_text_layer)  # fmt: skip
+        self.tokenizer = None  # a whisper_lens.Tokenizer, set by load_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.token_embedding.weight.dtype
+
+    def forward(self, mel: Tensor, tokens: Tensor) -> Tensor:
+        """Logits (B, T, V) of ``tokens`` (B, T) given the log-mel ``mel`` (B, n_mels, 2 * n_audio_ctx)."""
+        return self.run(mel, tokens).logits
+
+    def run(
+        self,
+        mel: Tensor,
+        tokens: Tensor,
+        trace: TraceRequest = None,
+        edits: Edits | None = None,
+        *,
+        trace_device: torch.device | str | None = None,
+        trace_dtype: torch.dtype | None = None,
+    ) -> Run:
+        """Teacher-forced forward that records the activations ``trace`` asks for and applies ``edits``.
+
+        ``trace``: None, True (every name in ``self.names()``) or glob patterns
+        (``["decoder.blocks.*.resid_post", "*.cross_attn.pattern"]``). ``trace_device`` /
+        ``trace_dtype`` say where recorded tensors are kept (e.g. "cpu", torch.float16).
+        Unbatched inputs (mel [n_mels, frames], tokens [T]) are given a batch of one.
+        """
+        mel, tokens = self.check_inputs(mel, tokens)
+        rec = self.recorder(trace, edits, trace_device=trace_device, trace_dtype=trace_dtype)
+        xa = self.encoder(mel, rec.child("encoder"))  # (B, S, D)
+        logits = rec("logits", self.decoder(tokens, rec.child("decoder"), xa=xa))  # (B, T, V)
+        return Run(logits, rec.trace if rec.trace is not None else Trace())
+
+    def recorder(
+        self,
+        trace: TraceRequest,
+        edits: Edits | None,
+        *,
+        trace_device: torch.device | str | None = None,
+        trace_dtype: torch.dtype | None = None,
+    ) -> Recorder:
+        """A recorder for one pass: resolves trace patterns against ``names()`` and checks the edits."""
+        names = self.names()
+        keep = select_names(trace, names)
+        if edits is not None:
+            if not isinstance(edits, Edits):
+                raise TypeError(f"edits must be a whisper_lens.Edits, got {type(edits).__name__}")
+            d = self.dims
+            edits.check(names, {"encoder": d.n_audio_layer, "decoder": d.n_text_layer},
+                        {"encoder": d.n_audio_head, "decoder": d.n_text_head})  # fmt: skip
+        return Recorder(keep, edits, Trace(device=trace_device, dtype=trace_dtype))
+
+    def names(self) -> list[str]:
+        """Every activation name this model records, in the order a forward computes them."""
+        return list(activation_shapes(self.dims))
+
+    def check_inputs(self, mel: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Validate and batch ``mel`` / ``tokens``; move them to the model's device (mel to its dtype)."""
+        d = self.dims
+        mel, tokens = torch.as_tensor(mel), torch.as_tensor(tokens)
+        if mel.dim() == 2:
+            mel = mel[None]
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        frames = 2 * d.n_audio_ctx
+        if mel.dim() != 3 or mel.shape[1] != d.n_mels or mel.shape[2] != frames:
+            raise ValueError(
+                f"mel must be [batch, {d.n_mels}, {frames}] for this model, got {list(mel.shape)}; "
+                f"use whisper_lens.pad_or_trim(mel, {frames})"
+            )
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens must be an integer tensor [batch, T], got {tokens.dtype} {list(tokens.shape)}")
+        if tokens.shape[0] != mel.shape[0]:
+            raise ValueError(f"mel has batch {mel.shape[0]} but tokens have batch {tokens.shape[0]}")
+        if not 0 < tokens.shape[1] <= d.n_text_ctx:
+            raise ValueError(f"tokens must have 1 to {d.n_text_ctx} positions, got {tokens.shape[1]}")
+        if tokens.device.type != "meta" and (tokens.min() < 0 or tokens.max() >= d.n_vocab):
+            bad = tokens[(tokens < 0) | (tokens >= d.n_vocab)][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {d.n_vocab})")
+        return mel.to(self.device, self.dtype), tokens.to(self.device, torch.long)
+
+
+@functools.lru_cache(maxsize=32)
+def activation_shapes(dims: ModelDims, batch: int = 1, n_tokens: int = 1) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every recorded activation, found by running the model on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = Whisper(dims)
+        mel = torch.zeros(batch, dims.n_mels, 2 * dims.n_audio_ctx)
+        tokens = torch.zeros(batch, n_tokens, dtype=torch.long)
+    trace = Trace()
+    rec = Recorder(_EVERYTHING, None, trace)
+    xa = model.encoder(mel, rec.child("encoder"))
+    rec("logits", model.decoder(tokens, rec.child("decoder"), xa=xa))
+    return {name: tuple(x.shape) for name, x in trace.items()}
+
+
+class _Everything(frozenset):
+    """A set that contains every name: records a full trace without knowing the names first."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+    def __bool__(self) -> bool:
+        return True
+
+
+_EVERYTHING = _Everything()

@@ -1,0 +1,370 @@
+"""Named activations (`Trace`) and interventions (`Edits`), with no hooks.
+
+The model's forward passes a `Recorder` down through every module. At each point worth
+naming, the code calls ``x = rec("resid_mid", x)``: the recorder applies any edit registered
+for the full name (``decoder.blocks.2.resid_mid``) and keeps the result if that name was
+asked for. When nothing is asked for and nothing is edited, the call returns ``x`` at once,
+so an untraced forward pays one attribute check per point.
+
+Names are ``{stack}.blocks.{i}.{point}`` (see DESIGN.md for the table). A request is ``None``
+(record nothing), ``True`` (everything) or a list of glob patterns over names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+TraceRequest = None | bool | str | Sequence[str]
+
+
+def _layer_order(name: str) -> tuple:
+    """Sort key that puts ``blocks.10`` after ``blocks.9`` (natural order of numbers in names)."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def _closest(name: str, names: Sequence[str], n: int = 3) -> str:
+    """A hint listing the names closest to a misspelt one."""
+    close = difflib.get_close_matches(name, names, n=n, cutoff=0.0)
+    return ", ".join(repr(c) for c in close)
+
+
+def select_names(request: TraceRequest, names: Sequence[str]) -> frozenset[str]:
+    """The names a trace request asks for. A pattern that matches nothing is an error naming the closest names."""
+    if request is None or request is False:
+        return frozenset()
+    if request is True:
+        return frozenset(names)
+    patterns = [request] if isinstance(request, str) else list(request)
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"trace patterns must be strings, got {type(pattern).__name__}")
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            raise KeyError(f"trace pattern {pattern!r} matches no activation name; closest: {_closest(pattern, names)}")
+        chosen.update(hits)
+    return frozenset(chosen)
+
+
+class Trace(Mapping[str, Tensor]):
+    """Activations of one forward pass, by name.
+
+    A plain mapping ``name -> tensor`` in the order the forward computed them, with a few
+    conveniences: glob selection (``trace.select("*.resid_post")``), stacking a per-layer
+    name over layers (``trace.stack("decoder.blocks.*.resid_post")`` -> ``[L, ...]``), size
+    (``nbytes``) and moving (``to``). ``device``/``dtype`` given at construction are where and
+    how tensors are stored while recording (e.g. fp16 on CPU for a large CUDA run).
+    """
+
+    def __init__(
+        self,
+        tensors: Mapping[str, Tensor] | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self._tensors: dict[str, Tensor] = {}
+        self.device = torch.device(device) if device is not None else None
+        self.dtype = dtype
+        for name, x in (tensors or {}).items():
+            self.put(name, x)
+
+    def put(self, name: str, x: Tensor) -> None:
+        """Store ``x`` under ``name`` (moved to the storage device/dtype if one was set)."""
+        if self.device is not None or self.dtype is not None:
+            x = x.detach().to(device=self.device, dtype=self.dtype or x.dtype)
+        self._tensors[name] = x
+
+    def __getitem__(self, name: str) -> Tensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            hint = _closest(name, list(self._tensors)) if self._tensors else "(the trace is empty)"
+            raise KeyError(f"{name!r} was not recorded in this trace; closest recorded: {hint}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        return f"Trace({len(self)} tensors, {self.nbytes / 2**20:.1f} MiB)"
+
+    def names(self) -> list[str]:
+        """Recorded names, in the order they were computed."""
+        return list(self._tensors)
+
+    def select(self, pattern: str) -> Trace:
+        """The sub-trace whose names match a glob pattern."""
+        return Trace({n: x for n, x in self._tensors.items() if fnmatch.fnmatchcase(n, pattern)})
+
+    def stack(self, pattern: str) -> Tensor:
+        """Stack matching tensors in layer order: ``stack("decoder.blocks.*.resid_post")`` -> [L, ...]."""
+        hits = sorted(fnmatch.filter(self._tensors, pattern), key=_layer_order)
+        if not hits:
+            raise KeyError(f"no recorded name matches {pattern!r}")
+        return torch.stack([self._tensors[n] for n in hits])
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes held by the recorded tensors."""
+        return sum(x.numel() * x.element_size() for x in self._tensors.values())
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Trace:
+        """A copy of the trace with every tensor moved/cast (floating tensors only are cast)."""
+        out = Trace()
+        for n, x in self._tensors.items():
+            out._tensors[n] = x.to(device=device, dtype=dtype if (dtype and x.is_floating_point()) else x.dtype)
+        return out
+
+
+# ----------------------------------------------------------------------------- edits
+
+EditFn = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class _Op:
+    """One intervention at one name: ``kind`` in replace / add / apply / ablate."""
+
+    kind: str
+    value: Tensor | None = None
+    positions: Tensor | None = None  # (P,) token/frame positions along dim 1, or None = all
+    fn: EditFn | None = None
+    heads: tuple[int, ...] = ()
+    mean: Tensor | None = None  # (H', Dh) means for mean-ablation, or None = mean of this run
+
+
+_BLOCK = re.compile(r"^(encoder|decoder)\.blocks\.(\d+)$")
+_ATTN_Z = re.compile(r"^(encoder|decoder)\.blocks\.(\d+)\.(attn|cross_attn)\.z$")
+
+
+@dataclass
+class Edits:
+    """Interventions applied at named points of the forward pass, no hooks.
+
+    Build with the chainable methods, then pass to ``model.run`` or ``model.generate``::
+
+        edits = (wl.Edits()
+                 .skip("encoder", [22, 23])                      # remove blocks: residual passes through
+                 .ablate_heads("decoder.blocks.3.attn", [0, 5])  # zero heads at attn.z
+                 .replace("decoder.blocks.2.resid_post", other.trace["decoder.blocks.2.resid_post"])
+                 .add("decoder.blocks.4.resid_post", steering_vector)
+                 .apply("encoder.blocks.1.mlp.post", torch.relu)
+                 .local_window(k=50))                              # encoder self-attention sees +/- 50 frames
+
+    Edits at one name run in the order they were added. Names are checked against the model
+    when the run starts: an unknown name, a block out of range or a bad head is an error.
+    """
+
+    ops: dict[str, list[_Op]] = field(default_factory=dict)
+    skipped: set[str] = field(default_factory=set)
+    window: int | None = None
+    window_layers: tuple[int, ...] | None = None
+
+    def _push(self, name: str, op: _Op) -> Edits:
+        self.ops.setdefault(name, []).append(op)
+        return self
+
+    def skip(self, stack: str, layers: int | Sequence[int]) -> Edits:
+        """Skip blocks of ``stack`` ('encoder' or 'decoder'): their input passes through unchanged."""
+        if stack not in ("encoder", "decoder"):
+            raise ValueError(f"stack must be 'encoder' or 'decoder', got {stack!r}")
+        for i in [layers] if isinstance(layers, int) else layers:
+            self.skipped.add(f"{stack}.blocks.{int(i)}")
+        return self
+
+    def ablate_heads(self, attn: str, heads: Sequence[int], how: str = "zero", mean: Tensor | None = None) -> Edits:
+        """Zero- or mean-ablate heads of one attention layer (``'decoder.blocks.3.cross_attn'``) at its ``z``.
+
+        Mean-ablation replaces each head's output with its mean over batch and positions of
+        this run, or with ``mean`` ([len(heads), Dh]) when given, e.g. from a reference run.
+        """
+        if how not in ("zero", "mean"):
+            raise ValueError(f"how must be 'zero' or 'mean', got {how!r}")
+        name = attn + ".z"
+        if not _ATTN_Z.match(name):
+            raise ValueError(f"ablate_heads wants an attention layer like 'decoder.blocks.0.cross_attn', got {attn!r}")
+        if how == "zero" and mean is not None:
+            raise ValueError("mean= only makes sense with how='mean'")
+        return self._push(name, _Op(how, heads=tuple(int(h) for h in heads), mean=mean))
+
+    def replace(self, name: str, value: Tensor, positions: Sequence[int] | Tensor | None = None) -> Edits:
+        """Replace the activation at ``name`` (whole, or at ``positions`` along dim 1) by ``value``: patching."""
+        return self._push(name, _Op("replace", value=value, positions=_as_index(positions)))
+
+    def add(self, name: str, vector: Tensor, positions: Sequence[int] | Tensor | None = None) -> Edits:
+        """Add ``vector`` (broadcast) to the activation at ``name``: steering."""
+        return self._push(name, _Op("add", value=vector, positions=_as_index(positions)))
+
+    def apply(self, name: str, fn: EditFn) -> Edits:
+        """Replace the activation at ``name`` by ``fn(activation)`` (same shape)."""
+        if not callable(fn):
+            raise TypeError(f"apply wants a callable, got {type(fn).__name__}")
+        return self._push(name, _Op("apply", fn=fn))
+
+    def local_window(self, k: int, layers: Sequence[int] | None = None) -> Edits:
+        """Restrict encoder self-attention (all blocks, or ``layers``) to frames within +/- ``k`` of the query."""
+        if k < 0:
+            raise ValueError(f"local window must be >= 0 frames, got {k}")
+        self.window = int(k)
+        self.window_layers = None if layers is None else tuple(int(i) for i in layers)
+        return self
+
+    def __bool__(self) -> bool:
+        return bool(self.ops or self.skipped or self.window is not None)
+
+    # -- used by the model
+
+    def check(self, names: Sequence[str], n_layers: Mapping[str, int], n_heads: Mapping[str, int]) -> None:
+        """Raise a clear error for any edit the model cannot honour."""
+        for block in sorted(self.skipped, key=_layer_order):
+            stack, i = _BLOCK.match(block).groups()  # type: ignore[union-attr]
+            _check_layer(stack, int(i), n_layers)
+        if self.window_layers is not None:
+            for i in self.window_layers:
+                _check_layer("encoder", i, n_layers)
+        known = set(names)
+        for name, ops in self.ops.items():
+            m = _ATTN_Z.match(name)
+            if m:
+                _check_layer(m[1], int(m[2]), n_layers)
+            if name not in known:
+                raise KeyError(f"cannot edit {name!r}: no such activation; closest: {_closest(name, names)}")
+            for op in ops:
+                if op.kind in ("zero", "mean"):
+                    h = n_heads[m[1]]  # type: ignore[index]
+                    bad = [x for x in op.heads if not 0 <= x < h]
+                    if bad or not op.heads:
+                        raise ValueError(f"{name}: heads {list(op.heads)} out of range (the layer has {h} heads)")
+
+    def skips(self, block: str) -> bool:
+        return block in self.skipped
+
+    def window_for(self, layer: int) -> int | None:
+        if self.window is None or (self.window_layers is not None and layer not in self.window_layers):
+            return None
+        return self.window
+
+    def edit(self, name: str, x: Tensor) -> Tensor:
+        """Apply the edits registered at ``name`` to ``x`` (returns a new tensor; ``x`` is not modified)."""
+        for op in self.ops.get(name, ()):
+            x = _apply_op(name, op, x)
+        return x
+
+
+def _as_index(positions: Sequence[int] | Tensor | None) -> Tensor | None:
+    if positions is None:
+        return None
+    return torch.as_tensor(positions, dtype=torch.long).reshape(-1)
+
+
+def _check_layer(stack: str, i: int, n_layers: Mapping[str, int]) -> None:
+    n = n_layers[stack]
+    if not 0 <= i < n:
+        raise IndexError(f"{stack} block {i} out of range: the {stack} has {n} blocks (0-{n - 1})")
+
+
+def _apply_op(name: str, op: _Op, x: Tensor) -> Tensor:
+    if op.kind in ("zero", "mean"):  # x: (B, T, H, Dh)
+        heads = torch.tensor(op.heads, device=x.device)
+        x = x.clone()
+        if op.kind == "zero":
+            x[:, :, heads] = 0
+        else:
+            mean = op.mean if op.mean is not None else x[:, :, heads].mean(dim=(0, 1))  # (H', Dh)
+            if tuple(mean.shape) != (len(op.heads), x.shape[-1]):
+                raise ValueError(f"{name}: mean has shape {tuple(mean.shape)}, want {(len(op.heads), x.shape[-1])}")
+            x[:, :, heads] = mean.to(x)
+        return x
+    if op.kind == "apply":
+        y = op.fn(x)  # type: ignore[misc]
+        if not isinstance(y, Tensor) or y.shape != x.shape:
+            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"edit function at {name!r} returned {got}, want shape {tuple(x.shape)}")
+        return y
+    value = op.value.to(x)  # type: ignore[union-attr]
+    target = x if op.positions is None else x[:, op.positions.to(x.device)]
+    try:
+        torch.broadcast_shapes(value.shape, target.shape)
+        ok = torch.broadcast_shapes(value.shape, target.shape) == target.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        where = "" if op.positions is None else f" at positions {op.positions.tolist()}"
+        raise ValueError(
+            f"{op.kind} at {name!r}{where}: value of shape {tuple(value.shape)} does not fit the activation "
+            f"of shape {tuple(target.shape)}"
+        )
+    new = value.expand_as(target) if op.kind == "replace" else target + value
+    if op.positions is None:
+        return new.clone() if op.kind == "replace" else new
+    x = x.clone()
+    x[:, op.positions.to(x.device)] = new
+    return x
+
+
+# ----------------------------------------------------------------------------- recorder
+
+
+class Recorder:
+    """What one forward pass records and changes; passed down the modules, scoped by name prefix.
+
+    ``rec(point, x)`` applies the edits for ``prefix + point`` and records the result if that
+    name was asked for, then returns it. ``rec.wants(point)`` says whether anything is needed
+    at a point, so a module can take a slower path (explicit attention) only when it must.
+    """
+
+    __slots__ = ("keep", "edits", "trace", "prefix", "active")
+
+    def __init__(self, keep: frozenset[str], edits: Edits | None, trace: Trace | None, prefix: str = "") -> None:
+        self.keep = keep
+        self.edits = edits if edits else None
+        self.trace = trace
+        self.prefix = prefix
+        self.active = bool(keep) or self.edits is not None
+
+    def __call__(self, point: str, x: Tensor) -> Tensor:
+        if not self.active:
+            return x
+        name = self.prefix + point
+        if self.edits is not None and name in self.edits.ops:
+            x = self.edits.edit(name, x)
+        if name in self.keep:
+            self.trace.put(name, x)  # type: ignore[union-attr]
+        return x
+
+    def wants(self, point: str) -> bool:
+        """Is the value at ``point`` to be recorded or edited?"""
+        if not self.active:
+            return False
+        name = self.prefix + point
+        return name in self.keep or (self.edits is not None and name in self.edits.ops)
+
+    def edited(self, point: str) -> bool:
+        """Is there an edit at ``point``?"""
+        return self.edits is not None and (self.prefix + point) in self.edits.ops
+
+    def child(self, part: str) -> Recorder:
+        """The recorder for a sub-module named ``part`` (``rec.child("blocks.3")``)."""
+        if not self.active:
+            return self
+        return Recorder(self.keep, self.edits, self.trace, f"{self.prefix}{part}.")
+
+    def skips(self, block: str) -> bool:
+        return self.edits is not None and self.edits.skips(self.prefix + block)
+
+    def window(self, layer: int) -> int | None:
+        return None if self.edits is None else self.edits.window_for(layer)
+
+
+IDLE = Recorder(frozenset(), None, None)
+"""The recorder of a plain forward: records nothing, edits nothing."""
