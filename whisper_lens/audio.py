@@ -1,0 +1,243 @@
+"""Whisper's audio front end: 16 kHz mono waveforms in, log-mel spectrograms out.
+
+Whisper never sees a waveform. Its encoder reads a log-mel spectrogram: the audio is cut into
+25 ms windows every 10 ms (N_FFT = 400 and HOP_LENGTH = 160 samples at 16 kHz), each window's
+power spectrum is pooled into 80 (or, for large-v3, 128) mel bands, and the result is put on a
+log10 scale, floored at 8 decades (80 dB) below the loudest value and rescaled by (x + 4) / 4 so
+that typical speech lands roughly in [-1, 1]. A 30-second chunk (N_SAMPLES) gives N_FRAMES = 3000
+frames, which the encoder's stride-2 convolution halves to its 1500 positions.
+
+The numbers here equal openai-whisper's `log_mel_spectrogram` (within float32 rounding, checked in
+tests/test_audio.py) with one deliberate difference: in a batch every clip is floored against its
+own maximum, so putting a clip in a batch never changes its features.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import librosa
+import numpy as np
+import torch
+
+SAMPLE_RATE = 16000  # samples per second everything is resampled to
+N_FFT = 400  # STFT window: 25 ms
+HOP_LENGTH = 160  # STFT hop: 10 ms, so 100 frames per second
+CHUNK_LENGTH = 30  # seconds of audio in one encoder input
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a chunk
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a chunk
+
+MAX_MELS = 128  # Whisper uses 80 mel bands (128 from large-v3 on); 201 FFT bins support up to 128
+
+AudioInput = str | os.PathLike | np.ndarray | torch.Tensor
+
+
+def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Read an audio file as a mono float32 waveform at `sr` Hz, samples in [-1, 1].
+
+    Anything librosa can read works (wav, flac, ogg and mp3 through libsndfile); several
+    channels are averaged to one and other sample rates are resampled (soxr, high quality).
+    openai-whisper shells out to ffmpeg instead; the two resamplers differ in the last bits,
+    so compare features on 16 kHz files when exact parity matters.
+    """
+    if not isinstance(sr, int) or sr <= 0:
+        raise ValueError(f"sr must be a positive integer sample rate, got {sr!r}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"audio file not found: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"expected an audio file, got a directory: {path}")
+    try:
+        with warnings.catch_warnings():
+            # librosa warns before falling back from libsndfile to audioread; the outcome is
+            # reported below either way.
+            warnings.simplefilter("ignore")
+            audio, _ = librosa.load(path, sr=sr, mono=True, dtype=np.float32)
+    except Exception as error:
+        raise ValueError(
+            f"could not decode {path} as audio ({type(error).__name__}: {error}); wav, flac, ogg and mp3 are supported"
+        ) from None
+    if not np.isfinite(audio).all():
+        raise ValueError(f"audio file {path} contains NaN or infinite samples")
+    return audio
+
+
+def pad_or_trim(array: np.ndarray | torch.Tensor, length: int = N_SAMPLES, axis: int = -1):
+    """Cut `array` to `length` along `axis`, or pad it with zeros at the end up to `length`.
+
+    Whisper's encoder always reads exactly 30 s, so waveforms are padded or trimmed to
+    N_SAMPLES (or, equivalently, mels to N_FRAMES). Works for numpy arrays and torch tensors
+    and returns the same kind.
+    """
+    if not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be a non-negative integer, got {length!r}")
+    if not isinstance(array, np.ndarray | torch.Tensor):
+        raise TypeError(f"pad_or_trim takes a numpy array or torch tensor, got {type(array).__name__}")
+    if array.ndim == 0:
+        raise ValueError("pad_or_trim needs an array with at least one dimension, got a scalar")
+    if not -array.ndim <= axis < array.ndim:
+        raise ValueError(f"axis {axis} is out of range for an array with {array.ndim} dimensions")
+    axis = axis % array.ndim
+    size = array.shape[axis]
+    if size > length:
+        keep = (slice(None),) * axis + (slice(0, length),)
+        return array[keep]
+    if size < length:
+        missing = length - size
+        if isinstance(array, torch.Tensor):
+            # F.pad lists (left, right) pairs starting from the last dimension.
+            dims_after = array.ndim - 1 - axis
+            return torch.nn.functional.pad(array, [0, 0] * dims_after + [0, missing])
+        widths = [(0, 0)] * array.ndim
+        widths[axis] = (0, missing)
+        return np.pad(array, widths)
+    return array
+
+
+@functools.cache
+def _mel_filters_cpu(n_mels: int) -> torch.Tensor:
+    """The (n_mels, N_FFT // 2 + 1) triangular mel filterbank, Slaney-style, as openai-whisper uses.
+
+    Each row is a triangle over FFT bins that is area-normalized ("slaney" norm), so bands of
+    different widths carry comparable energy. Computed once per n_mels from librosa's
+    definition instead of being shipped as a data file.
+    """
+    filters = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=n_mels)
+    return torch.from_numpy(filters.astype(np.float32))
+
+
+MelBlocks = tuple[tuple[torch.Tensor, int, int], ...]
+MEL_ROWS_PER_BLOCK = 10  # measured fastest on CPU for 80 mels; any value gives the same numbers
+
+
+@functools.cache
+def _mel_filter_blocks(n_mels: int, device: torch.device) -> MelBlocks:
+    """The filterbank cut into bands of MEL_ROWS_PER_BLOCK filters, each with only the FFT bins it touches.
+
+    A mel filter is a triangle over a few neighbouring FFT bins and is zero everywhere else,
+    so the dense (n_mels, 201) matrix is mostly zeros (80 mels: 391 of 16080 entries are not).
+    Applying it as a few smaller (rows, bins) @ (bins, T) products, one per band of filters,
+    skips most of those zeros and gives the same sums: about half the time of one dense product.
+    Returns (block, first_bin, end_bin) triples in filter order.
+    """
+    filters = _mel_filters_cpu(n_mels)
+    blocks = []
+    for start in range(0, n_mels, MEL_ROWS_PER_BLOCK):
+        rows = filters[start : start + MEL_ROWS_PER_BLOCK]  # (rows, F)
+        used = rows.ne(0).any(dim=0).nonzero()
+        lo, hi = (int(used.min()), int(used.max()) + 1) if len(used) else (0, 1)
+        blocks.append((rows[:, lo:hi].contiguous().to(device), lo, hi))
+    return tuple(blocks)
+
+
+@functools.cache
+def _hann_window(device: torch.device) -> torch.Tensor:
+    # Periodic Hann (torch's default), the window openai-whisper's torch.stft call uses.
+    return torch.hann_window(N_FFT, periodic=True, device=device)
+
+
+def _as_float_waveform(audio: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Turn an array of samples into a float32 tensor in [-1, 1] (integer PCM is rescaled)."""
+    if isinstance(audio, np.ndarray):
+        if audio.dtype.kind not in "iuf":
+            raise TypeError(f"audio must hold real samples, got a numpy array of dtype {audio.dtype}")
+        native = audio.astype(audio.dtype.newbyteorder("="), copy=False)  # torch needs native byte order
+        audio = torch.from_numpy(np.ascontiguousarray(native))
+    dtype = audio.dtype
+    if dtype == torch.float32:
+        return audio
+    if dtype.is_floating_point:
+        return audio.float()
+    # Integer PCM: 8-bit WAV is unsigned around 128, wider formats are signed.
+    if dtype == torch.uint8:
+        return (audio.float() - 128.0) / 128.0
+    if dtype == torch.int16:
+        return audio.float() / 32768.0
+    if dtype == torch.int32:
+        return (audio.double() / 2147483648.0).float()
+    raise TypeError(
+        f"audio must be float or int16/int32/uint8 PCM samples, got dtype {dtype}; convert it to float32 first"
+    )
+
+
+def _log_mel(audio: torch.Tensor, blocks: MelBlocks, window: torch.Tensor) -> torch.Tensor:
+    """Log-mel features of a batch of equal-length clips, each floored at its own maximum."""
+    spectrum = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, center=True, return_complex=True)
+    # (B, F, T + 1) with F = N_FFT // 2 + 1 = 201; the last frame only sees the reflected tail.
+    spectrum = spectrum[..., :-1]  # (B, F, T)
+    power = spectrum.real.square() + spectrum.imag.square()  # (B, F, T)
+    mel = torch.cat([block @ power[:, lo:hi] for block, lo, hi in blocks], dim=1)  # (B, n_mels, T)
+    log_mel = mel.clamp_(min=1e-10).log10_()  # (B, n_mels, T)
+    floor = log_mel.amax(dim=(-2, -1), keepdim=True) - 8.0  # (B, 1, 1): 80 dB below each clip's peak
+    log_mel = torch.maximum(log_mel, floor)
+    return log_mel.add_(4.0).div_(4.0)
+
+
+def log_mel_spectrogram(
+    audio: AudioInput,
+    n_mels: int = 80,
+    padding: int = 0,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Whisper's input features: log10 mel power spectrogram, floored and rescaled.
+
+    audio: a path (read with `load_audio`), or 16 kHz samples as a numpy array or torch tensor,
+        one clip [N] or an equal-length batch [B, N]. Float samples are taken as they are;
+        int16 / int32 / uint8 PCM is rescaled to [-1, 1]. For stereo, average the channels first.
+    n_mels: number of mel bands, 80 for most Whisper models and 128 for large-v3.
+    padding: zero samples appended to each clip before the STFT (openai-whisper's transcribe
+        appends N_SAMPLES so the last window is complete).
+    device: where to compute ("cuda", ...); by default where the tensor already is.
+
+    Returns float32 [n_mels, (N + padding) // HOP_LENGTH] for one clip, or
+    [B, n_mels, (N + padding) // HOP_LENGTH] for a batch. Each clip is floored 8 decades below its
+    own maximum, so a clip's features do not depend on what else is in the batch.
+    """
+    if isinstance(audio, str | os.PathLike):
+        audio = load_audio(audio)
+    if not isinstance(audio, np.ndarray | torch.Tensor):
+        raise TypeError(f"audio must be a path, numpy array or torch tensor, got {type(audio).__name__}")
+    if not isinstance(n_mels, int) or not 1 <= n_mels <= MAX_MELS:
+        raise ValueError(f"n_mels must be an integer from 1 to {MAX_MELS} (Whisper uses 80 or 128), got {n_mels!r}")
+    if not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be a non-negative number of samples, got {padding!r}")
+    if audio.ndim not in (1, 2):
+        raise ValueError(f"audio must be one clip [N] or a batch [B, N], got shape {tuple(audio.shape)}")
+
+    waveform = _as_float_waveform(audio)
+    if device is not None:
+        waveform = waveform.to(device)
+    single = waveform.ndim == 1
+    batch = waveform.unsqueeze(0) if single else waveform  # (B, N)
+    if padding > 0:
+        batch = torch.nn.functional.pad(batch, (0, padding))  # (B, N + padding)
+
+    n_samples = batch.shape[-1]
+    if n_samples <= N_FFT // 2:
+        hint = (
+            " A 2-D array is read as a batch [B, N]; for stereo [N, channels], average the channels first."
+            if not single and n_samples <= 8
+            else ""
+        )
+        raise ValueError(
+            f"audio has {n_samples} samples per clip (after padding); the STFT needs more than "
+            f"{N_FFT // 2}. Pad it (e.g. pad_or_trim(audio) to 30 s, or padding=N_SAMPLES).{hint}"
+        )
+
+    blocks = _mel_filter_blocks(n_mels, batch.device)
+    window = _hann_window(batch.device)  # (N_FFT,)
+    n_frames = n_samples // HOP_LENGTH
+    if batch.device.type == "cpu":
+        # On a CPU one clip's spectrogram (~5 MB for 30 s) stays in cache through the power,
+        # mel and log steps; a whole batch at once does not and runs about twice slower.
+        features = torch.empty(batch.shape[0], n_mels, n_frames)  # (B, n_mels, T)
+        for i in range(batch.shape[0]):
+            features[i] = _log_mel(batch[i : i + 1], blocks, window)[0]
+    else:
+        features = _log_mel(batch, blocks, window)  # (B, n_mels, T)
+
+    if not torch.isfinite(features).all():
+        raise ValueError("audio contains NaN or infinite samples (or values so large their power overflows float32)")
+    return features[0] if single else features
