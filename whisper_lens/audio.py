@@ -55,6 +55,8 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
             # reported below either way.
             warnings.simplefilter("ignore")
             audio, _ = librosa.load(path, sr=sr, mono=True, dtype=np.float32)
+    except librosa.util.exceptions.ParameterError as error:  # decoded, but librosa rejects the samples
+        raise ValueError(f"audio in {path} is not usable: {error} (NaN or infinite samples?)") from None
     except Exception as error:
         raise ValueError(
             f"could not decode {path} as audio ({type(error).__name__}: {error}); wav, flac, ogg and mp3 are supported"
