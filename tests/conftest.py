@@ -1,0 +1,90 @@
+"""Shared fixtures: random-weight reference models (transformers, openai-whisper) of real and small shapes.
+
+Reference implementations are only imported here and in tests; the weights are random, so parity
+is checked on the architecture, not on a trained model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from whisper_lens.loading import OFFICIAL
+from whisper_lens.model import ModelDims
+
+TINY = OFFICIAL["tiny"][1]
+BASE = OFFICIAL["base"][1]
+# large-v3's vocabulary and mel bins, turbo's unequal depths, at a width that is cheap to run
+V3_LIKE = ModelDims(128, 1500, 384, 6, 4, 51866, 448, 384, 6, 2)
+# small shapes for the trace/edit algebra (non-official dims are supported)
+SMALL = ModelDims(80, 60, 64, 4, 3, 51865, 48, 64, 4, 3)
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give every parameter (LayerNorms included) random values, so that no weight is trivially 0 or 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.dim() == 1 and ("norm" in name or "_ln" in name or name.endswith(("ln.weight", "ln_post.weight"))):
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def hf_model(dims: ModelDims, seed: int = 0):
+    """A transformers WhisperForConditionalGeneration (eager attention) with random weights of ``dims``."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from whisper_lens.loading import hf_config_from_dims
+
+    config = WhisperConfig(**hf_config_from_dims(dims, sot=dims.n_vocab - 1608, eot=dims.n_vocab - 1609))
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return randomize_(WhisperForConditionalGeneration(config), seed).eval()
+
+
+def openai_model(dims: ModelDims, seed: int = 0):
+    """openai-whisper's Whisper with random weights of ``dims``."""
+    import whisper.model
+
+    torch.manual_seed(seed)
+    model = whisper.model.Whisper(whisper.model.ModelDimensions(**asdict(dims)))
+    return randomize_(model, seed).eval()
+
+
+def save_openai(model, path: Path) -> Path:
+    """Save an openai-whisper model as the ``.pt`` layout OpenAI publishes."""
+    torch.save({"dims": asdict(model.dims), "model_state_dict": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_hf_dir(tmp_path_factory):
+    """A small-shape transformers model saved with save_pretrained, and the model itself."""
+    model = hf_model(SMALL, seed=1)
+    folder = tmp_path_factory.mktemp("small_hf")
+    model.save_pretrained(folder)
+    return folder, model
+
+
+@pytest.fixture(scope="session")
+def small_model(small_hf_dir):
+    from whisper_lens import load_model
+
+    return load_model(small_hf_dir[0])
+
+
+def random_mel(dims: ModelDims, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """A log-mel-like input: values in Whisper's normalized range."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, dims.n_mels, 2 * dims.n_audio_ctx, generator=g) * 2 - 1
+
+
+def random_tokens(dims: ModelDims, batch: int = 2, length: int = 8, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, dims.n_vocab, (batch, length), generator=g)
