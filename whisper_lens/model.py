@@ -15,7 +15,7 @@ state-dict keys, so an OpenAI checkpoint loads as is.
 
 Attention runs the fused ``scaled_dot_product_attention`` unless a layer's ``scores`` or
 ``pattern`` is asked for (recorded or edited); then that layer computes softmax(q k^T / sqrt(Dh))
-by hand, the same numbers written out.
+by hand and z = pattern @ v: the same numbers up to float rounding (~1e-7).
 """
 
 from __future__ import annotations
@@ -119,7 +119,11 @@ class Attention(nn.Module):
         if mask is not None:
             scores.masked_fill_(~mask, float("-inf"))
         scores = rec("scores", scores)  # (B, H, T, S)
-        return rec("pattern", scores.float().softmax(dim=-1).to(q.dtype))  # (B, H, T, S)
+        if rec.wants("scores") or scores.dtype != torch.float32:
+            pattern = scores.float().softmax(dim=-1).to(q.dtype)  # (B, H, T, S)
+        else:  # the scores are not kept: their memory becomes the pattern (no new T x S buffer)
+            pattern = torch.softmax(scores, dim=-1, out=scores)  # (B, H, T, S)
+        return rec("pattern", pattern)  # (B, H, T, S)
 
     def forward(
         self, x: Tensor, k: Tensor, v: Tensor, rec: Recorder, mask: Tensor | None = None, causal: bool = False
@@ -127,18 +131,13 @@ class Attention(nn.Module):
         """Queries from ``x`` (B, T, D) attend over ``k``, ``v`` (B, H, S, Dh).
 
         ``mask`` (T, S) bool is True where a query may look; ``causal`` is the square lower triangle.
-        Recording the pattern leaves the fused kernel's output (and so the logits) bit for bit as
-        without a trace; only an edit of ``scores``/``pattern`` makes ``z`` come from the hand path.
         """
         B, T, D = x.shape
         q = rec("q", self.heads(self.query(x)))  # (B, H, T, Dh)
-        if rec.edited("scores") or rec.edited("pattern"):  # the attention itself is edited: compute it by hand
-            pattern = self.pattern(q, k, rec, mask, causal)  # (B, H, T, S)
-            z = pattern @ v  # (B, H, T, Dh)
-        else:
+        if rec.wants("scores") or rec.wants("pattern"):  # asked for: the attention written out by hand
+            z = self.pattern(q, k, rec, mask, causal) @ v  # (B, H, T, Dh)
+        else:  # the fused kernel: same numbers up to rounding, no T x S matrix in memory
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, Dh)
-            if rec.wants("scores") or rec.wants("pattern"):  # recorded only: the fused kernel's numbers stay
-                self.pattern(q, k, rec, mask, causal)
         z = rec("z", z.transpose(1, 2))  # (B, T, H, Dh)
         return self.out(z.reshape(B, T, D))  # (B, T, D)
 
@@ -362,6 +361,37 @@ class Whisper(nn.Module):
             edits.check(names, {"encoder": d.n_audio_layer, "decoder": d.n_text_layer},
                         {"encoder": d.n_audio_head, "decoder": d.n_text_head})  # fmt: skip
         return Recorder(keep, edits, Trace(device=trace_device, dtype=trace_dtype))
+
+    def generate(
+        self,
+        mel: Tensor,
+        *,
+        beam_size: int | None = None,
+        max_new_tokens: int | None = None,
+        language: str | None = None,
+        task: str = "transcribe",
+        timestamps: bool = False,
+        trace: TraceRequest = None,
+        edits: Edits | None = None,
+        patience: float | None = None,
+        length_penalty: float | None = None,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        prompt: str | list[int] | None = None,
+        prefix: str | list[int] | None = None,
+        suppress_tokens: str | list[int] | None = "-1",
+        suppress_blank: bool = True,
+        max_initial_timestamp: float | None = 1.0,
+        compile: bool = False,
+    ) -> list:
+        """Decode the batch ``mel``: greedy, sampling or beam search (see ``whisper_lens.decoding.generate``)."""
+        from .decoding import generate
+
+        return generate(self, mel, beam_size=beam_size, max_new_tokens=max_new_tokens, language=language,
+                        task=task, timestamps=timestamps, trace=trace, edits=edits, patience=patience,
+                        length_penalty=length_penalty, temperature=temperature, seed=seed, prompt=prompt,
+                        prefix=prefix, suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
+                        max_initial_timestamp=max_initial_timestamp, compile=compile)  # fmt: skip
 
     def names(self) -> list[str]:
         """Every activation name this model records, in the order a forward computes them."""
