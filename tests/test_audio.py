@@ -121,6 +121,21 @@ def test_batch_equals_clips_one_by_one(n_mels):
         assert (row - reference_mel(clip, n_mels)).abs().max().item() < TOLERANCE
 
 
+def test_empty_batch_gives_empty_features():
+    assert log_mel_spectrogram(np.zeros((0, 1000), np.float32)).shape == (0, 80, 6)
+
+
+def test_gradients_match_openai():
+    # Features are differentiable in the waveform (e.g. for attribution), with openai-whisper's gradients.
+    audio = torch.from_numpy(chirp(0.5)) + 0.01 * torch.randn(8000, generator=torch.Generator().manual_seed(0))
+    ours = audio.clone().requires_grad_()
+    log_mel_spectrogram(ours).square().sum().backward()
+    theirs = audio.clone().requires_grad_()
+    whisper.audio.log_mel_spectrogram(theirs).square().sum().backward()
+    assert ours.grad.abs().max() > 0.1
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-4 * theirs.grad.abs().max().item())
+
+
 def test_torch_and_numpy_and_path_inputs_agree(tmp_path):
     audio = chirp(2.0)
     path = tmp_path / "chirp.wav"

@@ -164,22 +164,20 @@ def _as_float_waveform(audio: np.ndarray | torch.Tensor) -> torch.Tensor:
     )
 
 
-def _log_mel(audio: torch.Tensor, blocks: MelBlocks, window: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Write the log-mel features of equal-length clips into `out`; return each clip's peak.
+def _log_mel(audio: torch.Tensor, blocks: MelBlocks, window: torch.Tensor) -> torch.Tensor:
+    """Log-mel features (B, n_mels, T) of equal-length clips (B, N), each floored at its own peak.
 
-    audio (B, N) -> out (B, n_mels, T). Each clip is floored at its own peak. The peaks (B,)
-    come back so the caller can check them: NaN or inf anywhere in a clip makes its peak so.
+    Written without in-place steps, so gradients flow back to the waveform.
     """
     spectrum = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, center=True, return_complex=True)
     # (B, F, T + 1) with F = N_FFT // 2 + 1 = 201; the last frame only sees the reflected tail.
     spectrum = spectrum[..., :-1]  # (B, F, T)
-    power = spectrum.real.square().addcmul_(spectrum.imag, spectrum.imag)  # (B, F, T): |X|^2
+    power = torch.addcmul(spectrum.real.square(), spectrum.imag, spectrum.imag)  # (B, F, T): |X|^2
     mel = torch.cat([block @ power[:, lo:hi] for block, lo, hi in blocks], dim=1)  # (B, n_mels, T)
-    log_mel = mel.clamp_(min=1e-10).log10_()  # (B, n_mels, T)
+    log_mel = mel.clamp(min=1e-10).log10()  # (B, n_mels, T)
     peak = log_mel.amax(dim=(-2, -1), keepdim=True)  # (B, 1, 1)
-    torch.maximum(log_mel, peak - 8.0, out=out)  # floor 8 decades (80 dB) below the clip's peak
-    out.add_(4.0).div_(4.0)
-    return peak.flatten()
+    log_mel = torch.maximum(log_mel, peak - 8.0)  # floor 8 decades (80 dB) below the clip's peak
+    return (log_mel + 4.0) / 4.0
 
 
 def log_mel_spectrogram(
@@ -235,15 +233,16 @@ def log_mel_spectrogram(
 
     blocks = _mel_filter_blocks(n_mels, batch.device)
     window = _hann_window(batch.device)  # (N_FFT,)
-    n_frames = n_samples // HOP_LENGTH
-    features = torch.empty(batch.shape[0], n_mels, n_frames, device=batch.device)  # (B, n_mels, T)
+    if batch.shape[0] == 0:
+        return torch.empty(0, n_mels, n_samples // HOP_LENGTH, device=batch.device)
     if batch.device.type == "cpu":
         # On a CPU one clip's spectrogram (~5 MB for 30 s) stays in cache through the power,
         # mel and log steps; a whole batch at once does not and runs about twice slower.
-        peaks = torch.cat([_log_mel(batch[i : i + 1], blocks, window, features[i : i + 1]) for i in range(len(batch))])
+        features = torch.cat([_log_mel(clip, blocks, window) for clip in batch.split(1)])  # (B, n_mels, T)
     else:
-        peaks = _log_mel(batch, blocks, window, features)  # (B,)
+        features = _log_mel(batch, blocks, window)  # (B, n_mels, T)
 
-    if not torch.isfinite(peaks).all():
+    # NaN or inf anywhere in a clip makes its peak, and so every one of its values, NaN or inf.
+    if not torch.isfinite(features[:, 0, 0]).all():
         raise ValueError("audio contains NaN or infinite samples (or values so large their power overflows float32)")
     return features[0] if single else features
