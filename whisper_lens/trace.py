@@ -349,10 +349,6 @@ class Recorder:
         name = self.prefix + point
         return name in self.keep or (self.edits is not None and name in self.edits.ops)
 
-    def edited(self, point: str) -> bool:
-        """Is there an edit at ``point``?"""
-        return self.edits is not None and (self.prefix + point) in self.edits.ops
-
     def child(self, part: str) -> Recorder:
         """The recorder for a sub-module named ``part`` (``rec.child("blocks.3")``)."""
         if not self.active:

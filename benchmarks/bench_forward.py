@@ -1,0 +1,42 @@
+"""Forward pass (encoder + 64 decoder tokens, batch 4, tiny shape, random weights): ours vs transformers (SDPA).
+
+    python benchmarks/bench_forward.py [--model tiny] [--batch 4] [--tokens 64] [--repeats 5]
+
+Prints median times and the ratio ours / transformers (target: <= 1.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import hf_and_ours, interleaved, table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    hf, ours = hf_and_ours(args.model, attn="sdpa")
+    dims = ours.dims
+    mel = torch.randn(args.batch, dims.n_mels, 2 * dims.n_audio_ctx)
+    tokens = torch.randint(0, dims.n_vocab, (args.batch, args.tokens))
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(mel, tokens), hf(input_features=mel, decoder_input_ids=tokens).logits,
+                                   atol=1e-4, rtol=0)  # fmt: skip
+        t = interleaved({
+            "whisper-lens": lambda: ours(mel, tokens),
+            "transformers (sdpa)": lambda: hf(input_features=mel, decoder_input_ids=tokens),
+        }, repeats=args.repeats)  # fmt: skip
+    ratio = t["whisper-lens"] / t["transformers (sdpa)"]
+    print(f"forward, {args.model} shape, batch {args.batch}, {args.tokens} tokens, {torch.get_num_threads()} threads")
+    print(table([["implementation", "median s"], *[[k, f"{v:.3f}"] for k, v in t.items()]]))
+    print(f"ratio whisper-lens / transformers: {ratio:.2f} (target <= 1.0)")
+
+
+if __name__ == "__main__":
+    main()
