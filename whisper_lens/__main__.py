@@ -1,0 +1,7 @@
+"""``python -m whisper_lens`` is the ``whisper-lens`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
