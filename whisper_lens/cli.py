@@ -35,6 +35,41 @@ def cmd_names(args: argparse.Namespace) -> None:
             print(f"{name:<{width}}  {list(shape)}")
 
 
+def cmd_transcribe(args: argparse.Namespace) -> None:
+    """Transcribe audio files, a batch at a time; each file must fit in one window (30 s for official models)."""
+    import torch
+    from tqdm import tqdm
+
+    from .audio import HOP_LENGTH, SAMPLE_RATE, load_audio, log_mel_spectrogram, pad_or_trim
+    from .decoding import segments
+    from .loading import load_model
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model = load_model(args.model)
+    frames = 2 * model.dims.n_audio_ctx
+    window = frames * HOP_LENGTH / SAMPLE_RATE  # seconds
+    mels = []
+    for path in args.audio:  # read everything first, so a bad file fails before any decoding
+        audio = load_audio(path)
+        if len(audio) > frames * HOP_LENGTH:
+            raise ValueError(
+                f"{path} is {len(audio) / SAMPLE_RATE:.1f} s long, longer than the model's {window:g} s window; "
+                "long-form transcription is not supported yet: cut the file into windows first"
+            )
+        mels.append(pad_or_trim(log_mel_spectrogram(audio, n_mels=model.dims.n_mels), frames))
+    batches = range(0, len(mels), args.batch_size)
+    for start in tqdm(batches, desc="transcribing", unit="batch", disable=len(batches) < 2, file=sys.stderr):
+        results = model.generate(torch.stack(mels[start : start + args.batch_size]), beam_size=args.beam_size,
+                                 language=args.language, timestamps=args.timestamps,
+                                 max_new_tokens=args.max_new_tokens)  # fmt: skip
+        for path, result in zip(args.audio[start : start + args.batch_size], results, strict=True):
+            print(f"{path} [{result.language}]: {result.text}")
+            if args.timestamps:
+                for begin, end, text in segments(result.tokens, model.tokenizer, model.dims.n_audio_ctx):
+                    print(f"  [{begin:6.2f} -> {end:6.2f}] {text}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="whisper-lens",
@@ -57,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=4, help="number of text tokens for the shapes shown (default 4)")
     p.add_argument("pattern", nargs="*", help="glob patterns to filter names (e.g. 'decoder.*.resid_post')")
     p.set_defaults(func=cmd_names)
+
+    p = sub.add_parser("transcribe", help="transcribe audio files (one window each), greedy or beam search")
+    model_arg(p)
+    p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3)")
+    p.add_argument("--beam-size", type=int, default=None, help="beam search with N beams (default: greedy)")
+    p.add_argument("--language", default=None, help="language code or name (default: detected per file)")
+    p.add_argument("--timestamps", action="store_true", help="also print segments with timestamps")
+    p.add_argument("--batch-size", type=int, default=8, help="files decoded together (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per file (default: half the context)")
+    p.set_defaults(func=cmd_transcribe)
 
     return parser
 

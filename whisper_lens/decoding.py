@@ -190,7 +190,9 @@ def make_plan(
         try:
             ids = [int(t) for t in suppress_tokens.split(",") if t.strip()]
         except ValueError:
-            raise ValueError(f"suppress_tokens must be comma-separated ints like '-1,220', got {suppress_tokens!r}")
+            raise ValueError(
+                f"suppress_tokens must be comma-separated ints like '-1,220', got {suppress_tokens!r}"
+            ) from None
     else:
         ids = [int(t) for t in (suppress_tokens or ())]
     suppress = {t for t in ids if t != -1}
@@ -398,7 +400,7 @@ def stitch_trace(order: list[str], once: Trace, steps: list[Trace], g: int, rows
         elif name in steps[0]:
             parts = [steps[0][name][g : g + 1]] + [steps[s][name][r : r + 1] for s, r in enumerate(rows, start=1)]
             x = torch.cat(parts, dim=position_dim(name))
-            if name.split(".")[-2] == "attn" and name.endswith(("scores", "pattern")):
+            if name.endswith((".attn.scores", ".attn.pattern")) and ".cross_attn." not in name:
                 x = x[..., :length]
             out.put(name, x)
     return out
@@ -629,12 +631,10 @@ def finish(model, plan, s, rec, steps, beam_size, capacity, length_penalty, n_se
                         break
         seqs = [ancestry(row, time) for row, time, _ in cands]
 
-        def score(c: int) -> float:
-            length = len(seqs[c][0])
-            penalty = length if length_penalty is None else ((5 + length) / 6) ** length_penalty
-            return cands[c][2] / max(penalty, 1e-9)
-
-        best = max(range(len(cands)), key=score)  # first of equals, as argmax
+        scores = [
+            rank_score(sum_lp, len(toks), length_penalty) for (_, _, sum_lp), (toks, _) in zip(cands, seqs, strict=True)
+        ]
+        best = int(np.argmax(scores))  # the first of equals
         (row, time, sum_lp), (tokens, rows) = cands[best], seqs[best]
         text = tok.decode(tokens).strip()
         result_trace = None
@@ -647,6 +647,12 @@ def finish(model, plan, s, rec, steps, beam_size, capacity, length_penalty, n_se
             compression_ratio=compression_ratio(text), temperature=temperature, trace=result_trace,
         ))  # fmt: skip
     return results
+
+
+def rank_score(sum_logprob: float, length: int, length_penalty: float | None) -> float:
+    """How candidates are ranked: log-probability per token, or over Google NMT's ((5 + length) / 6) ** alpha."""
+    penalty = length if length_penalty is None else ((5 + length) / 6) ** length_penalty
+    return sum_logprob / max(penalty, 1e-9)
 
 
 def segments(tokens: Sequence[int], tokenizer, n_audio_ctx: int = 1500) -> list[tuple[float, float, str]]:
