@@ -70,6 +70,14 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
                     print(f"  [{begin:6.2f} -> {end:6.2f}] {text}")
 
 
+def cmd_train_toy(args: argparse.Namespace) -> None:
+    from .toy.train import train
+
+    model = train(args.out, data_dir=args.data, run_dir=args.runs, n_train=args.clips, steps=args.steps,
+                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)  # fmt: skip
+    print(f"saved {model.dims} to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="whisper-lens",
@@ -102,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="files decoded together (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per file (default: half the context)")
     p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("train-toy", help="train the shipped toy model from scratch on espeak-ng speech (the recipe)")
+    p.add_argument("--out", default="weights/toy", help="where to save the model (default weights/toy)")
+    p.add_argument("--data", default="data/toy", help="feature cache folder (default data/toy)")
+    p.add_argument("--runs", default="runs/toy", help="checkpoint folder; training resumes from it (default runs/toy)")
+    p.add_argument("--clips", type=int, default=16000, help="training sentences (default 16000)")
+    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=cmd_train_toy)
 
     return parser
 

@@ -1,0 +1,172 @@
+"""The recipe of the shipped toy model: a small Whisper trained from scratch on espeak-ng speech.
+
+    whisper-lens train-toy --out weights/toy          # synthesize (cached in data/toy), train, save
+
+Same architecture as Whisper (``ModelDims``), a 4-second window (n_audio_ctx 200), a byte-level
+tokenizer with Whisper's English-only special tokens. Targets are teacher-forced sequences
+``<|startoftranscript|> <|notimestamps|> text-bytes <|endoftext|>``; for a clip without speech the
+target after ``<|startoftranscript|>`` is ``<|nospeech|>`` (so the model's no-speech probability
+is read where Whisper reads it) and the text is empty. AdamW, linear warm-up then cosine decay,
+SpecAugment-style masks, gradient clipping, a fixed seed, resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..loading import atomic_write, save_model
+from ..model import ModelDims, Whisper
+from ..tokenizer import Tokenizer, load_tokenizer
+from . import synth
+
+TOY_DIMS = ModelDims(
+    n_mels=80, n_audio_ctx=200, n_audio_state=192, n_audio_head=4, n_audio_layer=4,
+    n_vocab=256 + 1608, n_text_ctx=64, n_text_state=192, n_text_head=4, n_text_layer=4,
+)  # fmt: skip
+SETS = {"train": 0, "heldout": 1, "unseen_voice": 2, "no_speech": 3}
+
+
+def write_byte_vocab(path: str | os.PathLike) -> Path:
+    """A tiktoken rank file of the 256 single bytes (no merges): the toy model's vocabulary."""
+    text = "".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256))
+    atomic_write(Path(path), lambda p: Path(p).write_text(text))
+    return Path(path)
+
+
+def prepare(data_dir: str | os.PathLike, n_train: int = 16000, n_heldout: int = 200, seed: int = 0) -> dict:
+    """Synthesize (once; cached as .npz in ``data_dir``) the training set and the three evaluation sets."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train, heldout = synth.split(n_train, n_heldout, seed)
+    plans = {
+        "train": synth.plan(train, seed),
+        "heldout": synth.plan(heldout, seed + 1, no_speech=0.0),
+        "unseen_voice": synth.plan(heldout, seed + 2, voices=[synth.UNSEEN_VOICE], no_speech=0.0),
+        "no_speech": [c for c in synth.plan(heldout, seed + 3, no_speech=1.0) if not c.text],
+    }
+    out = {}
+    for name, clips in plans.items():
+        path = data_dir / f"{name}-{seed}-{len(clips)}.npz"
+        out[name] = dict(np.load(path)) if path.exists() else synth.build(clips, path)
+    return out
+
+
+def encode_batch(texts: list[str], tok: Tokenizer, no_speech: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forcing inputs and targets (-100 = no loss) for a batch of transcripts."""
+    seqs = [[tok.sot, tok.no_timestamps, *tok.encode(t), tok.eot] for t in texts]
+    T = max(map(len, seqs)) - 1
+    inputs = torch.full((len(seqs), T), tok.eot, dtype=torch.long)
+    targets = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        inputs[i, : len(s) - 1] = torch.tensor(s[:-1])
+        targets[i, : len(s) - 1] = torch.tensor(s[1:])
+        if no_speech[i]:
+            targets[i, 0] = tok.no_speech
+    return inputs, targets
+
+
+def spec_augment(mel: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Two frequency masks (<= 10 bins) and two time masks (<= 25 frames) per clip, filled with the clip's floor."""
+    mel = mel.clone()
+    B, M, N = mel.shape
+    floor = mel.amin(dim=(1, 2))  # (B,)
+    for b in range(B):
+        for size, length in ((10, M), (25, N)):
+            for _ in range(2):
+                w = int(torch.randint(0, size + 1, (1,), generator=g))
+                s = int(torch.randint(0, max(1, length - w), (1,), generator=g))
+                if length == M:
+                    mel[b, s : s + w, :] = floor[b]
+                else:
+                    mel[b, :, s : s + w] = floor[b]
+    return mel
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train(
+    out: str | os.PathLike = "weights/toy",
+    *,
+    data_dir: str | os.PathLike = "data/toy",
+    run_dir: str | os.PathLike = "runs/toy",
+    n_train: int = 16000,
+    steps: int = 2400,
+    batch_size: int = 32,
+    lr: float = 1.5e-3,
+    seed: int = 0,
+    device: str = "cpu",
+    threads: int | None = None,
+    dims: ModelDims = TOY_DIMS,
+) -> Whisper:
+    """Train the toy model and save it (HF layout + tokenizer) to ``out``; resumes from ``run_dir`` if possible."""
+    from tqdm import tqdm
+
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    vocab = write_byte_vocab(run_dir / "bytes.tiktoken")
+    tok = load_tokenizer(vocab, n_vocab=dims.n_vocab)
+    data = prepare(data_dir, n_train=n_train, seed=seed)["train"]
+    mels = torch.from_numpy(data["mel"])  # (N, 80, 400) float16
+    texts, no_speech = list(data["text"]), np.array([t == "" for t in data["text"]])
+
+    torch.manual_seed(seed)
+    model = Whisper(dims).to(device)
+    with torch.no_grad():
+        model.decoder.positional_embedding.normal_(0, 0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    step, history = 0, []
+    ckpt = run_dir / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["rng"])
+        step, history = state["step"], state["history"]
+
+    model.train()
+    bar = tqdm(total=steps, initial=step, desc="training", unit="step")
+    started = time.time() - (history[-1]["seconds"] if history else 0.0)
+    while step < steps:
+        idx = torch.randint(0, len(texts), (batch_size,), generator=g)
+        mel = spec_augment(mels[idx].float(), g).to(device)
+        inputs, targets = encode_batch([texts[i] for i in idx], tok, no_speech[idx.numpy()])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
+        logits = model(mel, inputs.to(device))  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        history.append({"step": step, "loss": float(loss), "seconds": time.time() - started})
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+        if step % 250 == 0 or step == steps:
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "rng": g.get_state(), "step": step,
+                     "history": history, "dims": asdict(dims)}  # fmt: skip
+            atomic_write(ckpt, lambda p, s=state: torch.save(s, p))
+    bar.close()
+
+    model.eval()
+    model.tokenizer = tok
+    save_model(model, out, tokenizer_file=vocab)
+    atomic_write(Path(out) / "history.json", lambda p: Path(p).write_text(json.dumps(history)))
+    return model
