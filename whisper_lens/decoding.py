@@ -522,8 +522,11 @@ def generate(
     xa = model.encoder(mel, rec.child("encoder"))  # (G, S, D)
     cache = model.decoder.new_cache(xa, rec.child("decoder"))  # self k/v (L, G, H, n_ctx, Dh)
 
+    # MKL's product of one row with a transposed (V, D) matrix is slow; a (D, V) copy reads the same bytes faster
+    unembed = model.decoder.token_embedding.weight.T.contiguous() if dev.type == "cpu" else None  # (D, V)
+
     def forward(tokens: Tensor, pos: Tensor, r: Recorder, c: KVCache) -> Tensor:
-        return r("logits", model.decoder(tokens, r.child("decoder"), cache=c, pos=pos))  # (N, t, V)
+        return r("logits", model.decoder(tokens, r.child("decoder"), cache=c, pos=pos, unembed=unembed))  # (N, t, V)
 
     # 2. language identification: the distribution at sot (alone, at position 0) over language tokens
     initial = torch.tensor(plan.initial, device=dev).repeat(G, 1)  # (G, T0)
@@ -556,7 +559,7 @@ def generate(
     check_every = 1 if dev.type == "cpu" else CUDA_CHECK_EVERY
 
     def plain_step(tokens: Tensor, pos: Tensor) -> Tensor:
-        return model.decoder(tokens, IDLE, cache=cache, pos=pos)  # (N, 1, V)
+        return model.decoder(tokens, IDLE, cache=cache, pos=pos, unembed=unembed)  # (N, 1, V)
 
     fast_step = torch.compile(plain_step, dynamic=False) if compile and not rec.active else plain_step
 

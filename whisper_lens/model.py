@@ -260,8 +260,12 @@ class TextDecoder(nn.Module):
         xa: Tensor | None = None,
         cache: KVCache | None = None,
         pos: Tensor | None = None,
+        unembed: Tensor | None = None,
     ) -> Tensor:
         """Teacher-forced over the audio ``xa`` (B, S, D), or one incremental step through ``cache``.
+
+        ``unembed``: a (D, V) matrix equal to ``token_embedding.weight.T`` to use for the logits; a
+        contiguous copy makes the one-row product of a decoding step ~2.5x faster on CPU.
 
         Incremental: ``tokens`` (B, t) sit at positions ``pos`` (t,) (a tensor, so a compiled step
         has one fixed shape); every query attends over the whole cache, masked to positions <= its own.
@@ -285,7 +289,8 @@ class TextDecoder(nn.Module):
                 cross_kv, cache_kv = (cache.cross_k[i], cache.cross_v[i]), (cache.k[i], cache.v[i])
             x = block(x, brec, mask=mask, causal=cache is None, cross_kv=cross_kv, cache_kv=cache_kv, pos=pos)
         x = rec("ln", self.ln(x))  # (B, T, D)
-        return (x @ self.token_embedding.weight.to(x.dtype).T).float()  # (B, T, V)
+        w = self.token_embedding.weight.to(x.dtype).T if unembed is None else unembed  # (D, V)
+        return (x @ w).float()  # (B, T, V)
 
 
 @dataclass

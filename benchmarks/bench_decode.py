@@ -1,0 +1,152 @@
+"""Greedy decoding speed: whisper-lens' static-cache loop against transformers and openai-whisper.
+
+All three decode the same random-weight model (official tiny / base shapes) from the same log-mel
+input, for exactly 100 new tokens (end-of-text is suppressed, so no run stops early), prompt
+<|startoftranscript|><|en|><|transcribe|><|notimestamps|>, on the CPU in fp32. Each timed call
+includes the encoder, as a user would run it. Runs are interleaved round-robin in one process and
+the report is the ratio of tokens per second (ours / theirs), the machine's noise cancelling out.
+
+transformers runs ``GenerationMixin.generate`` with ``cache_implementation="static"`` (its static
+KV cache) and ``min_new_tokens`` = ``max_new_tokens``; openai-whisper runs ``whisper.decoding.decode``
+(its own loop with a growing cache) with EOT in ``suppress_tokens``.
+
+At batch 1 the step is bound by memory bandwidth: every token reads all decoder weights that a
+step uses (the unembedding, i.e. the token embedding matrix, dominates). The report gives that
+byte count, the machine's copy bandwidth (read + write bytes per second of a large tensor copy,
+as STREAM counts it) and the fraction of it our loop reaches.
+
+    python benchmarks/bench_decode.py            # tiny and base, batch 1 and 8 (a few minutes)
+    python benchmarks/bench_decode.py --quick    # tiny only, one repeat (under a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import interleaved, table  # noqa: E402
+from whisper_lens.loading import OFFICIAL, load_model, save_model  # noqa: E402
+
+NEW_TOKENS = 100
+
+
+def models(name: str, folder: Path):
+    """openai-whisper, ours and transformers holding the same random weights of an official shape."""
+    from dataclasses import asdict
+
+    import whisper
+    import whisper.model
+    from transformers import WhisperForConditionalGeneration
+
+    dims = OFFICIAL[name][1]
+    torch.manual_seed(0)
+    ref = whisper.model.Whisper(whisper.model.ModelDimensions(**asdict(dims))).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() > 1 or not torch.isfinite(p).all():
+                p.normal_(0, 0.05)  # includes the decoder's torch.empty positional embedding
+    pt = folder / f"{name}.pt"
+    torch.save({"dims": asdict(dims), "model_state_dict": ref.state_dict()}, pt)
+    vocab = os.path.join(os.path.dirname(whisper.__file__), "assets", "multilingual.tiktoken")
+    ours = load_model(pt, tokenizer=vocab)
+    hf = WhisperForConditionalGeneration.from_pretrained(save_model(ours, folder / name)).eval()
+    return ref, ours, hf
+
+
+def step_weight_bytes(model) -> int:
+    """Bytes of weights one decoding step reads: the decoder without the cached cross-attention keys/values
+    projections and all but one row of the positional embedding."""
+    total = 0
+    for key, p in model.decoder.named_parameters():
+        if ".cross_attn.key." in key or ".cross_attn.value." in key:
+            continue
+        rows = 1 if key == "positional_embedding" else None
+        total += (p[:rows] if rows else p).numel() * p.element_size()
+    return total
+
+
+def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """Bytes per second moved (read + write) by copying a large fp32 tensor."""
+    src = torch.ones(mib * 2**18)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * src.numel() * src.element_size() / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def measure(ref, ours, hf, batch: int, repeats: int) -> dict[str, float]:
+    """Tokens per second of the three implementations decoding the same batch (interleaved)."""
+    import whisper.decoding as wd
+
+    tok = ours.tokenizer
+    prompt = [*tok.sot_sequence_for("en", "transcribe"), tok.no_timestamps]
+    mel = torch.rand(batch, 80, 3000, generator=torch.Generator().manual_seed(batch)) * 2 - 1
+    options = wd.DecodingOptions(language="en", without_timestamps=True, sample_len=NEW_TOKENS,
+                                 suppress_tokens=[-1, tok.eot], fp16=False)  # fmt: skip
+    start = torch.tensor([prompt] * batch)
+
+    def run_ours():
+        out = ours.generate(mel, language="en", max_new_tokens=NEW_TOKENS, suppress_tokens=[-1, tok.eot])
+        assert all(len(r.tokens) == NEW_TOKENS for r in out)
+
+    def run_openai():
+        out = wd.decode(ref, mel, options)
+        assert all(len(r.tokens) == NEW_TOKENS for r in out)
+
+    def run_hf():
+        with torch.no_grad():
+            out = hf.generate(input_features=mel, decoder_input_ids=start, max_new_tokens=NEW_TOKENS,
+                              min_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1,
+                              cache_implementation="static", eos_token_id=tok.eot, pad_token_id=tok.eot)  # fmt: skip
+        assert out.shape[1] in (NEW_TOKENS, len(prompt) + NEW_TOKENS), out.shape  # with or without the prompt
+
+    seconds = interleaved({"ours": run_ours, "openai": run_openai, "hf": run_hf}, repeats=repeats)
+    return {k: batch * NEW_TOKENS / v for k, v in seconds.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny only, one repeat: under a minute")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per implementation (default 3)")
+    args = parser.parse_args()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    names = ["tiny"] if args.quick else ["tiny", "base"]
+    repeats = args.repeats or (1 if args.quick else 3)
+    bandwidth = copy_bandwidth()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    header = ["model", "batch", "ours tok/s", "openai-whisper tok/s", "transformers tok/s", "vs openai", "vs hf",
+              "bandwidth used"]  # fmt: skip
+    rows = [header]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            ref, ours, hf = models(name, Path(tmp))
+            weight_bytes = step_weight_bytes(ours)
+            print(f"{name}: {weight_bytes / 2**20:.0f} MiB of weights read per step")
+            for batch in (1, 8):
+                tps = measure(ref, ours, hf, batch, repeats)
+                used = f"{weight_bytes * tps['ours'] / bandwidth:.0%}" if batch == 1 else ""
+                ratios = [f"{tps['ours'] / tps['openai']:.2f}x", f"{tps['ours'] / tps['hf']:.2f}x"]
+                rows.append([name, str(batch), *(f"{tps[k]:.0f}" for k in ("ours", "openai", "hf")), *ratios, used])
+                print(table([header, rows[-1]]).splitlines()[-1], flush=True)
+    print()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
