@@ -246,3 +246,24 @@ def log_mel_spectrogram(
     if not torch.isfinite(features[:, 0, 0]).all():
         raise ValueError("audio contains NaN or infinite samples (or values so large their power overflows float32)")
     return features[0] if single else features
+
+
+def load_windows(paths, n_mels: int, frames: int) -> tuple[torch.Tensor, list[float]]:
+    """Log-mels of audio files, each padded to a model's window of ``frames``: ([B, n_mels, frames], seconds).
+
+    A file longer than the window is an error, never silently truncated.
+    """
+    if not paths:
+        raise ValueError("no audio files given")
+    mels, seconds = [], []
+    for path in paths:  # read everything first, so a bad file fails before any work
+        audio = load_audio(path)
+        if len(audio) > frames * HOP_LENGTH:
+            raise ValueError(
+                f"{path} is {len(audio) / SAMPLE_RATE:.1f} s long, longer than the model's "
+                f"{frames * HOP_LENGTH / SAMPLE_RATE:g} s window; long-form transcription is not supported yet: "
+                "cut the file into windows first"
+            )
+        mels.append(pad_or_trim(log_mel_spectrogram(audio, n_mels=n_mels), frames))
+        seconds.append(len(audio) / SAMPLE_RATE)
+    return torch.stack(mels), seconds

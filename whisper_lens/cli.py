@@ -37,30 +37,19 @@ def cmd_names(args: argparse.Namespace) -> None:
 
 def cmd_transcribe(args: argparse.Namespace) -> None:
     """Transcribe audio files, a batch at a time; each file must fit in one window (30 s for official models)."""
-    import torch
     from tqdm import tqdm
 
-    from .audio import HOP_LENGTH, SAMPLE_RATE, load_audio, log_mel_spectrogram, pad_or_trim
+    from .audio import load_windows
     from .decoding import segments
     from .loading import load_model
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     model = load_model(args.model)
-    frames = 2 * model.dims.n_audio_ctx
-    window = frames * HOP_LENGTH / SAMPLE_RATE  # seconds
-    mels = []
-    for path in args.audio:  # read everything first, so a bad file fails before any decoding
-        audio = load_audio(path)
-        if len(audio) > frames * HOP_LENGTH:
-            raise ValueError(
-                f"{path} is {len(audio) / SAMPLE_RATE:.1f} s long, longer than the model's {window:g} s window; "
-                "long-form transcription is not supported yet: cut the file into windows first"
-            )
-        mels.append(pad_or_trim(log_mel_spectrogram(audio, n_mels=model.dims.n_mels), frames))
+    mels, _ = load_windows(args.audio, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
     batches = range(0, len(mels), args.batch_size)
     for start in tqdm(batches, desc="transcribing", unit="batch", disable=len(batches) < 2, file=sys.stderr):
-        results = model.generate(torch.stack(mels[start : start + args.batch_size]), beam_size=args.beam_size,
+        results = model.generate(mels[start : start + args.batch_size], beam_size=args.beam_size,
                                  language=args.language, timestamps=args.timestamps,
                                  max_new_tokens=args.max_new_tokens)  # fmt: skip
         for path, result in zip(args.audio[start : start + args.batch_size], results, strict=True):
@@ -76,6 +65,66 @@ def cmd_train_toy(args: argparse.Namespace) -> None:
     model = train(args.out, data_dir=args.data, run_dir=args.runs, n_train=args.clips, steps=args.steps,
                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)  # fmt: skip
     print(f"saved {model.dims} to {args.out}")
+
+
+def _study_inputs(args: argparse.Namespace):
+    from .audio import load_windows
+    from .loading import load_model
+
+    model = load_model(args.model)
+    if model.tokenizer is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer beside its weights")
+    mels, seconds = load_windows(args.audio, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
+    return model, mels, seconds
+
+
+def cmd_lens(args: argparse.Namespace) -> None:
+    from .experiments import format_table
+    from .study import lens_study, output_folder
+
+    model, mels, _ = _study_inputs(args)
+    with output_folder(args.out) as tmp:
+        for i, path in enumerate(args.audio):
+            result = lens_study(model, mels[i], tmp, name=f"clip{i}")
+            print(f"{path}: {result['text']}")
+            print(format_table(result["per_layer"]))
+    print(f"pictures and tables in {args.out}/")
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from .experiments import format_table
+    from .study import ablate_study, output_folder
+
+    model, mels, seconds = _study_inputs(args)
+    refs = args.reference
+    if refs is not None and len(refs) != len(args.audio):
+        raise ValueError(f"give one --reference per audio file ({len(args.audio)}), got {len(refs)}")
+    stacks = ("encoder", "decoder") if args.stack == "both" else (args.stack,)
+    with output_folder(args.out) as tmp:
+        summary = ablate_study(model, mels, seconds, tmp, stacks=stacks, references=refs)
+    print(format_table(summary))
+    print(f"removal.png, ablate.csv, ablate_summary.csv in {args.out}/")
+
+
+def cmd_attention(args: argparse.Namespace) -> None:
+    from .experiments import format_table
+    from .study import attention_study, output_folder
+
+    model, mels, seconds = _study_inputs(args)
+    with output_folder(args.out) as tmp:
+        for i, path in enumerate(args.audio):
+            stats = attention_study(model, mels[i], seconds[i], tmp, name=f"clip{i}", layer=args.layer)
+            cross = [r for r in stats if r["kind"] == "cross_attn"]
+            print(f"{path}: cross-attention per head")
+            print(format_table(cross, ["name", "head", "entropy", "padding_share", "monotonicity", "diagonality"]))
+    print(f"pictures and tables in {args.out}/")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .study import demo
+
+    report = demo(args.out)
+    print(f"report written to {report}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +159,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="files decoded together (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per file (default: half the context)")
     p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("demo", help="the whole study on the shipped toy model, written to report/ (offline)")
+    p.add_argument("--out", default="report", help="output folder (default report)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("lens", help="decoder and encoder logit lens of audio files (pictures + tables)")
+    model_arg(p)
+    p.add_argument("audio", nargs="+")
+    p.add_argument("--out", default="lens-out", help="output folder (default lens-out)")
+    p.set_defaults(func=cmd_lens)
+
+    p = sub.add_parser("ablate", help="remove the last k blocks of the encoder/decoder and measure WER")
+    model_arg(p)
+    p.add_argument("audio", nargs="+")
+    p.add_argument("--stack", choices=["encoder", "decoder", "both"], default="both")
+    p.add_argument(
+        "--reference",
+        action="append",
+        help="reference transcript (one per file, in order); default: the full model's own transcript",
+    )
+    p.add_argument("--out", default="ablate-out", help="output folder (default ablate-out)")
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("attention", help="attention pictures and per-head statistics of audio files")
+    model_arg(p)
+    p.add_argument("audio", nargs="+")
+    p.add_argument("--layer", type=int, default=None, help="block to draw (default: the last)")
+    p.add_argument("--out", default="attention-out", help="output folder (default attention-out)")
+    p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("train-toy", help="train the shipped toy model from scratch on espeak-ng speech (the recipe)")
     p.add_argument("--out", default="weights/toy", help="where to save the model (default weights/toy)")

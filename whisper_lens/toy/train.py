@@ -92,6 +92,17 @@ def spec_augment(mel: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return mel
 
 
+def init_weights(model: Whisper) -> Whisper:
+    """GPT-2-style initialisation: weights N(0, 0.02), biases 0, LayerNorms identity (logits start near 0)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name.split(".")[-2] or p.dim() == 1:
+                p.fill_(1.0 if name.endswith("weight") and "ln" in name.split(".")[-2] else 0.0)
+            else:
+                p.normal_(0.0, 0.02)
+    return model
+
+
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -126,9 +137,7 @@ def train(
     texts, no_speech = list(data["text"]), np.array([t == "" for t in data["text"]])
 
     torch.manual_seed(seed)
-    model = Whisper(dims).to(device)
-    with torch.no_grad():
-        model.decoder.positional_embedding.normal_(0, 0.01)
+    model = init_weights(Whisper(dims)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     step, history = 0, []
