@@ -103,10 +103,80 @@ def init_weights(model: Whisper) -> Whisper:
     return model
 
 
+def batch_loss(
+    model: Whisper, mel: torch.Tensor, texts: list[str], tok: Tokenizer, no_speech: np.ndarray
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch: mel (B, n_mels, frames), one transcript per clip."""
+    inputs, targets = encode_batch(texts, tok, no_speech)
+    device = mel.device
+    logits = model(mel, inputs.to(device))  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100)
+
+
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Learning rate at ``step``: linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to 0."""
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def fit(
+    model: Whisper,
+    tok: Tokenizer,
+    mels: torch.Tensor,
+    texts: list[str],
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1.5e-3,
+    seed: int = 0,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """The training loop: AdamW, warm-up + cosine, SpecAugment, clipping; resumes from ``checkpoint`` if it exists.
+
+    ``mels`` (N, n_mels, frames) and ``texts`` (N, "" = no speech). Returns the loss history (one row per step).
+    """
+    from tqdm import tqdm
+
+    device = model.device
+    no_speech = np.array([t == "" for t in texts])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    step, history = 0, []
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["rng"])
+        step, history = state["step"], state["history"]
+
+    model.train()
+    bar = tqdm(total=steps, initial=step, desc="training", unit="step", disable=not progress)
+    started = time.time() - (history[-1]["seconds"] if history else 0.0)
+    while step < steps:
+        idx = torch.randint(0, len(texts), (batch_size,), generator=g)
+        mel = spec_augment(mels[idx].float(), g).to(device)  # (B, n_mels, frames)
+        inputs, targets = encode_batch([texts[i] for i in idx], tok, no_speech[idx.numpy()])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
+        logits = model(mel, inputs.to(device))  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        history.append({"step": step, "loss": float(loss), "seconds": time.time() - started})
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+        if checkpoint is not None and (step % 250 == 0 or step == steps):
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "rng": g.get_state(), "step": step,
+                     "history": history, "dims": asdict(model.dims)}  # fmt: skip
+            atomic_write(checkpoint, lambda p, s=state: torch.save(s, p))
+    bar.close()
+    model.eval()
+    return history
 
 
 def train(
@@ -123,9 +193,10 @@ def train(
     threads: int | None = None,
     dims: ModelDims = TOY_DIMS,
 ) -> Whisper:
-    """Train the toy model and save it (HF layout + tokenizer) to ``out``; resumes from ``run_dir`` if possible."""
-    from tqdm import tqdm
+    """Synthesize the data, train the toy model, save it (HF layout + tokenizer + loss history) to ``out``.
 
+    Resumes from ``run_dir/checkpoint.pt`` when it exists (same seed, same data).
+    """
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(run_dir)
@@ -133,48 +204,10 @@ def train(
     vocab = write_byte_vocab(run_dir / "bytes.tiktoken")
     tok = load_tokenizer(vocab, n_vocab=dims.n_vocab)
     data = prepare(data_dir, n_train=n_train, seed=seed)["train"]
-    mels = torch.from_numpy(data["mel"])  # (N, 80, 400) float16
-    texts, no_speech = list(data["text"]), np.array([t == "" for t in data["text"]])
-
     torch.manual_seed(seed)
     model = init_weights(Whisper(dims)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    g = torch.Generator().manual_seed(seed)
-    step, history = 0, []
-    ckpt = run_dir / "checkpoint.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        g.set_state(state["rng"])
-        step, history = state["step"], state["history"]
-
-    model.train()
-    bar = tqdm(total=steps, initial=step, desc="training", unit="step")
-    started = time.time() - (history[-1]["seconds"] if history else 0.0)
-    while step < steps:
-        idx = torch.randint(0, len(texts), (batch_size,), generator=g)
-        mel = spec_augment(mels[idx].float(), g).to(device)
-        inputs, targets = encode_batch([texts[i] for i in idx], tok, no_speech[idx.numpy()])
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
-        logits = model(mel, inputs.to(device))  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        history.append({"step": step, "loss": float(loss), "seconds": time.time() - started})
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
-        if step % 250 == 0 or step == steps:
-            state = {"model": model.state_dict(), "opt": opt.state_dict(), "rng": g.get_state(), "step": step,
-                     "history": history, "dims": asdict(dims)}  # fmt: skip
-            atomic_write(ckpt, lambda p, s=state: torch.save(s, p))
-    bar.close()
-
-    model.eval()
+    history = fit(model, tok, torch.from_numpy(data["mel"]), list(data["text"]), steps=steps, batch_size=batch_size,
+                  lr=lr, seed=seed, checkpoint=run_dir / "checkpoint.pt")  # fmt: skip
     model.tokenizer = tok
     save_model(model, out, tokenizer_file=vocab)
     atomic_write(Path(out) / "history.json", lambda p: Path(p).write_text(json.dumps(history)))
