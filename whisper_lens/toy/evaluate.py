@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..experiments import cer, wer
-from ..loading import load_model
-from . import train
+from ..loading import atomic_write, load_model
+from . import synth, train
 
 
 def transcribe(model, mels: np.ndarray, batch_size: int = 50, suppress_blank: bool = True) -> list:
@@ -46,6 +47,63 @@ def evaluate(model_name: str = "toy", data_dir: str = "data/toy", seed: int = 0)
         "decodes_to_empty": float(np.mean([r.text.strip() == "" for r in quiet])),
     }
     return report
+
+
+def write_samples(model, folder, n: int = 5, seed: int = 0, tries: int = 20) -> dict[str, str]:
+    """Synthesize held-out sentences (training voices) as 16 kHz wavs in ``folder`` with ``transcripts.json``.
+
+    Keeps the first ``n`` of the first ``tries`` held-out clips that the model transcribes exactly
+    (greedy), so the shipped samples double as a regression test; the model card says how many
+    were tried. Returns {file name: transcript}.
+    """
+    import soundfile
+
+    from ..audio import log_mel_spectrogram, pad_or_trim
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _, heldout = synth.split(train.N_TRAIN, 200, seed)
+    kept: dict[str, str] = {}
+    for i, clip in enumerate(synth.plan(heldout[:tries], seed + 7, no_speech=0.0)):
+        audio = synth.render(clip)
+        if audio.size > synth.MAX_SECONDS * synth.SAMPLE_RATE:
+            continue
+        audio = np.round(audio * 32767).astype(np.int16)  # what the 16-bit file will hold
+        mel = pad_or_trim(log_mel_spectrogram(audio), 2 * model.dims.n_audio_ctx)
+        with torch.inference_mode():
+            text = model.generate(mel[None])[0].text.strip()
+        if text != clip.text:
+            continue
+        name = f"sample{len(kept) + 1}.wav"
+        atomic_write(folder / name, lambda p, a=audio: soundfile.write(p, a, synth.SAMPLE_RATE, format="WAV"))
+        kept[name] = clip.text
+        if len(kept) == n:
+            print(f"kept {n} of the first {i + 1} held-out clips (the others were not transcribed exactly)")
+            break
+    atomic_write(folder / "transcripts.json", lambda p: Path(p).write_text(json.dumps(kept, indent=1) + "\n"))
+    return kept
+
+
+def loss_figure(history: list[dict], path) -> None:
+    """The training loss curve (per step, and a 50-step running mean), as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps = np.array([h["step"] for h in history])
+    loss = np.array([h["loss"] for h in history])
+    smooth = np.convolve(loss, np.ones(50) / 50, mode="valid")
+    fig = Figure(figsize=(7, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(steps, loss, color="0.75", lw=0.8, label="loss per step")
+    ax.plot(steps[49:], smooth, color="C0", lw=1.8, label="running mean (50 steps)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step (batch of 32 clips)")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("Toy model training loss")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(Path(path), lambda p: fig.savefig(p, format="png"))
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ TOY_DIMS = ModelDims(
     n_mels=80, n_audio_ctx=200, n_audio_state=192, n_audio_head=4, n_audio_layer=4,
     n_vocab=256 + 1608, n_text_ctx=64, n_text_state=192, n_text_head=4, n_text_layer=4,
 )  # fmt: skip
-SETS = {"train": 0, "heldout": 1, "unseen_voice": 2, "no_speech": 3}
+N_TRAIN = 16000  # training sentences of the shipped model
 
 
 def write_byte_vocab(path: str | os.PathLike) -> Path:
@@ -43,7 +43,7 @@ def write_byte_vocab(path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def prepare(data_dir: str | os.PathLike, n_train: int = 16000, n_heldout: int = 200, seed: int = 0) -> dict:
+def prepare(data_dir: str | os.PathLike, n_train: int = N_TRAIN, n_heldout: int = 200, seed: int = 0) -> dict:
     """Synthesize (once; cached as .npz in ``data_dir``) the training set and the three evaluation sets."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -157,11 +157,9 @@ def fit(
     while step < steps:
         idx = torch.randint(0, len(texts), (batch_size,), generator=g)
         mel = spec_augment(mels[idx].float(), g).to(device)  # (B, n_mels, frames)
-        inputs, targets = encode_batch([texts[i] for i in idx], tok, no_speech[idx.numpy()])
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
-        logits = model(mel, inputs.to(device))  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100)
+        loss = batch_loss(model, mel, [texts[i] for i in idx], tok, no_speech[idx.numpy()])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -184,7 +182,7 @@ def train(
     *,
     data_dir: str | os.PathLike = "data/toy",
     run_dir: str | os.PathLike = "runs/toy",
-    n_train: int = 16000,
+    n_train: int = N_TRAIN,
     steps: int = 2400,
     batch_size: int = 32,
     lr: float = 1.5e-3,
