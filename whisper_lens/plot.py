@@ -1,0 +1,424 @@
+"""Figures for reading a Whisper model from the inside (matplotlib, an optional extra).
+
+Every function takes plain numpy arrays or lists (torch tensors are accepted and copied to the CPU),
+checks them, draws one figure and writes it as a PNG. The figures never touch pyplot: they are built
+on ``matplotlib.figure.Figure`` and rendered by the Agg canvas directly, so calling them changes no
+global state (a user's interactive backend and open windows are left alone) and works without a display.
+
+Sizes are fixed and documented per function so that the pixel size of a PNG is known in advance:
+``round(width_in * dpi) x round(height_in * dpi)`` pixels. Where a size grows with the input, the inch
+size is first rounded to whole pixels, so the formula holds exactly.
+
+Writes are atomic: the PNG is rendered into a temporary file in the destination folder and renamed
+over the destination only when complete, so a reader never sees half a picture and a failure leaves
+any previous file untouched. The destination folder must exist.
+
+Install the extra with ``pip install 'whisper-lens[plot]'``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+LENS_DPI = 100  # lens_heatmap: width max(6, 0.45*T + 2) <= 40 in, height max(3, 0.35*L + 2.2) <= 30 in
+LINES_SIZE = (7.0, 4.5)  # removal_curves and layer_lines: inches, at LINES_DPI
+LINES_DPI = 120
+GRID_CELL = (2.6, 2.4)  # attention_grid: inches per head; plus GRID_EXTRA for colourbar and title
+GRID_EXTRA = (1.2, 0.8)
+GRID_DPI = 100
+POOL_TO = 200  # attention panels show at most this many cells a side: longer axes are max-pooled
+OVER_MEL_WIDTH = 12.0  # cross_attention_over_mel: width; height 3 + max(2, 0.2*T) <= 30 in
+OVER_MEL_DPI = 100
+
+CELL_TEXT_MAX_POSITIONS = 60  # lens_heatmap writes the top token in each cell up to this many positions
+CELL_TEXT_CHARS = 6  # ... truncated to this many characters
+TICK_LABEL_CHARS = 16  # axis labels made of tokens are truncated to this many characters
+VISIBLE_WHITESPACE = str.maketrans({" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"})
+INSTALL_HINT = "plotting needs matplotlib: pip install 'whisper-lens[plot]'"
+
+
+# ----------------------------------------------------------------------------- the figures
+
+
+def lens_heatmap(
+    prob,
+    top_tokens: Sequence[Sequence[str]],
+    path: str | os.PathLike,
+    *,
+    layer_labels: Sequence[str] | None = None,
+    position_labels: Sequence[str] | None = None,
+    title: str = "Logit lens",
+) -> Path:
+    """The logit lens as a layers x positions picture: how early each position's final answer appears.
+
+    ``prob`` is ``[L, T]``: the probability that reading layer ``l``'s residual stream through the final
+    LayerNorm and unembedding gives, at position ``t``, the token the full model finally predicts there.
+    ``top_tokens`` holds each readout's own top-1 token (``L`` lists of ``T`` strings), written in its cell.
+    Read it bottom to top: a column that turns yellow low down is decided early; a cell whose text differs
+    from the top row shows what that layer "thought" instead. Rows are layers (first at the bottom,
+    ``layer_labels`` e.g. ``["emb", "1", ..., "final"]``), columns are input positions (``position_labels``).
+
+    Cell text is skipped above 60 positions, truncated to 6 characters, and whitespace is made visible
+    (space as ␣, newline as ↵). Size: width ``max(6, 0.45*T + 2)`` capped at 40 in, height
+    ``max(3, 0.35*L + 2.2)`` capped at 30 in, both rounded to whole pixels, at 100 dpi.
+    """
+    prob = _array(prob, "prob")
+    if prob.ndim != 2 or prob.shape[0] == 0 or prob.shape[1] == 0:
+        raise ValueError(f"prob must be a non-empty [layers, positions] array, got shape {prob.shape}")
+    n_layers, n_pos = prob.shape
+    if not np.all(np.isfinite(prob)) or prob.min() < -1e-6 or prob.max() > 1 + 1e-6:
+        raise ValueError(f"prob must hold probabilities in [0, 1]; got values in [{prob.min()}, {prob.max()}]")
+    if len(top_tokens) != n_layers or any(len(row) != n_pos for row in top_tokens):
+        rows = [len(row) for row in top_tokens]
+        raise ValueError(f"top_tokens has rows of lengths {rows} but prob has shape {prob.shape} (need L rows of T)")
+    layer_labels = _labels(layer_labels, n_layers, "layer_labels", prob.shape, default=range(n_layers))
+    position_labels = _labels(position_labels, n_pos, "position_labels", prob.shape, default=range(n_pos))
+    path = _check_destination(path)
+    Figure, _ = _matplotlib()
+
+    width = _whole_pixels(min(40.0, max(6.0, 0.45 * n_pos + 2.0)), LENS_DPI)
+    height = _whole_pixels(min(30.0, max(3.0, 0.35 * n_layers + 2.2)), LENS_DPI)
+    fig = Figure(figsize=(width, height), dpi=LENS_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(prob, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="p(final token)", fraction=0.05, pad=0.01)
+
+    if n_pos <= CELL_TEXT_MAX_POSITIONS:
+        cmap = im.get_cmap()
+        for l in range(n_layers):
+            for t in range(n_pos):
+                r, g, b, _ = cmap(float(prob[l, t]))
+                dark_cell = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                ax.text(
+                    t,
+                    l,
+                    _short(top_tokens[l][t], CELL_TEXT_CHARS),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if dark_cell else "black",
+                    parse_math=False,
+                )
+
+    step = max(1, math.ceil(n_pos * 0.11 / max(width - 2.0, 1.0)))  # about 0.11 in per rotated label
+    ticks = list(range(0, n_pos, step))
+    ax.set_xticks(ticks, [_short(position_labels[t], TICK_LABEL_CHARS) for t in ticks], rotation=90, fontsize=7)
+    ax.set_yticks(range(n_layers), [str(s) for s in layer_labels], fontsize=7)
+    for label in ax.get_xticklabels():
+        label.set_parse_math(False)
+    ax.set_xlabel("input position (token fed)")
+    ax.set_ylabel("layer read")
+    ax.set_title(title, parse_math=False, fontsize=10)
+    return _write(fig, path)
+
+
+def removal_curves(
+    curves: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | os.PathLike,
+    *,
+    metric: str = "WER",
+    title: str = "Layer removal",
+) -> Path:
+    """How much the model needs its last blocks: an error metric against the number of final blocks removed.
+
+    ``curves`` maps a stack name (e.g. ``"encoder"``, ``"decoder"``) to ``(k, value)`` pairs: the metric
+    after skipping the last ``k`` blocks of that stack. A flat start means the last blocks add little; a
+    steep rise marks where the stack's work is done. The y axis shows the raw value, from 0 up to 1.05 x
+    the largest value but at least 1 and at most 3; values above 3 (hallucinating outputs can give a WER
+    far above 1) are drawn at the top edge as open triangles labelled with their value. Size 7 x 4.5 in
+    at 120 dpi.
+    """
+    if not curves:
+        raise ValueError("curves is empty: give at least one stack name -> [(k, value), ...]")
+    series = {}
+    for name, pairs in curves.items():
+        pts = _array(list(pairs), f"curves[{name!r}]") if len(pairs) else np.zeros((0, 2))
+        if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0:
+            raise ValueError(f"curves[{name!r}] must be a non-empty list of (k, value) pairs, got shape {pts.shape}")
+        if not np.all(np.isfinite(pts)):
+            raise ValueError(f"curves[{name!r}] holds a non-finite number: {pts.tolist()}")
+        series[str(name)] = pts
+    path = _check_destination(path)
+    Figure, _ = _matplotlib()
+    from matplotlib.ticker import MaxNLocator
+
+    top_value = max(float(p[:, 1].max()) for p in series.values())
+    y_max = max(1.0, min(3.0, 1.05 * top_value))
+    fig = Figure(figsize=LINES_SIZE, dpi=LINES_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    for name, pts in series.items():
+        k, value = pts[:, 0], pts[:, 1]
+        (line,) = ax.plot(k, np.minimum(value, y_max), marker="o", label=name)
+        for x, v in zip(k, value, strict=True):
+            if v > y_max:
+                ax.plot([x], [y_max], marker="^", markersize=9, mfc="none", color=line.get_color(), clip_on=False)
+                ax.annotate(
+                    f"{v:.3g}", (x, y_max), xytext=(0, -14), textcoords="offset points", ha="center", fontsize=7
+                )
+    ax.set_ylim(min(0.0, min(float(p[:, 1].min()) for p in series.values())), y_max)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("blocks removed (last k)")
+    ax.set_ylabel(metric)
+    ax.set_title(title, parse_math=False)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _write(fig, path)
+
+
+def attention_grid(
+    patterns,
+    path: str | os.PathLike,
+    *,
+    title: str = "Attention",
+    head_labels: Sequence[str] | None = None,
+    x_label: str = "key position",
+    y_label: str = "query position",
+) -> Path:
+    """One layer's attention heads side by side: where each query position looks.
+
+    ``patterns`` is ``[H, T, S]``: head ``h``'s softmax weights of query ``t`` over key ``s`` (each row sums
+    to 1). A bright diagonal is a head attending to its own position, a bright column a position every
+    query reads (often the first token, an "attention sink"); for cross-attention (``S`` audio positions,
+    up to 1500) a bright path from top-left to bottom-right is a head aligning text to audio. All heads
+    share one colour scale, 0 to the largest weight, so heads can be compared by brightness. Axes longer
+    than 200 positions are max-pooled in blocks, so a one-position peak stays visible.
+
+    Heads are laid out in ``ceil(sqrt(H))`` columns. Size: ``2.6 * columns + 1.2`` by ``2.4 * rows + 0.8``
+    inches at 100 dpi.
+    """
+    patterns = _array(patterns, "patterns")
+    if patterns.ndim != 3 or 0 in patterns.shape:
+        raise ValueError(f"patterns must be a non-empty [heads, queries, keys] array, got shape {patterns.shape}")
+    n_heads, n_query, n_key = patterns.shape
+    if not np.all(np.isfinite(patterns)) or patterns.min() < 0:
+        raise ValueError("patterns must hold attention weights (finite, >= 0); got a negative or non-finite value")
+    head_labels = _labels(
+        head_labels, n_heads, "head_labels", patterns.shape, default=[f"head {h}" for h in range(n_heads)]
+    )
+    path = _check_destination(path)
+    Figure, _ = _matplotlib()
+
+    cols = math.ceil(math.sqrt(n_heads))
+    rows = math.ceil(n_heads / cols)
+    size = (GRID_CELL[0] * cols + GRID_EXTRA[0], GRID_CELL[1] * rows + GRID_EXTRA[1])
+    fig = Figure(figsize=size, dpi=GRID_DPI, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    v_max = float(patterns.max()) or 1.0
+    aspect = "equal" if n_query == n_key else "auto"
+    for h, ax in enumerate(axes.flat):
+        if h >= n_heads:
+            ax.set_axis_off()
+            continue
+        im = ax.imshow(
+            _max_pool(patterns[h], POOL_TO, POOL_TO),  # at most (POOL_TO, POOL_TO), sharp peaks kept
+            cmap="viridis",
+            vmin=0.0,
+            vmax=v_max,
+            aspect=aspect,
+            interpolation="nearest",
+            extent=(-0.5, n_key - 0.5, n_query - 0.5, -0.5),
+        )
+        ax.set_title(str(head_labels[h]), fontsize=9, parse_math=False)
+        ax.tick_params(labelsize=7)
+        if h % cols == 0:
+            ax.set_ylabel(y_label, fontsize=8)
+        if h + cols >= n_heads:  # nothing below it
+            ax.set_xlabel(x_label, fontsize=8)
+    fig.colorbar(im, ax=axes, label="attention weight", shrink=0.9)
+    fig.suptitle(title, parse_math=False)
+    return _write(fig, path)
+
+
+def cross_attention_over_mel(
+    mel,
+    pattern,
+    tokens: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    title: str = "Cross-attention over the audio",
+) -> Path:
+    """Which stretch of sound each text token reads: cross-attention drawn under the spectrogram it attends to.
+
+    ``mel`` is the ``[n_mels, frames]`` log-mel input (frames every 10 ms); ``pattern`` is ``[T, S]``, the
+    cross-attention of ``T`` text tokens over the ``S = frames / 2`` encoder positions (20 ms each, since
+    the encoder's second convolution has stride 2), e.g. averaged over one layer's heads; ``tokens`` names
+    the ``T`` rows. Both panels share one time axis in seconds, so a bright spot in a token's row sits
+    under the sound it reads; a well-aligned layer draws a staircase following the speech. The pattern is
+    max-pooled to at most 1000 time cells (and 200 token rows), so one-position peaks stay visible.
+
+    Size: 12 in wide, ``3 + max(2, 0.2*T)`` in high (capped at 30, rounded to whole pixels), at 100 dpi.
+    """
+    mel = _array(mel, "mel")
+    pattern = _array(pattern, "pattern")
+    if mel.ndim != 2 or 0 in mel.shape:
+        raise ValueError(f"mel must be a non-empty [n_mels, frames] array, got shape {mel.shape}")
+    if pattern.ndim != 2 or 0 in pattern.shape:
+        raise ValueError(f"pattern must be a non-empty [tokens, audio positions] array, got shape {pattern.shape}")
+    n_tokens, n_audio = pattern.shape
+    if mel.shape[1] != 2 * n_audio:
+        raise ValueError(
+            f"mel has shape {mel.shape} but pattern has shape {pattern.shape}: "
+            f"need frames == 2 * audio positions ({2 * n_audio})"
+        )
+    if len(tokens) != n_tokens:
+        raise ValueError(f"tokens has {len(tokens)} entries but pattern has shape {pattern.shape} (need one per row)")
+    if not (np.all(np.isfinite(mel)) and np.all(np.isfinite(pattern))):
+        raise ValueError("mel and pattern must be finite")
+    path = _check_destination(path)
+    Figure, _ = _matplotlib()
+
+    pattern_height = max(2.0, 0.2 * n_tokens)
+    height = _whole_pixels(min(30.0, 3.0 + pattern_height), OVER_MEL_DPI)
+    fig = Figure(figsize=(OVER_MEL_WIDTH, height), dpi=OVER_MEL_DPI, layout="constrained")
+    ax_mel, ax_att = fig.subplots(2, 1, sharex=True, height_ratios=[2.0, pattern_height])
+    seconds = n_audio * 0.02  # == frames * 0.01
+    im = ax_mel.imshow(mel, origin="lower", aspect="auto", cmap="magma", extent=(0, seconds, 0, mel.shape[0]))
+    fig.colorbar(im, ax=ax_mel, label="log-mel", pad=0.01)
+    ax_mel.set_ylabel("mel bin")
+    im = ax_att.imshow(
+        _max_pool(pattern, 200, 1000),  # at most (200, 1000) cells, each the maximum of its block
+        aspect="auto",
+        cmap="viridis",
+        vmin=0.0,
+        extent=(0, seconds, n_tokens - 0.5, -0.5),
+        interpolation="nearest",
+    )
+    fig.colorbar(im, ax=ax_att, label="attention weight", pad=0.01)
+    step = max(1, math.ceil(n_tokens * 0.12 / pattern_height))  # about 0.12 in per token label
+    ticks = list(range(0, n_tokens, step))
+    ax_att.set_yticks(ticks, [_short(tokens[t], TICK_LABEL_CHARS) for t in ticks], fontsize=7)
+    for label in ax_att.get_yticklabels():
+        label.set_parse_math(False)
+    ax_att.set_ylabel("text token")
+    ax_att.set_xlabel("time (s)")
+    ax_mel.set_title(title, parse_math=False)
+    return _write(fig, path)
+
+
+def layer_lines(
+    values: Mapping[str, Sequence[float]],
+    path: str | os.PathLike,
+    *,
+    labels: Sequence[str],
+    ylabel: str,
+    title: str,
+    xlabel: str = "layer",
+) -> Path:
+    """A per-layer quantity as lines, one per series: how a measurement evolves with depth.
+
+    ``values`` maps a series name to one number per layer (e.g. the logit lens's top-1 agreement with the
+    final output, or its KL divergence to the final distribution), in the order of ``labels`` (the x tick
+    labels, e.g. ``["emb", "1", ..., "final"]``). Where a rising agreement curve flattens, later layers
+    stop changing the answer. Size 7 x 4.5 in at 120 dpi.
+    """
+    if not values:
+        raise ValueError("values is empty: give at least one series name -> [one number per layer]")
+    series = {}
+    for name, ys in values.items():
+        ys = _array(ys, f"values[{name!r}]")
+        if ys.shape != (len(labels),):
+            raise ValueError(f"values[{name!r}] has shape {ys.shape} but labels has {len(labels)} entries")
+        series[str(name)] = ys
+    if len(labels) == 0:
+        raise ValueError("labels is empty: give one label per layer")
+    path = _check_destination(path)
+    Figure, _ = _matplotlib()
+
+    fig = Figure(figsize=LINES_SIZE, dpi=LINES_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(labels))
+    for name, ys in series.items():
+        ax.plot(x, ys, marker="o", markersize=4, label=name)
+    ax.set_xticks(x, [str(s) for s in labels], rotation=90 if len(labels) > 14 else 0, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, parse_math=False)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _write(fig, path)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _matplotlib():
+    """Import matplotlib's Figure and Agg canvas (no pyplot, so no backend is selected or changed)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+    return Figure, FigureCanvasAgg
+
+
+def _array(x, name: str) -> np.ndarray:
+    """A float numpy array from a list, numpy array or torch tensor (any device or dtype)."""
+    if hasattr(x, "detach"):  # a torch tensor; bfloat16 has no numpy dtype, so go through float32
+        x = x.detach().float().cpu()
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be numeric and rectangular: {e}") from None
+
+
+def _labels(labels, n: int, name: str, shape: tuple, default) -> list:
+    """``labels`` as a list of length ``n`` (``default`` when None); ValueError naming both sizes otherwise."""
+    labels = list(default if labels is None else labels)
+    if len(labels) != n:
+        raise ValueError(f"{name} has {len(labels)} entries but the data has shape {shape} (need {n})")
+    return labels
+
+
+def _short(text, limit: int) -> str:
+    """``text`` with whitespace made visible, cut to ``limit`` characters (an ellipsis marks the cut)."""
+    text = str(text).translate(VISIBLE_WHITESPACE)
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _max_pool(a: np.ndarray, max_rows: int, max_cols: int) -> np.ndarray:
+    """Shrink a 2-D ``a`` to at most ``max_rows x max_cols`` by taking the maximum of each block.
+
+    A figure panel has a few hundred pixels, fewer than the 1500 positions of Whisper's audio. Plain
+    resampling averages a sharp one-position peak away (or skips it); the block maximum keeps it visible.
+    """
+    fr, fc = math.ceil(a.shape[0] / max_rows), math.ceil(a.shape[1] / max_cols)
+    if fr == 1 and fc == 1:
+        return a
+    rows, cols = math.ceil(a.shape[0] / fr), math.ceil(a.shape[1] / fc)
+    padded = np.full((rows * fr, cols * fc), -np.inf)
+    padded[: a.shape[0], : a.shape[1]] = a
+    return padded.reshape(rows, fr, cols, fc).max(axis=(1, 3))  # (rows, cols)
+
+
+def _whole_pixels(inches: float, dpi: int) -> float:
+    """``inches`` rounded to a whole number of pixels, so the PNG is exactly ``round(inches * dpi)`` wide."""
+    return round(inches * dpi) / dpi
+
+
+def _check_destination(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"figures are written as PNG: give a path ending in .png, not {path}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {path.parent} does not exist; create it first")
+    return path
+
+
+def _write(fig, path: Path) -> Path:
+    """Render ``fig`` to a temporary PNG beside ``path``, then rename it into place (atomic on one filesystem)."""
+    _, FigureCanvasAgg = _matplotlib()
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "xb") as f:  # honours the umask, unlike mkstemp's 0600
+            FigureCanvasAgg(fig).print_png(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
