@@ -214,17 +214,26 @@ def attention_study(
 # ----------------------------------------------------------------------------- the demo
 
 
-def demo(out: str | os.PathLike = "report", model_name: str | None = None, progress: bool = True) -> Path:
-    """The whole study on the shipped toy model and its sample clips, written to ``out/report.md``."""
+def demo(
+    out: str | os.PathLike = "report",
+    model_name: str | None = None,
+    samples: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """The whole study on a model and sample clips (default: the shipped toy model and its samples).
+
+    ``samples``: a folder with wav files and ``transcripts.json`` ({file name: reference text}).
+    Writes ``out/report.md`` with its pictures and tables.
+    """
     from tqdm import tqdm
 
     from .loading import SHIPPED, load_model
 
     started = time.time()
     model = load_model(model_name)
-    folder = SHIPPED["toy"] / "samples" if model_name in (None, "toy") else None
-    if folder is None or not (folder / "transcripts.json").exists():
-        raise FileNotFoundError("the demo needs the shipped model's samples (weights/toy/samples/transcripts.json)")
+    folder = Path(samples) if samples is not None else SHIPPED["toy"] / "samples"
+    if not (folder / "transcripts.json").exists():
+        raise FileNotFoundError(f"the demo needs sample clips with {folder / 'transcripts.json'}")
     transcripts = json.loads((folder / "transcripts.json").read_text())
     paths = [folder / f for f in transcripts]
     refs = [transcripts[f] for f in transcripts]
@@ -243,8 +252,8 @@ def demo(out: str | os.PathLike = "report", model_name: str | None = None, progr
         md += [
             "# whisper-lens demo report",
             "",
-            f"Model: the shipped toy Whisper ({model.dims.n_audio_layer} encoder + {model.dims.n_text_layer} "
-            f"decoder blocks, width {model.dims.n_text_state}), on its {len(paths)} sample clips.",
+            f"Model: {model_name or 'the shipped toy Whisper'} ({model.dims.n_audio_layer} encoder + "
+            f"{model.dims.n_text_layer} decoder blocks, width {model.dims.n_text_state}), {len(paths)} sample clips.",
             "",
             "## 1. Transcripts (greedy)",
             "",
