@@ -248,22 +248,25 @@ def log_mel_spectrogram(
     return features[0] if single else features
 
 
-def load_windows(paths, n_mels: int, frames: int) -> tuple[torch.Tensor, list[float]]:
-    """Log-mels of audio files, each padded to a model's window of ``frames``: ([B, n_mels, frames], seconds).
+def load_windows(audios, n_mels: int, frames: int) -> tuple[torch.Tensor, list[float]]:
+    """Log-mels of audio files or 16 kHz arrays, padded to a window of ``frames``: ([B, n_mels, frames], seconds).
 
-    A file longer than the window is an error, never silently truncated.
+    As Whisper does, the *audio* is padded with silence before the spectrogram (so padding frames
+    sit at the clip's floor, not at zero). A clip longer than the window is an error, never
+    silently truncated.
     """
-    if not paths:
+    if len(audios) == 0:
         raise ValueError("no audio files given")
     mels, seconds = [], []
-    for path in paths:  # read everything first, so a bad file fails before any work
-        audio = load_audio(path)
+    for item in audios:  # read everything first, so a bad file fails before any work
+        audio = load_audio(item) if isinstance(item, str | os.PathLike) else item
         if len(audio) > frames * HOP_LENGTH:
             raise ValueError(
-                f"{path} is {len(audio) / SAMPLE_RATE:.1f} s long, longer than the model's "
-                f"{frames * HOP_LENGTH / SAMPLE_RATE:g} s window; long-form transcription is not supported yet: "
-                "cut the file into windows first"
+                f"{item if isinstance(item, str | os.PathLike) else 'audio'} is {len(audio) / SAMPLE_RATE:.1f} s "
+                f"long, longer than the model's {frames * HOP_LENGTH / SAMPLE_RATE:g} s window; long-form "
+                "transcription is not supported yet: cut the file into windows first"
             )
-        mels.append(pad_or_trim(log_mel_spectrogram(audio, n_mels=n_mels), frames))
+        mel = log_mel_spectrogram(audio, n_mels=n_mels, padding=frames * HOP_LENGTH - len(audio))
+        mels.append(mel)  # (n_mels, frames)
         seconds.append(len(audio) / SAMPLE_RATE)
     return torch.stack(mels), seconds

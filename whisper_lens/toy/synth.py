@@ -178,13 +178,13 @@ N_FRAMES = 400  # mel frames of the toy model's window (2 * n_audio_ctx)
 
 def features(clip: Clip) -> np.ndarray | None:
     """The clip's log-mel [80, N_FRAMES] as float16, or None when the speech is longer than the window."""
-    from ..audio import log_mel_spectrogram, pad_or_trim
+    from ..audio import load_windows
 
     audio = render(clip)
     if audio.size > MAX_SECONDS * SAMPLE_RATE:
         return None
-    mel = log_mel_spectrogram(audio, n_mels=80)  # (80, frames)
-    return pad_or_trim(mel, N_FRAMES).numpy().astype(np.float16)
+    mel = load_windows([audio], n_mels=80, frames=N_FRAMES)[0][0]  # (80, N_FRAMES), silence-padded as Whisper
+    return mel.numpy().astype(np.float16)
 
 
 def _one_thread() -> None:
