@@ -26,7 +26,7 @@ def hf_and_ours(name: str, attn: str = "sdpa", seed: int = 0):
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     dims: ModelDims = OFFICIAL[name][1]
-    config = WhisperConfig(**hf_config_from_dims(dims, sot=dims.n_vocab - 1608, eot=dims.n_vocab - 1609))
+    config = WhisperConfig(**hf_config_from_dims(dims))
     torch.manual_seed(seed)
     hf = WhisperForConditionalGeneration(config).eval()
     with tempfile.TemporaryDirectory() as d:

@@ -42,7 +42,7 @@ def hf_model(dims: ModelDims, seed: int = 0):
 
     from whisper_lens.loading import hf_config_from_dims
 
-    config = WhisperConfig(**hf_config_from_dims(dims, sot=dims.n_vocab - 1608, eot=dims.n_vocab - 1609))
+    config = WhisperConfig(**hf_config_from_dims(dims))
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return randomize_(WhisperForConditionalGeneration(config), seed).eval()

@@ -224,3 +224,12 @@ def test_cli_names_lists_every_name_with_its_shape(small_hf_dir):
     assert rows["decoder.blocks.2.cross_attn.pattern"] == f"[1, {SMALL.n_text_head}, 5, {SMALL.n_audio_ctx}]"
     assert rows["decoder.blocks.2.mlp.pre"] == f"[1, 5, {4 * SMALL.n_text_state}]"
     assert all(name.startswith("decoder.blocks.2.") for name in rows)
+
+
+def test_special_ids_follow_the_vocabulary():
+    from whisper_lens.loading import special_ids
+
+    assert special_ids(51864) == (50257, 50256)  # English-only: gpt2 ranks (50256), then eot
+    assert special_ids(51865) == (50258, 50257)  # multilingual: 50257 ranks
+    assert special_ids(51866) == (50258, 50257)  # v3: one more language
+    assert special_ids(1864) == (257, 256)  # the toy model's byte vocabulary

@@ -144,8 +144,22 @@ def dims_from_hf_config(config: Mapping) -> ModelDims:
         raise CheckpointError(f"config.json is not a Whisper config: it has no {e.args[0]!r}") from None
 
 
-def hf_config_from_dims(dims: ModelDims, sot: int, eot: int) -> dict:
-    """A transformers ``WhisperConfig`` dictionary for ``dims`` (the hub layout our saved models use)."""
+def special_ids(n_vocab: int) -> tuple[int, int]:
+    """(<|startoftranscript|>, <|endoftext|>) of Whisper's layout: the ranks, then eot, sot, languages, ... 1501 times.
+
+    1509 special tokens besides the languages: 99 languages, or 100 for the v3 vocabulary (51866).
+    """
+    eot = n_vocab - 1509 - (100 if n_vocab >= 51866 else 99)
+    return eot + 1, eot
+
+
+def hf_config_from_dims(dims: ModelDims, sot: int | None = None, eot: int | None = None) -> dict:
+    """A transformers ``WhisperConfig`` dictionary for ``dims`` (the hub layout our saved models use).
+
+    ``sot``/``eot`` default to the ids of Whisper's special-token layout for ``dims.n_vocab``.
+    """
+    if sot is None or eot is None:
+        sot, eot = special_ids(dims.n_vocab)
     if dims.n_audio_state != dims.n_text_state:
         raise ValueError("the hub layout has one d_model: encoder and decoder widths must be equal")
     return {
@@ -358,7 +372,7 @@ def save_model(model: Whisper, folder: str | os.PathLike, tokenizer_file: str | 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = model.tokenizer
-    sot, eot = (tok.sot, tok.eot) if tok is not None else (model.dims.n_vocab - 1608, model.dims.n_vocab - 1609)
+    sot, eot = (tok.sot, tok.eot) if tok is not None else special_ids(model.dims.n_vocab)
     config = hf_config_from_dims(model.dims, sot=sot, eot=eot)
     state = {openai_to_hf(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     atomic_write(folder / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))

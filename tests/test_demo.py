@@ -1,0 +1,90 @@
+"""The main job and the study commands, end to end on the shipped model; their bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from whisper_lens.loading import SHIPPED
+from whisper_lens.study import output_folder
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = SHIPPED["toy"] / "samples"
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "whisper_lens", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)  # fmt: skip
+
+
+def sample_paths() -> list[str]:
+    return [str(SAMPLES / name) for name in json.loads((SAMPLES / "transcripts.json").read_text())]
+
+
+def test_demo_writes_the_report(tmp_path):
+    out = tmp_path / "report"
+    done = cli("demo", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    report = (out / "report.md").read_text()
+    for section in ("## 1. Transcripts", "## 2. Decoder logit lens", "## 3. Layer removal", "## 4. Attention"):
+        assert section in report
+    images = [line.split("(")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
+    assert len(images) >= 6
+    for name in images:
+        assert (out / name).stat().st_size > 10_000, name  # every picture the report shows exists and is drawn
+    assert "Corpus WER 0.000" in report  # the shipped model transcribes its samples exactly
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+
+
+def test_study_commands(tmp_path):
+    paths = sample_paths()[:2]
+    lens = cli("lens", *paths, "--out", str(tmp_path / "lens"))
+    assert lens.returncode == 0, lens.stderr
+    assert "top1_agreement" in lens.stdout and (tmp_path / "lens" / "clip0_lens.png").exists()
+    ablate = cli("ablate", *paths, "--stack", "decoder", "--out", str(tmp_path / "ablate"))
+    assert ablate.returncode == 0, ablate.stderr
+    assert (tmp_path / "ablate" / "removal.png").exists() and (tmp_path / "ablate" / "ablate.csv").exists()
+    attention = cli("attention", paths[0], "--out", str(tmp_path / "att"))
+    assert attention.returncode == 0, attention.stderr
+    assert (tmp_path / "att" / "clip0_cross_over_mel.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ablate", "{sample}", "--reference", ""], "reference transcript is empty"),
+        (["ablate", "{sample}", "--reference", "a", "--reference", "b"], "give one --reference per audio file"),
+        (["lens", "{missing}"], "no-such.wav"),
+        (["demo", "--out", "{file}"], "exists and is a file"),
+        (["attention", "{sample}", "--layer", "9"], "out of range"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, args, message):
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    subs = {"{sample}": sample_paths()[0], "{missing}": str(tmp_path / "no-such.wav"), "{file}": str(file)}
+    done = cli(*[subs.get(a, a) for a in args])
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert message in done.stderr
+    assert file.read_text() == "x"
+
+
+def test_output_folder_is_replaced_only_on_success(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), output_folder(out) as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]  # untouched
+    with output_folder(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
