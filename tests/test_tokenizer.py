@@ -310,6 +310,7 @@ def test_byte_only_vocabulary(byte_tokenizer):
     assert tok.decode_with_timestamps([tok.timestamp_begin + 3]) == "<|0.06|>"
     # the non-speech set is built from the same rules: single-byte symbols such as '"' and '#'
     assert {ord('"'), ord("#"), ord("(")} <= set(tok.non_speech_tokens)
+    assert ord(" ") not in tok.non_speech_tokens  # else decoding could never emit a space
     assert ord(",") not in tok.non_speech_tokens and ord("?") not in tok.non_speech_tokens
     words, groups = tok.split_to_word_tokens(tok.encode(" Hi there, you"))
     assert words == [" Hi", " there", ",", " you"]

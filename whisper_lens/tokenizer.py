@@ -436,6 +436,8 @@ class Tokenizer:
             for tokens in (self.encode(symbol), self.encode(" " + symbol)):
                 if len(tokens) == 1 or symbol in _MUSIC_SYMBOLS:
                     result.add(tokens[0])
+        # A bare space is never non-speech: in a byte-level vocabulary " -" and " ♪" start with it.
+        result.discard(self.encode(" ")[0])
         return tuple(sorted(result))
 
 
