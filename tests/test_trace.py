@@ -365,3 +365,13 @@ def test_bad_requests_raise_clear_errors(small_run):
         model.run(mel, tokens[:1])
     with pytest.raises(ValueError, match="stack must be 'encoder' or 'decoder'"):
         wl.Edits().skip("middle", 1)
+
+
+def test_gradients_flow_through_recorded_patterns(small_run):
+    model, mel, tokens, _ = small_run
+    steer = torch.zeros(SMALL.n_text_state, requires_grad=True)
+    run = model.run(mel, tokens, trace=["*.pattern"], edits=wl.Edits().add("decoder.blocks.0.resid_mid", steer))
+    run.trace["decoder.blocks.2.cross_attn.pattern"].sum().backward()  # rows sum to 1: the gradient is ~0
+    run2 = model.run(mel, tokens, trace=["*.pattern"], edits=wl.Edits().add("decoder.blocks.0.resid_mid", steer))
+    run2.logits[0, -1, 7].backward()
+    assert steer.grad is not None and steer.grad.abs().sum() > 0
