@@ -17,6 +17,17 @@ USER_ERRORS = (ValueError, KeyError, IndexError, TypeError, FileNotFoundError, N
                OSError)  # fmt: skip
 
 
+def placement(device: str) -> dict:
+    """load_model's device and dtype for a --device flag: fp32 on the CPU, fp16 on CUDA."""
+    import torch
+
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    return {"device": device, "dtype": torch.float16 if device.startswith("cuda") else torch.float32}
+
+
 def cmd_download(args: argparse.Namespace) -> None:
     from .loading import download
 
@@ -45,7 +56,7 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    model = load_model(args.model)
+    model = load_model(args.model, **placement(args.device))
     mels, _ = load_windows(args.audio, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
     batches = range(0, len(mels), args.batch_size)
     for start in tqdm(batches, desc="transcribing", unit="batch", disable=len(batches) < 2, file=sys.stderr):
@@ -71,7 +82,7 @@ def _study_inputs(args: argparse.Namespace):
     from .audio import load_windows
     from .loading import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, **placement(args.device))
     if model.tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer beside its weights")
     mels, seconds = load_windows(args.audio, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
@@ -123,7 +134,9 @@ def cmd_attention(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .study import demo
 
-    report = demo(args.out)
+    if (args.samples is None) != (args.model is None):
+        raise ValueError("give --model and --samples together (the default is the shipped model and its samples)")
+    report = demo(args.out, model_name=args.model, samples=args.samples, **placement(args.device))
     print(f"report written to {report}")
 
 
@@ -138,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_arg(p: argparse.ArgumentParser) -> None:
         help = f"model name ({models}), hub id, HF directory or OpenAI .pt (default: {DEFAULT_MODEL})"
         p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=help)
+        p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16); default cpu")
 
     p = sub.add_parser("download", help="fetch an official model into the hub cache")
     p.add_argument("name", help=f"one of: {', '.join(OFFICIAL)}, or a hub id")
@@ -157,11 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", default=None, help="language code or name (default: detected per file)")
     p.add_argument("--timestamps", action="store_true", help="also print segments with timestamps")
     p.add_argument("--batch-size", type=int, default=8, help="files decoded together (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per file (default: half the context)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="most tokens per file (default 224, or what a smaller context leaves)",
+    )
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("demo", help="the whole study on the shipped toy model, written to report/ (offline)")
     p.add_argument("--out", default="report", help="output folder (default report)")
+    p.add_argument("--model", default=None, help="another model (with --samples)")
+    p.add_argument("--samples", default=None, help="a folder of wav files with transcripts.json {file: text}")
+    p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16); default cpu")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("lens", help="decoder and encoder logit lens of audio files (pictures + tables)")

@@ -75,6 +75,7 @@ from .model import IDLE, KVCache, Whisper
 from .trace import Edits, Recorder, Trace, TraceRequest
 
 CHUNK_SECONDS = 30.0  # the audio window the encoder sees; timestamps step by CHUNK_SECONDS / n_audio_ctx
+DEFAULT_MAX_NEW = 224  # openai-whisper's sample_len for every official model (n_text_ctx // 2)
 CUDA_CHECK_EVERY = 8  # on CUDA, look at the "all finished" flag every 8 steps (on CPU, every step)
 
 
@@ -172,8 +173,8 @@ def make_plan(
         initial = [tok.sot_prev, *prompt_ids, *initial]
 
     room = n_ctx - len(initial)
-    if max_new_tokens is None:
-        max_new = min(n_ctx // 2, room)
+    if max_new_tokens is None:  # openai-whisper's n_text_ctx // 2 = 224; a smaller context may use what is left
+        max_new = min(max(n_ctx // 2, DEFAULT_MAX_NEW), room)
     else:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -477,7 +478,8 @@ def generate(
     """Decode a batch of 30 s log-mel windows ``mel`` [B, n_mels, 2 * n_audio_ctx] (or one [n_mels, frames]).
 
     beam_size: None for greedy (or sampling when temperature > 0), else beam search with that many beams.
-    max_new_tokens: the most tokens to sample (default half the text context, as openai-whisper).
+    max_new_tokens: the most tokens to sample (default 224 = half the official 448-token context, as
+        openai-whisper; for a model with a smaller context, what its context has left after the prompt).
     language: a code or name; None detects it per clip (multilingual models) from the sot position.
     task: "transcribe" or "translate" (into English). timestamps: write segment timestamps.
     trace / edits: record activations (as ``model.run``) / apply interventions at every step.

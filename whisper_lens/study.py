@@ -94,10 +94,14 @@ def token_label(tok, token: int) -> str:
     return tok.decode([token])
 
 
-def prompt_tokens(model: Whisper) -> list[int]:
-    """The tokens ``generate`` feeds before the transcript by default (text mode, no timestamps)."""
+def prompt_tokens(model: Whisper, language: str | None) -> list[int]:
+    """The tokens ``generate`` fed before a transcript in text mode: sot [language transcribe] notimestamps.
+
+    ``language``: the result's (detected or given) language; ignored by English-only models.
+    """
     tok = model.tokenizer
-    return list(tok.sot_sequence_including_notimestamps)
+    sot = tok.sot_sequence_for(language, "transcribe") if tok.multilingual else tok.sot_sequence
+    return [*sot, tok.no_timestamps]
 
 
 # ----------------------------------------------------------------------------- the three studies
@@ -107,7 +111,7 @@ def lens_study(model: Whisper, mel: torch.Tensor, out: Path, name: str = "clip")
     """Decoder and encoder logit lens of one clip's greedy transcript; writes ``{name}_lens*.png`` and a table."""
     tok = model.tokenizer
     res = model.generate(mel[None], trace=lens_names(model))[0]
-    seq = prompt_tokens(model) + res.tokens  # the fed positions; the last one predicts EOT
+    seq = prompt_tokens(model, res.language) + res.tokens  # the fed positions; the last one predicts EOT
     lens = decoder_lens_from_trace(model, res.trace)
     labels = [token_label(tok, t) for t in seq]
     top = [[token_label(tok, int(t)) for t in row] for row in lens.top_ids[:, 0, :, 0]]
@@ -179,11 +183,19 @@ def attention_study(
 ) -> list[dict]:
     """Attention pictures and per-head statistics of one clip's greedy decoding (optionally under ``edits``)."""
     tok = model.tokenizer
-    res = model.generate(mel[None], trace=["*.pattern"], edits=edits)[0]
-    tr = res.trace
-    labels = [token_label(tok, t) for t in prompt_tokens(model) + res.tokens]
     enc_layer = model.dims.n_audio_layer - 1 if layer is None else layer
     dec_layer = model.dims.n_text_layer - 1 if layer is None else layer
+    for stack, i, n in [
+        ("encoder", enc_layer, model.dims.n_audio_layer),
+        ("decoder", dec_layer, model.dims.n_text_layer),
+    ]:
+        if not 0 <= i < n:
+            raise IndexError(f"layer {i} out of range: the {stack} has {n} blocks (0-{n - 1})")
+    # an encoder pattern is S x S per head (3.5 GB for all of medium's layers): record the drawn layer only
+    request = [f"encoder.blocks.{enc_layer}.attn.pattern", "decoder.blocks.*.pattern"]
+    res = model.generate(mel[None], trace=request, edits=edits)[0]
+    tr = res.trace
+    labels = [token_label(tok, t) for t in prompt_tokens(model, res.language) + res.tokens]
     for stack, i, kind in [
         ("encoder", enc_layer, "attn"),
         ("decoder", dec_layer, "attn"),
@@ -219,6 +231,8 @@ def demo(
     model_name: str | None = None,
     samples: str | os.PathLike | None = None,
     progress: bool = True,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """The whole study on a model and sample clips (default: the shipped toy model and its samples).
 
@@ -230,18 +244,18 @@ def demo(
     from .loading import SHIPPED, load_model
 
     started = time.time()
-    model = load_model(model_name)
     folder = Path(samples) if samples is not None else SHIPPED["toy"] / "samples"
     if not (folder / "transcripts.json").exists():
         raise FileNotFoundError(f"the demo needs sample clips with {folder / 'transcripts.json'}")
-    transcripts = json.loads((folder / "transcripts.json").read_text())
-    paths = [folder / f for f in transcripts]
-    refs = [transcripts[f] for f in transcripts]
-    mels, seconds = load_windows(paths, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
-    stages = ["transcribe", "decoder lens", "encoder removal", "decoder removal", "attention", "no-speech lens"]
-    bar = tqdm(stages, desc="demo", unit="stage", disable=not progress)
     md: list[str] = []
-    with output_folder(out) as tmp:
+    with output_folder(out) as tmp:  # checks the destination before any work
+        model = load_model(model_name, device=device, dtype=dtype)
+        transcripts = json.loads((folder / "transcripts.json").read_text())
+        paths = [folder / f for f in transcripts]
+        refs = [transcripts[f] for f in transcripts]
+        mels, seconds = load_windows(paths, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
+        stages = ["transcribe", "decoder lens", "encoder removal", "decoder removal", "attention", "no-speech lens"]
+        bar = tqdm(stages, desc="demo", unit="stage", disable=not progress)
         bar.set_postfix_str("transcribing")
         results = model.generate(mels)
         hyps = [r.text.strip() for r in results]
@@ -335,6 +349,7 @@ def demo(
             model, mels[0], seconds[0], tmp, name="broken", edits=Edits().skip("encoder", range(L - k, L))
         )
         cross = [r for r in compare_attention(normal, broken, "entropy") if "cross_attn" in r["name"]]
+        padding = [r for r in compare_attention(normal, broken, "padding_share") if "cross_attn" in r["name"]]
         md += [
             "## 4. Attention, normal vs broken",
             "",
@@ -345,7 +360,11 @@ def demo(
             "",
             "![broken](broken_cross_over_mel.png)",
             "",
-            "Cross-attention entropy per head (nats), normal vs broken:",
+            "Cross-attention per head, normal vs broken: share of attention on the padding after the audio,",
+            "",
+            format_table(padding),
+            "",
+            "and entropy (nats):",
             "",
             format_table(cross),
             "",
@@ -353,8 +372,9 @@ def demo(
         bar.update()
 
         bar.set_postfix_str("no-speech")
-        silence = torch.full_like(mels[:1], float(mels.min()))
-        sot = sot_lens(model, torch.cat([mels[:1], silence]))
+        frames = 2 * model.dims.n_audio_ctx
+        silence, _ = load_windows([np.zeros(SAMPLE_RATE, np.float32)], model.dims.n_mels, frames)  # 1 s of zeros
+        sot = sot_lens(model, torch.cat([mels[:1], silence.to(mels)]))
         layers = [r["layer"] for r in lens["per_layer"]]
         ns_rows = [
             {"layer": lab, "speech": a, "silence": b}
