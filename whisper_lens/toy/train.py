@@ -165,9 +165,9 @@ def fit(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        history.append({"step": step, "loss": float(loss), "seconds": time.time() - started})
+        history.append({"step": step, "loss": loss.item(), "seconds": time.time() - started})
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
         if checkpoint is not None and (step % 250 == 0 or step == steps):
             state = {"model": model.state_dict(), "opt": opt.state_dict(), "rng": g.get_state(), "step": step,
                      "history": history, "dims": asdict(model.dims)}  # fmt: skip
