@@ -7,24 +7,12 @@ Prints median times and the ratio ours / transformers (target: <= 1.0).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from common import hf_and_ours, interleaved, table
+from common import forward_setup, interleaved, table
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-
-    hf, ours = hf_and_ours(args.model, attn="sdpa")
-    dims = ours.dims
-    mel = torch.randn(args.batch, dims.n_mels, 2 * dims.n_audio_ctx)
-    tokens = torch.randint(0, dims.n_vocab, (args.batch, args.tokens))
+    args, hf, ours, mel, tokens = forward_setup(__doc__.splitlines()[0], attn="sdpa")
     with torch.inference_mode():
         torch.testing.assert_close(ours(mel, tokens), hf(input_features=mel, decoder_input_ids=tokens).logits,
                                    atol=1e-4, rtol=0)  # fmt: skip

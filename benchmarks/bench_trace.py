@@ -12,14 +12,13 @@
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import threading
 import time
 
 import torch
-from common import OFFICIAL, hf_and_ours, interleaved, table
+from common import OFFICIAL, forward_setup, interleaved, table
 
 from whisper_lens.model import activation_shapes
 
@@ -70,17 +69,7 @@ def peak_memory(fn) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-
-    hf, ours = hf_and_ours(args.model, attn="eager")
-    d = ours.dims
-    mel = torch.randn(args.batch, d.n_mels, 2 * d.n_audio_ctx)
-    tokens = torch.randint(0, d.n_vocab, (args.batch, args.tokens))
+    args, hf, ours, mel, tokens = forward_setup(__doc__.splitlines()[0], attn="eager")
     with torch.inference_mode():
         # equality of the shared tensors is tests/test_trace.py's job; ours records more (resid_mid, ...)
         t = interleaved({

@@ -36,6 +36,23 @@ def hf_and_ours(name: str, attn: str = "sdpa", seed: int = 0):
     return hf, ours
 
 
+def forward_setup(description: str, attn: str):
+    """Parse --model/--batch/--tokens/--repeats; build both models and a random batch: (args, hf, ours, mel, tokens)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    hf, ours = hf_and_ours(args.model, attn=attn)
+    d = ours.dims
+    mel = torch.randn(args.batch, d.n_mels, 2 * d.n_audio_ctx)
+    tokens = torch.randint(0, d.n_vocab, (args.batch, args.tokens))
+    return args, hf, ours, mel, tokens
+
+
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each function, run round-robin so drift hits all of them alike."""
     for _ in range(warmup):
