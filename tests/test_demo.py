@@ -88,3 +88,27 @@ def test_output_folder_is_replaced_only_on_success(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_shipped_model_behaves_like_the_study_says():
+    """Measured on the shipped model, asserted loosely: removal breaks it, the lens sharpens with depth."""
+    import torch
+
+    import whisper_lens as wl
+    from whisper_lens.audio import load_windows
+    from whisper_lens.experiments import removal_sweep, summarize
+    from whisper_lens.lens import decoder_lens_from_trace, lens_names
+
+    model = wl.load_model()
+    refs = json.loads((SAMPLES / "transcripts.json").read_text())
+    mels, seconds = load_windows(sample_paths(), model.dims.n_mels, 2 * model.dims.n_audio_ctx)
+    L = model.dims.n_text_layer
+    rows = removal_sweep(model, mels, "decoder", references=list(refs.values()), seconds=seconds,
+                         removals=[[], list(range(L))])  # fmt: skip
+    wer = {s["removed"]: s["wer"] for s in summarize(rows, "removed", ["wer"])}
+    assert wer[0] <= 0.05 and wer[L] >= 0.8, wer
+    with torch.no_grad():
+        agreement = torch.stack([decoder_lens_from_trace(model, r.trace).agreement()
+                                 for r in model.generate(mels, trace=lens_names(model))]).mean(0)  # fmt: skip
+    assert agreement[-1] == 1.0 and agreement[0] < 0.3
+    assert all(b >= a - 0.1 for a, b in zip(agreement[:-1], agreement[1:], strict=True)), agreement.tolist()
