@@ -29,7 +29,7 @@ def test_matches_transformers(name, tmp_path):
     assert out.logits.abs().max() > 1.0  # the comparison is not between two near-zero tensors
 
 
-@pytest.mark.parametrize("name", ["tiny", "v3-like"])
+@pytest.mark.parametrize("name", list(SHAPES))
 def test_matches_openai_whisper(name, tmp_path):
     dims = SHAPES[name]
     ref = openai_model(dims, seed=6)
