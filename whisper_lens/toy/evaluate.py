@@ -161,15 +161,12 @@ special tokens in the English-only layout (<|endoftext|> = 256, <|startoftranscr
 
 ## Recipe (`whisper_lens/toy/train.py`, `whisper-lens train-toy`)
 
-GPT-2-style initialisation (N(0, 0.02)), AdamW (betas 0.9/0.98, weight decay 0.01), peak learning
+GPT-2-style initialisation (N(0, 0.02); the convolutions keep PyTorch's fan-in default),
+AdamW (betas 0.9/0.98, weight decay 0.01), peak learning
 rate 1.5e-3 with 5 % linear warm-up then cosine decay, batch 32, gradient clipping at 1.0,
 SpecAugment (two frequency masks of <= 10 bins and two time masks of <= 25 frames per clip),
 seed 0, {history[-1]["step"]} steps ({history[-1]["step"] * 32 / train.N_TRAIN:.1f} epochs). Trained in
 {minutes:.0f} minutes on one thread of a 2-core x86 CPU (shared with other jobs; no GPU).
-
-The shipped run was resumed once: its first 250 steps used features whose padding frames were
-zero instead of the silence floor (a front-end bug fixed during training); from step 250 on it
-trained on the corrected features, which `train-toy` produces from the start.
 
 ![training loss](loss.png)
 

@@ -93,11 +93,19 @@ def spec_augment(mel: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def init_weights(model: Whisper) -> Whisper:
-    """GPT-2-style initialisation: weights N(0, 0.02), biases 0, LayerNorms identity (logits start near 0)."""
+    """GPT-2-style initialisation: linear and embedding weights N(0, 0.02), biases 0, LayerNorms identity.
+
+    The two convolutions keep PyTorch's fan-in-scaled default: at 0.02 their output would be
+    ~10x smaller than the sinusoidal positions added to it, and the decoder learns to ignore the
+    audio (a language model of the grammar) long before it learns to listen.
+    """
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "ln" in name.split(".")[-2] or p.dim() == 1:
-                p.fill_(1.0 if name.endswith("weight") and "ln" in name.split(".")[-2] else 0.0)
+            module = name.split(".")[-2]
+            if module.startswith("conv"):
+                continue
+            if "ln" in module or p.dim() == 1:
+                p.fill_(1.0 if name.endswith("weight") and "ln" in module else 0.0)
             else:
                 p.normal_(0.0, 0.02)
     return model
