@@ -248,149 +248,157 @@ def demo(
     if not (folder / "transcripts.json").exists():
         raise FileNotFoundError(f"the demo needs sample clips with {folder / 'transcripts.json'}")
     md: list[str] = []
-    with output_folder(out) as tmp:  # checks the destination before any work
-        model = load_model(model_name, device=device, dtype=dtype)
-        transcripts = json.loads((folder / "transcripts.json").read_text())
-        paths = [folder / f for f in transcripts]
-        refs = [transcripts[f] for f in transcripts]
-        mels, seconds = load_windows(paths, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
-        stages = ["transcribe", "decoder lens", "encoder removal", "decoder removal", "attention", "no-speech lens"]
-        bar = tqdm(stages, desc="demo", unit="stage", disable=not progress)
-        bar.set_postfix_str("transcribing")
-        results = model.generate(mels)
-        hyps = [r.text.strip() for r in results]
-        rows = [
-            {"clip": p.name, "reference": r, "transcript": h, "wer": wer(r, h), "cer": cer(r, h)}
-            for p, r, h in zip(paths, refs, hyps, strict=True)
-        ]
-        md += [
-            "# whisper-lens demo report",
-            "",
-            f"Model: {model_name or 'the shipped toy Whisper'} ({model.dims.n_audio_layer} encoder + "
-            f"{model.dims.n_text_layer} decoder blocks, width {model.dims.n_text_state}), {len(paths)} sample clips.",
-            "",
-            "## 1. Transcripts (greedy)",
-            "",
-            format_table(rows),
-            "",
-            f"Corpus WER {wer(refs, hyps):.3f}, CER {cer(refs, hyps):.3f}.",
-            "",
-        ]
-        bar.update()
+    threads = torch.get_num_threads()
+    try:
+        with output_folder(out) as tmp:  # checks the destination before any work
+            model = load_model(model_name, device=device, dtype=dtype)
+            if sum(p.numel() for p in model.parameters()) < 20_000_000:
+                # a small model's ops are too short to share between threads: one thread is as fast, and
+                # much faster when the other core is busy (threads then wait for each other)
+                torch.set_num_threads(1)
+            transcripts = json.loads((folder / "transcripts.json").read_text())
+            paths = [folder / f for f in transcripts]
+            refs = [transcripts[f] for f in transcripts]
+            mels, seconds = load_windows(paths, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
+            stages = ["transcribe", "decoder lens", "encoder removal", "decoder removal", "attention", "no-speech lens"]
+            bar = tqdm(stages, desc="demo", unit="stage", disable=not progress)
+            bar.set_postfix_str("transcribing")
+            results = model.generate(mels)
+            hyps = [r.text.strip() for r in results]
+            rows = [
+                {"clip": p.name, "reference": r, "transcript": h, "wer": wer(r, h), "cer": cer(r, h)}
+                for p, r, h in zip(paths, refs, hyps, strict=True)
+            ]
+            md += [
+                "# whisper-lens demo report",
+                "",
+                f"Model: {model_name or 'the shipped toy Whisper'} ({model.dims.n_audio_layer} encoder + "
+                f"{model.dims.n_text_layer} decoder blocks, width {model.dims.n_text_state}), {len(paths)} clips.",
+                "",
+                "## 1. Transcripts (greedy)",
+                "",
+                format_table(rows),
+                "",
+                f"Corpus WER {wer(refs, hyps):.3f}, CER {cer(refs, hyps):.3f}.",
+                "",
+            ]
+            bar.update()
 
-        bar.set_postfix_str("lens")
-        lens = lens_study(model, mels[0], tmp, name="sample0")
-        agreements = [
-            lens_study(model, mels[i], tmp, name=f"sample{i}")["per_layer"] if i else lens["per_layer"]
-            for i in range(len(paths))
-        ]
-        mean_rows = [
-            {
-                "layer": row["layer"],
-                **{
-                    k: float(np.mean([a[j][k] for a in agreements]))
-                    for k in ("top1_agreement", "p_final", "kl", "entropy")
+            bar.set_postfix_str("lens")
+            lens = lens_study(model, mels[0], tmp, name="sample0")
+            agreements = [
+                lens_study(model, mels[i], tmp, name=f"sample{i}")["per_layer"] if i else lens["per_layer"]
+                for i in range(len(paths))
+            ]
+            mean_rows = [
+                {
+                    "layer": row["layer"],
+                    **{
+                        k: float(np.mean([a[j][k] for a in agreements]))
+                        for k in ("top1_agreement", "p_final", "kl", "entropy")
+                    },
+                }
+                for j, row in enumerate(agreements[0])
+            ]
+            plot.layer_lines(
+                {
+                    "top-1 agreement with the final output": [r["top1_agreement"] for r in mean_rows],
+                    "p(final token)": [r["p_final"] for r in mean_rows],
                 },
-            }
-            for j, row in enumerate(agreements[0])
-        ]
-        plot.layer_lines(
-            {
-                "top-1 agreement with the final output": [r["top1_agreement"] for r in mean_rows],
-                "p(final token)": [r["p_final"] for r in mean_rows],
-            },
-            tmp / "lens_layers.png",
-            labels=[r["layer"] for r in mean_rows],
-            ylabel="mean over positions",
-            title="Decoder logit lens, all samples",
-        )
-        md += [
-            "## 2. Decoder logit lens",
-            "",
-            "Each block's input read through the final LayerNorm and the unembedding. Colour: the probability "
-            "of the token the full model predicts; text: each layer's top token.",
-            "",
-            "![decoder lens](sample0_lens.png)",
-            "",
-            "![lens per layer](lens_layers.png)",
-            "",
-            format_table(mean_rows),
-            "",
-            "Encoder lens: probability of each transcript token when only the first k encoder blocks run "
-            "(ln_post still applied).",
-            "",
-            "![encoder lens](sample0_encoder_lens.png)",
-            "",
-        ]
-        bar.update()
+                tmp / "lens_layers.png",
+                labels=[r["layer"] for r in mean_rows],
+                ylabel="mean over positions",
+                title="Decoder logit lens, all samples",
+            )
+            md += [
+                "## 2. Decoder logit lens",
+                "",
+                "Each block's input read through the final LayerNorm and the unembedding. Colour: the probability "
+                "of the token the full model predicts; text: each layer's top token.",
+                "",
+                "![decoder lens](sample0_lens.png)",
+                "",
+                "![lens per layer](lens_layers.png)",
+                "",
+                format_table(mean_rows),
+                "",
+                "Encoder lens: probability of each transcript token when only the first k encoder blocks run "
+                "(ln_post still applied).",
+                "",
+                "![encoder lens](sample0_encoder_lens.png)",
+                "",
+            ]
+            bar.update()
 
-        bar.set_postfix_str("removal")
-        summary = ablate_study(model, mels, seconds, tmp, stacks=("encoder", "decoder"), references=refs)
-        bar.update(2)
-        md += [
-            "## 3. Layer removal",
-            "",
-            "The last k blocks of one stack are skipped (the residual passes through; the encoder's ln_post "
-            "stays). All samples are decoded in one batch per k.",
-            "",
-            "![removal](removal.png)",
-            "",
-            format_table(summary),
-            "",
-        ]
+            bar.set_postfix_str("removal")
+            summary = ablate_study(model, mels, seconds, tmp, stacks=("encoder", "decoder"), references=refs)
+            bar.update(2)
+            md += [
+                "## 3. Layer removal",
+                "",
+                "The last k blocks of one stack are skipped (the residual passes through; the encoder's ln_post "
+                "stays). All samples are decoded in one batch per k.",
+                "",
+                "![removal](removal.png)",
+                "",
+                format_table(summary),
+                "",
+            ]
 
-        bar.set_postfix_str("attention")
-        enc_rows = [r for r in summary if r["stack"] == "encoder" and r["removed"] > 0]
-        worst = max(enc_rows, key=lambda r: (r["max_repeats"], r["compression_ratio"], r["wer"]))
-        k = int(worst["removed"])
-        L = model.dims.n_audio_layer
-        normal = attention_study(model, mels[0], seconds[0], tmp, name="normal")
-        broken = attention_study(
-            model, mels[0], seconds[0], tmp, name="broken", edits=Edits().skip("encoder", range(L - k, L))
-        )
-        cross = [r for r in compare_attention(normal, broken, "entropy") if "cross_attn" in r["name"]]
-        padding = [r for r in compare_attention(normal, broken, "padding_share") if "cross_attn" in r["name"]]
-        md += [
-            "## 4. Attention, normal vs broken",
-            "",
-            f"The broken run removes the last {k} encoder blocks (the setting with the most repetition). "
-            "Cross-attention of the last decoder block, mean over heads, over the spectrogram:",
-            "",
-            "![normal](normal_cross_over_mel.png)",
-            "",
-            "![broken](broken_cross_over_mel.png)",
-            "",
-            "Cross-attention per head, normal vs broken: share of attention on the padding after the audio,",
-            "",
-            format_table(padding),
-            "",
-            "and entropy (nats):",
-            "",
-            format_table(cross),
-            "",
-        ]
-        bar.update()
+            bar.set_postfix_str("attention")
+            enc_rows = [r for r in summary if r["stack"] == "encoder" and r["removed"] > 0]
+            worst = max(enc_rows, key=lambda r: (r["max_repeats"], r["compression_ratio"], r["wer"]))
+            k = int(worst["removed"])
+            L = model.dims.n_audio_layer
+            normal = attention_study(model, mels[0], seconds[0], tmp, name="normal")
+            broken = attention_study(
+                model, mels[0], seconds[0], tmp, name="broken", edits=Edits().skip("encoder", range(L - k, L))
+            )
+            cross = [r for r in compare_attention(normal, broken, "entropy") if "cross_attn" in r["name"]]
+            padding = [r for r in compare_attention(normal, broken, "padding_share") if "cross_attn" in r["name"]]
+            md += [
+                "## 4. Attention, normal vs broken",
+                "",
+                f"The broken run removes the last {k} encoder blocks (the setting with the most repetition). "
+                "Cross-attention of the last decoder block, mean over heads, over the spectrogram:",
+                "",
+                "![normal](normal_cross_over_mel.png)",
+                "",
+                "![broken](broken_cross_over_mel.png)",
+                "",
+                "Cross-attention per head, normal vs broken: share of attention on the padding after the audio,",
+                "",
+                format_table(padding),
+                "",
+                "and entropy (nats):",
+                "",
+                format_table(cross),
+                "",
+            ]
+            bar.update()
 
-        bar.set_postfix_str("no-speech")
-        frames = 2 * model.dims.n_audio_ctx
-        silence, _ = load_windows([np.zeros(SAMPLE_RATE, np.float32)], model.dims.n_mels, frames)  # 1 s of zeros
-        sot = sot_lens(model, torch.cat([mels[:1], silence.to(mels)]))
-        layers = [r["layer"] for r in lens["per_layer"]]
-        ns_rows = [
-            {"layer": lab, "speech": a, "silence": b}
-            for lab, (a, b) in zip(layers, sot["no_speech"].tolist(), strict=True)
-        ]
-        md += [
-            "## 5. No-speech lens",
-            "",
-            "Probability of <|nospeech|> at the <|startoftranscript|> position, read at each decoder layer, "
-            "for a speech sample and for silence:",
-            "",
-            format_table(ns_rows),
-            "",
-        ]
-        bar.update()
-        md += [f"Written in {time.time() - started:.1f} s."]
-        write_text(tmp / "report.md", "\n".join(md) + "\n")
-    bar.close()
+            bar.set_postfix_str("no-speech")
+            frames = 2 * model.dims.n_audio_ctx
+            silence, _ = load_windows([np.zeros(SAMPLE_RATE, np.float32)], model.dims.n_mels, frames)  # 1 s of zeros
+            sot = sot_lens(model, torch.cat([mels[:1], silence.to(mels)]))
+            layers = [r["layer"] for r in lens["per_layer"]]
+            ns_rows = [
+                {"layer": lab, "speech": a, "silence": b}
+                for lab, (a, b) in zip(layers, sot["no_speech"].tolist(), strict=True)
+            ]
+            md += [
+                "## 5. No-speech lens",
+                "",
+                "Probability of <|nospeech|> at the <|startoftranscript|> position, read at each decoder layer, "
+                "for a speech sample and for silence:",
+                "",
+                format_table(ns_rows),
+                "",
+            ]
+            bar.update()
+            md += [f"Written in {time.time() - started:.1f} s."]
+            write_text(tmp / "report.md", "\n".join(md) + "\n")
+        bar.close()
+    finally:
+        torch.set_num_threads(threads)
     return Path(out) / "report.md"
