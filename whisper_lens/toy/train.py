@@ -112,13 +112,33 @@ def init_weights(model: Whisper) -> Whisper:
 
 
 def batch_loss(
-    model: Whisper, mel: torch.Tensor, texts: list[str], tok: Tokenizer, no_speech: np.ndarray
+    model: Whisper,
+    mel: torch.Tensor,
+    texts: list[str],
+    tok: Tokenizer,
+    no_speech: np.ndarray,
+    ctc_head: torch.nn.Linear | None = None,
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy of a batch: mel (B, n_mels, frames), one transcript per clip."""
+    """Mean next-token cross-entropy of a batch: mel (B, n_mels, frames), one transcript per clip.
+
+    With ``ctc_head`` (encoder width -> 256 bytes + blank), plus 0.3 x a CTC loss of the encoder output
+    against the text bytes (hybrid CTC/attention training, Watanabe et al. 2017): it makes the encoder
+    learn the sounds from the first steps, before the decoder has learnt to rely on the grammar alone.
+    The head is training scaffolding only; the saved model is Whisper's architecture, unchanged.
+    """
     inputs, targets = encode_batch(texts, tok, no_speech)
     device = mel.device
-    logits = model(mel, inputs.to(device))  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100)
+    xa = model.encoder(mel)  # (B, S, D)
+    logits = model.decoder(inputs.to(device), xa=xa)  # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100)
+    if ctc_head is None:
+        return loss
+    labels = [torch.tensor(list(t.encode("utf-8")), dtype=torch.long) + 1 for t in texts]  # 0 is the blank
+    logp = ctc_head(xa).float().log_softmax(-1).transpose(0, 1)  # (S, B, 257)
+    lengths = torch.full((len(texts),), xa.shape[1], dtype=torch.long)
+    ctc = F.ctc_loss(logp, torch.cat(labels).to(device), lengths, torch.tensor([len(x) for x in labels]),
+                     zero_infinity=True)  # fmt: skip
+    return loss + 0.3 * ctc
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -149,12 +169,15 @@ def fit(
 
     device = model.device
     no_speech = np.array([t == "" for t in texts])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    ctc_head = torch.nn.Linear(model.dims.n_audio_state, 257).to(device)
+    params = list(model.parameters()) + list(ctc_head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     step, history = 0, []
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
+        ctc_head.load_state_dict(state["ctc_head"])
         opt.load_state_dict(state["opt"])
         g.set_state(state["rng"])
         step, history = state["step"], state["history"]
@@ -167,18 +190,18 @@ def fit(
         mel = spec_augment(mels[idx].float(), g).to(device)  # (B, n_mels, frames)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
-        loss = batch_loss(model, mel, [texts[i] for i in idx], tok, no_speech[idx.numpy()])
+        loss = batch_loss(model, mel, [texts[i] for i in idx], tok, no_speech[idx.numpy()], ctc_head)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         history.append({"step": step, "loss": loss.item(), "seconds": time.time() - started})
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
         if checkpoint is not None and (step % 250 == 0 or step == steps):
-            state = {"model": model.state_dict(), "opt": opt.state_dict(), "rng": g.get_state(), "step": step,
-                     "history": history, "dims": asdict(model.dims)}  # fmt: skip
+            state = {"model": model.state_dict(), "ctc_head": ctc_head.state_dict(), "opt": opt.state_dict(),
+                     "rng": g.get_state(), "step": step, "history": history, "dims": asdict(model.dims)}  # fmt: skip
             atomic_write(checkpoint, lambda p, s=state: torch.save(s, p))
     bar.close()
     model.eval()
