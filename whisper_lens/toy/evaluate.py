@@ -165,6 +165,8 @@ GPT-2-style initialisation (N(0, 0.02); the convolutions keep PyTorch's fan-in d
 AdamW (betas 0.9/0.98, weight decay 0.01), peak learning
 rate 1.5e-3 with 5 % linear warm-up then cosine decay, batch 32, gradient clipping at 1.0,
 SpecAugment (two frequency masks of <= 10 bins and two time masks of <= 25 frames per clip),
+an auxiliary CTC loss (weight 0.3) from a linear head on the encoder output to the text bytes
+(hybrid CTC/attention training; the head is dropped, the shipped model is plain Whisper),
 seed 0, {history[-1]["step"]} steps ({history[-1]["step"] * 32 / train.N_TRAIN:.1f} epochs). Trained in
 {minutes:.0f} minutes on one thread of a 2-core x86 CPU (shared with other jobs; no GPU).
 
