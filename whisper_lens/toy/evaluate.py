@@ -50,7 +50,7 @@ def evaluate(model_name: str = "toy", data_dir: str = "data/toy", seed: int = 0)
     return report
 
 
-def write_samples(model, folder, n: int = 5, seed: int = 0, tries: int = 20) -> tuple[dict[str, str], int]:
+def write_samples(model, folder, n: int = 5, seed: int = 0, tries: int = 200) -> tuple[dict[str, str], int]:
     """Synthesize held-out sentences (training voices) as 16 kHz wavs in ``folder`` with ``transcripts.json``.
 
     Keeps the first ``n`` of the first ``tries`` held-out clips that the model transcribes exactly
