@@ -20,11 +20,8 @@ by hand and z = pattern @ v: the same numbers up to float rounding (~1e-7).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import math
-import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -77,32 +74,6 @@ class LayerNorm(nn.LayerNorm):
         return y.to(x.dtype)
 
 
-def big_empty(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """An uninitialised tensor like ``like``; a large one on a Linux CPU asks for transparent huge pages.
-
-    A recorded attention pattern is a fresh T x S matrix per layer (216 MB for tiny's encoder at
-    batch 4). The kernel maps it page by page on first write; with 2 MB pages instead of 4 kB it
-    does so about 4x faster, which is most of the cost of recording patterns on a CPU.
-    """
-    x = torch.empty(shape, dtype=like.dtype, device=like.device)
-    if x.device.type == "cpu" and x.numel() * x.element_size() >= 1 << 25 and _LIBC is not None:
-        huge = 1 << 21
-        start, end = (x.data_ptr() + huge - 1) & -huge, (x.data_ptr() + x.numel() * x.element_size()) & -huge
-        if end > start:
-            _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14)  # 14 = MADV_HUGEPAGE
-    return x
-
-
-def _libc():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
 @dataclass
 class KVCache:
     """Static key/value buffers for incremental decoding: one fixed shape for a whole generation.
@@ -142,21 +113,19 @@ class Attention(nn.Module):
     def pattern(self, q: Tensor, k: Tensor, rec: Recorder, mask: Tensor | None, causal: bool) -> Tensor:
         """softmax(q k^T / sqrt(Dh)) written out, recording ``scores`` and ``pattern``: (B, H, T, S).
 
-        Without autograd the T x S matrix is written once, into huge pages, and the softmax runs in
-        place when the scores are not kept; with autograd (attribution through patterns) plain ops run.
+        Without autograd the T x S matrix is written once and the softmax runs in place when the
+        scores are not kept; with autograd (attribution through patterns) plain ops run.
         """
-        B, H, T, S = *q.shape[:3], k.shape[2]
+        T, S = q.shape[2], k.shape[2]
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-        q = q * q.shape[-1] ** -0.5  # (B, H, T, Dh)
-        out = None if grad else big_empty((B, H, T, S), q)
-        scores = torch.matmul(q, k.transpose(-1, -2), out=out)  # (B, H, T, S)
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, T, S)
         if causal:
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()  # (T, S)
         if mask is not None:
             scores.masked_fill_(~mask, float("-inf"))
         scores = rec("scores", scores)  # (B, H, T, S)
         if grad or rec.wants("scores") or scores.dtype != torch.float32:
-            pattern = scores.float().softmax(dim=-1).to(q.dtype)  # (B, H, T, S)
+            pattern = scores.float().softmax(dim=-1).to(scores.dtype)  # (B, H, T, S)
         else:  # the scores are not kept: their memory becomes the pattern (no second T x S buffer)
             pattern = torch.softmax(scores, dim=-1, out=scores)  # (B, H, T, S)
         return rec("pattern", pattern)  # (B, H, T, S)
