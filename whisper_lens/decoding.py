@@ -437,19 +437,10 @@ def check_step_edits(model: Whisper, edits: Edits | None) -> None:
 
 
 def check_mel(model: Whisper, mel: Tensor) -> Tensor:
-    d = model.dims
-    mel = torch.as_tensor(mel)
-    if mel.dim() == 2:
-        mel = mel[None]
-    frames = 2 * d.n_audio_ctx
-    if mel.dim() != 3 or mel.shape[1] != d.n_mels or mel.shape[2] != frames:
-        raise ValueError(
-            f"mel must be [batch, {d.n_mels}, {frames}] for this model, got {list(mel.shape)}; "
-            f"use whisper_lens.pad_or_trim(mel, {frames})"
-        )
+    mel = model.check_mel(mel)  # (B, n_mels, 2 * n_audio_ctx)
     if mel.shape[0] == 0:
         raise ValueError("mel is an empty batch: nothing to decode")
-    return mel.to(model.device, model.dtype)
+    return mel
 
 
 @torch.no_grad()

@@ -407,20 +407,26 @@ class Whisper(nn.Module):
         """Every activation name this model records, in the order a forward computes them."""
         return list(activation_shapes(self.dims))
 
-    def check_inputs(self, mel: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Validate and batch ``mel`` / ``tokens``; move them to the model's device (mel to its dtype)."""
+    def check_mel(self, mel: Tensor) -> Tensor:
+        """Validate and batch a log-mel [B, n_mels, 2 * n_audio_ctx] (or [n_mels, frames]); move it to the model."""
         d = self.dims
-        mel, tokens = torch.as_tensor(mel), torch.as_tensor(tokens)
+        mel = torch.as_tensor(mel)
         if mel.dim() == 2:
             mel = mel[None]
-        if tokens.dim() == 1:
-            tokens = tokens[None]
         frames = 2 * d.n_audio_ctx
         if mel.dim() != 3 or mel.shape[1] != d.n_mels or mel.shape[2] != frames:
             raise ValueError(
-                f"mel must be [batch, {d.n_mels}, {frames}] for this model, got {list(mel.shape)}; "
-                f"use whisper_lens.pad_or_trim(mel, {frames})"
+                f"mel must be [batch, {d.n_mels}, {frames}] for this model, got {list(mel.shape)}; pad the audio "
+                f"to the window first (whisper_lens.audio.load_windows(paths, {d.n_mels}, {frames}))"
             )
+        return mel.to(self.device, self.dtype)
+
+    def check_inputs(self, mel: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Validate and batch ``mel`` / ``tokens``; move them to the model's device (mel to its dtype)."""
+        d = self.dims
+        mel, tokens = self.check_mel(mel), torch.as_tensor(tokens)
+        if tokens.dim() == 1:
+            tokens = tokens[None]
         if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"tokens must be an integer tensor [batch, T], got {tokens.dtype} {list(tokens.shape)}")
         if tokens.shape[0] != mel.shape[0]:
@@ -430,7 +436,7 @@ class Whisper(nn.Module):
         if tokens.device.type != "meta" and (tokens.min() < 0 or tokens.max() >= d.n_vocab):
             bad = tokens[(tokens < 0) | (tokens >= d.n_vocab)][0].item()
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {d.n_vocab})")
-        return mel.to(self.device, self.dtype), tokens.to(self.device, torch.long)
+        return mel, tokens.to(self.device, torch.long)
 
 
 @functools.lru_cache(maxsize=32)
