@@ -203,6 +203,23 @@ def test_edits_during_generate_equal_edits_in_run(small):
     assert [r.tokens for r in edited] != [r.tokens for r in plain]
 
 
+@pytest.mark.parametrize("beam_size", [None, 3])
+def test_audio_features_decode_as_the_mel(small, beam_size):
+    mel = varied_mel(3, seed=28)
+    with torch.no_grad():
+        xa = small.encoder(mel)  # (B, S, D)
+    names = ["decoder.blocks.1.cross_attn.pattern", "logits"]
+    from_mel = small.generate(mel, beam_size=beam_size, max_new_tokens=12, trace=names)
+    from_xa = small.generate(audio_features=xa, beam_size=beam_size, max_new_tokens=12, trace=names)
+    for a, b in zip(from_mel, from_xa, strict=True):
+        assert a.tokens == b.tokens and a.language == b.language
+        assert a.avg_logprob == b.avg_logprob and a.no_speech_prob == b.no_speech_prob
+        for name in names:
+            assert torch.equal(a.trace[name], b.trace[name]), name
+    one = small.generate(audio_features=xa[1], beam_size=beam_size, max_new_tokens=12)  # unbatched (S, D)
+    assert one[0].tokens == from_mel[1].tokens
+
+
 def test_sampling_with_a_seed_is_reproducible(small):
     mel = varied_mel(2, seed=26)
     a = small.generate(mel, temperature=1.0, seed=7, max_new_tokens=10)
@@ -234,6 +251,21 @@ def test_bad_input(small, tmp_path):
         small.generate(mel, beam_size=2, temperature=0.5)
     with pytest.raises(ValueError, match="unknown language"):
         small.generate(mel, language="klingon")
+    xa = torch.zeros(1, SMALL.n_audio_ctx, SMALL.n_audio_state)
+    with pytest.raises(ValueError, match="either mel or audio_features"):
+        small.generate()
+    with pytest.raises(ValueError, match="either mel or audio_features"):
+        small.generate(mel, audio_features=xa)
+    with pytest.raises(ValueError, match="audio_features must be"):
+        small.generate(audio_features=xa[:, :-1])
+    with pytest.raises(ValueError, match="empty batch"):
+        small.generate(audio_features=xa[:0])
+    with pytest.raises(ValueError, match="skip the encoder"):
+        small.generate(audio_features=xa, trace=["encoder.blocks.0.resid_post"])
+    with pytest.raises(ValueError, match="skip the encoder"):
+        small.generate(audio_features=xa, edits=Edits().skip("encoder", 0))
+    with pytest.raises(ValueError, match="skip the encoder"):
+        small.generate(audio_features=xa, edits=Edits().local_window(3))
     bare = load_model(save_model(small, tmp_path / "bare"))
     assert bare.tokenizer is None
     with pytest.raises(ValueError, match="no tokenizer"):

@@ -46,8 +46,9 @@ How this implementation runs
 ----------------------------
 The audio is encoded once and every decoder layer's cross-attention keys/values are computed once
 (``TextDecoder.new_cache``). Self-attention keys/values go into static buffers
-``[layers, batch, heads, n_text_ctx, Dh]``; each step writes its position in place and attends over
-the buffer under a mask, so the step has one fixed shape and takes its position as a tensor
+``[layers, batch, heads, length, Dh]``, ``length`` = prompt + max_new_tokens (the longest sequence
+the call can produce, at most ``n_text_ctx``); each step writes its position in place and attends
+over the buffer under a mask, so the step has one fixed shape and takes its position as a tensor
 (torch.compile and CUDA graphs can capture it). Beams are rows of the batch (``batch * beam_size``
 rows); the logit filters and beam bookkeeping are tensor operations, so the host waits on the
 device only for the "is everything finished?" check. A row (or an audio's group of beams) that has
@@ -443,11 +444,35 @@ def check_mel(model: Whisper, mel: Tensor) -> Tensor:
     return mel
 
 
+def check_audio_features(model: Whisper, xa: Tensor, rec: Recorder) -> Tensor:
+    """Validate encoder output given in place of the mel: [B, n_audio_ctx, n_audio_state] (or unbatched)."""
+    d = model.dims
+    xa = torch.as_tensor(xa)
+    if xa.dim() == 2:
+        xa = xa[None]
+    if xa.dim() != 3 or xa.shape[1:] != (d.n_audio_ctx, d.n_audio_state):
+        raise ValueError(f"audio_features must be [batch, {d.n_audio_ctx}, {d.n_audio_state}] (the encoder's "
+                         f"output) for this model, got {list(xa.shape)}")  # fmt: skip
+    if xa.shape[0] == 0:
+        raise ValueError("audio_features is an empty batch: nothing to decode")
+    e = rec.edits
+    encoder = sorted(
+        n for n in [*rec.keep, *(e.ops if e else ()), *(e.skipped if e else ())] if n.startswith("encoder.")
+    )
+    if e is not None and e.window is not None:
+        encoder.append("encoder local_window")
+    if encoder:
+        raise ValueError(f"{encoder[0]!r} is in the encoder, but audio_features skip the encoder: pass the mel "
+                         "to trace or edit the encoder")  # fmt: skip
+    return xa.to(model.device, model.dtype)
+
+
 @torch.no_grad()
 def generate(
     model: Whisper,
-    mel: Tensor,
+    mel: Tensor | None = None,
     *,
+    audio_features: Tensor | None = None,
     beam_size: int | None = None,
     max_new_tokens: int | None = None,
     language: str | None = None,
@@ -467,6 +492,9 @@ def generate(
     compile: bool = False,
 ) -> list[DecodingResult]:
     """Decode a batch of 30 s log-mel windows ``mel`` [B, n_mels, 2 * n_audio_ctx] (or one [n_mels, frames]).
+
+    audio_features: instead of ``mel``, the encoder's output [B, n_audio_ctx, n_audio_state] (as
+        openai-whisper's decode accepts): decoding starts from it and the encoder does not run.
 
     beam_size: None for greedy (or sampling when temperature > 0), else beam search with that many beams.
     max_new_tokens: the most tokens to sample (default 224 = half the official 448-token context, as
@@ -496,11 +524,18 @@ def generate(
     plan = make_plan(model, max_new_tokens=max_new_tokens, language=language, task=task, timestamps=timestamps,
                      prompt=prompt, prefix=prefix, suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
                      max_initial_timestamp=max_initial_timestamp)  # fmt: skip
-    mel = check_mel(model, mel)
+    if (mel is None) == (audio_features is None):
+        raise ValueError("give either mel or audio_features (the encoder's output), not both or neither")
     rec = model.recorder(trace, edits)
     check_step_edits(model, edits)
     tok, dev = model.tokenizer, model.device
-    G, T0 = mel.shape[0], len(plan.initial)
+    # 1. the audio, once: encoder output and every layer's cross-attention keys/values
+    if audio_features is None:
+        xa = model.encoder(check_mel(model, mel), rec.child("encoder"))  # (G, S, D)
+    else:
+        xa = check_audio_features(model, audio_features, rec)  # (G, S, D)
+    G, T0 = xa.shape[0], len(plan.initial)
+    cache = model.decoder.new_cache(xa, rec.child("decoder"), length=T0 + plan.max_new)  # self k/v (L, G, H, T, Dh)
     K = beam_size or 1
     N = G * K
     capacity = round(K * (patience or 1.0)) if beam_size is not None else 0
@@ -510,10 +545,6 @@ def generate(
 
     def step_recorder() -> Recorder:
         return Recorder(rec.keep, edits, Trace()) if rec.active else IDLE
-
-    # 1. the audio, once: encoder output and every layer's cross-attention keys/values
-    xa = model.encoder(mel, rec.child("encoder"))  # (G, S, D)
-    cache = model.decoder.new_cache(xa, rec.child("decoder"))  # self k/v (L, G, H, n_ctx, Dh)
 
     # MKL's product of one row with a transposed (V, D) matrix is slow; a (D, V) copy reads the same bytes faster
     unembed = model.decoder.token_embedding.weight.T.contiguous() if dev.type == "cpu" else None  # (D, V)

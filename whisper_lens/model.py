@@ -82,8 +82,8 @@ class KVCache:
     step (``index_copy_``); the cross-attention keys/values of the audio are computed once.
     """
 
-    k: Tensor  # (L, B, H, n_text_ctx, Dh)
-    v: Tensor  # (L, B, H, n_text_ctx, Dh)
+    k: Tensor  # (L, B, H, length, Dh), length <= n_text_ctx
+    v: Tensor  # (L, B, H, length, Dh)
     cross_k: Tensor  # (L, B, H, S, Dh)
     cross_v: Tensor  # (L, B, H, S, Dh)
 
@@ -249,12 +249,19 @@ class TextDecoder(nn.Module):
         kvs = [blk.cross_attn.kv(xa, rec.child(f"blocks.{i}.cross_attn")) for i, blk in enumerate(self.blocks)]
         return torch.stack([k for k, _ in kvs]), torch.stack([v for _, v in kvs])  # (L, B, H, S, Dh)
 
-    def new_cache(self, xa: Tensor, rec: Recorder = IDLE) -> KVCache:
-        """Empty self-attention buffers for ``xa``'s batch, and the audio's cross-attention keys/values."""
+    def new_cache(self, xa: Tensor, rec: Recorder = IDLE, length: int | None = None) -> KVCache:
+        """Empty self-attention buffers for ``xa``'s batch, and the audio's cross-attention keys/values.
+
+        ``length``: the longest token sequence the buffers will hold (default ``n_text_ctx``); a
+        generation that knows its limit attends over (and allocates) only that many positions.
+        """
+        n_ctx = self.positional_embedding.shape[0]
+        if length is not None and not 0 < length <= n_ctx:
+            raise ValueError(f"cache length must be between 1 and n_text_ctx={n_ctx}, got {length}")
         cross_k, cross_v = self.cross_kv(xa, rec)  # (L, B, H, S, Dh)
         L, B, H, _, Dh = cross_k.shape
-        shape = (L, B, H, self.positional_embedding.shape[0], Dh)
-        k = torch.zeros(shape, dtype=cross_k.dtype, device=xa.device)  # (L, B, H, n_ctx, Dh)
+        shape = (L, B, H, length or n_ctx, Dh)
+        k = torch.zeros(shape, dtype=cross_k.dtype, device=xa.device)  # (L, B, H, length, Dh)
         return KVCache(k, torch.zeros_like(k), cross_k, cross_v)
 
     def forward(
@@ -374,8 +381,9 @@ class Whisper(nn.Module):
 
     def generate(
         self,
-        mel: Tensor,
+        mel: Tensor | None = None,
         *,
+        audio_features: Tensor | None = None,
         beam_size: int | None = None,
         max_new_tokens: int | None = None,
         language: str | None = None,
@@ -394,13 +402,16 @@ class Whisper(nn.Module):
         max_initial_timestamp: float | None = 1.0,
         compile: bool = False,
     ) -> list:
-        """Decode the batch ``mel``: greedy, sampling or beam search (see ``whisper_lens.decoding.generate``)."""
+        """Decode the batch ``mel`` (or the encoder output ``audio_features``): greedy, sampling or beam search.
+
+        See ``whisper_lens.decoding.generate`` for every argument.
+        """
         from .decoding import generate
 
-        return generate(self, mel, beam_size=beam_size, max_new_tokens=max_new_tokens, language=language,
-                        task=task, timestamps=timestamps, trace=trace, edits=edits, patience=patience,
-                        length_penalty=length_penalty, temperature=temperature, seed=seed, prompt=prompt,
-                        prefix=prefix, suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
+        return generate(self, mel, audio_features=audio_features, beam_size=beam_size, max_new_tokens=max_new_tokens,
+                        language=language, task=task, timestamps=timestamps, trace=trace, edits=edits,
+                        patience=patience, length_penalty=length_penalty, temperature=temperature, seed=seed,
+                        prompt=prompt, prefix=prefix, suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
                         max_initial_timestamp=max_initial_timestamp, compile=compile)  # fmt: skip
 
     def names(self) -> list[str]:
