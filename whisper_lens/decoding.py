@@ -440,10 +440,11 @@ def check_step_edits(model: Whisper, edits: Edits | None) -> None:
 def step_unembedding(weight: Tensor) -> Callable[[Tensor], Tensor] | None:
     """The logits x @ W^T of a decoding step's few rows, laid out as the CPU's BLAS runs them fastest.
 
-    ``weight`` is the tied embedding W (V, D). On CPU (MKL, fp32; benchmarks/bench_decode.py) one
-    row runs ~2.5x faster against a contiguous (D, V) copy of W, and 2 to 8 rows ~2.5-4x faster as
-    (W @ x^T)^T than as x @ W^T; from about 16 rows on the plain product is as fast. Same numbers up
-    to float rounding. Elsewhere (CUDA) None: the decoder's plain product.
+    ``weight`` is the tied embedding W (V, D). On CPU (MKL, fp32) one row runs fastest against a
+    contiguous (D, V) copy of W, and 2 to 8 rows several times faster as (W @ x^T)^T than as
+    x @ W^T (tiny's batch-8 loop in benchmarks/bench_decode.py: 241 -> 320 tokens/s); from about 16
+    rows on the plain product is as fast. Same numbers up to float rounding. Elsewhere (CUDA) None:
+    the decoder's plain product.
     """
     if weight.device.type != "cpu":
         return None

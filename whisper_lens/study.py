@@ -347,7 +347,8 @@ def demo(
 
             bar.set_postfix_str("attention")
             enc_rows = [r for r in summary if r["stack"] == "encoder" and r["removed"] > 0]
-            worst = max(enc_rows, key=lambda r: (r["max_repeats"], r["compression_ratio"], r["wer"]))
+            changed = [r for r in enc_rows if r["wer"] > 0] or enc_rows[-1:]  # settings that change the transcripts
+            worst = max(changed, key=lambda r: (r["max_repeats"], r["compression_ratio"], r["wer"]))
             k = int(worst["removed"])
             L = model.dims.n_audio_layer
             normal = attention_study(model, mels[0], seconds[0], tmp, name="normal")
@@ -359,7 +360,8 @@ def demo(
             md += [
                 "## 4. Attention, normal vs broken",
                 "",
-                f"The broken run removes the last {k} encoder blocks (the setting with the most repetition). "
+                f"The broken run removes the last {k} encoder blocks (of the settings that change the "
+                "transcripts, the one with the most repetition). "
                 "Cross-attention of the last decoder block, mean over heads, over the spectrogram:",
                 "",
                 "![normal](normal_cross_over_mel.png)",
