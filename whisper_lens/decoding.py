@@ -437,28 +437,22 @@ def check_step_edits(model: Whisper, edits: Edits | None) -> None:
 # ----------------------------------------------------------------------------- generate
 
 
-def step_unembedding(weight: Tensor) -> Callable[[Tensor], Tensor] | None:
-    """The logits x @ W^T of a decoding step's few rows, laid out as the CPU's BLAS runs them fastest.
+def step_unembedding(weight: Tensor, rows: int) -> Callable[[Tensor], Tensor] | None:
+    """The logits x @ W^T of a decoding step of ``rows`` rows, laid out as the CPU's BLAS runs them fastest.
 
     ``weight`` is the tied embedding W (V, D). On CPU (MKL, fp32) one row runs fastest against a
     contiguous (D, V) copy of W, and 2 to 8 rows several times faster as (W @ x^T)^T than as
     x @ W^T (tiny's batch-8 loop in benchmarks/bench_decode.py: 241 -> 320 tokens/s); from about 16
-    rows on the plain product is as fast. Same numbers up to float rounding. Elsewhere (CUDA) None:
-    the decoder's plain product.
+    rows on the plain product is as fast. Same numbers up to float rounding. None (the decoder's
+    plain product) for more rows or off the CPU; the copy of W is made only for one row.
     """
-    if weight.device.type != "cpu":
+    if weight.device.type != "cpu" or rows > 8:
         return None
-    w_t = weight.T.contiguous()  # (D, V): a copy, 4 * V * D bytes
-
-    def unembed(x: Tensor) -> Tensor:  # (N, t, D) -> (N, t, V)
-        N, t, D = x.shape
-        if N * t == 1:
-            return (x @ w_t).float()  # (1, 1, V)
-        if N * t <= 8:
-            return (weight @ x.reshape(N * t, D).T).T.contiguous().view(N, t, -1).float()  # (V, N t) -> (N, t, V)
-        return (x @ weight.T).float()  # (N, t, V)
-
-    return unembed
+    if rows == 1:
+        w_t = weight.T.contiguous()  # (D, V): a copy, 4 * V * D bytes
+        return lambda x: (x @ w_t).float()  # (1, t, D) -> (1, t, V)
+    # (V, D) @ (D, N t) -> (V, N t), back to (N, t, V)
+    return lambda x: (weight @ x.flatten(0, 1).T).T.contiguous().view(*x.shape[:-1], -1).float()
 
 
 def check_mel(model: Whisper, mel: Tensor) -> Tensor:
@@ -570,7 +564,7 @@ def generate(
     def step_recorder() -> Recorder:
         return Recorder(rec.keep, edits, Trace()) if rec.active else IDLE
 
-    unembed = step_unembedding(model.decoder.token_embedding.weight)
+    unembed = step_unembedding(model.decoder.token_embedding.weight, rows=N)
 
     def forward(tokens: Tensor, pos: Tensor, r: Recorder, c: KVCache) -> Tensor:
         return r("logits", model.decoder(tokens, r.child("decoder"), cache=c, pos=pos, unembed=unembed))  # (N, t, V)
