@@ -50,3 +50,44 @@ def test_forward_equals_run_logits(small_model):
     mel, tokens = random_mel(SMALL), random_tokens(SMALL)
     with torch.no_grad():
         assert torch.equal(small_model(mel, tokens), small_model.run(mel, tokens).logits)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("out_features", [384, 51865])  # splits into thread blocks / odd (a vocabulary)
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (2, 1), (8, 1), (5, 3), (64,), (65,), (3, 40)])
+def test_linear_equals_f_linear(lead, out_features, threads):
+    """Every layout ``model.linear`` picks (one row split or padded, (W @ x^T)^T, plain) is x @ W^T + b."""
+    from whisper_lens.model import linear
+
+    g = torch.Generator().manual_seed(out_features + len(lead))
+    x = torch.randn(*lead, 96, generator=g)
+    w = torch.randn(out_features, 96, generator=g) / 10
+    b = torch.randn(out_features, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bias in (b, None):
+            got = linear(x, w, bias)
+            want = (x.double() @ w.double().T + (0 if bias is None else bias.double())).float()
+            assert got.shape == (*lead, out_features) and got.is_contiguous()
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_linear_gradients_and_other_dtypes():
+    """Autograd flows through the few-row layouts; fp64 (not the fp32 fast path) is exactly F.linear."""
+    from whisper_lens.model import linear
+
+    x = torch.randn(1, 1, 32, requires_grad=True)
+    w = torch.randn(64, 32, requires_grad=True)
+    b = torch.randn(64, requires_grad=True)
+    linear(x, w, b).square().sum().backward()
+    grads = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    torch.nn.functional.linear(x, w, b).square().sum().backward()
+    for got, t in zip(grads, (x, w, b), strict=True):
+        torch.testing.assert_close(got, t.grad, atol=1e-5, rtol=1e-5)
+    x64, w64 = x.detach().double(), w.detach().double()
+    assert torch.equal(linear(x64, w64), torch.nn.functional.linear(x64, w64))

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -437,24 +437,6 @@ def check_step_edits(model: Whisper, edits: Edits | None) -> None:
 # ----------------------------------------------------------------------------- generate
 
 
-def step_unembedding(weight: Tensor, rows: int) -> Callable[[Tensor], Tensor] | None:
-    """The logits x @ W^T of a decoding step of ``rows`` rows, laid out as the CPU's BLAS runs them fastest.
-
-    ``weight`` is the tied embedding W (V, D). On CPU (MKL, fp32) one row runs fastest against a
-    contiguous (D, V) copy of W, and 2 to 8 rows several times faster as (W @ x^T)^T than as
-    x @ W^T (tiny's batch-8 loop in benchmarks/bench_decode.py: 241 -> 320 tokens/s); from about 16
-    rows on the plain product is as fast. Same numbers up to float rounding. None (the decoder's
-    plain product) for more rows or off the CPU; the copy of W is made only for one row.
-    """
-    if weight.device.type != "cpu" or rows > 8:
-        return None
-    if rows == 1:
-        w_t = weight.T.contiguous()  # (D, V): a copy, 4 * V * D bytes
-        return lambda x: (x @ w_t).float()  # (1, t, D) -> (1, t, V)
-    # (V, D) @ (D, N t) -> (V, N t), back to (N, t, V)
-    return lambda x: (weight @ x.flatten(0, 1).T).T.contiguous().view(*x.shape[:-1], -1).float()
-
-
 def check_mel(model: Whisper, mel: Tensor) -> Tensor:
     mel = model.check_mel(mel)  # (B, n_mels, 2 * n_audio_ctx)
     if mel.shape[0] == 0:
@@ -564,10 +546,8 @@ def generate(
     def step_recorder() -> Recorder:
         return Recorder(rec.keep, edits, Trace()) if rec.active else IDLE
 
-    unembed = step_unembedding(model.decoder.token_embedding.weight, rows=N)
-
     def forward(tokens: Tensor, pos: Tensor, r: Recorder, c: KVCache) -> Tensor:
-        return r("logits", model.decoder(tokens, r.child("decoder"), cache=c, pos=pos, unembed=unembed))  # (N, t, V)
+        return r("logits", model.decoder(tokens, r.child("decoder"), cache=c, pos=pos))  # (N, t, V)
 
     # 2. language identification: the distribution at sot (alone, at position 0) over language tokens
     initial = torch.tensor(plan.initial, device=dev).repeat(G, 1)  # (G, T0)
@@ -600,7 +580,7 @@ def generate(
     check_every = 1 if dev.type == "cpu" else CUDA_CHECK_EVERY
 
     def plain_step(tokens: Tensor, pos: Tensor) -> Tensor:
-        return model.decoder(tokens, IDLE, cache=cache, pos=pos, unembed=unembed)  # (N, 1, V)
+        return model.decoder(tokens, IDLE, cache=cache, pos=pos)  # (N, 1, V)
 
     fast_step = torch.compile(plain_step, dynamic=False) if compile and not rec.active else plain_step
 
@@ -608,7 +588,8 @@ def generate(
     n_sel = 0
     for i in range(plan.max_new):
         cur = T0 + i
-        filtered = filter_logits(last.to(torch.float32, copy=True), s.tokens, cur, plan, tok, vocab)  # (N, V)
+        # the filters write in place: into a copy when the step's logits are kept in a trace
+        filtered = filter_logits(last.to(torch.float32, copy=tracing), s.tokens, cur, plan, tok, vocab)  # (N, V)
         if beam_size is None:
             src = select_greedy(s, filtered, i, cur, tok.eot, temperature, gen)
         else:
