@@ -151,7 +151,10 @@ def main() -> None:
         for name in names:
             ref, ours, hf = models(name, Path(tmp))
             weight_bytes = step_weight_bytes(ours)
-            print(f"{name}: {weight_bytes / 2**20:.0f} MiB of weights read per step")
+            d = ours.dims
+            cross_bytes = 2 * d.n_text_layer * d.n_audio_ctx * d.n_text_state * 4  # fp32 keys and values, per clip
+            print(f"{name}: {weight_bytes / 2**20:.0f} MiB of weights read per step, plus "
+                  f"{cross_bytes / 2**20:.1f} MiB of cross-attention keys/values per clip")  # fmt: skip
             for batch in (1, 8):
                 for loop in (True, False):
                     tps = measure(ref, ours, hf, batch, repeats, loop)

@@ -78,12 +78,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ W^T + b for x (..., in) and W (out, in), as ``F.linear``; laid out for the CPU when x has few rows.
 
     A decoding step multiplies 1 to 64 rows by every weight, and its cost is reading W from
-    memory. Written x @ W^T, MKL runs such a product on one core; written (W @ x^T)^T, the same
-    product runs on all threads, several times faster. One row is a matrix-vector product that
-    MKL keeps on one core whatever the layout, so W is viewed (no copy) as n blocks of output
-    features, a batch of n products for n threads; where ``out`` does not split (the vocabulary
-    is odd) the row is padded with a zero row instead. Same numbers up to float rounding. Other
-    inputs (more rows, not fp32, not on the CPU) take ``F.linear``.
+    memory. Written x @ W^T, MKL reads W for so few rows far below the memory bandwidth; written
+    (W @ x^T)^T, the same product runs up to several times faster. One row is a matrix-vector
+    product that MKL keeps on one core whatever the layout, so W is viewed (no copy) as n blocks
+    of output features, a batch of n products for n threads; where ``out`` does not split (the
+    vocabulary is odd) the row is padded with a zero row instead. Same numbers up to float
+    rounding. Other inputs (more rows, not fp32, not on the CPU) take ``F.linear``.
     """
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
