@@ -15,7 +15,9 @@ state-dict keys, so an OpenAI checkpoint loads as is.
 
 Attention runs the fused ``scaled_dot_product_attention`` unless a layer's ``scores`` or
 ``pattern`` is asked for (recorded or edited); then that layer computes softmax(q k^T / sqrt(Dh))
-by hand and z = pattern @ v: the same numbers up to float rounding (~1e-7).
+by hand and z = pattern @ v: the same numbers up to float rounding (~1e-7). Every projection
+(``Linear``) and the unembedding go through ``linear``: ``F.linear``, except that the few-row
+products of a decoding step on CPU are laid out so that MKL reads the weights on all threads.
 """
 
 from __future__ import annotations
