@@ -570,7 +570,7 @@ def generate(
     last = logits[:, -1]  # (G, V)
     steps = [r0.trace] if tracing else []
     if K > 1:  # every beam starts as the clip's prompt
-        cache = KVCache(*(x.repeat_interleave(K, dim=1) for x in (cache.k, cache.v, cache.cross_k, cache.cross_v)))
+        cache = KVCache(*(x.repeat_interleave(K, dim=1) for x in (cache.k, cache.vt, cache.cross_k, cache.cross_vt)))
         last = last.repeat_interleave(K, dim=0)  # (N, V)
 
     s = new_search(N, G, model.dims.n_text_ctx, plan, beam_size, capacity, dev)
@@ -595,7 +595,7 @@ def generate(
         else:
             src = select_beams(s, filtered, i, cur, tok.eot, beam_size, capacity)
             cache.k[:, :, :, :cur] = cache.k[:, :, :, :cur].index_select(1, src)  # the beams' histories follow them
-            cache.v[:, :, :, :cur] = cache.v[:, :, :, :cur].index_select(1, src)
+            cache.vt[..., :cur] = cache.vt[..., :cur].index_select(1, src)
         n_sel = i + 1
         finished = (i + 1) % check_every == 0 and bool(s.done.all())
         if (finished or n_sel == plan.max_new) and not tracing:

@@ -15,7 +15,8 @@ state-dict keys, so an OpenAI checkpoint loads as is.
 
 Attention runs the fused ``scaled_dot_product_attention`` unless a layer's ``scores`` or
 ``pattern`` is asked for (recorded or edited); then that layer computes softmax(q k^T / sqrt(Dh))
-by hand and z = pattern @ v: the same numbers up to float rounding (~1e-7). Every projection
+by hand and z = pattern @ v: the same numbers up to float rounding (~1e-7). A decoding step,
+whose cache keeps the values transposed, runs ``attend_cached`` instead (same numbers again). Every projection
 (``Linear``) and the unembedding go through ``linear``: ``F.linear``, except that the few-row
 products of a decoding step on CPU are laid out so that MKL reads the weights on all threads.
 """
@@ -119,12 +120,31 @@ class KVCache:
 
     Self-attention keys/values of every decoder layer are written at the positions of each
     step (``index_copy_``); the cross-attention keys/values of the audio are computed once.
+    Values are stored transposed, (Dh, positions) per head: a step reads its few queries'
+    attention as K q^T and V^T p^T (``attend_cached``), and both products then read their big
+    operand row by row, in storage order. ``vt[i].mT`` is layer i's values as (B, H, length, Dh).
     """
 
     k: Tensor  # (L, B, H, length, Dh), length <= n_text_ctx
-    v: Tensor  # (L, B, H, length, Dh)
+    vt: Tensor  # (L, B, H, Dh, length)
     cross_k: Tensor  # (L, B, H, S, Dh)
-    cross_v: Tensor  # (L, B, H, S, Dh)
+    cross_vt: Tensor  # (L, B, H, Dh, S)
+
+
+def attend_cached(q: Tensor, k: Tensor, vt: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(Dh)) v for a decoding step: a few queries q (B, H, T, Dh) over cached
+    keys k (B, H, S, Dh) and values stored transposed, vt (B, H, Dh, S); (B, H, T, Dh).
+
+    Written as k q^T and vt p^T, each product streams its big operand (S rows of k, Dh rows of
+    vt) in storage order. For one query on the CPU this is memory-bound and runs near the copy
+    bandwidth, where the fused kernel reads k and v at about half of it; at batch 8 a step's
+    cross-attention, which reads every layer's audio keys/values, is its largest cost.
+    """
+    scores = (k @ (q * q.shape[-1] ** -0.5).mT).mT  # (B, H, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # (B, H, T, S)
+    p = scores.float().softmax(dim=-1).to(scores.dtype)  # (B, H, T, S)
+    return (vt @ p.mT).mT  # (B, H, T, Dh)
 
 
 class Attention(nn.Module):
@@ -175,11 +195,14 @@ class Attention(nn.Module):
         """Queries from ``x`` (B, T, D) attend over ``k``, ``v`` (B, H, S, Dh).
 
         ``mask`` (T, S) bool is True where a query may look; ``causal`` is the square lower triangle.
+        ``v`` may be the transposed view ``vt.mT`` of the decoding cache's values (``KVCache``).
         """
         B, T, D = x.shape
         q = rec("q", self.heads(self.query(x)))  # (B, H, T, Dh)
         if rec.wants("scores") or rec.wants("pattern"):  # asked for: the attention written out by hand
             z = self.pattern(q, k, rec, mask, causal) @ v  # (B, H, T, Dh)
+        elif v.stride(-2) == 1 and not causal:  # values stored (Dh, S): a decoding step over the cache
+            z = attend_cached(q, k, v.mT, mask)  # (B, H, T, Dh)
         else:  # the fused kernel: same numbers up to rounding, no T x S matrix in memory
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, Dh)
         z = rec("z", z.transpose(1, 2))  # (B, T, H, Dh)
@@ -212,16 +235,16 @@ class ResidualBlock(nn.Module):
         """One block on the residual stream ``x`` (B, T, D).
 
         ``cross_kv``: the audio's keys/values for cross-attention (decoder). ``cache_kv`` and
-        ``pos``: this layer's static self-attention buffers (B, H, n_ctx, Dh) and the positions
-        (T,) of ``x`` in them; the new keys/values are written there and the queries attend
-        over the whole buffer under ``mask``.
+        ``pos``: this layer's static self-attention buffers, keys (B, H, n_ctx, Dh) and values
+        transposed (B, H, Dh, n_ctx), and the positions (T,) of ``x`` in them; the new keys/values
+        are written there and the queries attend over the whole buffer under ``mask``.
         """
         h = self.attn_ln(x)  # (B, T, D)
         k, v = self.attn.kv(h, rec.child("attn"))  # (B, H, T, Dh)
         if cache_kv is not None:
             cache_kv[0].index_copy_(2, pos, k)  # (B, H, n_ctx, Dh)
-            cache_kv[1].index_copy_(2, pos, v)
-            k, v = cache_kv
+            cache_kv[1].index_copy_(3, pos, v.mT)  # (B, H, Dh, n_ctx)
+            k, v = cache_kv[0], cache_kv[1].mT  # (B, H, n_ctx, Dh)
         attn_out = rec("attn_out", self.attn(h, k, v, rec.child("attn"), mask=mask, causal=causal))  # (B, T, D)
         x = rec("resid_mid", x + attn_out)  # (B, T, D)
 
@@ -283,11 +306,6 @@ class TextDecoder(nn.Module):
         self.blocks = nn.ModuleList([ResidualBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)])
         self.ln = LayerNorm(n_state)
 
-    def cross_kv(self, xa: Tensor, rec: Recorder = IDLE) -> tuple[Tensor, Tensor]:
-        """Every layer's cross-attention keys and values of the audio ``xa`` (B, S, D): (L, B, H, S, Dh) each."""
-        kvs = [blk.cross_attn.kv(xa, rec.child(f"blocks.{i}.cross_attn")) for i, blk in enumerate(self.blocks)]
-        return torch.stack([k for k, _ in kvs]), torch.stack([v for _, v in kvs])  # (L, B, H, S, Dh)
-
     def new_cache(self, xa: Tensor, rec: Recorder = IDLE, length: int | None = None) -> KVCache:
         """Empty self-attention buffers for ``xa``'s batch, and the audio's cross-attention keys/values.
 
@@ -297,11 +315,16 @@ class TextDecoder(nn.Module):
         n_ctx = self.positional_embedding.shape[0]
         if length is not None and not 0 < length <= n_ctx:
             raise ValueError(f"cache length must be between 1 and n_text_ctx={n_ctx}, got {length}")
-        cross_k, cross_v = self.cross_kv(xa, rec)  # (L, B, H, S, Dh)
-        L, B, H, _, Dh = cross_k.shape
-        shape = (L, B, H, length or n_ctx, Dh)
-        k = torch.zeros(shape, dtype=cross_k.dtype, device=xa.device)  # (L, B, H, length, Dh)
-        return KVCache(k, torch.zeros_like(k), cross_k, cross_v)
+        (B, S, D), L, H = xa.shape, len(self.blocks), self.blocks[0].cross_attn.n_head
+        dtype, length = self.token_embedding.weight.dtype, length or n_ctx
+        cross_k = xa.new_empty(L, B, H, S, D // H, dtype=dtype)  # (L, B, H, S, Dh)
+        cross_vt = xa.new_empty(L, B, H, D // H, S, dtype=dtype)  # (L, B, H, Dh, S)
+        for i, block in enumerate(self.blocks):  # the audio's keys/values, once
+            k, v = block.cross_attn.kv(xa, rec.child(f"blocks.{i}.cross_attn"))  # (B, H, S, Dh)
+            cross_k[i], cross_vt[i] = k, v.mT
+        k = xa.new_zeros(L, B, H, length, D // H, dtype=dtype)  # (L, B, H, length, Dh)
+        vt = xa.new_zeros(L, B, H, D // H, length, dtype=dtype)  # (L, B, H, Dh, length)
+        return KVCache(k, vt, cross_k, cross_vt)
 
     def forward(
         self,
@@ -333,7 +356,7 @@ class TextDecoder(nn.Module):
             if cache is None:  # teacher-forced: keys/values of the audio, and a causal square
                 cross_kv, cache_kv = block.cross_attn.kv(xa, brec.child("cross_attn")), None  # (B, H, S, Dh)
             else:  # one step: cached audio keys/values, this layer's static buffers
-                cross_kv, cache_kv = (cache.cross_k[i], cache.cross_v[i]), (cache.k[i], cache.v[i])
+                cross_kv, cache_kv = (cache.cross_k[i], cache.cross_vt[i].mT), (cache.k[i], cache.vt[i])
             x = block(x, brec, mask=mask, causal=cache is None, cross_kv=cross_kv, cache_kv=cache_kv, pos=pos)
         x = rec("ln", self.ln(x))  # (B, T, D)
         return linear(x, self.token_embedding.weight.to(x.dtype)).float()  # (B, T, V): the tied unembedding
