@@ -220,6 +220,37 @@ def test_audio_features_decode_as_the_mel(small, beam_size):
     assert one[0].tokens == from_mel[1].tokens
 
 
+def test_weights_edited_between_calls_are_used(small):
+    """The packed copies of the weights (``packed_weights``) are made per call: an edit through ``.data``
+    (which no version counter sees) changes the next generate exactly as it changes ``run``."""
+    from whisper_lens.model import Linear
+
+    mel = varied_mel(2, seed=30)
+    before = small.generate(mel, max_new_tokens=8, trace=["logits"])
+    weight = small.decoder.blocks[1].mlp[0].weight
+    saved = weight.detach().clone()
+    try:
+        weight.data.mul_(4)
+        after = small.generate(mel, max_new_tokens=8, trace=["logits"])
+        for i, r in enumerate(after):
+            tokens = torch.tensor(initial_tokens(small, r, False) + r.tokens)
+            with torch.no_grad():
+                run = small.run(mel[i], tokens)
+            torch.testing.assert_close(r.trace["logits"], run.logits, atol=1e-5, rtol=0)
+            n = min(r.trace["logits"].shape[1], before[i].trace["logits"].shape[1])
+            assert (r.trace["logits"][:, :n] - before[i].trace["logits"][:, :n]).abs().max() > 0.1
+    finally:
+        weight.data.copy_(saved)
+    assert all(m.packed is None for m in small.modules() if isinstance(m, Linear))
+
+
+def test_compiled_step_gives_the_same_tokens(small):
+    mel = varied_mel(2, seed=31)
+    plain = small.generate(mel, max_new_tokens=6)
+    compiled = small.generate(mel, max_new_tokens=6, compile=True)
+    assert [r.tokens for r in compiled] == [r.tokens for r in plain]
+
+
 def test_sampling_with_a_seed_is_reproducible(small):
     mel = varied_mel(2, seed=26)
     a = small.generate(mel, temperature=1.0, seed=7, max_new_tokens=10)

@@ -75,6 +75,52 @@ def test_linear_equals_f_linear(lead, out_features, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 8, 40, 64, 65])
+def test_packed_weights_compute_the_same_products(rows):
+    """Inside ``packed_weights`` (oneDNN's blocked copies, used for 2-64 rows) every projection and the
+    unembedding is still x @ W^T + b; on exit nothing stays packed; other row counts or fp64 pack nothing."""
+    from whisper_lens.model import Linear, TextDecoder, linear, packed_weights
+
+    torch.manual_seed(rows)
+    dec = TextDecoder(n_vocab=1001, n_ctx=16, n_state=64, n_head=2, n_layer=2)
+    linears = [m for m in dec.modules() if isinstance(m, Linear)]
+    with torch.no_grad(), packed_weights(dec, rows):
+        assert all(m.packed is not None for m in linears) == (1 < rows <= 64)
+        assert (dec.packed_unembedding is not None) == (1 < rows <= 64)
+        for m in [*linears, None]:
+            w = dec.token_embedding.weight if m is None else m.weight
+            b = None if m is None else m.bias
+            x = torch.randn(rows, w.shape[1])
+            got = linear(x, w, packed=dec.packed_unembedding) if m is None else m(x)
+            want = (x.double() @ w.double().T + (0 if b is None else b.double())).float()
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert all(m.packed is None for m in linears) and dec.packed_unembedding is None
+    with packed_weights(dec.double(), 8):
+        assert all(m.packed is None for m in linears) and dec.packed_unembedding is None
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_attention_over_transposed_values_equals_the_fused_kernel(T):
+    """A decoding step's attention (``attend_cached``, values stored (Dh, S)) is SDPA's on the plain layout."""
+    import torch.nn.functional as F
+
+    from whisper_lens.model import Attention, attend_cached
+    from whisper_lens.trace import IDLE
+
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(3, 4, n, 16, generator=g) for n in (T, 50, 50))
+    mask = torch.arange(50)[None, :] <= torch.arange(40, 40 + T)[:, None]  # (T, S), as a step's
+    vt = v.mT.contiguous()  # (B, H, Dh, S): the cache's storage
+    for m in (None, mask):
+        torch.testing.assert_close(attend_cached(q, k, vt, m), F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+                                   atol=1e-6, rtol=1e-5)  # fmt: skip
+    attn = Attention(64, 4).eval()
+    x = torch.randn(3, T, 64, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, k, vt.mT, IDLE, mask=mask), attn(x, k, v, IDLE, mask=mask),
+                                   atol=1e-6, rtol=1e-5)  # fmt: skip
+
+
 def test_linear_gradients_and_other_dtypes():
     """Autograd flows through the few-row layouts; fp64 (not the fp32 fast path) is exactly F.linear."""
     from whisper_lens.model import linear

@@ -62,6 +62,7 @@ final sequence run teacher-forced.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from collections.abc import Iterable, Sequence
@@ -72,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import IDLE, KVCache, Whisper
+from .model import IDLE, KVCache, Whisper, packed_weights
 from .trace import Edits, Recorder, Trace, TraceRequest
 
 CHUNK_SECONDS = 30.0  # the audio window the encoder sees; timestamps step by CHUNK_SECONDS / n_audio_ctx
@@ -549,67 +550,71 @@ def generate(
     def forward(tokens: Tensor, pos: Tensor, r: Recorder, c: KVCache) -> Tensor:
         return r("logits", model.decoder(tokens, r.child("decoder"), cache=c, pos=pos))  # (N, t, V)
 
-    # 2. language identification: the distribution at sot (alone, at position 0) over language tokens
-    initial = torch.tensor(plan.initial, device=dev).repeat(G, 1)  # (G, T0)
-    languages, language_probs = [plan.language] * G, None
-    if plan.detect_language:
-        er = Recorder(frozenset(), edits, None) if edits else IDLE
-        logits = forward(torch.full((G, 1), tok.sot, device=dev), torch.zeros(1, dtype=torch.long, device=dev), er,
-                         cache)[:, 0]  # fmt: skip
-        lang_ids = torch.tensor(tok.all_language_tokens, device=dev)
-        probs = logits[:, lang_ids].float().softmax(dim=-1)  # (G, n_languages)
-        initial[:, plan.sot_index + 1] = lang_ids[probs.argmax(dim=-1)]
-        host = probs.cpu().tolist()
-        language_probs = [dict(zip(tok.all_language_codes, p, strict=True)) for p in host]
-        languages = [tok.all_language_codes[int(np.argmax(p))] for p in host]
+    # oneDNN copies of the weights for N-row steps on the CPU, dropped after (torch.compile traces the plain ones)
+    with packed_weights(model.decoder, N) if not compile else contextlib.nullcontext():
+        # 2. language identification: the distribution at sot (alone, at position 0) over language tokens
+        initial = torch.tensor(plan.initial, device=dev).repeat(G, 1)  # (G, T0)
+        languages, language_probs = [plan.language] * G, None
+        if plan.detect_language:
+            er = Recorder(frozenset(), edits, None) if edits else IDLE
+            logits = forward(torch.full((G, 1), tok.sot, device=dev), torch.zeros(1, dtype=torch.long, device=dev), er,
+                             cache)[:, 0]  # fmt: skip
+            lang_ids = torch.tensor(tok.all_language_tokens, device=dev)
+            probs = logits[:, lang_ids].float().softmax(dim=-1)  # (G, n_languages)
+            initial[:, plan.sot_index + 1] = lang_ids[probs.argmax(dim=-1)]
+            host = probs.cpu().tolist()
+            language_probs = [dict(zip(tok.all_language_codes, p, strict=True)) for p in host]
+            languages = [tok.all_language_codes[int(np.argmax(p))] for p in host]
 
-    # 3. the prompt in one pass; no_speech_prob is read at sot
-    r0 = step_recorder()
-    logits = forward(initial, torch.arange(T0, device=dev), r0, cache)  # (G, T0, V)
-    no_speech = logits[:, plan.sot_index].float().softmax(dim=-1)[:, tok.no_speech].tolist()
-    last = logits[:, -1]  # (G, V)
-    steps = [r0.trace] if tracing else []
-    if K > 1:  # every beam starts as the clip's prompt
-        cache = KVCache(*(x.repeat_interleave(K, dim=1) for x in (cache.k, cache.vt, cache.cross_k, cache.cross_vt)))
-        last = last.repeat_interleave(K, dim=0)  # (N, V)
+        # 3. the prompt in one pass; no_speech_prob is read at sot
+        r0 = step_recorder()
+        logits = forward(initial, torch.arange(T0, device=dev), r0, cache)  # (G, T0, V)
+        no_speech = logits[:, plan.sot_index].float().softmax(dim=-1)[:, tok.no_speech].tolist()
+        last = logits[:, -1]  # (G, V)
+        steps = [r0.trace] if tracing else []
+        if K > 1:  # every beam starts as the clip's prompt
+            cache = KVCache(
+                *(x.repeat_interleave(K, dim=1) for x in (cache.k, cache.vt, cache.cross_k, cache.cross_vt))
+            )
+            last = last.repeat_interleave(K, dim=0)  # (N, V)
 
-    s = new_search(N, G, model.dims.n_text_ctx, plan, beam_size, capacity, dev)
-    s.tokens[:, :T0] = initial.repeat_interleave(K, dim=0)
-    vocab = torch.arange(model.dims.n_vocab, device=dev)
-    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-    check_every = 1 if dev.type == "cpu" else CUDA_CHECK_EVERY
+        s = new_search(N, G, model.dims.n_text_ctx, plan, beam_size, capacity, dev)
+        s.tokens[:, :T0] = initial.repeat_interleave(K, dim=0)
+        vocab = torch.arange(model.dims.n_vocab, device=dev)
+        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+        check_every = 1 if dev.type == "cpu" else CUDA_CHECK_EVERY
 
-    def plain_step(tokens: Tensor, pos: Tensor) -> Tensor:
-        return model.decoder(tokens, IDLE, cache=cache, pos=pos)  # (N, 1, V)
+        def plain_step(tokens: Tensor, pos: Tensor) -> Tensor:
+            return model.decoder(tokens, IDLE, cache=cache, pos=pos)  # (N, 1, V)
 
-    fast_step = torch.compile(plain_step, dynamic=False) if compile and not rec.active else plain_step
+        fast_step = torch.compile(plain_step, dynamic=False) if compile and not rec.active else plain_step
 
-    # 4. one token per step
-    n_sel = 0
-    for i in range(plan.max_new):
-        cur = T0 + i
-        # the filters write in place: into a copy when the step's logits are kept in a trace
-        filtered = filter_logits(last.to(torch.float32, copy=tracing), s.tokens, cur, plan, tok, vocab)  # (N, V)
-        if beam_size is None:
-            src = select_greedy(s, filtered, i, cur, tok.eot, temperature, gen)
-        else:
-            src = select_beams(s, filtered, i, cur, tok.eot, beam_size, capacity)
-            cache.k[:, :, :, :cur] = cache.k[:, :, :, :cur].index_select(1, src)  # the beams' histories follow them
-            cache.vt[..., :cur] = cache.vt[..., :cur].index_select(1, src)
-        n_sel = i + 1
-        finished = (i + 1) % check_every == 0 and bool(s.done.all())
-        if (finished or n_sel == plan.max_new) and not tracing:
-            break
-        pos = torch.full((1,), cur, dtype=torch.long, device=dev)
-        if rec.active:
-            r = step_recorder()
-            last = forward(s.tokens[:, cur : cur + 1], pos, r, cache)[:, 0]  # (N, V)
-            if tracing:
-                steps.append(r.trace)
-        else:
-            last = fast_step(s.tokens[:, cur : cur + 1], pos)[:, 0]  # (N, V)
-        if finished or n_sel == plan.max_new:  # the last step only recorded the final token's activations
-            break
+        # 4. one token per step
+        n_sel = 0
+        for i in range(plan.max_new):
+            cur = T0 + i
+            # the filters write in place: into a copy when the step's logits are kept in a trace
+            filtered = filter_logits(last.to(torch.float32, copy=tracing), s.tokens, cur, plan, tok, vocab)  # (N, V)
+            if beam_size is None:
+                src = select_greedy(s, filtered, i, cur, tok.eot, temperature, gen)
+            else:
+                src = select_beams(s, filtered, i, cur, tok.eot, beam_size, capacity)
+                cache.k[:, :, :, :cur] = cache.k[:, :, :, :cur].index_select(1, src)  # the beams' histories follow them
+                cache.vt[..., :cur] = cache.vt[..., :cur].index_select(1, src)
+            n_sel = i + 1
+            finished = (i + 1) % check_every == 0 and bool(s.done.all())
+            if (finished or n_sel == plan.max_new) and not tracing:
+                break
+            pos = torch.full((1,), cur, dtype=torch.long, device=dev)
+            if rec.active:
+                r = step_recorder()
+                last = forward(s.tokens[:, cur : cur + 1], pos, r, cache)[:, 0]  # (N, V)
+                if tracing:
+                    steps.append(r.trace)
+            else:
+                last = fast_step(s.tokens[:, cur : cur + 1], pos)[:, 0]  # (N, V)
+            if finished or n_sel == plan.max_new:  # the last step only recorded the final token's activations
+                break
 
     return finish(model, plan, s, rec, steps, beam_size, capacity, length_penalty, n_sel, languages,
                   language_probs, no_speech, temperature, edits)  # fmt: skip

@@ -18,13 +18,16 @@ Attention runs the fused ``scaled_dot_product_attention`` unless a layer's ``sco
 by hand and z = pattern @ v: the same numbers up to float rounding (~1e-7). A decoding step,
 whose cache keeps the values transposed, runs ``attend_cached`` instead (same numbers again). Every projection
 (``Linear``) and the unembedding go through ``linear``: ``F.linear``, except that the few-row
-products of a decoding step on CPU are laid out so that MKL reads the weights on all threads.
+products of a decoding step on CPU are laid out so that MKL reads the weights on all threads,
+or, while ``packed_weights`` holds blocked copies of them for a batch, run in oneDNN.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -77,7 +80,7 @@ class LayerNorm(nn.LayerNorm):
         return y.to(x.dtype)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Tensor | None = None) -> Tensor:
     """x @ W^T + b for x (..., in) and W (out, in), as ``F.linear``; laid out for the CPU when x has few rows.
 
     A decoding step multiplies 1 to 64 rows by every weight, and its cost is reading W from
@@ -85,13 +88,20 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     (W @ x^T)^T, the same product runs up to several times faster. One row is a matrix-vector
     product that MKL keeps on one core whatever the layout, so W is viewed (no copy) as n blocks
     of output features, a batch of n products for n threads; where ``out`` does not split (the
-    vocabulary is odd) the row is padded with a zero row instead. Same numbers up to float
-    rounding. Other inputs (more rows, not fp32, not on the CPU) take ``F.linear``.
+    vocabulary is odd) the row is padded with a zero row instead. ``packed``: oneDNN's blocked
+    copy of W (``packed_weights``, while a batch decodes); 2 to 64 rows then run in oneDNN, which
+    reads W about 1.5x faster still. Same numbers up to float rounding. Other inputs (more rows,
+    not fp32, not on the CPU) take ``F.linear``.
     """
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[-1] != in_features or not 0 < rows <= 64:
         return F.linear(x, weight, bias)
+    if packed is not None and rows > 1:
+        y = torch.ops.mkldnn._linear_pointwise(
+            x.reshape(rows, in_features), packed, bias, "none", [], ""
+        )  # (rows, out)
+        return y.view(*x.shape[:-1], out_features)  # (..., out)
     n = math.gcd(out_features, torch.get_num_threads())
     if rows == 1 and n > 1 and weight.is_contiguous():
         w = weight.view(n, out_features // n, in_features)  # (n, out/n, in)
@@ -108,10 +118,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` computed by ``linear``: the same parameters and numbers, faster for a decoding step on CPU."""
+    """``nn.Linear`` computed by ``linear``: the same parameters and numbers, faster for a decoding step on CPU.
+
+    ``packed`` is None except while ``packed_weights`` holds oneDNN's copy of the weight.
+    """
+
+    packed: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 @dataclass
@@ -299,6 +314,8 @@ def local_mask(n: int, k: int, device: torch.device) -> Tensor:
 class TextDecoder(nn.Module):
     """Tokens (B, T) and audio features (B, S, D) -> logits (B, T, V)."""
 
+    packed_unembedding: Tensor | None = None  # oneDNN's copy of token_embedding.weight, see packed_weights
+
     def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int) -> None:
         super().__init__()
         self.token_embedding = nn.Embedding(n_vocab, n_state)
@@ -359,7 +376,35 @@ class TextDecoder(nn.Module):
                 cross_kv, cache_kv = (cache.cross_k[i], cache.cross_vt[i].mT), (cache.k[i], cache.vt[i])
             x = block(x, brec, mask=mask, causal=cache is None, cross_kv=cross_kv, cache_kv=cache_kv, pos=pos)
         x = rec("ln", self.ln(x))  # (B, T, D)
-        return linear(x, self.token_embedding.weight.to(x.dtype)).float()  # (B, T, V): the tied unembedding
+        W, packed = self.token_embedding.weight.to(x.dtype), self.packed_unembedding
+        return linear(x, W, packed=packed).float()  # (B, T, V): the tied unembedding
+
+
+@contextmanager
+def packed_weights(decoder: TextDecoder, rows: int) -> Iterator[None]:
+    """The decoder's weights in oneDNN's blocked layout while a loop of ``rows``-row steps runs (CPU, fp32).
+
+    For 2 to 64 rows, oneDNN reads a blocked (packed) weight about 1.5x faster than MKL reads the
+    plain one (``linear``); packing copies every weight once, about what ten steps save. The
+    copies are made from the weights as they are on entry and dropped on exit, so a weight edited
+    between two calls is always the one used. Nothing is packed for other devices and dtypes, for
+    a single row, or where this build of torch has no oneDNN.
+    """
+    W = decoder.token_embedding.weight
+    usable = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    if not (usable and W.device.type == "cpu" and W.dtype == torch.float32 and 1 < rows <= 64):
+        yield
+        return
+    linears = [m for m in decoder.modules() if isinstance(m, Linear)]
+    try:
+        for m in linears:
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
+        decoder.packed_unembedding = torch.ops.mkldnn._reorder_linear_weight(W.detach(), rows)
+        yield
+    finally:
+        for m in linears:
+            m.packed = None
+        decoder.packed_unembedding = None
 
 
 @dataclass
