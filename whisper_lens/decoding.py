@@ -46,10 +46,12 @@ How this implementation runs
 ----------------------------
 The audio is encoded once and every decoder layer's cross-attention keys/values are computed once
 (``TextDecoder.new_cache``). Self-attention keys/values go into static buffers
-``[layers, batch, heads, length, Dh]``, ``length`` = prompt + max_new_tokens (the longest sequence
-the call can produce, at most ``n_text_ctx``); each step writes its position in place and attends
-over the buffer under a mask, so the step has one fixed shape and takes its position as a tensor
-(torch.compile and CUDA graphs can capture it). Beams are rows of the batch (``batch * beam_size``
+``[layers, batch, heads, length, Dh]`` (the values stored transposed, ``[..., Dh, length]``, as the
+audio's: ``KVCache``), ``length`` = prompt + max_new_tokens (the longest sequence the call can
+produce, at most ``n_text_ctx``); each step writes its position in place and attends over the
+buffer under a mask, so the step has one fixed shape and takes its position as a tensor
+(torch.compile and CUDA graphs can capture it). On the CPU, while a batch of 2 to 64 rows decodes,
+the decoder's weights are used in oneDNN's packed layout (``packed_weights``), copied for the call. Beams are rows of the batch (``batch * beam_size``
 rows); the logit filters and beam bookkeeping are tensor operations, so the host waits on the
 device only for the "is everything finished?" check. A row (or an audio's group of beams) that has
 finished stops changing, so decoding clips together gives each clip the tokens it gets alone.
