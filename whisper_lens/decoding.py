@@ -51,10 +51,11 @@ audio's: ``KVCache``), ``length`` = prompt + max_new_tokens (the longest sequenc
 produce, at most ``n_text_ctx``); each step writes its position in place and attends over the
 buffer under a mask, so the step has one fixed shape and takes its position as a tensor
 (torch.compile and CUDA graphs can capture it). On the CPU, while a batch of 2 to 64 rows decodes,
-the decoder's weights are used in oneDNN's packed layout (``packed_weights``), copied for the call. Beams are rows of the batch (``batch * beam_size``
-rows); the logit filters and beam bookkeeping are tensor operations, so the host waits on the
-device only for the "is everything finished?" check. A row (or an audio's group of beams) that has
-finished stops changing, so decoding clips together gives each clip the tokens it gets alone.
+the decoder's weights are used in oneDNN's packed layout (``packed_weights``), copied for the call.
+Beams are rows of the batch (``batch * beam_size`` rows); the logit filters and beam bookkeeping
+are tensor operations, so the host waits on the device only for the "is everything finished?"
+check. A row (or an audio's group of beams) that has finished stops changing, so decoding clips
+together gives each clip the tokens it gets alone.
 
 With ``trace=`` the activations of each step are recorded and, at the end, stitched along the
 positions of the chosen sequence (following a beam's ancestry back through the reorderings), so

@@ -385,7 +385,7 @@ def packed_weights(decoder: TextDecoder, rows: int) -> Iterator[None]:
     """The decoder's weights in oneDNN's blocked layout while a loop of ``rows``-row steps runs (CPU, fp32).
 
     For 2 to 64 rows, oneDNN reads a blocked (packed) weight about 1.5x faster than MKL reads the
-    plain one (``linear``); packing copies every weight once, about what ten steps save. The
+    plain one (``linear``); packing copies the step's weights once, about what ten steps save. The
     copies are made from the weights as they are on entry and dropped on exit, so a weight edited
     between two calls is always the one used. Nothing is packed for other devices and dtypes, for
     a single row, or where this build of torch has no oneDNN.
@@ -395,7 +395,8 @@ def packed_weights(decoder: TextDecoder, rows: int) -> Iterator[None]:
     if not (usable and W.device.type == "cpu" and W.dtype == torch.float32 and 1 < rows <= 64):
         yield
         return
-    linears = [m for m in decoder.modules() if isinstance(m, Linear)]
+    cached = ("cross_attn.key", "cross_attn.value")  # the audio's keys/values are computed before the steps
+    linears = [m for name, m in decoder.named_modules() if isinstance(m, Linear) and not name.endswith(cached)]
     try:
         for m in linears:
             m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
