@@ -125,18 +125,20 @@ def test_attention_over_transposed_values_equals_the_fused_kernel(T):
 
 
 def test_linear_gradients_and_other_dtypes():
-    """Autograd flows through the few-row layouts; fp64 (not the fp32 fast path) is exactly F.linear."""
+    """Autograd flows through the few-row layouts, and many rows fall back to F.linear when it is needed
+    (oneDNN's product has no gradient); fp64 (not the fp32 fast path) is exactly F.linear."""
     from whisper_lens.model import linear
 
-    x = torch.randn(1, 1, 32, requires_grad=True)
-    w = torch.randn(64, 32, requires_grad=True)
-    b = torch.randn(64, requires_grad=True)
-    linear(x, w, b).square().sum().backward()
-    grads = [t.grad.clone() for t in (x, w, b)]
-    for t in (x, w, b):
-        t.grad = None
-    torch.nn.functional.linear(x, w, b).square().sum().backward()
-    for got, t in zip(grads, (x, w, b), strict=True):
-        torch.testing.assert_close(got, t.grad, atol=1e-5, rtol=1e-5)
+    for rows in (1, 100):
+        x = torch.randn(1, rows, 32, requires_grad=True)
+        w = torch.randn(64, 32, requires_grad=True)
+        b = torch.randn(64, requires_grad=True)
+        linear(x, w, b).square().sum().backward()
+        grads = [t.grad.clone() for t in (x, w, b)]
+        for t in (x, w, b):
+            t.grad = None
+        torch.nn.functional.linear(x, w, b).square().sum().backward()
+        for got, t in zip(grads, (x, w, b), strict=True):
+            torch.testing.assert_close(got, t.grad, atol=1e-5, rtol=1e-5)
     x64, w64 = x.detach().double(), w.detach().double()
     assert torch.equal(linear(x64, w64), torch.nn.functional.linear(x64, w64))
