@@ -80,6 +80,7 @@ class LayerNorm(nn.LayerNorm):
         return y.to(x.dtype)
 
 
+# oneDNN's linear product (a private torch op, the one torch.compile's CPU backend emits), where this build has it
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -92,8 +93,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Tensor
     product that MKL keeps on one core whatever the layout, so W is viewed (no copy) as n blocks
     of output features, a batch of n products for n threads; where ``out`` does not split (the
     vocabulary is odd) the row is padded with a zero row instead. ``packed``: oneDNN's blocked
-    copy of W (``packed_weights``, while a batch decodes); 2 to 64 rows then run in oneDNN, which
-    reads W about 1.5x faster still. More than 64 rows (the encoder, a teacher-forced pass) are
+    copy of W (``packed_weights``, while a batch decodes); 2 to 64 rows then run in oneDNN, 1.5-2x
+    faster still on the AMD CPU measured. More than 64 rows (the encoder, a teacher-forced pass) are
     compute-bound and run in oneDNN too, 10-25 % faster than MKL on the AMD CPUs measured, unless
     autograd needs the product. Same numbers up to float rounding. Other inputs (not fp32, not on
     the CPU) take ``F.linear``.
@@ -391,7 +392,7 @@ class TextDecoder(nn.Module):
 def packed_weights(decoder: TextDecoder, rows: int) -> Iterator[None]:
     """The decoder's weights in oneDNN's blocked layout while a loop of ``rows``-row steps runs (CPU, fp32).
 
-    For 2 to 64 rows, oneDNN reads a blocked (packed) weight about 1.5x faster than MKL reads the
+    For 2 to 64 rows, oneDNN multiplies by a blocked (packed) weight 1.5-2x faster than MKL by the
     plain one (``linear``); packing copies the step's weights once, about what ten steps save. The
     copies are made from the weights as they are on entry and dropped on exit, so a weight edited
     between two calls is always the one used. Nothing is packed for other devices and dtypes, for
