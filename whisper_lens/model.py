@@ -165,7 +165,7 @@ def attend_cached(q: Tensor, k: Tensor, vt: Tensor, mask: Tensor | None) -> Tens
     """
     scores = (k @ (q * q.shape[-1] ** -0.5).mT).mT  # (B, H, T, S)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))  # (B, H, T, S)
+        scores = torch.where(mask, scores, float("-inf"))  # (B, H, T, S)
     p = scores.float().softmax(dim=-1).to(scores.dtype)  # (B, H, T, S)
     return (vt @ p.mT).mT  # (B, H, T, Dh)
 
@@ -341,14 +341,14 @@ class TextDecoder(nn.Module):
         if length is not None and not 0 < length <= n_ctx:
             raise ValueError(f"cache length must be between 1 and n_text_ctx={n_ctx}, got {length}")
         (B, S, D), L, H = xa.shape, len(self.blocks), self.blocks[0].cross_attn.n_head
-        dtype, length = self.token_embedding.weight.dtype, length or n_ctx
-        cross_k = xa.new_empty(L, B, H, S, D // H, dtype=dtype)  # (L, B, H, S, Dh)
-        cross_vt = xa.new_empty(L, B, H, D // H, S, dtype=dtype)  # (L, B, H, Dh, S)
+        Dh, dtype, length = D // H, self.token_embedding.weight.dtype, length or n_ctx
+        cross_k = xa.new_empty(L, B, H, S, Dh, dtype=dtype)  # (L, B, H, S, Dh)
+        cross_vt = xa.new_empty(L, B, H, Dh, S, dtype=dtype)  # (L, B, H, Dh, S)
         for i, block in enumerate(self.blocks):  # the audio's keys/values, once
             k, v = block.cross_attn.kv(xa, rec.child(f"blocks.{i}.cross_attn"))  # (B, H, S, Dh)
             cross_k[i], cross_vt[i] = k, v.mT
-        k = xa.new_zeros(L, B, H, length, D // H, dtype=dtype)  # (L, B, H, length, Dh)
-        vt = xa.new_zeros(L, B, H, D // H, length, dtype=dtype)  # (L, B, H, Dh, length)
+        k = xa.new_zeros(L, B, H, length, Dh, dtype=dtype)  # (L, B, H, length, Dh)
+        vt = xa.new_zeros(L, B, H, Dh, length, dtype=dtype)  # (L, B, H, Dh, length)
         return KVCache(k, vt, cross_k, cross_vt)
 
     def forward(
