@@ -93,10 +93,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Tensor
     product that MKL keeps on one core whatever the layout, so W is viewed (no copy) as n blocks
     of output features, a batch of n products for n threads; where ``out`` does not split (the
     vocabulary is odd) the row is padded with a zero row instead. ``packed``: oneDNN's blocked
-    copy of W (``packed_weights``, while a batch decodes); 2 to 64 rows then run in oneDNN, 1.5-2x
-    faster still on the AMD CPU measured. More than 64 rows (the encoder, a teacher-forced pass) are
-    compute-bound and run in oneDNN too, 10-25 % faster than MKL on the AMD CPUs measured, unless
-    autograd needs the product. Same numbers up to float rounding. Other inputs (not fp32, not on
+    copy of W (``packed_weights``, while a batch decodes); 2 to 64 rows then run in oneDNN, faster
+    still (8 rows: 1.6-1.7x for the unembedding, 1.05-1.3x for a D x D projection, on the AMD CPU of
+    ``benchmarks/bench_products.py``). More than 64 rows (the encoder, a teacher-forced pass) are
+    compute-bound and run in oneDNN too (~10-20 % faster than MKL there), unless autograd needs
+    the product. Same numbers up to float rounding. Other inputs (not fp32, not on
     the CPU) take ``F.linear``.
     """
     out_features, in_features = weight.shape
@@ -159,8 +160,8 @@ def attend_cached(q: Tensor, k: Tensor, vt: Tensor, mask: Tensor | None) -> Tens
     keys k (B, H, S, Dh) and values stored transposed, vt (B, H, Dh, S); (B, H, T, Dh).
 
     Written as k q^T and vt p^T, each product streams its big operand (S rows of k, Dh rows of
-    vt) in storage order. For one query on the CPU this is memory-bound and runs near the copy
-    bandwidth, where the fused kernel reads k and v at about half of it; at batch 8 a step's
+    vt) in storage order. For one query on the CPU this is memory-bound and reads k and v ~1.4x as
+    fast as the fused kernel (``benchmarks/bench_products.py``); at batch 8 a step's
     cross-attention, which reads every layer's audio keys/values, is its largest cost.
     """
     scores = (k @ (q * q.shape[-1] ** -0.5).mT).mT  # (B, H, T, S)
@@ -392,8 +393,8 @@ class TextDecoder(nn.Module):
 def packed_weights(decoder: TextDecoder, rows: int) -> Iterator[None]:
     """The decoder's weights in oneDNN's blocked layout while a loop of ``rows``-row steps runs (CPU, fp32).
 
-    For 2 to 64 rows, oneDNN multiplies by a blocked (packed) weight 1.5-2x faster than MKL by the
-    plain one (``linear``); packing copies the step's weights once, about what ten steps save. The
+    For 2 to 64 rows, oneDNN multiplies by a blocked (packed) weight faster than MKL by the plain
+    one (``linear``, ``benchmarks/bench_products.py``); packing copies the step's weights once per call. The
     copies are made from the weights as they are on entry and dropped on exit, so a weight edited
     between two calls is always the one used. Nothing is packed for other devices and dtypes, for
     a single row, or where this build of torch has no oneDNN.
