@@ -75,6 +75,8 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in at least fp32 whatever the activations' dtype (as OpenAI's, for fp16 stability)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:  # the common case, without three no-op casts
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         t = torch.promote_types(x.dtype, torch.float32)
         y = F.layer_norm(x.to(t), self.normalized_shape, self.weight.to(t), self.bias.to(t), self.eps)
         return y.to(x.dtype)
@@ -93,23 +95,25 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Tensor
     product that MKL keeps on one core whatever the layout, so W is viewed (no copy) as n blocks
     of output features, a batch of n products for n threads; where ``out`` does not split (the
     vocabulary is odd) the row is padded with a zero row instead. ``packed``: oneDNN's blocked
-    copy of W (``packed_weights``, while a batch decodes); 2 to 64 rows then run in oneDNN, faster
-    still (8 rows: 1.6-1.7x for the unembedding, 1.05-1.3x for a D x D projection, on the AMD CPU of
-    ``benchmarks/bench_products.py``). More than 64 rows (the encoder, a teacher-forced pass) are
-    compute-bound and run in oneDNN too (~10-20 % faster than MKL there), unless autograd needs
-    the product. Same numbers up to float rounding. Other inputs (not fp32, not on
-    the CPU) take ``F.linear``.
+    copy of W (``packed_weights``: CPU, fp32, no autograd, while a batch decodes); the rows then
+    run in oneDNN with no further checks, faster still (8 rows: 1.6-1.7x for the unembedding,
+    1.05-1.3x for a D x D projection, on the AMD CPU of ``benchmarks/bench_products.py``). More
+    than 64 rows (the encoder, a teacher-forced pass) are compute-bound and run in oneDNN too
+    (~10-20 % faster than MKL there), unless autograd needs the product. Same numbers up to float
+    rounding. Other inputs (not fp32, not on the CPU) take ``F.linear``.
     """
     out_features, in_features = weight.shape
+    if packed is not None and x.dtype == torch.float32 and x.shape[-1] == in_features:  # a step, checked no further
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, in_features), packed, bias, "none", [], "")  # (rows, out)
+        return y.view(*x.shape[:-1], out_features)  # (..., out)
     rows = x.numel() // in_features
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[-1] != in_features or rows == 0:
         return F.linear(x, weight, bias)
-    if (packed is not None and rows > 1) or rows > 64:
+    if rows > 64:
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-        if packed is None and (grad or not ONEDNN):
-            return F.linear(x, weight, bias)
-        w = weight if packed is None else packed
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, in_features), w, bias, "none", [], "")  # (rows, out)
+        if grad or not ONEDNN:
+            return F.linear(x, weight, bias)  # oneDNN's op has no gradient
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), weight, bias, "none", [], "")  # (rows, out)
         return y.view(*x.shape[:-1], out_features)  # (..., out)
     n = math.gcd(out_features, torch.get_num_threads())
     if rows == 1 and n > 1 and weight.is_contiguous():
@@ -162,13 +166,18 @@ def attend_cached(q: Tensor, k: Tensor, vt: Tensor, mask: Tensor | None) -> Tens
     Written as k q^T and vt p^T, each product streams its big operand (S rows of k, Dh rows of
     vt) in storage order. For one query on the CPU this is memory-bound and reads k and v ~1.4x as
     fast as the fused kernel (``benchmarks/bench_products.py``); at batch 8 a step's
-    cross-attention, which reads every layer's audio keys/values, is its largest cost.
+    cross-attention, which reads every layer's audio keys/values, is its largest cost. The scale
+    and the mask ride in the first product (``baddbmm``: bias + alpha k q^T), and the products run
+    on (B*H)-batched views: at most four kernels per attention, none of them a copy.
     """
-    scores = (k @ (q * q.shape[-1] ** -0.5).mT).mT  # (B, H, T, S)
-    if mask is not None:
-        scores = torch.where(mask, scores, float("-inf"))  # (B, H, T, S)
-    p = scores.float().softmax(dim=-1).to(scores.dtype)  # (B, H, T, S)
-    return (vt @ p.mT).mT  # (B, H, T, Dh)
+    B, H, T, Dh = q.shape
+    S = k.shape[2]
+    zero = q.new_zeros(())
+    bias = zero if mask is None else torch.where(mask.mT, zero, float("-inf"))  # (S, T): -inf where hidden
+    scores = torch.baddbmm(bias, k.reshape(B * H, S, Dh), q.reshape(B * H, T, Dh).mT, alpha=Dh**-0.5).mT  # (BH, T, S)
+    p = scores.float().softmax(dim=-1).to(q.dtype)  # (BH, T, S)
+    z = torch.bmm(vt.reshape(B * H, Dh, S), p.mT)  # (BH, Dh, T)
+    return z.view(B, H, Dh, T).mT  # (B, H, T, Dh)
 
 
 class Attention(nn.Module):
@@ -400,7 +409,8 @@ def packed_weights(decoder: TextDecoder, rows: int) -> Iterator[None]:
     a single row, or where this build of torch has no oneDNN.
     """
     W = decoder.token_embedding.weight
-    if not (ONEDNN and W.device.type == "cpu" and W.dtype == torch.float32 and 1 < rows <= 64):
+    grad = torch.is_grad_enabled()  # oneDNN's op has no gradient: never packed where autograd could need one
+    if grad or not (ONEDNN and W.device.type == "cpu" and W.dtype == torch.float32 and 1 < rows <= 64):
         yield
         return
     cached = ("cross_attn.key", "cross_attn.value")  # the audio's keys/values are computed before the steps
