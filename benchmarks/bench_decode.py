@@ -22,6 +22,7 @@ as STREAM counts it) and the fraction of it our loop reaches.
 
     python benchmarks/bench_decode.py            # tiny and base, batch 1 and 8 (a few minutes)
     python benchmarks/bench_decode.py --quick    # tiny only, one repeat (under a minute)
+    python benchmarks/bench_decode.py --profile base   # where our batch-8 loop's time goes, op by op
 """
 
 from __future__ import annotations
@@ -132,11 +133,42 @@ def measure(ref, ours, hf, batch: int, repeats: int, loop: bool) -> dict[str, fl
     return {k: batch * NEW_TOKENS / v for k, v in seconds.items()}
 
 
+def profile(name: str, batch: int = 8) -> None:
+    """Our decoding loop once under the torch profiler: the ops that take the time, with their shapes.
+
+    Each line's share is of the whole ``generate`` call (cache set-up, weight packing and the 100
+    steps); "per call" divided into the bytes an op reads gives its read rate.
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _, ours, _ = models(name, Path(tmp))
+    tok = ours.tokenizer
+    mel = torch.rand(batch, 80, 3000, generator=torch.Generator().manual_seed(batch)) * 2 - 1
+    with torch.no_grad():
+        xa = ours.encoder(mel)  # (B, S, D)
+
+    def run():
+        return ours.generate(audio_features=xa, language="en", max_new_tokens=NEW_TOKENS,
+                             suppress_tokens=[-1, tok.eot])  # fmt: skip
+
+    run()
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    print(f"{name}, batch {batch}, {NEW_TOKENS} tokens, {torch.get_num_threads()} threads")
+    ops = prof.key_averages(group_by_input_shape=True)
+    print(ops.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=32, max_shapes_column_width=60))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny only, one repeat: under a minute")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per implementation (default 3)")
+    parser.add_argument("--profile", choices=["tiny", "base"], help="profile our batch-8 loop on this shape instead")
     args = parser.parse_args()
+    if args.profile:
+        return profile(args.profile)
     import transformers
 
     transformers.logging.set_verbosity_error()
