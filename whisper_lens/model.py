@@ -164,11 +164,11 @@ def attend_cached(q: Tensor, k: Tensor, vt: Tensor, mask: Tensor | None) -> Tens
     keys k (B, H, S, Dh) and values stored transposed, vt (B, H, Dh, S); (B, H, T, Dh).
 
     Written as k q^T and vt p^T, each product streams its big operand (S rows of k, Dh rows of
-    vt) in storage order. For one query on the CPU this is memory-bound and reads k and v ~1.4x as
-    fast as the fused kernel (``benchmarks/bench_products.py``); at batch 8 a step's
+    vt) in storage order. For one query on the CPU this is memory-bound and reads k and v
+    1.4x-1.9x as fast as the fused kernel (``benchmarks/bench_products.py``); at batch 8 a step's
     cross-attention, which reads every layer's audio keys/values, is its largest cost. The scale
     and the mask ride in the first product (``baddbmm``: bias + alpha k q^T), and the products run
-    on (B*H)-batched views: at most four kernels per attention, none of them a copy.
+    on (B*H)-batched views: at most four kernels per attention, and for one query no copies.
     """
     B, H, T, Dh = q.shape
     S = k.shape[2]
