@@ -104,17 +104,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Tensor
     """
     out_features, in_features = weight.shape
     if packed is not None and x.dtype == torch.float32 and x.shape[-1] == in_features:  # a step, checked no further
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, in_features), packed, bias, "none", [], "")  # (rows, out)
-        return y.view(*x.shape[:-1], out_features)  # (..., out)
+        return onednn_linear(x, packed, bias)
     rows = x.numel() // in_features
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[-1] != in_features or rows == 0:
         return F.linear(x, weight, bias)
     if rows > 64:
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-        if grad or not ONEDNN:
-            return F.linear(x, weight, bias)  # oneDNN's op has no gradient
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), weight, bias, "none", [], "")  # (rows, out)
-        return y.view(*x.shape[:-1], out_features)  # (..., out)
+        return F.linear(x, weight, bias) if grad or not ONEDNN else onednn_linear(x, weight, bias)
     n = math.gcd(out_features, torch.get_num_threads())
     if rows == 1 and n > 1 and weight.is_contiguous():
         w = weight.view(n, out_features // n, in_features)  # (n, out/n, in)
@@ -128,6 +124,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Tensor
         y = weight @ x2.T if bias is None else torch.addmm(bias[:, None], weight, x2.T)  # (out, rows or 2)
     y = y.reshape(out_features, -1)[:, :rows].T.contiguous()  # (rows, out)
     return y.view(*x.shape[:-1], out_features)  # (..., out)
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ W^T + b in oneDNN, W plain (out, in) or packed by ``packed_weights``. No gradient flows through it."""
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")  # (rows, out)
+    return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
 
 
 class Linear(nn.Linear):
@@ -406,11 +408,12 @@ def packed_weights(decoder: TextDecoder, rows: int) -> Iterator[None]:
     one (``linear``, ``benchmarks/bench_products.py``); packing copies the step's weights once per call. The
     copies are made from the weights as they are on entry and dropped on exit, so a weight edited
     between two calls is always the one used. Nothing is packed for other devices and dtypes, for
-    a single row, or where this build of torch has no oneDNN.
+    a single row, where this build of torch has no oneDNN, or while autograd is on (oneDNN's op has
+    no gradient).
     """
     W = decoder.token_embedding.weight
-    grad = torch.is_grad_enabled()  # oneDNN's op has no gradient: never packed where autograd could need one
-    if grad or not (ONEDNN and W.device.type == "cpu" and W.dtype == torch.float32 and 1 < rows <= 64):
+    cpu_fp32 = W.device.type == "cpu" and W.dtype == torch.float32
+    if torch.is_grad_enabled() or not (ONEDNN and cpu_fp32 and 1 < rows <= 64):
         yield
         return
     cached = ("cross_attn.key", "cross_attn.value")  # the audio's keys/values are computed before the steps
