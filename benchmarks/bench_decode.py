@@ -94,6 +94,20 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def inputs(ours, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random log-mel batch (seeded by its size) and our encoder's output for it: (B, 80, 3000), (B, S, D)."""
+    mel = torch.rand(batch, 80, 3000, generator=torch.Generator().manual_seed(batch)) * 2 - 1
+    with torch.no_grad():
+        return mel, ours.encoder(mel)
+
+
+def decode_ours(ours, **audio) -> None:
+    """Our greedy loop for exactly NEW_TOKENS tokens (EOT suppressed) from ``mel=`` or ``audio_features=``."""
+    eot = ours.tokenizer.eot
+    out = ours.generate(**audio, language="en", max_new_tokens=NEW_TOKENS, suppress_tokens=[-1, eot])
+    assert all(len(r.tokens) == NEW_TOKENS for r in out)
+
+
 def measure(ref, ours, hf, batch: int, repeats: int, loop: bool) -> dict[str, float]:
     """Tokens per second of the three implementations decoding the same batch (interleaved).
 
@@ -105,9 +119,7 @@ def measure(ref, ours, hf, batch: int, repeats: int, loop: bool) -> dict[str, fl
 
     tok = ours.tokenizer
     prompt = [*tok.sot_sequence_for("en", "transcribe"), tok.no_timestamps]
-    mel = torch.rand(batch, 80, 3000, generator=torch.Generator().manual_seed(batch)) * 2 - 1
-    with torch.no_grad():
-        xa = ours.encoder(mel)  # (B, S, D)
+    mel, xa = inputs(ours, batch)  # (B, 80, 3000), (B, S, D)
     options = wd.DecodingOptions(language="en", without_timestamps=True, sample_len=NEW_TOKENS,
                                  suppress_tokens=[-1, tok.eot], fp16=False)  # fmt: skip
     start = torch.tensor([prompt] * batch)
@@ -115,8 +127,7 @@ def measure(ref, ours, hf, batch: int, repeats: int, loop: bool) -> dict[str, fl
     hf_audio = {"encoder_outputs": BaseModelOutput(last_hidden_state=xa)} if loop else {"input_features": mel}
 
     def run_ours():
-        out = ours.generate(**audio, language="en", max_new_tokens=NEW_TOKENS, suppress_tokens=[-1, tok.eot])
-        assert all(len(r.tokens) == NEW_TOKENS for r in out)
+        decode_ours(ours, **audio)
 
     def run_openai():
         out = wd.decode(ref, xa if loop else mel, options)  # audio features of shape (B, S, D) skip its encoder
@@ -144,18 +155,10 @@ def profile(name: str, batch: int = 8) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         _, ours, _ = models(name, Path(tmp))
-    tok = ours.tokenizer
-    mel = torch.rand(batch, 80, 3000, generator=torch.Generator().manual_seed(batch)) * 2 - 1
-    with torch.no_grad():
-        xa = ours.encoder(mel)  # (B, S, D)
-
-    def run():
-        return ours.generate(audio_features=xa, language="en", max_new_tokens=NEW_TOKENS,
-                             suppress_tokens=[-1, tok.eot])  # fmt: skip
-
-    run()
+    _, xa = inputs(ours, batch)  # (B, S, D)
+    decode_ours(ours, audio_features=xa)  # warm-up
     with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        run()
+        decode_ours(ours, audio_features=xa)
     print(f"{name}, batch {batch}, {NEW_TOKENS} tokens, {torch.get_num_threads()} threads")
     ops = prof.key_averages(group_by_input_shape=True)
     print(ops.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=32, max_shapes_column_width=60))
