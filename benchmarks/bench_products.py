@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from common import interleaved, table
 
-from whisper_lens.model import ONEDNN, attend_cached, linear
+from whisper_lens.model import ONEDNN, STEP_ROWS, attend_cached, linear, onednn_pack
 
 VOCAB = 51865
 COLD_BYTES = 96 * 2**20  # distinct weights cycled per timing: three times a 32 MiB last-level cache
@@ -34,10 +34,10 @@ def linear_case(out: int, D: int, n: int, repeats: int) -> list[str]:
     ws = [torch.randn(out, D, generator=g) / 20 for _ in range(copies)]
     b, x = torch.randn(out, generator=g), torch.randn(n, D, generator=g)
     fns = {"F.linear": lambda: [F.linear(x, w, b) for w in ws], "ours": lambda: [linear(x, w, b) for w in ws]}
-    if ONEDNN and 1 < n <= 64:
-        packs = [torch.ops.mkldnn._reorder_linear_weight(w, n) for w in ws]
+    if ONEDNN and 1 < n <= STEP_ROWS:
+        packs = [onednn_pack(w, n) for w in ws]
         fns["ours, packed"] = lambda: [linear(x, w, b, p) for w, p in zip(ws, packs, strict=True)]
-    t = interleaved(fns, repeats=repeats if n <= 64 else max(3, repeats // 5))
+    t = interleaved(fns, repeats=repeats if n <= STEP_ROWS else max(3, repeats // 5))
     ups = [f"{t['F.linear'] / t[k]:.2f}x" if k in t else "" for k in ("ours", "ours, packed")]
     return [f"{out} x {D}", str(n), f"{t['F.linear'] / copies * 1e3:.3f}", *ups]
 

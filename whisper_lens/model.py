@@ -84,6 +84,8 @@ class LayerNorm(nn.LayerNorm):
 
 # oneDNN's linear product (a private torch op, the one torch.compile's CPU backend emits), where this build has it
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# the most rows a decoding step multiplies (batch x beams); more rows are compute-bound, fewer memory-bound
+STEP_ROWS = 64
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Tensor | None = None) -> Tensor:
@@ -108,7 +110,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Tensor
     rows = x.numel() // in_features
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[-1] != in_features or rows == 0:
         return F.linear(x, weight, bias)
-    if rows > 64:
+    if rows > STEP_ROWS:
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
         return F.linear(x, weight, bias) if grad or not ONEDNN else onednn_linear(x, weight, bias)
     n = math.gcd(out_features, torch.get_num_threads())
@@ -130,6 +132,11 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x @ W^T + b in oneDNN, W plain (out, in) or packed by ``packed_weights``. No gradient flows through it."""
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")  # (rows, out)
     return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
+
+
+def onednn_pack(weight: Tensor, rows: int) -> Tensor:
+    """oneDNN's blocked copy of W (out, in) for ``onednn_linear`` of ``rows``-row inputs (CPU, fp32, no gradient)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
 class Linear(nn.Linear):
@@ -413,15 +420,15 @@ def packed_weights(decoder: TextDecoder, rows: int) -> Iterator[None]:
     """
     W = decoder.token_embedding.weight
     cpu_fp32 = W.device.type == "cpu" and W.dtype == torch.float32
-    if torch.is_grad_enabled() or not (ONEDNN and cpu_fp32 and 1 < rows <= 64):
+    if torch.is_grad_enabled() or not (ONEDNN and cpu_fp32 and 1 < rows <= STEP_ROWS):
         yield
         return
     cached = ("cross_attn.key", "cross_attn.value")  # the audio's keys/values are computed before the steps
     linears = [m for name, m in decoder.named_modules() if isinstance(m, Linear) and not name.endswith(cached)]
     try:
         for m in linears:
-            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
-        decoder.packed_unembedding = torch.ops.mkldnn._reorder_linear_weight(W.detach(), rows)
+            m.packed = onednn_pack(m.weight, rows)
+        decoder.packed_unembedding = onednn_pack(W, rows)
         yield
     finally:
         for m in linears:
