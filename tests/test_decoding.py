@@ -176,6 +176,21 @@ def test_trace_equals_run_on_final_sequence(small, beam_size):
             torch.testing.assert_close(r.trace[name], run.trace[name], atol=1e-5, rtol=0, msg=name)
 
 
+def test_trace_with_skipped_blocks_equals_run(small):
+    """A skipped block (encoder or decoder) computes nothing: generate's trace holds only its streams, as run's."""
+    mel = varied_mel(2, seed=45)
+    edits = Edits().skip("encoder", 2).skip("decoder", 0)
+    results = small.generate(mel, max_new_tokens=6, trace=True, edits=edits)
+    for i, r in enumerate(results):
+        tokens = torch.tensor(initial_tokens(small, r, False) + r.tokens)
+        with torch.no_grad():
+            run = small.run(mel[i], tokens, trace=True, edits=edits)
+        assert r.trace.names() == run.trace.names()
+        assert "encoder.blocks.2.resid_post" in run.trace and "encoder.blocks.2.attn.pattern" not in run.trace
+        for name in run.trace.names():
+            torch.testing.assert_close(r.trace[name], run.trace[name], atol=1e-5, rtol=0, msg=name)
+
+
 def test_edits_during_generate_equal_edits_in_run(small):
     mel = varied_mel(2, seed=24)
     D = SMALL.n_text_state

@@ -701,9 +701,11 @@ def rank_score(sum_logprob: float, length: int, length_penalty: float | None) ->
 
 
 def traced_names(d: Decoding) -> list[str]:
-    """The names a result's trace holds, in the model's order; a skipped decoder block keeps only its stream."""
-    rec, L = d.rec, d.model.dims.n_text_layer
-    skipped = tuple(f"decoder.blocks.{i}." for i in range(L) if rec.skips(f"decoder.blocks.{i}"))
+    """The names a result's trace holds, in the model's order; a skipped block keeps only its stream."""
+    rec, dims = d.rec, d.model.dims
+    blocks = [f"encoder.blocks.{i}" for i in range(dims.n_audio_layer)]
+    blocks += [f"decoder.blocks.{i}" for i in range(dims.n_text_layer)]
+    skipped = tuple(f"{block}." for block in blocks if rec.skips(block))
     inside = [n for n in rec.keep if n.startswith(skipped) and not n.endswith(("resid_pre", "resid_post"))]
     return [n for n in d.model.names() if n in rec.keep and n not in inside]
 
