@@ -212,20 +212,19 @@ def make_plan(model: Whisper, options: DecodingOptions, n_clips: int) -> Plan:
         raise ValueError(f"beam_size {options.beam_size} with patience {options.patience} keeps no finished sequence")
     languages = per_clip("language", options.language, n_clips, single=lambda x: x is None or isinstance(x, str))
     texts = per_clip("prompt", options.prompt, n_clips, single=is_single_prompt)
-    prefix = as_tokens(tok, options.prefix, "prefix") if options.prefix else []
-    prompts, sot_index, detected = [], [], []
+    prefix = as_tokens(tok, options.prefix, "prefix") if options.prefix is not None and len(options.prefix) else []
+    prompts, sot_index = [], []
     for g, (language, text) in enumerate(zip(languages, texts, strict=True)):
         prompt = clip_prompt(model, options, language, text, prefix)
         prompts.append(tuple(prompt))
         sot_index.append(prompt.index(tok.sot))
-        detected.append(language if tok.multilingual else "en")
         if len(prompt) >= model.dims.n_text_ctx:
             raise ValueError(f"the prompt of clip {g} ({len(prompt)} tokens) fills the whole "
                              f"{model.dims.n_text_ctx}-token context")  # fmt: skip
     return Plan(
         prompts=tuple(prompts),
         sot_index=tuple(sot_index),
-        languages=tuple(detected),
+        languages=languages if tok.multilingual else ("en",) * n_clips,
         max_new=tuple(max_new_for(model, options, len(p), g) for g, p in enumerate(prompts)),
         suppress=suppressed(model, options.suppress_tokens),
         blank=tuple(tok.encode(" ") + [tok.eot]) if options.suppress_blank else (),

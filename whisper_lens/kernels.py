@@ -32,10 +32,14 @@ import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .model import TextDecoder
 
 STEP_ROWS = 64  # the most rows a decoding step multiplies (batch x beams): fewer are memory-bound, more compute-bound
 
@@ -139,7 +143,7 @@ class Kernels:
         self.rows = rows
 
     @classmethod
-    def for_decoding(cls, decoder: nn.Module, rows: int) -> Kernels:
+    def for_decoding(cls, decoder: TextDecoder, rows: int) -> Kernels:
         """Kernels for a loop of ``rows``-row decoding steps of ``decoder`` (a ``TextDecoder``).
 
         Packs the step's projections (not the audio's keys/values, computed once before the
@@ -207,6 +211,7 @@ class KVCache:
     def __init__(self, k: Tensor, vt: Tensor) -> None:
         self.k = k  # (B, H, S, Dh)
         self.vt = vt  # (B, H, Dh, S)
+        self.rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1): row b writes into row b
 
     @classmethod
     def empty(cls, batch: int, heads: int, length: int, head_dim: int, like: Tensor) -> KVCache:
@@ -222,9 +227,8 @@ class KVCache:
 
     def write(self, pos: Tensor, k: Tensor, v: Tensor) -> None:
         """Store k, v (B, T, H, Dh) at positions ``pos`` (B, T), or (1, T) when every row is at the same ones."""
-        rows = torch.arange(self.k.shape[0], device=pos.device)[:, None]  # (B, 1)
-        self.k[rows, :, pos] = k  # k[b, :, pos[b, t]] = k[b, t]
-        self.vt[rows, :, :, pos] = v
+        self.k[self.rows, :, pos] = k  # k[b, :, pos[b, t]] = k[b, t]
+        self.vt[self.rows, :, :, pos] = v
 
     def keys(self) -> Tensor:
         return self.k  # (B, H, S, Dh)
