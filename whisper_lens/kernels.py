@@ -193,7 +193,7 @@ def attend_cached(q: Tensor, k: Tensor, vt: Tensor, mask: Tensor | None) -> Tens
         bias = torch.where(mask.mT, 0.0, float("-inf")).to(q.dtype)  # (B or 1, 1, S, T)
         bias = bias.expand(B, H, S, T).reshape(B * H, S, T) if mask.shape[0] > 1 else bias[0]  # (BH or 1, S, T)
     scores = torch.baddbmm(bias, k.reshape(B * H, S, Dh), q.reshape(B * H, T, Dh).mT, alpha=Dh**-0.5).mT  # (BH, T, S)
-    p = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)  # (BH, T, S)
+    p = scores.softmax(dim=-1, dtype=torch.float32 if q.element_size() < 4 else None).to(q.dtype)  # (BH, T, S)
     z = torch.bmm(vt.reshape(B * H, Dh, S), p.mT)  # (BH, Dh, T)
     return z.view(B, H, Dh, T).mT  # (B, H, T, Dh)
 

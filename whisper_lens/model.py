@@ -77,7 +77,9 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in at least fp32 whatever the activations' dtype (as OpenAI's, for fp16 stability)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        t = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 -> fp32; fp32, fp64 as they are
+        if x.dtype == self.weight.dtype == torch.float32:  # the common case, without four no-op casts per call
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        t = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 -> fp32; fp64 stays
         return F.layer_norm(x.to(t), self.normalized_shape, self.weight.to(t), self.bias.to(t), self.eps).to(x.dtype)
 
 
