@@ -29,6 +29,11 @@ from torch import Tensor
 
 from .model import ModelDims, Whisper
 
+ASSETS = Path(__file__).resolve().parent / "assets"
+# OpenAI's two tiktoken rank files (openai-whisper's assets, MIT): English-only and multilingual vocabularies
+OFFICIAL_TOKENIZERS = {51864: ASSETS / "gpt2.tiktoken", 51865: ASSETS / "multilingual.tiktoken",
+                       51866: ASSETS / "multilingual.tiktoken"}  # fmt: skip
+
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 SHIPPED = {"toy": WEIGHTS_DIR / "toy"}
 DEFAULT_MODEL = "toy"
@@ -202,9 +207,14 @@ def load_model(
     ``tokenizer``: a ``Tokenizer``, or a path to one (a ``.tiktoken`` file or an HF directory);
     by default the one found beside the weights, else ``None``.
     """
+    from .ct2 import is_ct2_folder, read_ct2_folder  # here: ct2 imports CheckpointError from this module
+
     folder, pt_file = resolve(source)
     if pt_file is not None:
         dims, state = read_openai_checkpoint(pt_file)
+    elif is_ct2_folder(folder):
+        ct2 = read_ct2_folder(folder)
+        dims, state = ct2.dims, ct2.state
     else:
         dims, state = read_hf_folder(folder)
     model = build(dims, state)
@@ -329,7 +339,8 @@ def build(dims: ModelDims, state: Mapping[str, Tensor]) -> Whisper:
 
 
 def _find_tokenizer(tokenizer, folder: Path, dims: ModelDims):
-    """The tokenizer given, or the one beside the weights (a *.tiktoken file or vocab.json), or None."""
+    """The tokenizer given, or the one beside the weights (a *.tiktoken file or vocab.json), or OpenAI's for
+    ``n_vocab`` (51864: English-only, 51865 / 51866: multilingual), or None for any other vocabulary."""
     from .tokenizer import Tokenizer, load_tokenizer
 
     if isinstance(tokenizer, Tokenizer):
@@ -343,6 +354,8 @@ def _find_tokenizer(tokenizer, folder: Path, dims: ModelDims):
         return load_tokenizer(ranks[0], n_vocab=dims.n_vocab)
     if (folder / "vocab.json").exists():
         return load_tokenizer(folder, n_vocab=dims.n_vocab)
+    if dims.n_vocab in OFFICIAL_TOKENIZERS:
+        return load_tokenizer(OFFICIAL_TOKENIZERS[dims.n_vocab], n_vocab=dims.n_vocab)
     return None
 
 
