@@ -291,12 +291,18 @@ def test_a_failed_run_removes_its_temporary_folder_and_the_parents_it_made(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def default_signals() -> None:
+    """In the child: SIGINT as in a terminal (a test run started in the background inherits it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, -signal.SIGINT)])
 def test_sigterm_or_ctrl_c_mid_run_leaves_no_half_written_folder(tmp_path, sig, code):
     """SIGTERM exits with 143; after Ctrl-C the process ends by SIGINT (a shell's status 130), both cleaned up."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "whisper_lens", "demo", "--out", "report"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signals)  # fmt: skip
     deadline = time.time() + 300
     while not [p for p in tmp_path.iterdir() if p.name.startswith(".report.")] and proc.poll() is None:
         assert time.time() < deadline, "the demo never started writing"

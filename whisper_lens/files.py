@@ -19,9 +19,9 @@ folder (two runs finishing together take turns) with SIGINT/SIGTERM/SIGHUP held 
 is over (they take effect right after). Where the kernel offers it (Linux's
 ``renameat2(RENAME_EXCHANGE)``) the new folder and the old one swap names in one step, so there
 is no moment without ``--out``, even if the process is killed; elsewhere two renames, undone if
-the second fails. A temporary folder left by a
-process that was killed outright (SIGKILL, power loss) is removed by the next run that writes
-to the same destination, once its marker shows the process is gone.
+the second fails. A temporary folder left by a process that was killed outright (SIGKILL, power
+loss) is removed by the next run that writes to the same destination, once its marker shows
+that the process is gone.
 """
 
 from __future__ import annotations
