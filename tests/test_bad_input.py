@@ -336,6 +336,13 @@ def test_written_files_and_folders_honour_the_umask(tmp_path, umask):
     assert (tmp_path / "study").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
+def test_atomic_write_into_a_missing_folder_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError) as excinfo:
+        atomic_write(tmp_path / "missing" / "x.txt", lambda p: Path(p).write_text("x"))
+    check_error(excinfo, "missing", "x.txt")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----- train-toy: no code from a checkpoint, every argument checked before any work
 
 

@@ -58,6 +58,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     interrupt, the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
     tmp = _create_temp(path.parent, f".{path.name}.{TEMP_TAG}-{os.getpid()}-", ".tmp", _new_file)
     mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 less the umask, as the kernel applied it
     try:
