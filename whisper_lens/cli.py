@@ -1,31 +1,47 @@
 """The ``whisper-lens`` command. Each subcommand is one function ``cmd_<name>(args)``.
 
-Errors a user can cause (bad paths, names, shapes) are printed as one line, with exit code 2;
-no traceback. ``--model`` defaults to the shipped toy model everywhere, so every command runs
-offline.
+Errors a user can cause (bad arguments, paths, names, shapes) are printed as one line,
+``whisper-lens: error: ...``, with exit code 2 and no traceback; Ctrl-C exits with 130 and
+SIGTERM with 143, after removing whatever the command had half-written. ``--model`` defaults to
+the shipped toy model everywhere, so every command runs offline. Output folders (``--out``) are
+replaced only when they are new, empty, or a previous output of the same command (see
+``whisper_lens.files``); anything else is refused before any work.
 """
 
 from __future__ import annotations
 
 import argparse
-import fnmatch
+import os
+import signal
 import sys
+import threading
 
 from .loading import DEFAULT_MODEL, OFFICIAL, SHIPPED
 
-USER_ERRORS = (ValueError, KeyError, IndexError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError,
-               OSError)  # fmt: skip
+USER_ERRORS = (ValueError, KeyError, IndexError, TypeError, OSError)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that the command unwinds (and cleans up) as on Ctrl-C."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the command's one-line error format (argparse prints the usage and its own prefix)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("whisper-lens").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"whisper-lens: error: {where}{message} (see whisper-lens {command} --help)\n".replace("  ", " "))
 
 
 def placement(device: str) -> dict:
     """load_model's device and dtype for a --device flag: fp32 on the CPU, fp16 on CUDA."""
     import torch
 
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
-    return {"device": device, "dtype": torch.float16 if device.startswith("cuda") else torch.float32}
+    from .toy.train import check_device
+
+    kind = check_device(device).type
+    return {"device": device, "dtype": torch.float16 if kind == "cuda" else torch.float32}
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -37,12 +53,20 @@ def cmd_download(args: argparse.Namespace) -> None:
 def cmd_names(args: argparse.Namespace) -> None:
     from .loading import load_model
     from .model import activation_shapes
+    from .trace import select_names
 
+    if args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    if args.tokens < 1:
+        raise ValueError(f"--tokens must be at least 1, got {args.tokens}")
     model = load_model(args.model)
+    if args.tokens > model.dims.n_text_ctx:
+        raise ValueError(f"--tokens {args.tokens} is beyond the model's text context of {model.dims.n_text_ctx}")
     shapes = activation_shapes(model.dims, batch=args.batch, n_tokens=args.tokens)
-    width = max(map(len, shapes))
+    chosen = select_names(args.pattern or True, list(shapes))  # a pattern that matches nothing is an error
+    width = max(map(len, chosen))
     for name, shape in shapes.items():
-        if not args.pattern or any(fnmatch.fnmatchcase(name, p) for p in args.pattern):
+        if name in chosen:
             print(f"{name:<{width}}  {list(shape)}")
 
 
@@ -78,11 +102,11 @@ def cmd_train_toy(args: argparse.Namespace) -> None:
     print(f"saved {model.dims} to {args.out}")
 
 
-def _study_inputs(args: argparse.Namespace):
+def _study_inputs(args: argparse.Namespace, device: dict):
     from .audio import load_windows
     from .loading import load_model
 
-    model = load_model(args.model, **placement(args.device))
+    model = load_model(args.model, **device)
     if model.tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer beside its weights")
     mels, seconds = load_windows(args.audio, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
@@ -91,10 +115,12 @@ def _study_inputs(args: argparse.Namespace):
 
 def cmd_lens(args: argparse.Namespace) -> None:
     from .experiments import format_table
-    from .study import lens_study, output_folder
+    from .files import output_folder
+    from .study import lens_study
 
-    model, mels, _ = _study_inputs(args)
-    with output_folder(args.out) as tmp:
+    device = placement(args.device)
+    with output_folder(args.out, "lens") as tmp:  # refused here, before any work, if it is not ours to replace
+        model, mels, _ = _study_inputs(args, device)
         for i, path in enumerate(args.audio):
             result = lens_study(model, mels[i], tmp, name=f"clip{i}")
             print(f"{path}: {result['text']}")
@@ -104,14 +130,16 @@ def cmd_lens(args: argparse.Namespace) -> None:
 
 def cmd_ablate(args: argparse.Namespace) -> None:
     from .experiments import format_table
-    from .study import ablate_study, output_folder
+    from .files import output_folder
+    from .study import ablate_study
 
-    model, mels, seconds = _study_inputs(args)
+    device = placement(args.device)
     refs = args.reference
     if refs is not None and len(refs) != len(args.audio):
         raise ValueError(f"give one --reference per audio file ({len(args.audio)}), got {len(refs)}")
     stacks = ("encoder", "decoder") if args.stack == "both" else (args.stack,)
-    with output_folder(args.out) as tmp:
+    with output_folder(args.out, "ablate") as tmp:
+        model, mels, seconds = _study_inputs(args, device)
         summary = ablate_study(model, mels, seconds, tmp, stacks=stacks, references=refs)
     print(format_table(summary))
     print(f"removal.png, ablate.csv, ablate_summary.csv in {args.out}/")
@@ -119,10 +147,12 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 def cmd_attention(args: argparse.Namespace) -> None:
     from .experiments import format_table
-    from .study import attention_study, output_folder
+    from .files import output_folder
+    from .study import attention_study
 
-    model, mels, seconds = _study_inputs(args)
-    with output_folder(args.out) as tmp:
+    device = placement(args.device)
+    with output_folder(args.out, "attention") as tmp:
+        model, mels, seconds = _study_inputs(args, device)
         for i, path in enumerate(args.audio):
             stats = attention_study(model, mels[i], seconds[i], tmp, name=f"clip{i}", layer=args.layer)
             cross = [r for r in stats if r["kind"] == "cross_attn"]
@@ -141,24 +171,25 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="whisper-lens",
         description="A hand-written Whisper for interpretability: traces, interventions, logit lens, decoding.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     models = ", ".join(list(SHIPPED) + list(OFFICIAL))
 
-    def model_arg(p: argparse.ArgumentParser) -> None:
+    def model_arg(p: argparse.ArgumentParser, device: bool = True) -> None:
         help = f"model name ({models}), hub id, HF directory or OpenAI .pt (default: {DEFAULT_MODEL})"
         p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=help)
-        p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16); default cpu")
+        if device:
+            p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16); default cpu")
 
     p = sub.add_parser("download", help="fetch an official model into the hub cache")
     p.add_argument("name", help=f"one of: {', '.join(OFFICIAL)}, or a hub id")
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("names", help="list every activation name with its shape")
-    model_arg(p)
+    model_arg(p, device=False)  # shapes only: nothing runs
     p.add_argument("--batch", type=int, default=1, help="batch size for the shapes shown (default 1)")
     p.add_argument("--tokens", type=int, default=4, help="number of text tokens for the shapes shown (default 4)")
     p.add_argument("pattern", nargs="*", help="glob patterns to filter names (e.g. 'decoder.*.resid_post')")
@@ -228,17 +259,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         args.func(args)
     except KeyboardInterrupt:
         print("whisper-lens: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("whisper-lens: terminated", file=sys.stderr)
+        return 143
     except USER_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"whisper-lens: error: {message}", file=sys.stderr)
+        print(f"whisper-lens: error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, always
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
+def _terminate(signum: int, frame) -> None:
+    raise Terminated
+
+
+def run() -> None:
+    """The process entry (the ``whisper-lens`` script, ``python -m whisper_lens``): ``main``'s exit status.
+
+    After Ctrl-C the process ends by SIGINT itself, once it has cleaned up: the shell reports
+    status 130 and, unlike after a plain ``exit(130)``, also stops a loop that runs the command.
+    """
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

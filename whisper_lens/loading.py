@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .files import atomic_write
 from .model import ModelDims, Whisper
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -360,19 +360,6 @@ def _find_tokenizer(tokenizer, folder: Path, dims: ModelDims):
 
 
 # ----------------------------------------------------------------------------- writers
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write a file through ``write(tmp_path)`` to a temporary name beside it, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(model: Whisper, folder: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None) -> Path:
