@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import stat
 import time
@@ -281,8 +281,13 @@ def rounds(ranks: Ranks, batches: list, work: Callable, save: Callable[[list], N
 MARKER = "whisper-lens.json"  # in --out: which command wrote the folder, with which settings
 
 
-def _temporary(name: str) -> bool:
-    return name.startswith(".") and name.endswith(".tmp")
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.\d+\.[0-9a-f]{8}\.tmp")  # atomic_write's name for a file being written
+
+
+def _temporary(rel: Path, contents: dict[str, str]) -> bool:
+    """Whether ``rel`` is a temporary file of ``atomic_write`` for one of the command's own files."""
+    found = TEMPORARY.fullmatch(rel.name)
+    return found is not None and _ours(rel.with_name(found["name"]), contents)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -318,9 +323,11 @@ def claim(out: str | os.PathLike, command: str, settings: dict, contents: dict[s
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
     marker = out / MARKER
-    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+    held = sorted(out.iterdir()) if out.is_dir() else []
+    if held and not marker.is_file():
         raise FileExistsError(
-            f"--out {out} is not empty and was not written by whisper-lens (no {MARKER}): give a new or empty folder"
+            f"--out {out} holds {held[0].name}{' and more' if len(held) > 1 else ''} and was not written by "
+            f"whisper-lens (no {MARKER}): give a new or empty folder"
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -337,13 +344,15 @@ def claim(out: str | os.PathLike, command: str, settings: dict, contents: dict[s
             f"--out {out} holds {strangers[0]}{more}, which whisper-lens {command} did not write: "
             "move it away or give another folder"
         )
+    import fcntl  # POSIX; imported here so that whisper_lens imports everywhere
+
     with open(marker) as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise BlockingIOError(f"--out {out} is in use by another whisper-lens {command} run") from None
         for p in _entries(out):
-            if _temporary(p.name):
+            if _temporary(p.relative_to(out), contents):
                 p.unlink()
         yield out
 
@@ -380,7 +389,7 @@ def _check_marker(marker: Path, command: str, settings: dict) -> None:
 
 def _short(value) -> str:
     text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _entries(out: Path) -> list[Path]:
@@ -391,7 +400,7 @@ def _entries(out: Path) -> list[Path]:
 
 def _ours(rel: Path, contents: dict[str, str]) -> bool:
     """Whether the command wrote ``rel`` (a path inside --out): its files, its folders' files, its temporaries."""
-    if rel.name == MARKER and len(rel.parts) == 1 or _temporary(rel.name):
+    if rel.name == MARKER and len(rel.parts) == 1 or _temporary(rel, contents):
         return True
     if len(rel.parts) == 1:
         return rel.name in contents
