@@ -193,17 +193,21 @@ class Ranks:
         self.rank, self.size = rank, size
 
     @staticmethod
+    def current() -> Ranks:
+        """The default process group's ranks if one is initialised (e.g. by your torchrun script), else one process."""
+        if dist.is_available() and dist.is_initialized():
+            return Ranks(dist.get_rank(), dist.get_world_size())
+        return Ranks()
+
+    @staticmethod
     @contextlib.contextmanager
     def join(device: str = "cpu") -> Iterator[Ranks]:
         """The ranks of a ``torchrun`` launch (its process group joined here and left at the end), else one process.
 
         A process group initialised by the caller is used as it is.
         """
-        if dist.is_available() and dist.is_initialized():
-            yield Ranks(dist.get_rank(), dist.get_world_size())
-            return
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            yield Ranks()
+        if (dist.is_available() and dist.is_initialized()) or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            yield Ranks.current()
             return
         cuda = device.startswith("cuda")
         if cuda:
@@ -472,7 +476,7 @@ def sweep(
     is done, rank 0 writes ``rows.csv`` (ordered by stack, k, clip), ``summary.csv`` (means per stack
     and k) and ``removal.png`` (WER against k) into ``out``. Resumable: see the module's docstring.
     """
-    ranks = ranks or Ranks()
+    ranks = ranks or Ranks.current()
     plan = removal_plan(model, stack, removals)
     _check_run(model, clips, batch_size, text=True)
     settings = {"model": model_settings(model), "removals": plan, "max_new_tokens": max_new_tokens}
@@ -488,6 +492,7 @@ def sweep(
                 write_json(parts / f"{run}-{next(count):06d}.json", part)
                 bar.update(len(part["clips"]))
 
+        ranks.together(lambda: _warm_up(model, clips))
         started = time.perf_counter()
         work = lambda batch: _sweep_batch(model, batch, plan, max_new_tokens)  # noqa: E731
         with bar:  # closed (its line ended) before an error is printed
@@ -506,6 +511,11 @@ def _check_run(model: Whisper, clips: Sequence[Clip], batch_size: int, text: boo
         raise ValueError("clips must be a non-empty list of Clip, as find_clips returns")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size!r}")
+
+
+def _warm_up(model: Whisper, clips: Sequence[Clip]) -> None:
+    """Read one clip: the first read imports the audio decoders (seconds), which the timed rate should not count."""
+    load_windows([clips[0].path], model.dims.n_mels, 2 * model.dims.n_audio_ctx)
 
 
 def _batches(clips: list[Clip], size: int) -> list[list[Clip]]:
@@ -644,10 +654,11 @@ def export(
     writes ``index.json`` (clips, names with their position axes, one entry per tensor: clip, name,
     shape, shard). Read it with ``load_activations(out)``. Resumable: see the module's docstring.
     """
-    ranks = ranks or Ranks()
+    ranks = ranks or Ranks.current()
     names = [n for n in model.names() if n in select_names(trace, model.names())]
     text = any(not n.startswith("encoder.") for n in names)
     _check_run(model, clips, batch_size, text=text)
+    clips = [replace(c, reference=None) for c in clips]  # an export does not depend on the references
     dtype = model.dtype if dtype is None else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a torch floating point dtype, got {dtype!r}")
@@ -664,6 +675,7 @@ def export(
         shards.mkdir(parents=True, exist_ok=True)  # every rank's, in case --out is not shared between machines
         bar = _bar(progress and ranks.rank == 0, len(clips), len(clips) - len(todo), "export")
         writer = ShardWriter(shards, shard_clips)
+        ranks.together(lambda: _warm_up(model, clips))
         started = time.perf_counter()
         work = lambda batch: writer.add(_export_batch(model, batch, names, axes, dtype, positions, max_new_tokens))  # noqa: E731
         try:
