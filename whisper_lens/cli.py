@@ -259,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="attention-out", help="output folder (default attention-out)")
     p.set_defaults(func=cmd_attention)
 
-    p = sub.add_parser("sweep", help="layer removal over a dataset: resumable, one process or torchrun ranks")
+    p = sub.add_parser("sweep", help="layer removal over a dataset: resumable, one process or torchrun ranks",
+                       description="Remove the last k blocks of a stack for each k and decode every clip; rows, "
+                       "summary and plot in --out. N ranks: torchrun --nproc-per-node N -m whisper_lens sweep "
+                       "...")  # fmt: skip
     model_arg(p)
     p.add_argument("audio", nargs="+", help="a folder of audio files (searched recursively), or the files")
     p.add_argument("--stack", choices=["encoder", "decoder", "both"], required=True)
@@ -272,7 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per clip (default 224)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("export", help="activations of a dataset as safetensors shards + index (for SAEs)")
+    p = sub.add_parser("export", help="activations of a dataset as safetensors shards + index (for SAEs)",
+                       description="model.run's activations of every clip as safetensors shards with index.json, "
+                       "read with whisper_lens.load_activations. N ranks: torchrun --nproc-per-node N -m "
+                       "whisper_lens export ...")  # fmt: skip
     model_arg(p)
     p.add_argument("audio", nargs="+", help="a folder of audio files (searched recursively), or the files")
     p.add_argument("--trace", nargs="+", action="extend", required=True, metavar="PATTERN",

@@ -337,6 +337,8 @@ def claim(out: str | os.PathLike, command: str, settings: dict, contents: dict[s
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise type(e)(f"cannot create --out {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write into --out {out}")
     settings = json.loads(json.dumps(settings))  # as it reads back
     if not marker.exists():
         _create_marker(marker, {"command": command, "version": 1, "settings": settings})
@@ -449,11 +451,11 @@ def removal_plan(model: Whisper, stack: str, removals: Sequence[int] | None) -> 
     plan = {}
     for name in stacks if stack == "both" else [stack]:
         L = stacks[name]
-        ks = list(range(L + 1)) if removals is None else sorted(set(removals))
+        ks = list(range(L + 1)) if removals is None else list(removals)
         bad = [k for k in ks if not (isinstance(k, int) and 0 <= k <= L)]
         if bad or not ks:
             raise ValueError(f"removals {bad or '(none)'}: the {name} has {L} blocks, remove 0 to {L} of them")
-        plan[name] = ks
+        plan[name] = sorted(set(ks))
     return plan
 
 
@@ -563,12 +565,13 @@ def _sweep_batch(model: Whisper, batch: list[Clip], plan: dict[str, list[int]], 
 def _finish_sweep(out: Path, clips: Sequence[Clip], plan: dict[str, list[int]]):
     """Rank 0: every clip's rows from the parts, in order, as rows.csv, summary.csv and removal.png."""
     wanted = {c.id: (n, c.key) for n, c in enumerate(clips)}
-    rows = [
-        row
-        for part in _parts(out / "parts")
-        for row in part["rows"]
-        if row["clip"] in wanted and part["clips"][row["clip"]] == wanted[row["clip"]][1]
-    ]
+    parts = list(_parts(out / "parts"))
+    source = {}  # clip -> the first part that holds its rows for its current key
+    for i, part in enumerate(parts):
+        for clip, key in part["clips"].items():
+            if clip in wanted and wanted[clip][1] == key:
+                source.setdefault(clip, i)
+    rows = [row for i, part in enumerate(parts) for row in part["rows"] if source.get(row["clip"]) == i]
     stacks = list(plan)
     rows.sort(key=lambda r: (stacks.index(r["stack"]), plan[r["stack"]].index(r["removed"]), wanted[r["clip"]][0]))
     by_stack = {s: [r for r in rows if r["stack"] == s] for s in stacks}
