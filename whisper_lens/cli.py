@@ -158,7 +158,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if ranks.rank == 0:
         print(format_table(done.summary))
         rate = f"{done.new_clips / done.seconds:.2f} clips/s" if done.new_clips else "nothing left to do"
-        print(f"swept {done.new_clips} of {len(clips)} clips in {done.seconds:.1f} s ({rate}, {ranks.size} ranks)")
+        print(f"swept {done.new_clips} of {len(clips)} clips in {done.seconds:.2f} s ({rate}, {ranks.size} ranks)")
         drawn = ", removal.png" if done.plot else " (no removal.png: pip install matplotlib)"
         print(f"rows.csv, summary.csv{drawn} in {args.out}/")
 
@@ -182,8 +182,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     except RankFailed:  # another rank failed and said why
         raise SystemExit(2) from None
     if ranks.rank == 0:
-        rate = f"{done.bytes / 1e6 / done.seconds:.1f} MB/s" if done.new_clips else "nothing left to do"
-        print(f"exported {done.new_clips} of {len(clips)} clips, {done.bytes / 1e6:.1f} MB in {done.seconds:.1f} s "
+        rate = f"{done.bytes / 1e6 / done.seconds:.2f} MB/s" if done.new_clips else "nothing left to do"
+        print(f"exported {done.new_clips} of {len(clips)} clips, {done.bytes / 1e6:.1f} MB in {done.seconds:.2f} s "
               f"({rate}, {ranks.size} ranks)")  # fmt: skip
         print(f"index: {done.index} (read it with whisper_lens.load_activations)")
 

@@ -845,9 +845,10 @@ class Activations:
             raise FileNotFoundError(f"{path} not found: not a finished whisper-lens export (rerun export to finish it)")
         try:
             self.index = json.loads(path.read_text())
-            assert self.index["format"] == FORMAT
-        except (OSError, ValueError, KeyError, AssertionError):
-            raise ValueError(f"{path} is not a whisper-lens activation index") from None
+        except (OSError, ValueError):
+            self.index = None
+        if not isinstance(self.index, dict) or self.index.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a whisper-lens activation index")
         self.clips: list[dict] = self.index["clips"]
         self.names: list[str] = list(self.index["names"])
         self.axes: dict[str, list[str | None]] = {n: v["axes"] for n, v in self.index["names"].items()}
@@ -861,8 +862,9 @@ class Activations:
         entry = self.entries.get(key)
         if entry is None:
             clip, name = key if isinstance(key, tuple) and len(key) == 2 else (key, None)
-            known = "clip" if any(c["clip"] == clip for c in self.clips) else None
-            what = f"name {name!r} (exported: {', '.join(self.names[:4])}...)" if known else f"clip {clip!r}"
+            listed = ", ".join(self.names[:4]) + (", ..." if len(self.names) > 4 else "")
+            known = any(c["clip"] == clip for c in self.clips)
+            what = f"name {name!r} (it has {listed})" if known else f"clip {clip!r}"
             raise KeyError(f"the export in {self.folder} has no {what}; index it as acts[clip, name]")
         return self._shard(entry["shard"]).get_tensor(entry["key"])
 
