@@ -278,3 +278,19 @@ def test_ranks_without_torchrun_are_one_process():
     with Ranks.join("cpu") as ranks:
         assert (ranks.rank, ranks.size) == (0, 1)
         assert ranks.gather("x") == ["x"] and ranks.first(lambda: 7) == 7
+
+
+def test_every_file_is_written_with_the_mode_the_umask_gives(model, dataset, tmp_path):
+    """Rows, summary, plot, parts, marker, shards and index: 0666 / 0777 less the umask (not tempfile's 0600)."""
+    clips = find_clips([dataset], model)
+    old = os.umask(0o027)
+    try:
+        sweep(model, clips[:2], tmp_path / "sweep", stack="encoder", removals=[0], progress=False)
+        export(model, clips[:2], tmp_path / "export", ["encoder.ln_post"], progress=False)
+    finally:
+        os.umask(old)
+    found = [p for p in tmp_path.rglob("*")] + [tmp_path / "sweep", tmp_path / "export"]
+    assert {p.name for p in found} >= {"rows.csv", "summary.csv", "removal.png", "index.json", ".whisper-lens.json"}
+    for p in found:
+        assert p.stat().st_mode & 0o777 == (0o750 if p.is_dir() else 0o640), p
+    assert not [p for p in found if p.name.endswith(".tmp")]

@@ -19,7 +19,7 @@ When a rank fails, the round still ends for everyone: what the others finished i
 rank that failed raises its error and every other rank raises ``RankFailed`` (the command prints one
 line, from the rank that failed).
 
-Resuming. ``--out`` holds the state: ``whisper-lens.json`` (the command and its settings, written
+Resuming. ``--out`` holds the state: ``.whisper-lens.json`` (the command and its settings, written
 first), then what finished batches produced, each file written under a temporary name and renamed
 into place: ``parts/*.json`` (a sweep's rows) or ``shards/*.safetensors`` (an export's tensors). A
 rerun with the same settings does only the clips without results; a clip keeps its results while its
@@ -282,10 +282,8 @@ def rounds(ranks: Ranks, batches: list, work: Callable, save: Callable[[list], N
 
 # ----------------------------------------------------------------------------- the output folder
 
-MARKER = "whisper-lens.json"  # in --out: which command wrote the folder, with which settings
-
-
-TEMPORARY = re.compile(r"\.(?P<name>.+)\.\d+\.[0-9a-f]{8}\.tmp")  # atomic_write's name for a file being written
+MARKER = ".whisper-lens.json"  # in --out: which command wrote the folder, with which settings
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.whisper-lens-\d+-[0-9a-f]{8}\.tmp")  # a file atomic_write is writing
 
 
 def _temporary(rel: Path, contents: dict[str, str]) -> bool:
@@ -294,11 +292,18 @@ def _temporary(rel: Path, contents: dict[str, str]) -> bool:
     return found is not None and _ours(rel.with_name(found["name"]), contents)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` a temporary file beside ``path``, then rename it into place; the umask sets its mode."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+def atomic_write(path: Path, write: Callable[[str], object]) -> Path:
+    """``write(tmp)`` a temporary file beside ``path``, then rename it into place.
+
+    The temporary file is created first, with mode 0666 less the umask, and given that mode again
+    before the rename (safetensors replaces it with a private file of its own).
+    """
+    tmp = path.parent / f".{path.name}.whisper-lens-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)
     try:
-        write(tmp)
+        write(str(tmp))
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -307,8 +312,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 
 def write_json(path: Path, obj) -> Path:
-    def write(tmp: Path) -> None:
-        with open(tmp, "x") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
             json.dump(obj, f)
 
     return atomic_write(path, write)
@@ -341,7 +346,7 @@ def claim(out: str | os.PathLike, command: str, settings: dict, contents: dict[s
         raise PermissionError(f"cannot write into --out {out}")
     settings = json.loads(json.dumps(settings))  # as it reads back
     if not marker.exists():
-        _create_marker(marker, {"command": command, "version": 1, "settings": settings})
+        _create_marker(marker, {"tool": "whisper-lens", "command": command, "version": 1, "settings": settings})
     _check_marker(marker, command, settings)
     strangers = [p for p in _entries(out) if not _ours(p.relative_to(out), contents)]
     if strangers:
@@ -365,7 +370,7 @@ def claim(out: str | os.PathLike, command: str, settings: dict, contents: dict[s
 
 def _create_marker(marker: Path, content: dict) -> None:
     """Write the marker unless another run just did (a link does not replace an existing file)."""
-    tmp = marker.parent / f".{marker.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = marker.parent / f".{marker.name}.whisper-lens-{os.getpid()}-{secrets.token_hex(4)}.tmp"
     with open(tmp, "x") as f:
         json.dump(content, f, indent=1)
     try:
@@ -380,11 +385,12 @@ def _check_marker(marker: Path, command: str, settings: dict) -> None:
     out = marker.parent
     try:
         found = json.loads(marker.read_text())
-        found_command, found_settings = found["command"], found["settings"]
+        found_command = found["command"]
     except (OSError, ValueError, TypeError, KeyError):
         raise ValueError(f"{marker} is not a whisper-lens marker: give another --out") from None
     if found_command != command:
         raise FileExistsError(f"--out {out} holds a whisper-lens {found_command}, not a {command}: give another folder")
+    found_settings = found.get("settings", {})
     if found_settings != settings:
         differ = [k for k in settings if found_settings.get(k) != settings[k]] or list(found_settings)
         said = "; ".join(f"{k} {_short(found_settings.get(k))} there, {_short(settings.get(k))} here" for k in differ)
@@ -584,8 +590,8 @@ def _finish_sweep(out: Path, clips: Sequence[Clip], plan: dict[str, list[int]]):
 def write_csv(path: Path, rows: Sequence[dict]) -> Path:
     columns = list(dict.fromkeys(c for r in rows for c in r))
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "x", newline="") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=columns)
             w.writeheader()
             w.writerows(rows)
@@ -769,14 +775,7 @@ class ShardWriter:
         meta = {"clips": [record for record, _ in clips], "shapes": {k: list(x.shape) for k, x in tensors.items()}}
         # unique: no clip is in two shards, and a clip's id is hashed with a random suffix against reruns
         name = f"{hashlib.sha256(clips[0][0]['clip'].encode()).hexdigest()[:12]}-{secrets.token_hex(4)}.safetensors"
-
-        def write(tmp: Path) -> None:
-            open(tmp, "xb").close()  # the mode the umask gives; safetensors itself writes 0600
-            mode = stat.S_IMODE(os.stat(tmp).st_mode)
-            save_file(tensors, tmp, metadata={FORMAT: json.dumps(meta)})
-            os.chmod(tmp, mode)
-
-        atomic_write(self.folder / name, write)
+        atomic_write(self.folder / name, lambda tmp: save_file(tensors, tmp, metadata={FORMAT: json.dumps(meta)}))
         self.bytes += sum(x.numel() * x.element_size() for x in tensors.values())
 
 
