@@ -44,20 +44,20 @@ def check_error(excinfo: pytest.ExceptionInfo, *names: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def toy_model():
+def dataset_toy_model():
     import whisper_lens as wl
 
     return wl.load_model()
 
 
 @pytest.fixture
-def toy(toy_model):
+def dataset_toy(dataset_toy_model):
     """The shipped model, on one thread (a small model's products gain nothing from two busy cores)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield toy_model
+    yield dataset_toy_model
     torch.set_num_threads(threads)
 
 
@@ -81,18 +81,18 @@ def snapshot(folder: Path) -> dict:
     return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_sweep_an_empty_folder_is_named(toy, tmp_path):
+def test_sweep_an_empty_folder_is_named(dataset_toy, tmp_path):
     from whisper_lens.distributed import find_clips
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not audio")
     with pytest.raises(FileNotFoundError) as excinfo:
-        find_clips([tmp_path / "empty"], toy)
+        find_clips([tmp_path / "empty"], dataset_toy)
     check_error(excinfo, str(tmp_path / "empty"))
 
 
 @pytest.mark.parametrize("kind", ["text", "empty", "too long", "fifo"])
-def test_sweep_an_unreadable_clip_is_named_before_any_work(toy, clips_dir, kind):
+def test_sweep_an_unreadable_clip_is_named_before_any_work(dataset_toy, clips_dir, kind):
     import os
 
     import numpy as np
@@ -110,11 +110,11 @@ def test_sweep_an_unreadable_clip_is_named_before_any_work(toy, clips_dir, kind)
     else:
         os.mkfifo(bad)  # reading it would block for ever
     with pytest.raises((ValueError, OSError)) as excinfo:
-        find_clips([clips_dir / "sample1.wav", bad], toy)
+        find_clips([clips_dir / "sample1.wav", bad], dataset_toy)
     check_error(excinfo, str(bad))
 
 
-def test_sweep_references_without_a_clip_are_refused(toy, clips_dir):
+def test_sweep_references_without_a_clip_are_refused(dataset_toy, clips_dir):
     import json
 
     from whisper_lens.distributed import find_clips
@@ -122,62 +122,62 @@ def test_sweep_references_without_a_clip_are_refused(toy, clips_dir):
     refs = clips_dir / "refs.json"
     refs.write_text(json.dumps({"sample1.wav": "my rice is funny"}))
     with pytest.raises(ValueError) as excinfo:
-        find_clips([clips_dir], toy, references=refs)
+        find_clips([clips_dir], dataset_toy, references=refs)
     check_error(excinfo, "sample2.wav", str(refs))
     refs.write_text("[1, 2]")
     with pytest.raises(ValueError) as excinfo:
-        find_clips([clips_dir], toy, references=refs)
+        find_clips([clips_dir], dataset_toy, references=refs)
     check_error(excinfo, str(refs))
 
 
-def test_sweep_an_out_holding_another_studys_rows_is_refused_untouched(toy, clips_dir, tmp_path):
+def test_sweep_an_out_holding_another_studys_rows_is_refused_untouched(dataset_toy, clips_dir, tmp_path):
     from whisper_lens.distributed import export, find_clips, sweep
 
-    clips = find_clips([clips_dir], toy, references=clips_dir / "refs.json")
+    clips = find_clips([clips_dir], dataset_toy, references=clips_dir / "refs.json")
     out = tmp_path / "out"
-    sweep(toy, clips, out, stack="encoder", removals=[0], progress=False)
+    sweep(dataset_toy, clips, out, stack="encoder", removals=[0], progress=False)
     before = snapshot(out)
     with pytest.raises(FileExistsError) as excinfo:  # another stack
-        sweep(toy, clips, out, stack="decoder", removals=[0], progress=False)
+        sweep(dataset_toy, clips, out, stack="decoder", removals=[0], progress=False)
     check_error(excinfo, str(out), "another sweep")
     with pytest.raises(FileExistsError) as excinfo:  # another command
-        export(toy, clips, out, "encoder.ln_post", progress=False)
+        export(dataset_toy, clips, out, "encoder.ln_post", progress=False)
     check_error(excinfo, str(out), "sweep")
     assert snapshot(out) == before
 
 
-def test_sweep_an_out_with_files_it_did_not_write_is_refused_untouched(toy, clips_dir, tmp_path):
+def test_sweep_an_out_with_files_it_did_not_write_is_refused_untouched(dataset_toy, clips_dir, tmp_path):
     from whisper_lens.distributed import find_clips, sweep
 
-    clips = find_clips([clips_dir], toy)
+    clips = find_clips([clips_dir], dataset_toy)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("my notes")
-    sweep(toy, clips, tmp_path / "marked", stack="encoder", removals=[0], progress=False)
+    sweep(dataset_toy, clips, tmp_path / "marked", stack="encoder", removals=[0], progress=False)
     (tmp_path / "marked" / "parts" / "notes.txt").write_text("my notes")
     for out in (tmp_path / "mine", tmp_path / "marked"):
         before = snapshot(out)
         with pytest.raises(FileExistsError) as excinfo:
-            sweep(toy, clips, out, stack="encoder", removals=[0], progress=False)
+            sweep(dataset_toy, clips, out, stack="encoder", removals=[0], progress=False)
         check_error(excinfo, str(out), "notes.txt")
         assert snapshot(out) == before
     (tmp_path / "file").write_text("mine")
     with pytest.raises(NotADirectoryError) as excinfo:
-        sweep(toy, clips, tmp_path / "file", stack="encoder", removals=[0], progress=False)
+        sweep(dataset_toy, clips, tmp_path / "file", stack="encoder", removals=[0], progress=False)
     check_error(excinfo, str(tmp_path / "file"))
 
 
-def test_sweep_an_out_in_use_by_another_run_is_refused(toy, clips_dir, tmp_path):
+def test_sweep_an_out_in_use_by_another_run_is_refused(dataset_toy, clips_dir, tmp_path):
     import fcntl
 
     from whisper_lens.distributed import MARKER, find_clips, sweep
 
-    clips = find_clips([clips_dir], toy)
+    clips = find_clips([clips_dir], dataset_toy)
     out = tmp_path / "out"
-    sweep(toy, clips, out, stack="encoder", removals=[0], progress=False)
+    sweep(dataset_toy, clips, out, stack="encoder", removals=[0], progress=False)
     with open(out / MARKER) as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a running sweep holds it
         with pytest.raises(BlockingIOError) as excinfo:
-            sweep(toy, clips, out, stack="encoder", removals=[0], progress=False)
+            sweep(dataset_toy, clips, out, stack="encoder", removals=[0], progress=False)
     check_error(excinfo, str(out), "in use")
 
 
@@ -189,11 +189,11 @@ def test_sweep_an_out_in_use_by_another_run_is_refused(toy, clips_dir, tmp_path)
         ({"stack": "both", "batch_size": 0}, ["batch size", "0"]),
     ],
 )
-def test_sweep_bad_settings_are_refused_before_any_work(toy, clips_dir, tmp_path, options, names):
+def test_sweep_bad_settings_are_refused_before_any_work(dataset_toy, clips_dir, tmp_path, options, names):
     from whisper_lens.distributed import find_clips, sweep
 
     with pytest.raises(ValueError) as excinfo:
-        sweep(toy, find_clips([clips_dir], toy), tmp_path / "out", progress=False, **options)
+        sweep(dataset_toy, find_clips([clips_dir], dataset_toy), tmp_path / "out", progress=False, **options)
     check_error(excinfo, *names)
     assert not (tmp_path / "out").exists()
 
@@ -207,7 +207,7 @@ def test_sweep_bad_settings_are_refused_before_any_work(toy, clips_dir, tmp_path
         ("encoder.ln_post", {"shard_clips": 0}, ["0"], ValueError),
     ],
 )
-def test_export_bad_settings_are_refused_before_any_work(toy, clips_dir, tmp_path, trace, options, names, error):
+def test_export_bad_settings_are_refused_before_work(dataset_toy, clips_dir, tmp_path, trace, options, names, error):
     import torch
 
     from whisper_lens.distributed import export, find_clips
@@ -216,18 +216,18 @@ def test_export_bad_settings_are_refused_before_any_work(toy, clips_dir, tmp_pat
         options = {"dtype": getattr(torch, options["dtype"])}
 
     with pytest.raises(error) as excinfo:
-        export(toy, find_clips([clips_dir], toy), tmp_path / "out", trace, progress=False, **options)
+        export(dataset_toy, find_clips([clips_dir], dataset_toy), tmp_path / "out", trace, progress=False, **options)
     check_error(excinfo, *names)
     assert not (tmp_path / "out").exists()
 
 
-def test_export_reader_names_what_is_missing(toy, clips_dir, tmp_path):
+def test_export_reader_names_what_is_missing(dataset_toy, clips_dir, tmp_path):
     from whisper_lens.distributed import export, find_clips, load_activations
 
     with pytest.raises(FileNotFoundError) as excinfo:
         load_activations(clips_dir)
     check_error(excinfo, str(clips_dir))
-    export(toy, find_clips([clips_dir], toy), tmp_path / "x", "encoder.ln_post", progress=False)
+    export(dataset_toy, find_clips([clips_dir], dataset_toy), tmp_path / "x", "encoder.ln_post", progress=False)
     acts = load_activations(tmp_path / "x")
     for key, name in [(("nope.wav", "encoder.ln_post"), "nope.wav"), (("sample1.wav", "logits"), "logits")]:
         with pytest.raises(KeyError) as excinfo:
