@@ -170,6 +170,54 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"report written to {report}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Layer removal over a dataset, one process or torchrun ranks, resumable; rows, summary and plot in --out."""
+    from .distributed import RankFailed, Ranks, find_clips, rank_device, sweep
+    from .experiments import format_table
+    from .loading import load_model
+
+    device = rank_device(args.device)
+    try:
+        with Ranks.join(device) as ranks:
+            model = ranks.together(lambda: load_model(args.model, **placement(device)))
+            clips = ranks.first(lambda: find_clips(args.audio, model, references=args.references))
+            done = sweep(model, clips, args.out, stack=args.stack, removals=args.removals, batch_size=args.batch_size,
+                         max_new_tokens=args.max_new_tokens, ranks=ranks)  # fmt: skip
+    except RankFailed:  # another rank failed and said why
+        raise SystemExit(2) from None
+    if ranks.rank == 0:
+        print(format_table(done.summary))
+        rate = f"{done.new_clips / done.seconds:.2f} clips/s" if done.new_clips else "nothing left to do"
+        print(f"swept {done.new_clips} of {len(clips)} clips in {done.seconds:.2f} s ({rate}, {ranks.size} ranks)")
+        drawn = ", removal.png" if done.plot else " (no removal.png: pip install matplotlib)"
+        print(f"rows.csv, summary.csv{drawn} in {args.out}/")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Activations of a dataset as safetensors shards with an index, one process or torchrun ranks, resumable."""
+    import torch
+
+    from .distributed import RankFailed, Ranks, export, find_clips, rank_device
+    from .loading import load_model
+
+    device = rank_device(args.device)
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    try:
+        with Ranks.join(device) as ranks:
+            model = ranks.together(lambda: load_model(args.model, **placement(device)))
+            clips = ranks.first(lambda: find_clips(args.audio, model))
+            done = export(model, clips, args.out, args.trace, dtype=dtype, positions=args.positions,
+                          batch_size=args.batch_size, shard_clips=args.shard_clips,
+                          max_new_tokens=args.max_new_tokens, ranks=ranks)  # fmt: skip
+    except RankFailed:  # another rank failed and said why
+        raise SystemExit(2) from None
+    if ranks.rank == 0:
+        rate = f"{done.bytes / 1e6 / done.seconds:.2f} MB/s" if done.new_clips else "nothing left to do"
+        print(f"exported {done.new_clips} of {len(clips)} clips, {done.bytes / 1e6:.1f} MB in {done.seconds:.2f} s "
+              f"({rate}, {ranks.size} ranks)")  # fmt: skip
+        print(f"index: {done.index} (read it with whisper_lens.load_activations)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="whisper-lens",
@@ -241,6 +289,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None, help="block to draw (default: the last)")
     p.add_argument("--out", default="attention-out", help="output folder (default attention-out)")
     p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser("sweep", help="layer removal over a dataset: resumable, one process or torchrun ranks",
+                       description="Remove the last k blocks of a stack for each k and decode every clip; rows, "
+                       "summary and plot in --out. N ranks: torchrun --nproc-per-node N -m whisper_lens sweep "
+                       "...")  # fmt: skip
+    model_arg(p)
+    p.add_argument("audio", nargs="+", help="a folder of audio files (searched recursively), or the files")
+    p.add_argument("--stack", choices=["encoder", "decoder", "both"], required=True)
+    p.add_argument("--removals", type=int, nargs="+", metavar="K",
+                   help="numbers of last blocks to remove (default: 0 to all of them)")  # fmt: skip
+    p.add_argument("--references", help="JSON {clip: transcript}, clip = path in the folder or unique file name "
+                   "(default: WER against the full model's own transcripts)")  # fmt: skip
+    p.add_argument("--out", required=True, help="output folder; rerunning the command resumes in it")
+    p.add_argument("--batch-size", type=int, default=8, help="clips decoded together (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per clip (default 224)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("export", help="activations of a dataset as safetensors shards + index (for SAEs)",
+                       description="model.run's activations of every clip as safetensors shards with index.json, "
+                       "read with whisper_lens.load_activations. N ranks: torchrun --nproc-per-node N -m "
+                       "whisper_lens export ...")  # fmt: skip
+    model_arg(p)
+    p.add_argument("audio", nargs="+", help="a folder of audio files (searched recursively), or the files")
+    p.add_argument("--trace", nargs="+", action="extend", required=True, metavar="PATTERN",
+                   help="activation names or glob patterns, e.g. 'encoder.blocks.*.resid_post'")  # fmt: skip
+    p.add_argument("--out", required=True, help="output folder; rerunning the command resumes in it")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="stored dtype (default: the model's)")  # fmt: skip
+    p.add_argument("--positions", choices=["speech", "all"], default="speech",
+                   help="audio positions kept: those covering the clip (default) or the whole window")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=8, help="clips run together (default 8)")
+    p.add_argument("--shard-clips", type=int, default=32, help="clips per shard file (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per transcript (decoder names)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train-toy", help="train the shipped toy model from scratch on espeak-ng speech (the recipe)")
     p.add_argument("--out", default="weights/toy", help="where to save the model (default weights/toy)")
