@@ -52,6 +52,7 @@ from torch import Tensor
 
 from .audio import HOP_LENGTH, SAMPLE_RATE, load_audio, load_windows
 from .experiments import removal_sweep, summarize
+from .files import MARKER, atomic_write
 from .model import ModelDims, Whisper, activation_shapes
 from .trace import select_names
 
@@ -282,7 +283,6 @@ def rounds(ranks: Ranks, batches: list, work: Callable, save: Callable[[list], N
 
 # ----------------------------------------------------------------------------- the output folder
 
-MARKER = ".whisper-lens.json"  # in --out: which command wrote the folder, with which settings
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.whisper-lens-\d+-[0-9a-f]{8}\.tmp")  # a file atomic_write is writing
 
 
@@ -290,25 +290,6 @@ def _temporary(rel: Path, contents: dict[str, str]) -> bool:
     """Whether ``rel`` is a temporary file of ``atomic_write`` for one of the command's own files."""
     found = TEMPORARY.fullmatch(rel.name)
     return found is not None and _ours(rel.with_name(found["name"]), contents)
-
-
-def atomic_write(path: Path, write: Callable[[str], object]) -> Path:
-    """``write(tmp)`` a temporary file beside ``path``, then rename it into place.
-
-    The temporary file is created first, with mode 0666 less the umask, and given that mode again
-    before the rename (safetensors replaces it with a private file of its own).
-    """
-    tmp = path.parent / f".{path.name}.whisper-lens-{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
-    mode = stat.S_IMODE(os.stat(tmp).st_mode)
-    try:
-        write(str(tmp))
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_json(path: Path, obj) -> Path:
