@@ -457,10 +457,28 @@ def _read_tiktoken_ranks(path: str) -> dict[bytes, int]:
     return ranks
 
 
-def _read_vocab_json(path: str) -> tuple[dict[bytes, int], dict[str, int]]:
-    """Ranks from an HF vocab.json, and the special tokens (<|...|>) it lists, by id."""
+# Files that spell every token in GPT-2's byte-to-unicode alphabet with its id: HF's vocab.json
+# ({token: id}) and tokenizer.json (the same map under "model" / "vocab"), CTranslate2's
+# vocabulary.json / vocabulary.txt (faster-whisper's folders: the tokens in id order).
+VOCABULARY_FILES = ("vocab.json", "tokenizer.json", "vocabulary.json", "vocabulary.txt")
+
+
+def _token_ids(path: str):
+    """The {token: id} map of one of VOCABULARY_FILES (or what the file holds instead, for the caller to refuse)."""
     with open(path, encoding="utf-8") as file:
+        if path.endswith(".txt"):
+            return {line.rstrip("\r\n"): i for i, line in enumerate(file)}
         vocab = json.load(file)
+    if os.path.basename(path) == "tokenizer.json" and isinstance(vocab, dict):
+        model = vocab.get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+    return {token: i for i, token in enumerate(vocab)} if isinstance(vocab, list) else vocab
+
+
+def _read_vocab_json(path: str) -> tuple[dict[bytes, int], dict[str, int]]:
+    """Ranks from a vocabulary file (vocab.json, tokenizer.json, vocabulary.*), and the special tokens (<|...|>) it
+    lists, by id."""
+    vocab = _token_ids(path)
     if not isinstance(vocab, dict):
         raise ValueError(f"{path} should map token strings to ids")
     byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
@@ -495,14 +513,16 @@ def _find_vocabulary(path: str) -> str:
         raise FileNotFoundError(f"tokenizer file or directory not found: {path}")
     if not os.path.isdir(path):
         return path
-    if os.path.isfile(os.path.join(path, "vocab.json")):
-        return os.path.join(path, "vocab.json")
+    for name in VOCABULARY_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
     candidates = sorted(name for name in os.listdir(path) if name.endswith(".tiktoken"))
     if len(candidates) == 1:
         return os.path.join(path, candidates[0])
     found = f"several .tiktoken files ({', '.join(candidates)})" if candidates else "neither"
     raise FileNotFoundError(
-        f"{path} should contain vocab.json or exactly one *.tiktoken file, found {found}; pass the file itself"
+        f"{path} should contain one of {', '.join(VOCABULARY_FILES)} or exactly one *.tiktoken file, found {found}; "
+        "pass the file itself"
     )
 
 
@@ -516,15 +536,16 @@ def load_tokenizer(
 ) -> Tokenizer:
     """Build Whisper's tokenizer from a vocabulary file and the model's vocabulary size.
 
-    path: a tiktoken rank file (openai-whisper's gpt2.tiktoken / multilingual.tiktoken), or a
-        directory holding an HF vocab.json or exactly one *.tiktoken file.
+    path: a tiktoken rank file (openai-whisper's gpt2.tiktoken / multilingual.tiktoken), a vocabulary
+        file (HF vocab.json or tokenizer.json, CTranslate2 vocabulary.json or vocabulary.txt), or a
+        directory holding one of those (in that order) or exactly one *.tiktoken file.
     n_vocab: the model's output size (dims.n_vocab): 51864 for English-only models, 51865 for
         multilingual ones, 51866 for large-v3; it fixes where the special tokens sit.
     multilingual: whether prompts carry language and task tokens; by default n_vocab >= 51865.
     language, task: for multilingual tokenizers, default "en" and "transcribe".
     """
     file = _find_vocabulary(os.fspath(path))
-    if file.endswith(".json"):
+    if file.endswith(".json") or os.path.basename(file) in VOCABULARY_FILES:
         ranks, listed_specials = _read_vocab_json(file)
     else:
         ranks, listed_specials = _read_tiktoken_ranks(file), {}
