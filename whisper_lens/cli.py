@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = ", ".join(list(SHIPPED) + list(OFFICIAL))
 
     def model_arg(p: argparse.ArgumentParser) -> None:
-        help = f"model name ({models}), hub id, HF directory or OpenAI .pt (default: {DEFAULT_MODEL})"
+        help = f"model name ({models}), hub id, HF or faster-whisper folder, or OpenAI .pt (default: {DEFAULT_MODEL})"
         p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=help)
         p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16); default cpu")
 

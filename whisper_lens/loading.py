@@ -382,7 +382,7 @@ def hub_cached(repo_id: str, needed: tuple[str, ...]) -> Path | None:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+        folder = Path(snapshot_download(repo_id, allow_patterns=list(needed), local_files_only=True))
     except (LocalEntryNotFoundError, OSError):
         return None
     return folder if all((folder / f).is_file() for f in needed) else None
