@@ -233,6 +233,24 @@ def test_dtype_by_name_and_old_format_pt(small_hf_dir, tmp_path):
     assert all(torch.equal(old[k], v) for k, v in reference.state_dict().items())
 
 
+def test_tokenizer_files_of_a_faster_whisper_folder():
+    """tokenizer.json, vocabulary.txt and the folder itself give openai-whisper's English tokenizer: its ids for
+    text, its special tokens."""
+    import whisper.tokenizer
+
+    from whisper_lens import load_tokenizer
+
+    reference = whisper.tokenizer.get_tokenizer(multilingual=False)
+    text = " Feels like these days go on forever... 10 of clubs, naïve café — ünïcödé 日本語 ♪"
+    folder = real_tiny_en_folder()
+    for source in (folder / "tokenizer.json", folder / "vocabulary.txt", folder):
+        tok = load_tokenizer(source, n_vocab=51864)
+        assert tok.encode(text) == reference.encode(text), source.name
+        assert (tok.eot, tok.sot, tok.no_timestamps, tok.timestamp_begin) == (
+            reference.eot, reference.sot, reference.no_timestamps, reference.timestamp_begin
+        )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- CTranslate2 folders (faster-whisper)
 
 # CTranslate2's quantisations -> the float type of what stays unquantised (biases, norms, positions)
