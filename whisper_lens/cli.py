@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = ", ".join(list(SHIPPED) + list(OFFICIAL))
 
     def model_arg(p: argparse.ArgumentParser, device: bool = True) -> None:
-        help = f"model name ({models}), hub id, HF directory or OpenAI .pt (default: {DEFAULT_MODEL})"
+        help = f"model name ({models}), hub id, HF or faster-whisper folder, or OpenAI .pt (default: {DEFAULT_MODEL})"
         p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=help)
         if device:
             p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16); default cpu")

@@ -455,6 +455,7 @@ class Whisper(nn.Module):
         self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head,
                                    dims.n_text_layer)  # fmt: skip
         self.tokenizer = None  # a whisper_lens.Tokenizer, set by load_model
+        self.alignment_heads = None  # [(layer, head), ...] of cross-attention that tracks time, set by load_model
 
     @property
     def device(self) -> torch.device:

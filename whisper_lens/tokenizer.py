@@ -478,12 +478,34 @@ def _text(path: str) -> str:
         raise ValueError(f"{path} is not a text file (byte {e.start} is not UTF-8), so not a vocabulary") from None
 
 
-def _read_vocab_json(path: str) -> tuple[dict[bytes, int], dict[str, int]]:
-    """Ranks from an HF vocab.json, and the special tokens (<|...|>) it lists, by id."""
+# Files that spell every token in GPT-2's byte-to-unicode alphabet with its id: HF's vocab.json
+# ({token: id}) and tokenizer.json (the same map under "model" / "vocab"), CTranslate2's
+# vocabulary.json / vocabulary.txt (faster-whisper's folders: the tokens in id order).
+VOCABULARY_FILES = ("vocab.json", "tokenizer.json", "vocabulary.json", "vocabulary.txt")
+
+
+def _token_ids(path: str):
+    """The {token: id} map of one of VOCABULARY_FILES (or what the file holds instead, for the caller to refuse)."""
+    text = _text(path)
+    if path.endswith(".txt"):
+        lines = text.split("\n")  # one token per line (newlines were translated on reading)
+        return {token: i for i, token in enumerate(lines[:-1] if text.endswith("\n") else lines)}
     try:
-        vocab = json.loads(_text(path))
+        vocab = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if os.path.basename(path) == "tokenizer.json" and isinstance(vocab, dict):
+        model = vocab.get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+    if os.path.basename(path) == "vocabulary.json" and isinstance(vocab, list):  # the tokens in id order
+        return {token: i for i, token in enumerate(vocab) if isinstance(token, str)}
+    return vocab
+
+
+def _read_vocab_json(path: str) -> tuple[dict[bytes, int], dict[str, int]]:
+    """Ranks from a vocabulary file (vocab.json, tokenizer.json, vocabulary.*), and the special tokens (<|...|>) it
+    lists, by id."""
+    vocab = _token_ids(path)
     if not isinstance(vocab, dict):
         raise ValueError(f"{path} should map token strings to ids, got a JSON {type(vocab).__name__}")
     byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
@@ -537,14 +559,16 @@ def _find_vocabulary(path: str) -> str:
 
 
 def _vocabulary_in(folder: str) -> str:
-    if os.path.exists(os.path.join(folder, "vocab.json")):
-        return os.path.join(folder, "vocab.json")
+    for name in VOCABULARY_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
     candidates = sorted(name for name in os.listdir(folder) if name.endswith(".tiktoken"))
     if len(candidates) == 1:
         return os.path.join(folder, candidates[0])
     found = f"several .tiktoken files ({', '.join(candidates)})" if candidates else "neither"
     raise FileNotFoundError(
-        f"{folder} should contain vocab.json or exactly one *.tiktoken file, found {found}; pass the file itself"
+        f"{folder} should contain one of {', '.join(VOCABULARY_FILES)} or exactly one *.tiktoken file, found "
+        f"{found}; pass the file itself"
     )
 
 
@@ -558,8 +582,9 @@ def load_tokenizer(
 ) -> Tokenizer:
     """Build Whisper's tokenizer from a vocabulary file and the model's vocabulary size.
 
-    path: a tiktoken rank file (openai-whisper's gpt2.tiktoken / multilingual.tiktoken), or a
-        directory holding an HF vocab.json or exactly one *.tiktoken file.
+    path: a tiktoken rank file (openai-whisper's gpt2.tiktoken / multilingual.tiktoken), a vocabulary
+        file (HF vocab.json or tokenizer.json, CTranslate2 vocabulary.json or vocabulary.txt), or a
+        directory holding one of those (in that order) or exactly one *.tiktoken file.
     n_vocab: the model's output size (dims.n_vocab): 51864 for English-only models, 51865 for
         multilingual ones, 51866 for large-v3; it fixes where the special tokens sit.
     multilingual: whether prompts carry language and task tokens; by default n_vocab >= 51865.
@@ -570,7 +595,7 @@ def load_tokenizer(
     if isinstance(n_vocab, bool) or not isinstance(n_vocab, int):
         raise TypeError(f"n_vocab must be an integer (the model's dims.n_vocab), got {n_vocab!r}")
     file = _find_vocabulary(os.fspath(path))
-    if file.endswith(".json"):
+    if file.endswith(".json") or os.path.basename(file) in VOCABULARY_FILES:
         ranks, listed_specials = _read_vocab_json(file)
     else:
         ranks, listed_specials = _read_tiktoken_ranks(file), {}
