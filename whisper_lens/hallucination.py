@@ -201,7 +201,9 @@ def head_sweep(
     if references is not None and len(references) != S:
         raise ValueError(f"{len(references)} references for {S} speech clips")
     heads = decoder_heads(model) if heads is None else [_check_head(model, h) for h in heads]
-    text_normalizer(normalize)  # a bad choice fails before any decoding
+    norm = text_normalizer(normalize)  # a bad choice fails before any decoding
+    if references is not None and not all(norm(r).split() for r in references):
+        raise ValueError(f"a speech reference has no words after {normalize} normalisation: {list(references)}")
     mel = model.check_mel(torch.cat([torch.as_tensor(non_speech_mel), torch.as_tensor(speech)]))  # (N+S, mels, T)
     with torch.no_grad():
         features = model.encoder(mel)  # (N+S, n_audio_ctx, D): the same for every setting
@@ -211,7 +213,7 @@ def head_sweep(
         edits = None if kind == "none" else Edits().ablate_heads(f"decoder.blocks.{layer}.{kind}", [head])
         results = model.generate(audio_features=features, edits=edits, max_new_tokens=cap)
         if kind == "none":
-            references = references or [r.text.strip() for r in results[N:]]
+            references = references or _own_transcripts(results[N:], norm)
             longest = max(len(r.tokens) for r in results)
             cap = max_new_tokens or min(2 * longest + 16, model.dims.n_text_ctx // 2)
         where = {"kind": kind, "layer": layer, "head": head}
@@ -220,6 +222,16 @@ def head_sweep(
         rows += [where | {"speech": True, "clip": i} | _speech_row(i, res, ref, normalize)
                  for i, (res, ref) in enumerate(zip(results[N:], references, strict=True))]  # fmt: skip
     return rows
+
+
+def _own_transcripts(results: Sequence, norm) -> list[str]:
+    """The unedited model's speech transcripts, the references when none are given; each must have words."""
+    texts = [r.text.strip() for r in results]
+    empty = [i for i, t in enumerate(texts) if not norm(t).split()]
+    if empty:
+        raise ValueError(f"the unedited model writes no words for speech clip {empty[0]}, so there is nothing to "
+                         "compare the ablations with: give references, or leave the clip out")  # fmt: skip
+    return texts
 
 
 def _check_head(model, head) -> tuple[str, int, int]:
@@ -265,7 +277,8 @@ def head_summary(rows: Sequence[dict]) -> list[dict]:
                         "in_transcribe": hallucination_rate(noise, "hallucinated_in_transcribe"),
                         "no_speech_prob": float(np.mean([r["no_speech_prob"] for r in noise])),
                         "wer": sum(r["wer"] * r["ref_words"] for r in speech) / words})  # fmt: skip
-    base, edited = summary[0], summary[1:]
+    base = next(s for s in summary if s["kind"] == "none")
+    edited = [s for s in summary if s is not base]
     for s in summary:
         s |= {f"d_{c}": s[c] - base[c] for c in ("hallucination_rate", "in_transcribe", "no_speech_prob", "wer")}
     edited.sort(key=lambda s: (s["in_transcribe"], s["hallucination_rate"], -s["no_speech_prob"], s["wer"]))
