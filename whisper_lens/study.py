@@ -323,6 +323,8 @@ def attention_study(
         ("decoder", dec_layer, "cross_attn"),
     ]:
         key = f"{stack}.blocks.{i}.{kind}.pattern"
+        if key not in tr:  # a skipped block records nothing
+            continue
         audio = stack == "encoder" or kind == "cross_attn"
         plot.attention_grid(
             tr[key][0].cpu().numpy(),
@@ -331,14 +333,15 @@ def attention_study(
             crop=shown if audio else None,
         )
     cross = f"decoder.blocks.{dec_layer}.cross_attn.pattern"
-    plot.cross_attention_over_mel(
-        mel.cpu().numpy(),
-        tr[cross][0].mean(0).cpu().numpy(),
-        labels,
-        out / f"{name}_cross_over_mel.png",
-        title=f"{cross}, mean over heads: {res.text.strip()[:50]!r}",
-        seconds=seconds,
-    )
+    if cross in tr:
+        plot.cross_attention_over_mel(
+            mel.cpu().numpy(),
+            tr[cross][0].mean(0).cpu().numpy(),
+            labels,
+            out / f"{name}_cross_over_mel.png",
+            title=f"{cross}, mean over heads: {res.text.strip()[:50]!r}",
+            seconds=seconds,
+        )
     stats = attention_stats(tr, audio_positions=audio_positions)
     save_rows(stats, out / f"{name}_attention.csv")
     return stats
