@@ -512,10 +512,10 @@ def hallucination_attention_section(
     table = []
     for name in dict.fromkeys(r["name"] for r in per_head):  # each cross-attention layer, mean over its heads
         row = {"layer": name}
-        for metric in ("entropy", "padding_share"):
+        for metric, label in (("entropy", "entropy"), ("padding_share", "after the audio")):
             heads = [r for r in per_head if r["name"] == name and r["metric"] == metric]
-            row[f"{metric} speech"] = float(np.mean([r[f"{metric}_normal"] for r in heads]))
-            row[f"{metric} hallucination"] = float(np.mean([r[f"{metric}_other"] for r in heads]))
+            row[f"{label}, speech"] = float(np.mean([r[f"{metric}_normal"] for r in heads]))
+            row[f"{label}, hallucination"] = float(np.mean([r[f"{metric}_other"] for r in heads]))
         table.append(row)
     return [
         "## Attention during a hallucination",
