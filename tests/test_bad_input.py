@@ -780,6 +780,15 @@ def test_load_tokenizer_on_a_binary_file_or_a_wav_names_it(tmp_path):
         check_error(excinfo, path.name, "not a text file")
 
 
+def test_the_english_vocabulary_with_a_multilingual_n_vocab_is_refused():
+    """gpt2.tiktoken (50256 ranks) with n_vocab=51865 would give 100 languages: no Whisper has that layout."""
+    english = PACKAGE / "assets" / "gpt2.tiktoken"
+    with pytest.raises(ValueError) as excinfo:
+        wl.load_tokenizer(english, 51865)
+    check_error(excinfo, "n_vocab=51865", "50256", "51864")
+    assert wl.load_tokenizer(english, 51864).num_languages == 99
+
+
 @pytest.mark.parametrize(
     ("text", "names"),
     [
