@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .inputs import check_mel
 from .trace import Edits
 
 NORMALIZERS = ("english", "basic", None)  # the ``normalize=`` choices: Whisper's English one, its basic one, raw
@@ -176,7 +177,7 @@ def removal_sweep(
         bad = [i for i in r if not 0 <= i < L]
         if bad:
             raise IndexError(f"{stack} blocks {bad} out of range: the {stack} has {L} blocks (0-{L - 1})")
-    mel = model.check_mel(mel)  # (B, n_mels, frames)
+    mel = check_mel(mel, model.dims, model.device, model.dtype)  # (B, n_mels, frames)
     B = mel.shape[0]
     seconds = list(seconds) if seconds is not None else [30.0 * model.dims.n_audio_ctx / 1500] * B
     if references is not None and len(references) != B:

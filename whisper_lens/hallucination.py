@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .audio import SAMPLE_RATE
 from .experiments import hallucination_metrics, require_tokenizer, text_normalizer, wer
+from .inputs import check_mel
 from .lens import lens_names, readout
 from .trace import Edits
 
@@ -204,7 +205,8 @@ def head_sweep(
     norm = text_normalizer(normalize)  # a bad choice fails before any decoding
     if references is not None and not all(norm(r).split() for r in references):
         raise ValueError(f"a speech reference has no words after {normalize} normalisation: {list(references)}")
-    mel = model.check_mel(torch.cat([torch.as_tensor(non_speech_mel), torch.as_tensor(speech)]))  # (N+S, mels, T)
+    mel = torch.cat([torch.as_tensor(non_speech_mel), torch.as_tensor(speech)])  # (N+S, mels, T)
+    mel = check_mel(mel, model.dims, model.device, model.dtype)  # (N+S, n_mels, frames), checked
     with torch.no_grad():
         features = model.encoder(mel)  # (N+S, n_audio_ctx, D): the same for every setting
     rows: list[dict] = []

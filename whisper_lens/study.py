@@ -568,7 +568,7 @@ def demo(
     """The whole study on a model and sample clips (default: the shipped toy model and its samples).
 
     ``samples``: a folder with wav files and ``transcripts.json`` ({file name: reference text}).
-    Writes ``out/report.md`` with its pictures and tables.
+    Writes ``out/report.md`` with its pictures and tables, one section per stage; returns its path.
     """
     from tqdm import tqdm
 
@@ -578,160 +578,165 @@ def demo(
     folder = Path(samples) if samples is not None else SHIPPED["toy"] / "samples"
     if not (folder / "transcripts.json").exists():
         raise FileNotFoundError(f"the demo needs sample clips with {folder / 'transcripts.json'}")
-    md: list[str] = []
-    threads = torch.get_num_threads()
-    try:
-        with output_folder(out, "demo") as tmp:  # checks the destination before any work
-            model = load_model(model_name, device=device, dtype=dtype)
-            if sum(p.numel() for p in model.parameters()) < 20_000_000:
-                # a small model's ops are too short to share between threads: one thread is as fast, and
-                # much faster when the other core is busy (threads then wait for each other)
-                torch.set_num_threads(1)
-            transcripts = json.loads((folder / "transcripts.json").read_text())
-            paths = [folder / f for f in transcripts]
-            refs = [transcripts[f] for f in transcripts]
-            mels, seconds = load_windows(paths, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
-            stages = ["transcribe", "decoder lens", "encoder removal", "decoder removal", "attention", "no-speech lens"]
-            bar = tqdm(stages, desc="demo", unit="stage", disable=not progress)
-            bar.set_postfix_str("transcribing")
-            results = model.generate(mels)
-            hyps = [r.text.strip() for r in results]
-            rows = [
-                {"clip": p.name, "reference": r, "transcript": h, "wer": wer(r, h), "cer": cer(r, h)}
-                for p, r, h in zip(paths, refs, hyps, strict=True)
-            ]
-            md += [
-                "# whisper-lens demo report",
-                "",
-                f"Model: {model_name or 'the shipped toy Whisper'} ({model.dims.n_audio_layer} encoder + "
-                f"{model.dims.n_text_layer} decoder blocks, width {model.dims.n_text_state}), {len(paths)} clips.",
-                "",
-                "## 1. Transcripts (greedy)",
-                "",
-                format_table(rows),
-                "",
-                f"Corpus WER {wer(refs, hyps):.3f}, CER {cer(refs, hyps):.3f}.",
-                "",
-            ]
-            bar.update()
-
-            bar.set_postfix_str("lens")
-            lens = lens_study(model, mels[0], tmp, name="sample0")
-            agreements = [
-                lens_study(model, mels[i], tmp, name=f"sample{i}")["per_layer"] if i else lens["per_layer"]
-                for i in range(len(paths))
-            ]
-            mean_rows = [
-                {
-                    "layer": row["layer"],
-                    **{
-                        k: float(np.mean([a[j][k] for a in agreements]))
-                        for k in ("top1_agreement", "p_final", "kl", "entropy")
-                    },
-                }
-                for j, row in enumerate(agreements[0])
-            ]
-            plot.layer_lines(
-                {
-                    "top-1 agreement with the final output": [r["top1_agreement"] for r in mean_rows],
-                    "p(final token)": [r["p_final"] for r in mean_rows],
-                },
-                tmp / "lens_layers.png",
-                labels=[r["layer"] for r in mean_rows],
-                ylabel="mean over positions",
-                title="Decoder logit lens, all samples",
-            )
-            md += [
-                "## 2. Decoder logit lens",
-                "",
-                "Each block's input read through the final LayerNorm and the unembedding. Colour: the probability "
-                "of the token the full model predicts; text: each layer's top token.",
-                "",
-                "![decoder lens](sample0_lens.png)",
-                "",
-                "![lens per layer](lens_layers.png)",
-                "",
-                format_table(mean_rows),
-                "",
-                "Encoder lens: probability of each transcript token when only the first k encoder blocks run "
-                "(ln_post still applied).",
-                "",
-                "![encoder lens](sample0_encoder_lens.png)",
-                "",
-            ]
-            bar.update()
-
-            bar.set_postfix_str("removal")
-            summary = ablate_study(model, mels, seconds, tmp, stacks=("encoder", "decoder"), references=refs)
-            bar.update(2)
-            md += [
-                "## 3. Layer removal",
-                "",
-                "The last k blocks of one stack are skipped (the residual passes through; the encoder's ln_post "
-                "stays). All samples are decoded in one batch per k.",
-                "",
-                "![removal](removal.png)",
-                "",
-                format_table(summary),
-                "",
-            ]
-
-            bar.set_postfix_str("attention")
-            enc_rows = [r for r in summary if r["stack"] == "encoder" and r["removed"] > 0]
-            changed = [r for r in enc_rows if r["wer"] > 0] or enc_rows[-1:]  # settings that change the transcripts
-            worst = max(changed, key=lambda r: (r["max_repeats"], r["compression_ratio"], r["wer"]))
-            k = int(worst["removed"])
-            L = model.dims.n_audio_layer
-            normal = attention_study(model, mels[0], seconds[0], tmp, name="normal")
-            broken = attention_study(
-                model, mels[0], seconds[0], tmp, name="broken", edits=Edits().skip("encoder", range(L - k, L))
-            )
-            cross = [r for r in compare_attention(normal, broken, "entropy") if "cross_attn" in r["name"]]
-            padding = [r for r in compare_attention(normal, broken, "padding_share") if "cross_attn" in r["name"]]
-            md += [
-                "## 4. Attention, normal vs broken",
-                "",
-                f"The broken run removes the last {k} encoder blocks (of the settings that change the "
-                "transcripts, the one with the most repetition). "
-                "Cross-attention of the last decoder block, mean over heads, over the spectrogram:",
-                "",
-                "![normal](normal_cross_over_mel.png)",
-                "",
-                "![broken](broken_cross_over_mel.png)",
-                "",
-                "Cross-attention per head, normal vs broken: share of attention on the padding after the audio,",
-                "",
-                format_table(padding),
-                "",
-                "and entropy (nats):",
-                "",
-                format_table(cross),
-                "",
-            ]
-            bar.update()
-
-            bar.set_postfix_str("no-speech")
-            frames = 2 * model.dims.n_audio_ctx
-            silence, _ = load_windows([np.zeros(SAMPLE_RATE, np.float32)], model.dims.n_mels, frames)  # 1 s of zeros
-            sot = sot_lens(model, torch.cat([mels[:1], silence.to(mels)]))
-            layers = [r["layer"] for r in lens["per_layer"]]
-            ns_rows = [
-                {"layer": lab, "speech": a, "silence": b}
-                for lab, (a, b) in zip(layers, sot["no_speech"].tolist(), strict=True)
-            ]
-            md += [
-                "## 5. No-speech lens",
-                "",
-                "Probability of <|nospeech|> at the <|startoftranscript|> position, read at each decoder layer, "
-                "for a speech sample and for silence:",
-                "",
-                format_table(ns_rows),
-                "",
-            ]
-            bar.update()
-            md += [f"Written in {time.time() - started:.1f} s."]
-            write_text(tmp / "report.md", "\n".join(md) + "\n")
+    with output_folder(out, "demo") as tmp:  # checks the destination before any work
+        model = load_model(model_name, device=device, dtype=dtype)
+        clips = load_clips(model, folder)
+        bar = tqdm(total=5, desc="demo", unit="stage", disable=not progress, postfix="transcripts")
+        md = demo_header(model, model_name, clips) + transcripts_section(model, clips)
+        advance(bar, "lens")
+        md += lens_section(model, clips, tmp)
+        advance(bar, "removal")
+        removal_md, summary = removal_section(model, clips, tmp)
+        md += removal_md
+        advance(bar, "attention")
+        md += attention_section(model, clips, tmp, summary)
+        advance(bar, "no-speech")
+        md += no_speech_section(model, clips)
+        advance(bar, "done")
         bar.close()
-    finally:
-        torch.set_num_threads(threads)
+        md += [f"Written in {time.time() - started:.1f} s."]
+        write_text(tmp / "report.md", "\n".join(md) + "\n")
     return Path(out) / "report.md"
+
+
+def advance(bar, stage: str) -> None:
+    """One stage done; show the next one's name on the progress bar."""
+    bar.update()
+    bar.set_postfix_str(stage)
+
+
+def demo_header(model: Whisper, model_name: str | None, clips: Clips) -> list[str]:
+    d = model.dims
+    return [
+        "# whisper-lens demo report",
+        "",
+        f"Model: {model_name or 'the shipped toy Whisper'} ({d.n_audio_layer} encoder + {d.n_text_layer} decoder "
+        f"blocks, width {d.n_text_state}), {len(clips.names)} clips.",
+        "",
+    ]
+
+
+def transcripts_section(model: Whisper, clips: Clips) -> list[str]:
+    """1. Every clip's greedy transcript against its reference."""
+    hyps = [r.text.strip() for r in model.generate(clips.mels)]
+    rows = [
+        {"clip": name, "reference": ref, "transcript": hyp, "wer": wer(ref, hyp), "cer": cer(ref, hyp)}
+        for name, ref, hyp in zip(clips.names, clips.references, hyps, strict=True)
+    ]
+    return [
+        "## 1. Transcripts (greedy)",
+        "",
+        format_table(rows),
+        "",
+        f"Corpus WER {wer(clips.references, hyps):.3f}, CER {cer(clips.references, hyps):.3f}.",
+        "",
+    ]
+
+
+def lens_section(model: Whisper, clips: Clips, out: Path) -> list[str]:
+    """2. The decoder logit lens of every clip (pictures of the first), averaged per layer; the encoder lens."""
+    per_clip = [lens_study(model, clips.mels[i], out, name=f"sample{i}")["per_layer"] for i in range(len(clips.names))]
+    metrics = ("top1_agreement", "p_final", "kl", "entropy")
+    mean_rows = [
+        {"layer": row["layer"], **{k: float(np.mean([clip[j][k] for clip in per_clip])) for k in metrics}}
+        for j, row in enumerate(per_clip[0])
+    ]
+    plot.layer_lines(
+        {
+            "top-1 agreement with the final output": [r["top1_agreement"] for r in mean_rows],
+            "p(final token)": [r["p_final"] for r in mean_rows],
+        },
+        out / "lens_layers.png",
+        labels=[r["layer"] for r in mean_rows],
+        ylabel="mean over positions",
+        title="Decoder logit lens, all samples",
+    )
+    return [
+        "## 2. Decoder logit lens",
+        "",
+        "Each block's input read through the final LayerNorm and the unembedding. Colour: the probability "
+        "of the token the full model predicts; text: each layer's top token.",
+        "",
+        "![decoder lens](sample0_lens.png)",
+        "",
+        "![lens per layer](lens_layers.png)",
+        "",
+        format_table(mean_rows),
+        "",
+        "Encoder lens: probability of each transcript token when only the first k encoder blocks run "
+        "(ln_post still applied).",
+        "",
+        "![encoder lens](sample0_encoder_lens.png)",
+        "",
+    ]
+
+
+def removal_section(model: Whisper, clips: Clips, out: Path) -> tuple[list[str], list[dict]]:
+    """3. Removing the last k blocks of the encoder, then of the decoder; returns the section and the summary."""
+    summary = ablate_study(model, clips.mels, clips.seconds, out, stacks=("encoder", "decoder"),
+                           references=clips.references)  # fmt: skip
+    lines = [
+        "## 3. Layer removal",
+        "",
+        "The last k blocks of one stack are skipped (the residual passes through; the encoder's ln_post "
+        "stays). All samples are decoded in one batch per k.",
+        "",
+        "![removal](removal.png)",
+        "",
+        format_table(summary),
+        "",
+    ]
+    return lines, summary
+
+
+def attention_section(model: Whisper, clips: Clips, out: Path, summary: list[dict]) -> list[str]:
+    """4. Attention of a normal run against the encoder removal (from ``summary``) that repeats most."""
+    enc_rows = [r for r in summary if r["stack"] == "encoder" and r["removed"] > 0]
+    changed = [r for r in enc_rows if r["wer"] > 0] or enc_rows[-1:]  # settings that change the transcripts
+    k = int(max(changed, key=lambda r: (r["max_repeats"], r["compression_ratio"], r["wer"]))["removed"])
+    L = model.dims.n_audio_layer
+    mel, seconds = clips.mels[0], clips.seconds[0]
+    normal = attention_study(model, mel, seconds, out, name="normal")
+    broken = attention_study(model, mel, seconds, out, name="broken", edits=Edits().skip("encoder", range(L - k, L)))
+    cross = [r for r in compare_attention(normal, broken, "entropy") if "cross_attn" in r["name"]]
+    padding = [r for r in compare_attention(normal, broken, "padding_share") if "cross_attn" in r["name"]]
+    return [
+        "## 4. Attention, normal vs broken",
+        "",
+        f"The broken run removes the last {k} encoder blocks (of the settings that change the "
+        "transcripts, the one with the most repetition). "
+        "Cross-attention of the last decoder block, mean over heads, over the spectrogram:",
+        "",
+        "![normal](normal_cross_over_mel.png)",
+        "",
+        "![broken](broken_cross_over_mel.png)",
+        "",
+        "Cross-attention per head, normal vs broken: share of attention on the padding after the audio,",
+        "",
+        format_table(padding),
+        "",
+        "and entropy (nats):",
+        "",
+        format_table(cross),
+        "",
+    ]
+
+
+def no_speech_section(model: Whisper, clips: Clips) -> list[str]:
+    """5. p(<|nospeech|>) at sot per decoder layer, for the first clip and for one second of silence."""
+    frames = 2 * model.dims.n_audio_ctx
+    silence, _ = load_windows([np.zeros(SAMPLE_RATE, np.float32)], model.dims.n_mels, frames)
+    sot = sot_lens(model, torch.cat([clips.mels[:1], silence.to(clips.mels)]))
+    rows = [
+        {"layer": label, "speech": a, "silence": b}
+        for label, (a, b) in zip(layer_labels(model), sot["no_speech"].tolist(), strict=True)
+    ]
+    return [
+        "## 5. No-speech lens",
+        "",
+        "Probability of <|nospeech|> at the <|startoftranscript|> position, read at each decoder layer, "
+        "for a speech sample and for silence:",
+        "",
+        format_table(rows),
+        "",
+    ]
