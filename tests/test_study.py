@@ -112,3 +112,17 @@ def test_hallucinate_samples_without_transcripts(tmp_path, capsys):
     assert "## Head sweep" not in report and "against the full model's own transcripts" in report
     assert "Speech: 2 clips (sample1.wav, sample2.wav)" in report and "clips of 2 s" in report
     assert sorted(p.name for p in samples.iterdir()) == ["sample1.wav", "sample2.wav"]  # nothing written there
+
+
+def test_demo_transcripts_without_references_say_what_the_rates_are_against(toy):
+    from whisper_lens.study import Clips, transcripts_section
+
+    clips = load_clips(toy, SHIPPED["toy"] / "samples")
+    with_refs = "\n".join(transcripts_section(toy, clips))
+    assert "Corpus WER 0.000" in with_refs and "reference" in with_refs
+    bare = Clips(clips.names, clips.mels, clips.seconds, None)
+    text = "\n".join(transcripts_section(toy, bare))
+    assert "Corpus WER" not in text and "against these transcripts of the full model" in text
+    assert "reference" not in text.splitlines()[2]  # the table: clip and transcript only
+    for name, ref in zip(clips.names, clips.references, strict=True):
+        assert name in text and ref.lower().strip(".") in text.lower()  # the toy writes its references exactly

@@ -196,8 +196,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     from .study import demo
 
-    if (args.samples is None) != (args.model is None):
-        raise ValueError("give --model and --samples together (the default is the shipped model and its samples)")
     if args.model is None:  # the shipped model's products are too small to share between threads: one thread is
         torch.set_num_threads(1)  # as fast, and much faster when the other cores are busy
     report = demo(args.out, model_name=args.model, samples=args.samples, **placement(args.device))
@@ -301,10 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_transcribe)
 
-    p = sub.add_parser("demo", help="the whole study on the shipped toy model, written to report/ (offline)")
+    p = sub.add_parser("demo", help="the whole study (default: the shipped toy model, offline), written to report/")
     p.add_argument("--out", default="report", help="output folder (default report)")
-    p.add_argument("--model", default=None, help="another model (with --samples)")
-    p.add_argument("--samples", default=None, help="a folder of wav files with transcripts.json {file: text}")
+    p.add_argument("--model", default=None, help="another model: official name, hub id, folder or .pt (default: "
+                   "the shipped toy); official models are studied on the shipped real speech")  # fmt: skip
+    samples_arg(p)
     p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16); default cpu")
     p.set_defaults(func=cmd_demo)
 

@@ -565,22 +565,23 @@ def demo(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """The whole study on a model and sample clips (default: the shipped toy model and its samples).
+    """The whole study on a model and sample clips; writes ``out/report.md`` and its pictures, returns its path.
 
-    ``samples``: a folder with wav files and ``transcripts.json`` ({file name: reference text}).
-    Writes ``out/report.md`` with its pictures and tables, one section per stage; returns its path.
+    ``model_name``: anything ``load_model`` takes (default: the shipped toy model). ``samples``: a
+    folder of clips (see ``read_samples``; without ``transcripts.json`` the error rates are against
+    the full model's own transcripts); default ``default_samples(model)``: the shipped real speech
+    for official models, the toy's samples for the toy. One section per stage.
     """
     from tqdm import tqdm
 
-    from .loading import SHIPPED, load_model
+    from .loading import load_model
 
     started = time.time()
-    folder = Path(samples) if samples is not None else SHIPPED["toy"] / "samples"
-    if not (folder / "transcripts.json").exists():
-        raise FileNotFoundError(f"the demo needs sample clips with {folder / 'transcripts.json'}")
+    if samples is not None:
+        read_samples(samples)  # a missing folder or a bad transcripts.json fails before any work
     with output_folder(out, "demo") as tmp:  # checks the destination before any work
         model = load_model(model_name, device=device, dtype=dtype)
-        clips = load_clips(model, folder)
+        clips = load_clips(model, samples)
         bar = tqdm(total=5, desc="demo", unit="stage", disable=not progress, postfix="transcripts")
         md = demo_header(model, model_name, clips) + transcripts_section(model, clips)
         advance(bar, "lens")
@@ -617,20 +618,19 @@ def demo_header(model: Whisper, model_name: str | None, clips: Clips) -> list[st
 
 
 def transcripts_section(model: Whisper, clips: Clips) -> list[str]:
-    """1. Every clip's greedy transcript against its reference."""
+    """1. Every clip's greedy transcript, against its reference when there is one."""
     hyps = [r.text.strip() for r in model.generate(clips.mels)]
-    rows = [
-        {"clip": name, "reference": ref, "transcript": hyp, "wer": wer(ref, hyp), "cer": cer(ref, hyp)}
-        for name, ref, hyp in zip(clips.names, clips.references, hyps, strict=True)
-    ]
-    return [
-        "## 1. Transcripts (greedy)",
-        "",
-        format_table(rows),
-        "",
-        f"Corpus WER {wer(clips.references, hyps):.3f}, CER {cer(clips.references, hyps):.3f}.",
-        "",
-    ]
+    if clips.references is None:
+        rows = [{"clip": name, "transcript": hyp} for name, hyp in zip(clips.names, hyps, strict=True)]
+        rates = ("No reference transcripts were given: the error rates below are against these transcripts "
+                 "of the full model.")  # fmt: skip
+    else:
+        rows = [
+            {"clip": name, "reference": ref, "transcript": hyp, "wer": wer(ref, hyp), "cer": cer(ref, hyp)}
+            for name, ref, hyp in zip(clips.names, clips.references, hyps, strict=True)
+        ]
+        rates = f"Corpus WER {wer(clips.references, hyps):.3f}, CER {cer(clips.references, hyps):.3f}."
+    return ["## 1. Transcripts (greedy)", "", format_table(rows), "", rates, ""]
 
 
 def lens_section(model: Whisper, clips: Clips, out: Path) -> list[str]:
