@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import table  # noqa: E402
-from whisper_lens.decoding import make_plan  # noqa: E402
+from whisper_lens.decoding import DecodingOptions, make_plan  # noqa: E402
 from whisper_lens.experiments import cer, hallucination_metrics, removal_sweep, wer  # noqa: E402
 from whisper_lens.loading import load_model, save_model  # noqa: E402
 from whisper_lens.study import load_clips  # noqa: E402
@@ -61,8 +61,7 @@ def sweep_ours(model, clips) -> list[dict]:
 def sweep_transformers(hf, model, clips) -> list[dict]:
     """The same sweep as a transformers user writes it: shorten the module lists, generate, score."""
     tok = model.tokenizer
-    plan = make_plan(model, max_new_tokens=None, language=None, task="transcribe", timestamps=False, prompt=None,
-                     prefix=None, suppress_tokens="-1", suppress_blank=True, max_initial_timestamp=1.0)  # fmt: skip
+    plan = make_plan(model, DecodingOptions(), len(clips.names))  # generate's defaults: greedy, no timestamps
     rows = []
     for stack in STACKS:
         layers = getattr(hf.model, stack).layers
@@ -83,12 +82,12 @@ def sweep_transformers(hf, model, clips) -> list[dict]:
 
 def generate_transformers(hf, mels: torch.Tensor, plan, eot: int) -> list[list[int]]:
     """Greedy decoding with transformers, with our prompt and logit filters (so that the tokens can agree)."""
-    prompt = torch.tensor([list(plan.initial)] * len(mels))
+    prompt = torch.tensor([list(p) for p in plan.prompts])  # (B, 3): the same prompt for every clip here
     with torch.no_grad():
-        out = hf.generate(input_features=mels, decoder_input_ids=prompt, max_new_tokens=plan.max_new,
+        out = hf.generate(input_features=mels, decoder_input_ids=prompt, max_new_tokens=max(plan.max_new),
                           suppress_tokens=list(plan.suppress), begin_suppress_tokens=list(plan.blank),
                           do_sample=False, num_beams=1, eos_token_id=eot, pad_token_id=eot)  # fmt: skip
-    return [sampled(seq, plan.initial, eot) for seq in out.tolist()]
+    return [sampled(seq, p, eot) for seq, p in zip(out.tolist(), plan.prompts, strict=True)]
 
 
 def sampled(seq: list[int], prompt: tuple[int, ...], eot: int) -> list[int]:
