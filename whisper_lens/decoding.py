@@ -79,7 +79,7 @@ from torch import Tensor
 from .model import IDLE, KVCache, Whisper, packed_weights
 from .trace import Edits, Recorder, Trace, TraceRequest
 
-CHUNK_SECONDS = 30.0  # the audio window the encoder sees; timestamps step by CHUNK_SECONDS / n_audio_ctx
+TIME_PRECISION = 0.02  # seconds per timestamp step: one encoder position (2 mel frames of 10 ms), whatever the window
 DEFAULT_MAX_NEW = 224  # openai-whisper's sample_len for every official model (n_text_ctx // 2)
 CUDA_CHECK_EVERY = 8  # on CUDA, look at the "all finished" flag every 8 steps (on CPU, every step)
 
@@ -159,9 +159,11 @@ def make_plan(
 
     def as_tokens(x: str | Sequence[int], what: str) -> list[int]:
         ids = tok.encode(" " + x.strip()) if isinstance(x, str) else [int(t) for t in x]
-        bad = [t for t in ids if not 0 <= t < tok.eot]
+        allowed = tok.n_vocab if what == "prompt" else tok.eot  # a prompt may hold the previous text's timestamps
+        bad = [t for t in ids if not (0 <= t < tok.eot or tok.timestamp_begin <= t < allowed)]
         if bad:
-            raise ValueError(f"{what} token {bad[0]} is not a text token (text tokens are 0..{tok.eot - 1})")
+            kinds = "text or timestamp tokens" if what == "prompt" else f"text tokens (0..{tok.eot - 1})"
+            raise ValueError(f"{what} token {bad[0]} is not allowed: a {what} holds {kinds}")
         return ids
 
     initial = list(sot_seq)
@@ -211,7 +213,7 @@ def make_plan(
 
     max_initial_index = None
     if timestamps and max_initial_timestamp:
-        max_initial_index = round(max_initial_timestamp / (CHUNK_SECONDS / model.dims.n_audio_ctx))
+        max_initial_index = round(max_initial_timestamp / TIME_PRECISION)
     return Plan(
         initial=tuple(initial),
         sot_index=initial.index(tok.sot),
@@ -688,19 +690,24 @@ def rank_score(sum_logprob: float, length: int, length_penalty: float | None) ->
     return sum_logprob / max(penalty, 1e-9)
 
 
-def segments(tokens: Sequence[int], tokenizer, n_audio_ctx: int = 1500) -> list[tuple[float, float, str]]:
+def segments(
+    tokens: Sequence[int], tokenizer, n_audio_ctx: int = 1500, duration: float | None = None
+) -> list[tuple[float, float, str]]:
     """Split timestamped tokens into (start s, end s, text) segments: text between a pair of timestamps.
 
-    A trailing lone timestamp (the model's "the rest continues later") closes no segment; text
-    after the last timestamp becomes a segment ending where the window ends.
+    A timestamp token counts 20 ms steps (``TIME_PRECISION``: one encoder position) from the start
+    of the window, whatever the window's length; the window holds ``n_audio_ctx`` positions
+    (30 s for the official models, 4 s for the shipped toy). A trailing lone timestamp (the
+    model's "the rest continues later") closes no segment; text after the last timestamp becomes
+    a segment ending where the audio ends: ``duration`` seconds, or the end of the window.
     """
-    precision = CHUNK_SECONDS / n_audio_ctx
+    end_of_audio = n_audio_ctx * TIME_PRECISION if duration is None else min(duration, n_audio_ctx * TIME_PRECISION)
     ts = tokenizer.timestamp_begin
     out: list[tuple[float, float, str]] = []
     start, text_ids = None, []
     for t in tokens:
         if t >= ts:
-            time = (t - ts) * precision
+            time = (t - ts) * TIME_PRECISION
             if start is None:
                 start = time
             else:
@@ -709,5 +716,5 @@ def segments(tokens: Sequence[int], tokenizer, n_audio_ctx: int = 1500) -> list[
         else:
             text_ids.append(t)
     if text_ids:
-        out.append((start or 0.0, CHUNK_SECONDS, tokenizer.decode(text_ids).strip()))
+        out.append((start or 0.0, end_of_audio, tokenizer.decode(text_ids).strip()))
     return out
