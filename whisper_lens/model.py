@@ -606,3 +606,9 @@ class _Everything(frozenset):
 
 
 _EVERYTHING = _Everything()
+
+
+# long-form transcription (transcribe.py) builds on decoding, which builds on the classes above: attached after them
+from .transcribe import transcribe  # noqa: E402
+
+Whisper.transcribe = transcribe  # model.transcribe(audio, word_timestamps=..., ...): see transcribe.py
