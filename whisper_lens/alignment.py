@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .decoding import TIME_PRECISION
+from .audio import TIME_PRECISION
 from .trace import Edits, Trace
 
 if TYPE_CHECKING:

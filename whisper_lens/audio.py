@@ -274,6 +274,8 @@ def load_windows(audios, n_mels: int, frames: int) -> tuple[torch.Tensor, list[f
 
 # ----------------------------------------------------------------------------- long files, one window at a time
 
+TIME_PRECISION = 2 * HOP_LENGTH / SAMPLE_RATE  # 0.02 s: one encoder position (2 frames), a timestamp token's step
+
 
 def mel_peak(audio: torch.Tensor, n_mels: int, chunk_frames: int = 6000) -> float:
     """The loudest log10 mel value of a whole recording: what every window of it is floored against.

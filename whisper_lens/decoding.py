@@ -76,10 +76,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .audio import TIME_PRECISION
 from .model import IDLE, KVCache, Whisper, packed_weights
 from .trace import Edits, Recorder, Trace, TraceRequest
 
-TIME_PRECISION = 0.02  # seconds per timestamp step: one encoder position (2 mel frames of 10 ms), whatever the window
 DEFAULT_MAX_NEW = 224  # openai-whisper's sample_len for every official model (n_text_ctx // 2)
 CUDA_CHECK_EVERY = 8  # on CUDA, look at the "all finished" flag every 8 steps (on CPU, every step)
 
@@ -159,11 +159,10 @@ def make_plan(
 
     def as_tokens(x: str | Sequence[int], what: str) -> list[int]:
         ids = tok.encode(" " + x.strip()) if isinstance(x, str) else [int(t) for t in x]
-        allowed = tok.n_vocab if what == "prompt" else tok.eot  # a prompt may hold the previous text's timestamps
-        bad = [t for t in ids if not (0 <= t < tok.eot or tok.timestamp_begin <= t < allowed)]
+        top = tok.n_vocab if what == "prompt" else tok.eot  # a prompt is a previous transcript, any tokens it holds
+        bad = [t for t in ids if not 0 <= t < top]
         if bad:
-            kinds = "text or timestamp tokens" if what == "prompt" else f"text tokens (0..{tok.eot - 1})"
-            raise ValueError(f"{what} token {bad[0]} is not allowed: a {what} holds {kinds}")
+            raise ValueError(f"{what} token {bad[0]} is not allowed: a {what} holds token ids 0..{top - 1}")
         return ids
 
     initial = list(sot_seq)

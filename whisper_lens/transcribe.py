@@ -66,8 +66,8 @@ from .alignment import (
     recorded_names,
     split_into_segments,
 )
-from .audio import HOP_LENGTH, SAMPLE_RATE, load_audio, mel_frames, mel_peak, pad_or_trim
-from .decoding import TIME_PRECISION, DecodingResult, rank_score
+from .audio import HOP_LENGTH, SAMPLE_RATE, TIME_PRECISION, load_audio, mel_frames, mel_peak, pad_or_trim
+from .decoding import DecodingResult, rank_score
 from .trace import Edits, Trace, TraceRequest, select_names
 
 if TYPE_CHECKING:

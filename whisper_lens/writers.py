@@ -102,9 +102,12 @@ class OutputFolder:
             if path.exists() and (not path.is_file() or ours.get(path.name) != sha256(path)):
                 raise FileExistsError(f"{path} exists and was not written by whisper-lens transcribe (or was changed "
                                       "since): move it or choose another --output-dir")  # fmt: skip
+        existing = next(p for p in (self.folder, *self.folder.parents) if p.exists())  # the folder or where it will be
+        if not existing.is_dir():
+            raise NotADirectoryError(f"--output-dir {self.folder}: {existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"--output-dir {self.folder}: cannot write into {existing}")
         self.folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(self.folder, os.W_OK | os.X_OK):
-            raise PermissionError(f"cannot write into --output-dir {self.folder}")
         return paths
 
     def write(self, path: Path, text: str) -> None:
