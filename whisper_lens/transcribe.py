@@ -58,6 +58,7 @@ from torch import Tensor
 from .alignment import (
     APPEND_PUNCTUATIONS,
     PREPEND_PUNCTUATIONS,
+    Alignment,
     Word,
     align,
     align_recorded,
@@ -655,3 +656,35 @@ def keep_segments(s: Stream, segments: list[Segment], r: DecodingResult, opts: O
         s.tokens.extend(seg.tokens)
     if not opts.condition_on_previous_text or r.temperature > 0.5:  # do not prompt with uncertain text
         s.prompt_from = len(s.tokens)
+
+
+# ----------------------------------------------------------------------------- looking at one window again
+
+
+@torch.no_grad()
+def window_alignment(
+    model: Whisper,
+    audio: AudioLike,
+    transcript: Transcript,
+    index: int,
+    alignment_heads: Sequence[tuple[int, int]] | None = None,
+) -> tuple[Tensor, Alignment]:
+    """The log-mel of window ``index`` of ``transcript`` (of ``audio``) and how its words were timed.
+
+    Recomputes the window's mel [n_mels, 2 * n_audio_ctx] and the decoder-only alignment of the
+    text kept from it (``alignment.align``), for a picture (``plot.word_alignment``) or a closer look.
+    """
+    check_audio_input(audio)
+    if not 0 <= index < len(transcript.windows):
+        raise IndexError(f"window {index} out of range: the transcript has {len(transcript.windows)} windows")
+    window, tok = transcript.windows[index], model.tokenizer
+    text = [t for s in transcript.segments if s.seek == window.seek for t in s.tokens if t < tok.eot]
+    if not text:
+        raise ValueError(f"window {index} kept no text (no speech): there are no words to align")
+    samples = torch.as_tensor(load_audio(audio) if isinstance(audio, str | os.PathLike) else audio).float()
+    n_mels = model.dims.n_mels
+    mel = mel_frames(samples, window.seek, window.frames, n_mels, mel_peak(samples, n_mels))  # (n_mels, frames)
+    mel = pad_or_trim(mel, 2 * model.dims.n_audio_ctx)  # (n_mels, W)
+    xa = model.encoder(mel[None].to(model.device, model.dtype))  # (1, S, D)
+    sot = tok.sot_sequence_for(transcript.language, "transcribe") if tok.multilingual else tok.sot_sequence
+    return mel, align(model, xa, [text], [window.frames], check_heads(model, alignment_heads), sot)[0]
