@@ -92,6 +92,8 @@ def test_transcribe_refuses_a_fifo_and_a_folder(toy_model, tmp_path):
         (dict(batch_size=0), ValueError, ["batch_size", "0"]),
         (dict(beam_size=1864), ValueError, ["beam_size", "1864"]),
         (dict(best_of=0), ValueError, ["best_of"]),
+        (dict(language="fr"), ValueError, ["fr"]),  # the toy is English only
+        (dict(task="summarize"), ValueError, ["summarize"]),
         (dict(trace=["decoder.blocks.9.*"]), KeyError, ["decoder.blocks.9.*"]),
     ],
 )

@@ -159,10 +159,14 @@ def make_plan(
 
     def as_tokens(x: str | Sequence[int], what: str) -> list[int]:
         ids = tok.encode(" " + x.strip()) if isinstance(x, str) else [int(t) for t in x]
-        top = tok.n_vocab if what == "prompt" else tok.eot  # a prompt is a previous transcript, any tokens it holds
+        top = tok.n_vocab if what == "prompt" else tok.eot  # a prompt is a previous transcript, whatever it holds
         bad = [t for t in ids if not 0 <= t < top]
         if bad:
-            raise ValueError(f"{what} token {bad[0]} is not allowed: a {what} holds token ids 0..{top - 1}")
+            raise ValueError(
+                f"{what} token {bad[0]} is not a text token (text tokens are 0..{tok.eot - 1})"
+                if what != "prompt"
+                else f"prompt token {bad[0]} is outside the vocabulary [0, {top})"
+            )
         return ids
 
     initial = list(sot_seq)

@@ -69,6 +69,7 @@ from .alignment import (
 )
 from .audio import HOP_LENGTH, SAMPLE_RATE, TIME_PRECISION, load_audio, mel_frames, mel_peak, pad_or_trim
 from .decoding import DecodingResult, rank_score
+from .tokenizer import normalize_language
 from .trace import Edits, Trace, TraceRequest, select_names
 
 if TYPE_CHECKING:
@@ -250,6 +251,7 @@ def transcribe(
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer; load it with load_model(..., tokenizer=...)")
     check_decoding(model, beam_size, best_of, word_timing)
+    language = check_language(model, language, task)
     heads = check_heads(model, alignment_heads) if word_timestamps else ()
     encoder_trace, decoder_trace = check_trace_and_edits(model, trace, edits)
     timing = recorded_names(heads) if word_timestamps and word_timing == "decoding" else ()
@@ -321,6 +323,17 @@ def check_temperatures(temperature: float | Sequence[float]) -> tuple[float, ...
     if not temperatures or any(not isinstance(t, int | float) or not 0 <= t < math.inf for t in temperatures):
         raise ValueError(f"temperature must be a number >= 0 or a non-empty sequence of them, got {temperature!r}")
     return tuple(float(t) for t in temperatures)
+
+
+def check_language(model: Whisper, language: str | None, task: str) -> str | None:
+    """The language as a code (or None: detect it), checked with the task against the model's vocabulary."""
+    tok = model.tokenizer
+    if tok.multilingual:
+        language = None if language is None else normalize_language(language)
+        tok.sot_sequence_for(language, task)
+    else:
+        tok.sot_sequence_for(language, task if task != "transcribe" else None)  # English only: refuses the rest
+    return language
 
 
 def check_decoding(model: Whisper, beam_size: int | None, best_of: int | None, word_timing: str) -> None:
