@@ -127,3 +127,39 @@ def real_clips() -> list[tuple[Path, str]]:
 
     transcripts = json.loads((DATA / "transcripts.json").read_text())
     return [(DATA / name, entry["text"]) for name, entry in transcripts.items()]
+
+
+@pytest.fixture(scope="session")
+def real_mels(real_clips) -> torch.Tensor:
+    """The twelve clips' log-mels, each padded to the 30 s window: [12, 80, 3000]."""
+    from whisper_lens.audio import load_windows
+
+    return load_windows([p for p, _ in real_clips], 80, 3000)[0]
+
+
+@pytest.fixture(scope="session")
+def real_tiny_en_pt(real_tiny_en_openai, tmp_path_factory) -> Path:
+    """The real tiny.en as OpenAI publishes its checkpoints: openai-whisper's state dict in fp16, written by torch."""
+    path = tmp_path_factory.mktemp("real_pt") / "tiny.en.pt"
+    state = {k: v.half() for k, v in real_tiny_en_openai.state_dict().items()}
+    torch.save({"dims": asdict(real_tiny_en_openai.dims), "model_state_dict": state}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_tiny_en_hf(real_tiny_en, tmp_path_factory):
+    """(folder, model): transformers' Whisper holding the real tiny.en (eager attention), saved with save_pretrained."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from whisper_lens.loading import hf_config_from_dims, openai_to_hf
+
+    config = WhisperConfig(**hf_config_from_dims(real_tiny_en.dims))
+    config._attn_implementation = "eager"
+    model = WhisperForConditionalGeneration(config).eval()
+    state = {openai_to_hf(k): v for k, v in real_tiny_en.state_dict().items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert missing == ["proj_out.weight"] and not unexpected  # the unembedding is tied to the token embedding
+    model.tie_weights()
+    folder = tmp_path_factory.mktemp("real_hf")
+    model.save_pretrained(folder)
+    return folder, model

@@ -30,11 +30,1037 @@ def check_error(excinfo: pytest.ExceptionInfo, *names: str) -> None:
 
 # ---------------------------------------------------------------- loading (checkpoints, tokenizers found with them)
 
+# Each case: a one-line error raised by whisper_lens naming the file (or the argument) at fault; nothing is built.
+
+
+def _copy_hf(folder: Path, to: Path) -> Path:
+    import shutil
+
+    to.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(folder / f, to / f)
+    return to
+
+
+@pytest.fixture(scope="module")
+def small_ct2(small_hf_dir, tmp_path_factory) -> Path:
+    """The small random model converted by CTranslate2's converter (no tokenizer given, so its vocabulary.json is
+    the converter's filler)."""
+    from ctranslate2.converters import TransformersConverter
+
+    out = tmp_path_factory.mktemp("small_ct2") / "ct2"
+    TransformersConverter(str(small_hf_dir[0])).convert(str(out), quantization="int8")
+    return out
+
+
+def _ct2_copy(small_ct2: Path, to: Path, spec: str | None = None, drop: tuple[str, ...] = ()) -> Path:
+    """A copy of the converted folder; with ``spec`` or ``drop``, model.bin rewritten under that spec name or
+    without those variables."""
+    import shutil
+
+    shutil.copytree(small_ct2, to)
+    if spec is not None or drop:
+        from whisper_lens.ct2 import read_model_bin
+
+        stored_spec, _, variables = read_model_bin(to / "model.bin")
+        skip = {"decoder/projection/weight", *drop}  # the projection is an alias of the embedding
+        write_model_bin(to / "model.bin", spec or stored_spec, {k: v for k, v in variables.items() if k not in skip})
+    return to
+
+
+def write_model_bin(path: Path, spec: str, variables: dict, version: int = 6) -> None:
+    """CTranslate2's model.bin layout (see whisper_lens/ct2.py), written from a dict of tensors, no aliases."""
+    import struct
+
+    import torch
+
+    codes = (torch.float32, torch.int8, torch.int16, torch.int32, torch.float16, torch.bfloat16)
+
+    def string(text: str) -> bytes:
+        raw = text.encode() + b"\0"
+        return struct.pack("<H", len(raw)) + raw
+
+    out = [struct.pack("<I", version), string(spec), struct.pack("<II", 3, len(variables))]
+    for name, t in variables.items():
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # (a scalar as one element)
+        out += [string(name), struct.pack("<B", t.dim()), struct.pack(f"<{t.dim()}I", *t.shape)]
+        out += [struct.pack("<BI", codes.index(t.dtype), len(data)), data]
+    path.write_bytes(b"".join(out) + struct.pack("<I", 0))
+
+
+def test_ct2_truncated_model_bin(small_ct2, tmp_path):
+    from whisper_lens import load_model
+    from whisper_lens.loading import CheckpointError
+
+    folder = _ct2_copy(small_ct2, tmp_path / "ct2")
+    data = (folder / "model.bin").read_bytes()
+    (folder / "model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated") as excinfo:
+        load_model(folder)
+    check_error(excinfo, str(folder / "model.bin"))
+    assert (folder / "model.bin").read_bytes() == data[: len(data) // 2]  # read, never written
+
+
+def test_ct2_unknown_format_version(small_ct2, tmp_path):
+    from whisper_lens import load_model
+    from whisper_lens.loading import CheckpointError
+
+    folder = _ct2_copy(small_ct2, tmp_path / "ct2")
+    data = bytearray((folder / "model.bin").read_bytes())
+    data[:4] = (7).to_bytes(4, "little")
+    (folder / "model.bin").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="format version 7") as excinfo:
+        load_model(folder)
+    check_error(excinfo, str(folder / "model.bin"))
+
+
+def test_ct2_folder_of_another_model(small_ct2, tmp_path):
+    from whisper_lens import load_model
+    from whisper_lens.loading import CheckpointError
+
+    folder = _ct2_copy(small_ct2, tmp_path / "ct2", spec="TransformerDecoderModelSpec")
+    with pytest.raises(CheckpointError, match="not Whisper") as excinfo:
+        load_model(folder)
+    check_error(excinfo, str(folder / "model.bin"), "TransformerDecoderModelSpec")
+
+
+def test_ct2_int8_weight_without_its_scale(small_ct2, tmp_path):
+    from whisper_lens import load_model
+    from whisper_lens.loading import CheckpointError
+
+    name = "decoder/layer_1/ffn/linear_0/weight"
+    folder = _ct2_copy(small_ct2, tmp_path / "ct2", drop=(name + "_scale",))
+    with pytest.raises(CheckpointError, match="int8 without") as excinfo:
+        load_model(folder)
+    check_error(excinfo, str(folder / "model.bin"), name)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [("alignment_heads", [[1, 0], [9, 2]], "[9, 2]"), ("lang_ids", [50259, 90000], "lang_ids"),
+     ("suppress_ids", "all", "suppress_ids"), ("alignment_heads", {"1": 0}, "alignment_heads")],
+)  # fmt: skip
+def test_ct2_config_that_contradicts_the_weights(small_ct2, tmp_path, key, value, named):
+    import json
+
+    from whisper_lens import load_model
+    from whisper_lens.loading import CheckpointError
+
+    folder = _ct2_copy(small_ct2, tmp_path / "ct2")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(CheckpointError) as excinfo:
+        load_model(folder)
+    check_error(excinfo, str(folder / "config.json"), named)
+
+
+def test_ct2_config_that_is_not_an_object(small_ct2, tmp_path):
+    from whisper_lens import load_model
+    from whisper_lens.loading import CheckpointError
+
+    folder = _ct2_copy(small_ct2, tmp_path / "ct2")
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="JSON object") as excinfo:
+        load_model(folder)
+    check_error(excinfo, str(folder / "config.json"))
+
+
+def test_ct2_vocabulary_that_is_not_whispers(small_ct2, tmp_path):
+    """The converter, given a model without a tokenizer, writes a filler vocabulary.json: refused, and tokenizer=
+    is the way out."""
+    from whisper_lens import load_model
+    from whisper_lens.loading import OFFICIAL_TOKENIZERS, CheckpointError
+
+    folder = _ct2_copy(small_ct2, tmp_path / "ct2")
+    with pytest.raises(CheckpointError, match="tokenizer=") as excinfo:
+        load_model(folder)
+    check_error(excinfo, str(folder / "vocabulary.json"))
+    assert load_model(folder, tokenizer=OFFICIAL_TOKENIZERS[51865]).tokenizer.n_vocab == 51865
+
+
+def test_source_that_is_not_a_name_or_path():
+    from whisper_lens import load_model
+
+    with pytest.raises(TypeError) as excinfo:
+        load_model(123)
+    check_error(excinfo, "123")
+
+
+@pytest.mark.parametrize("dtype", ["torch.int64", "int8", "half-precision"])
+def test_dtype_that_is_not_a_float_type(small_hf_dir, dtype):
+    import torch
+
+    from whisper_lens import load_model
+
+    with pytest.raises(ValueError, match="floating-point") as excinfo:
+        load_model(small_hf_dir[0], dtype=torch.int64 if dtype == "torch.int64" else dtype)
+    check_error(excinfo, dtype)
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda", "cuda:0", 3.5])
+def test_device_that_is_not_here(small_hf_dir, device, monkeypatch):
+    import torch
+
+    from whisper_lens import load_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without CUDA
+    with pytest.raises(ValueError, match="device") as excinfo:
+        load_model(small_hf_dir[0], device=device)
+    check_error(excinfo, str(device))
+
+
+def test_config_json_that_is_a_list(small_hf_dir, tmp_path):
+    from whisper_lens import load_model
+    from whisper_lens.loading import CheckpointError
+
+    folder = _copy_hf(small_hf_dir[0], tmp_path / "hf")
+    (folder / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="JSON object") as excinfo:
+        load_model(folder)
+    check_error(excinfo, str(folder / "config.json"))
+
+
+def test_config_json_that_contradicts_the_weights(small_hf_dir, tmp_path):
+    import json
+
+    from whisper_lens import load_model
+    from whisper_lens.loading import CheckpointError
+
+    folder = _copy_hf(small_hf_dir[0], tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "decoder_layers": config["decoder_layers"] + 1}))
+    with pytest.raises(CheckpointError, match="missing") as excinfo:
+        load_model(folder)
+    check_error(excinfo, str(folder), "decoder.blocks.3")
+
+
+def test_pickle_that_runs_code_is_refused_in_one_line(tmp_path):
+    import torch
+
+    from whisper_lens import load_model
+    from whisper_lens.loading import CheckpointError
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    path = tmp_path / "model.pt"
+    torch.save({"dims": Payload(), "model_state_dict": {}}, path)
+    with pytest.raises(CheckpointError, match="weights only") as excinfo:
+        load_model(path)
+    check_error(excinfo, str(path))
+
+
+def test_file_that_is_not_a_checkpoint(tmp_path):
+    import torch
+
+    from whisper_lens import load_model
+    from whisper_lens.loading import CheckpointError
+
+    text = tmp_path / "notes.pt"
+    text.write_text("hello, I am text")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint") as excinfo:
+        load_model(text)
+    check_error(excinfo, str(text))
+    other = tmp_path / "weights.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(CheckpointError, match="not an OpenAI Whisper checkpoint") as excinfo:
+        load_model(other)
+    check_error(excinfo, str(other))
+    dims = tmp_path / "dims.pt"
+    torch.save({"dims": {"n_mels": 80}, "model_state_dict": {}}, dims)
+    with pytest.raises(CheckpointError, match="'dims' must have the fields") as excinfo:
+        load_model(dims)
+    check_error(excinfo, str(dims))
+
+
+def test_unknown_name_and_missing_path(tmp_path):
+    from whisper_lens import load_model
+    from whisper_lens.loading import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"tiny\.en.*large-v3-turbo") as excinfo:
+        load_model("tiny.fr")
+    check_error(excinfo, "'tiny.fr'")
+    with pytest.raises(CheckpointError, match="not a path that exists") as excinfo:
+        load_model(str(tmp_path / "does-not-exist"))
+    check_error(excinfo, str(tmp_path / "does-not-exist"))
+
+
+def test_folder_without_weights_and_truncated_safetensors(small_hf_dir, tmp_path):
+    from whisper_lens import load_model
+    from whisper_lens.loading import CheckpointError
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="model.safetensors is missing") as excinfo:
+        load_model(tmp_path / "empty")
+    check_error(excinfo, str(tmp_path / "empty"))
+    folder = _copy_hf(small_hf_dir[0], tmp_path / "hf")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file") as excinfo:
+        load_model(folder)
+    check_error(excinfo, str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("case", ["missing", "unexpected", "shape", "integer"])
+def test_pt_whose_keys_do_not_fit_its_dims(tmp_path, case):
+    from dataclasses import asdict
+
+    import torch
+
+    from whisper_lens import load_model
+    from whisper_lens.loading import CheckpointError
+    from whisper_lens.model import Whisper
+
+    from .conftest import SMALL
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Whisper(SMALL).state_dict().items()}
+    state = {k: torch.zeros(shape) for k, shape in shapes.items()}
+    key = {"missing": "decoder.blocks.1.mlp.2.bias", "unexpected": "decoder.blocks.9.attn.query.weight",
+           "shape": "encoder.conv1.weight", "integer": "decoder.ln.weight"}[case]  # fmt: skip
+    if case == "missing":
+        del state[key]
+    elif case == "unexpected":
+        state[key] = torch.zeros(2)
+    elif case == "shape":
+        state[key] = torch.zeros(64, 80, 5)
+    else:
+        state[key] = torch.zeros(shapes[key], dtype=torch.int64)
+    path = tmp_path / f"{case}.pt"
+    torch.save({"dims": asdict(SMALL), "model_state_dict": state}, path)
+    with pytest.raises(CheckpointError) as excinfo:
+        load_model(path)
+    check_error(excinfo, str(path), key)
+
+
+def test_tokenizer_of_another_vocabulary(small_hf_dir):
+    from whisper_lens import load_model, load_tokenizer
+    from whisper_lens.loading import OFFICIAL_TOKENIZERS
+
+    english = load_tokenizer(OFFICIAL_TOKENIZERS[51864], n_vocab=51864)
+    with pytest.raises(ValueError, match="n_vocab") as excinfo:
+        load_model(small_hf_dir[0], tokenizer=english)  # the model's vocabulary is the multilingual 51865
+    check_error(excinfo, "51864", "51865")
+
 
 # ----------------------------------------------------------------------------- the model, run and generate
 
 
 # ---------------------------------------------------------------- CLI, output files, audio, tokenizer files, edits
+# (the CLI's exit status and one-line stderr for every command: tests/test_cli.py)
+
+import base64  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import pickle  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
+import numpy as np  # noqa: E402
+import soundfile  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+import whisper_lens as wl  # noqa: E402
+from whisper_lens import cli, files  # noqa: E402
+from whisper_lens.audio import load_windows  # noqa: E402
+from whisper_lens.files import MARKER, atomic_write, output_folder  # noqa: E402
+from whisper_lens.loading import SHIPPED, save_model  # noqa: E402
+from whisper_lens.toy.train import MODEL_FILES, fit, init_weights, train, write_byte_vocab  # noqa: E402
+
+SAMPLES = SHIPPED["toy"] / "samples"
+REPO = PACKAGE.parent
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes: to assert that nothing of the user's changed."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def raises_whisper_lens_error(call, *args, **kwargs) -> BaseException | None:
+    """Run ``call``; None if it worked, else the error after checking that it is whisper_lens' own, on one line."""
+    try:
+        call(*args, **kwargs)
+    except (ValueError, TypeError, KeyError, IndexError, OSError) as e:
+        info = pytest.ExceptionInfo.from_exception(e)
+        check_error(info)
+        event(f"{getattr(call, '__name__', 'call')}: {type(e).__name__}")
+        return e
+    event(f"{getattr(call, '__name__', 'call')}: worked")
+    return None
+
+
+@contextmanager
+def alarm(seconds: int):
+    """Fail instead of hanging for ever (a named pipe opened for reading blocks until a writer comes)."""
+
+    def fail(signum, frame):
+        raise AssertionError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return wl.load_model()
+
+
+@pytest.fixture(scope="module")
+def toy_inputs(toy):
+    mels, _ = load_windows([SAMPLES / "sample1.wav"], toy.dims.n_mels, 2 * toy.dims.n_audio_ctx)
+    tokens = torch.tensor([[toy.tokenizer.sot, toy.tokenizer.no_timestamps, 72, 105]])
+    return mels, tokens
+
+
+# ----- output folders: nothing of the user's lost, nothing half-written, nothing left behind
+
+
+def test_out_naming_a_folder_of_the_users_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """`lens a.wav --out clips` and `demo --samples mysamples --out mysamples` deleted the user's files."""
+    monkeypatch.chdir(tmp_path)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "a.wav").write_bytes((SAMPLES / "sample1.wav").read_bytes())
+    mysamples = tmp_path / "mysamples"
+    mysamples.mkdir()
+    for f in SAMPLES.iterdir():
+        (mysamples / f.name).write_bytes(f.read_bytes())
+    before = tree(tmp_path)
+    with pytest.raises(FileExistsError) as excinfo, output_folder(clips, "lens"):
+        pytest.fail("the body ran: work started before the folder was checked")
+    check_error(excinfo, "clips", "a.wav")
+    assert cli.main(["lens", "clips/a.wav", "--out", "clips"]) == 2
+    assert cli.main(["demo", "--samples", "mysamples", "--model", "toy", "--out", "mysamples"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "clips" in err[0] and "mysamples" in err[1]
+    assert tree(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clips", "mysamples"]
+
+
+def test_previous_output_with_a_file_added_is_refused(tmp_path):
+    out = tmp_path / "out"
+    with output_folder(out, "lens") as tmp:
+        (tmp / "table.csv").write_text("a,b\n")
+    (out / "my-notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError) as excinfo, output_folder(out, "lens"):
+        pass
+    check_error(excinfo, "out", "my-notes.txt")
+    with pytest.raises(FileExistsError) as excinfo, output_folder(tmp_path / "out", "ablate"):
+        pass
+    check_error(excinfo, "out", "lens")
+    (out / MARKER).write_text('{"tool": "someone else"}')  # not ours: the whole folder is the user's
+    with pytest.raises(FileExistsError) as excinfo, output_folder(out, "lens"):
+        pass
+    check_error(excinfo, "out")
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "my-notes.txt", "table.csv"]
+
+
+def test_out_dot_the_current_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "mine.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    for out in (".", str(tmp_path), ".."):
+        with pytest.raises(ValueError) as excinfo, output_folder(out, "lens"):
+            pytest.fail("work started")
+        check_error(excinfo, out, "current folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+    assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")]
+
+
+def test_out_a_symlink_replaces_the_folder_it_points_to(tmp_path):
+    real = tmp_path / "real"
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(FileNotFoundError) as excinfo, output_folder(link, "lens"):
+        pass
+    check_error(excinfo, "link", "does not exist")
+    real.mkdir()
+    for text in ("first", "second"):
+        with output_folder(link, "lens") as tmp:
+            (tmp / "x.txt").write_text(text)
+    assert link.is_symlink() and (link / "x.txt").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no .link.old-* nor hidden folder
+
+
+def test_a_folder_that_cannot_be_replaced_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A rename that fails (a busy or protected folder): a one-line error, the old output intact, no leftovers."""
+    out = tmp_path / "out"
+    with output_folder(out, "lens") as tmp:
+        (tmp / "x.txt").write_text("old")
+
+    def refuse(*args):
+        raise OSError(16, "Device or resource busy", str(out))
+
+    real_rename = os.rename
+
+    def rename_refusing_temporaries(a, b):  # the new output cannot be put in place; putting the old back works
+        new = Path(b) == out and (Path(a) / "x.txt").read_text() == "new"
+        return refuse() if new else real_rename(a, b)
+
+    for exchange_works in (True, False):  # renameat2 exchange, or the two-rename fallback
+        if exchange_works:
+            monkeypatch.setattr(files, "_exchange", refuse)
+        else:
+            monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+            monkeypatch.setattr(files.os, "rename", rename_refusing_temporaries)
+        with pytest.raises(OSError) as excinfo, output_folder(out, "lens") as tmp:
+            (tmp / "x.txt").write_text("new")
+        check_error(excinfo, "out")
+        assert (out / "x.txt").read_text() == "old"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+        monkeypatch.undo()
+
+
+def test_the_two_rename_fallback_replaces_and_cleans_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)  # a filesystem without RENAME_EXCHANGE
+    out = tmp_path / "out"
+    for text in ("first", "second"):
+        with output_folder(out, "lens") as tmp:
+            (tmp / "x.txt").write_text(text)
+    assert (out / "x.txt").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_ctrl_c_during_the_switch_waits_until_it_is_done(tmp_path, monkeypatch, exchange):
+    """Ctrl-C between the two renames left no `out` at all: the switch now holds signals back until it is over."""
+    out = tmp_path / "out"
+    with output_folder(out, "lens") as tmp:
+        (tmp / "x.txt").write_text("old")
+    real = files._exchange if exchange else (lambda a, b: False)
+
+    def interrupted(a, b):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right in the middle
+        time.sleep(0.05)
+        return real(a, b)
+
+    monkeypatch.setattr(files, "_exchange", interrupted)
+    with pytest.raises(KeyboardInterrupt), output_folder(out, "lens") as tmp:
+        (tmp / "x.txt").write_text("new")
+    assert (out / "x.txt").read_text() == "new"  # the switch completed before the interrupt was delivered
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_two_runs_finishing_together_leave_one_complete_output(tmp_path):
+    out = tmp_path / "out"
+    with output_folder(out, "lens") as tmp:
+        (tmp / "x.txt").write_text("before")
+    barrier, errors = threading.Barrier(4), []
+
+    def run(i: int) -> None:
+        try:
+            with output_folder(out, "lens") as tmp:
+                for k in range(20):
+                    (tmp / f"{k}.txt").write_text(str(i))
+                barrier.wait(timeout=60)  # all four finish together
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    contents = {p.read_text() for p in out.glob("*.txt")}
+    assert len(contents) == 1 and len(list(out.glob("*.txt"))) == 20  # one run's complete output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no orphans
+
+
+def test_a_killed_runs_temporary_folder_is_swept_by_the_next_run(tmp_path):
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.whisper-lens-{dead.pid}-0000"
+    stale.mkdir()
+    (stale / MARKER).write_text(json.dumps({"tool": "whisper-lens", "command": "lens", "pid": dead.pid,
+                                            "host": os.uname().nodename}))  # fmt: skip
+    (stale / "half.png").write_bytes(b"\x89PNG")
+    alive = tmp_path / f".out.whisper-lens-{os.getpid()}-0000"  # a run still going: kept
+    alive.mkdir()
+    (alive / MARKER).write_text(json.dumps({"tool": "whisper-lens", "command": "lens", "pid": os.getpid(),
+                                            "host": os.uname().nodename}))  # fmt: skip
+    with output_folder(out, "lens") as tmp:
+        (tmp / "x.txt").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "out"]
+
+
+def test_a_failed_run_removes_its_temporary_folder_and_the_parents_it_made(tmp_path):
+    with pytest.raises(RuntimeError), output_folder(tmp_path / "a" / "b" / "out", "lens") as tmp:
+        (tmp / "half.png").write_bytes(b"\x89PNG")
+        raise RuntimeError("the study failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def default_signals() -> None:
+    """In the child: SIGINT as in a terminal (a test run started in the background inherits it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, -signal.SIGINT)])
+def test_sigterm_or_ctrl_c_mid_run_leaves_no_half_written_folder(tmp_path, sig, code):
+    """SIGTERM exits with 143; after Ctrl-C the process ends by SIGINT (a shell's status 130), both cleaned up."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "whisper_lens", "demo", "--out", "report"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signals)  # fmt: skip
+    deadline = time.time() + 300
+    while not [p for p in tmp_path.iterdir() if p.name.startswith(".report.")] and proc.poll() is None:
+        assert time.time() < deadline, "the demo never started writing"
+        time.sleep(0.05)
+    time.sleep(1.0)  # well inside the work
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []  # no report/, no hidden temporary folder
+
+
+# ----- file modes follow the umask
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_and_folders_honour_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "report.md", lambda p: Path(p).write_text("# report"))
+        model = wl.load_model()
+        vocab = write_byte_vocab(tmp_path / "bytes.tiktoken")
+        save_model(model, tmp_path / "model", tokenizer_file=vocab)
+        with output_folder(tmp_path / "study", "lens") as tmp:
+            (tmp / "table.csv").write_text("a\n")
+    finally:
+        os.umask(old)
+    for name in ("report.md", "bytes.tiktoken", "model/model.safetensors", "model/config.json",
+                 "model/bytes.tiktoken", "study/.whisper-lens.json"):  # fmt: skip
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert (tmp_path / "study").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_atomic_write_into_a_missing_folder_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError) as excinfo:
+        atomic_write(tmp_path / "missing" / "x.txt", lambda p: Path(p).write_text("x"))
+    check_error(excinfo, "missing", "x.txt")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----- train-toy: no code from a checkpoint, every argument checked before any work
+
+
+class Payload:
+    """A pickle that runs code when loaded (what a crafted runs/toy/checkpoint.pt holds)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "pwned"))
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_no_code(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    pwned = tmp_path / "pwned"
+    with open(runs / "checkpoint.pt", "wb") as f:
+        pickle.dump({"model": Payload(pwned)}, f)
+    torch.save({"model": Payload(pwned)}, runs / "zip.pt")
+    for name in ("checkpoint.pt", "zip.pt"):
+        os.replace(runs / name, runs / "checkpoint.pt")
+        with pytest.raises(ValueError) as excinfo:
+            train(tmp_path / "out", data_dir=tmp_path / "data", run_dir=runs, steps=10)
+        check_error(excinfo, "checkpoint.pt", "nothing in it was run")
+    assert not pwned.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # refused before any synthesis or output
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "names"),
+    [
+        ({"steps": 0}, ValueError, ["steps", "0"]),
+        ({"steps": 2.5}, ValueError, ["steps", "2.5"]),
+        ({"batch_size": 0}, ValueError, ["batch_size", "0"]),
+        ({"n_train": 0}, ValueError, ["n_train", "0"]),
+        ({"lr": float("nan")}, ValueError, ["lr", "nan"]),
+        ({"lr": -1.0}, ValueError, ["lr", "-1.0"]),
+        ({"device": "tpu"}, ValueError, ["tpu"]),
+        ({"device": "cuda:7"}, ValueError, ["cuda:7"]),
+    ],
+)
+def test_train_toy_arguments_are_checked_before_any_work(tmp_path, kwargs, error, names):
+    with pytest.raises(error) as excinfo:
+        train(tmp_path / "out", data_dir=tmp_path / "data", run_dir=tmp_path / "runs", **kwargs)
+    check_error(excinfo, *names)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_toy_out_that_is_a_file_or_someone_elses_model_is_refused_first(tmp_path):
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    theirs = tmp_path / "their-model"
+    theirs.mkdir()
+    (theirs / "model.safetensors").write_bytes(b"their weights")
+    before = tree(tmp_path)
+    for out, names in ((file, ["a-file"]), (theirs, ["their-model", "model.safetensors"])):
+        with pytest.raises((NotADirectoryError, FileExistsError)) as excinfo:
+            train(out, data_dir=tmp_path / "data", run_dir=tmp_path / "runs", steps=1)
+        check_error(excinfo, *names)
+    assert tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "their-model"]
+    files.check_can_write(SHIPPED["toy"], MODEL_FILES, "train-toy")  # the shipped folder is train-toy's to rewrite
+
+
+def test_a_checkpoint_past_the_steps_asked_for_is_refused(tmp_path):
+    tok = wl.load_tokenizer(write_byte_vocab(tmp_path / "b.tiktoken"), 1864)
+    dims = wl.ModelDims(80, 8, 16, 2, 1, 1864, 8, 16, 2, 1)
+    torch.manual_seed(0)
+    model = init_weights(wl.Whisper(dims))
+    mels = torch.randn(4, 80, 16)
+    fit(model, tok, mels, ["ab", "cd", "", "e"], steps=3, batch_size=2, checkpoint=tmp_path / "c.pt", progress=False)
+    with pytest.raises(ValueError) as excinfo:
+        fit(model, tok, mels, ["ab", "cd", "", "e"], steps=2, batch_size=2, checkpoint=tmp_path / "c.pt")
+    check_error(excinfo, "c.pt", "step 3")
+
+
+# ----- audio: named pipes, arrays of the wrong rank
+
+
+def test_a_named_pipe_is_refused_not_read_for_ever(tmp_path):
+    fifo = tmp_path / "fifo.wav"
+    os.mkfifo(fifo)
+    with alarm(30):
+        for call in (wl.load_audio, wl.log_mel_spectrogram, lambda p: load_windows([p], 80, 400)):
+            with pytest.raises(ValueError) as excinfo:
+                call(fifo)
+            check_error(excinfo, "fifo.wav", "not a regular file")
+        with pytest.raises(ValueError) as excinfo:
+            wl.load_tokenizer(fifo)
+        check_error(excinfo, "fifo.wav")
+
+
+def test_load_windows_wants_one_dimensional_clips():
+    with pytest.raises(ValueError) as excinfo:
+        load_windows([np.zeros((16000, 80), np.float32)], 80, 400)  # gave [1, 16000, 80, 300] before
+    check_error(excinfo, "(16000, 80)")
+    with pytest.raises(TypeError) as excinfo:
+        load_windows(str(SAMPLES / "sample1.wav"), 80, 400)  # a path, not a list: was read letter by letter
+    check_error(excinfo, "sample1.wav")
+    with pytest.raises(ValueError) as excinfo:
+        load_windows([np.zeros(100, np.float32)], 80, 0)
+    check_error(excinfo, "frames")
+
+
+@pytest.mark.parametrize("path", [123, None, ["a.wav"]])
+def test_load_audio_wants_a_path(path):
+    with pytest.raises(TypeError) as excinfo:
+        wl.load_audio(path)
+    check_error(excinfo, type(path).__name__)
+
+
+# ----- tokenizer files
+
+
+def test_load_tokenizer_on_a_binary_file_or_a_wav_names_it(tmp_path):
+    blob = tmp_path / "weights.bin"
+    blob.write_bytes(bytes(range(256)) * 4)
+    for path in (blob, SAMPLES / "sample1.wav"):
+        with pytest.raises(ValueError) as excinfo:
+            wl.load_tokenizer(path, 1864)
+        check_error(excinfo, path.name, "not a text file")
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ('{"a": 0,', ["vocab.json", "not valid JSON", "line 1"]),
+        ("[1, 2]", ["vocab.json", "list"]),
+        ('{"a": "zero"}', ["vocab.json", "'a'", "'zero'"]),
+        ('{"a": 1.5}', ["vocab.json", "1.5"]),
+        ('{"a": true}', ["vocab.json", "True"]),
+        ('{"<|endoftext|>": "x"}', ["vocab.json", "<|endoftext|>"]),
+        ('{"a b": 0}', ["vocab.json", "'a b'"]),
+    ],
+)
+def test_a_bad_vocab_json_names_the_file(tmp_path, text, names):
+    (tmp_path / "vocab.json").write_text(text)
+    with pytest.raises(ValueError) as excinfo:
+        wl.load_tokenizer(tmp_path)
+    check_error(excinfo, *names)
+
+
+def byte_ranks(order: list[int]) -> str:
+    return "".join(
+        f"{base64.b64encode(bytes([b])).decode()} {rank}\n" for b, rank in zip(range(256), order, strict=True)
+    )
+
+
+def test_tiktoken_ranks_that_repeat_or_skip_say_which(tmp_path):
+    path = tmp_path / "bad.tiktoken"
+    path.write_text(byte_ranks([0] * 256))  # said "distinct integers 0..0" before
+    with pytest.raises(ValueError) as excinfo:
+        wl.load_tokenizer(path, 1864)
+    check_error(excinfo, "bad.tiktoken", "rank 0", "two tokens")
+    path.write_text(byte_ranks([*range(255), 300]))
+    with pytest.raises(ValueError) as excinfo:
+        wl.load_tokenizer(path, 1864)
+    check_error(excinfo, "bad.tiktoken", "255 is missing", "300")
+    path.write_text(byte_ranks(list(range(256))) + "YQ== 256\n")  # b"a" a second time
+    with pytest.raises(ValueError) as excinfo:
+        wl.load_tokenizer(path, 1865)
+    check_error(excinfo, "bad.tiktoken:257", "b'a'", "line 98")
+
+
+@pytest.mark.parametrize(("ids", "name"), [([1.5], "1.5"), ([True], "True"), (["a"], "'a'"), (7, "int")])
+def test_decode_wants_integer_ids(toy, ids, name):
+    with pytest.raises(TypeError) as excinfo:
+        toy.tokenizer.decode(ids)
+    check_error(excinfo, name)
+
+
+# ----- edits: checked when built, and against the run's shapes before it computes anything
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "names"),
+    [
+        (lambda: wl.Edits().skip("encoder", [1.7]), TypeError, ["1.7"]),  # became block 1
+        (lambda: wl.Edits().skip("encoder", [-1]), ValueError, ["-1"]),  # AttributeError
+        (lambda: wl.Edits().skip("encoder", True), TypeError, ["True"]),
+        (lambda: wl.Edits().skip("encoder", "12"), TypeError, ["'12'"]),  # was blocks 1 and 2
+        (lambda: wl.Edits().ablate_heads("decoder.blocks.0.attn", [0.5]), TypeError, ["0.5"]),
+        (lambda: wl.Edits().ablate_heads("decoder.blocks.0.attn", []), ValueError, ["no heads"]),
+        (lambda: wl.Edits().replace("logits", torch.zeros(1), positions=[2.0]), TypeError, ["2.0"]),
+        (lambda: wl.Edits().replace("logits", torch.zeros(1), positions=[-1]), ValueError, ["-1"]),
+        (lambda: wl.Edits().replace("logits", torch.zeros(1), positions=[]), ValueError, ["positions"]),
+        (lambda: wl.Edits().add("logits", "steer"), TypeError, ["logits", "str"]),
+        (lambda: wl.Edits().add("logits", torch.zeros(2, dtype=torch.complex64)), TypeError, ["complex64"]),
+        (lambda: wl.Edits().add("logits", torch.tensor([float("nan")])), ValueError, ["logits", "NaN"]),
+        (lambda: wl.Edits().add(7, torch.zeros(1)), TypeError, ["int"]),
+        (lambda: wl.Edits().local_window(2.5), TypeError, ["2.5"]),
+        (lambda: wl.Edits().local_window(-3), ValueError, ["-3"]),
+    ],
+)
+def test_edits_refuse_bad_arguments_when_built(build, error, names):
+    with pytest.raises(error) as excinfo:
+        build()
+    check_error(excinfo, *names)
+
+
+def test_edit_positions_beyond_the_run_are_refused_before_any_compute(toy, toy_inputs):
+    mels, tokens = toy_inputs  # 4 tokens; the encoder has 200 positions
+    calls = []
+    spy = wl.Edits().apply("encoder.conv1", lambda x: calls.append(1) or x)
+    for name, position in (("decoder.blocks.1.resid_post", 100), ("decoder.blocks.1.resid_post", 4),
+                           ("encoder.blocks.0.mlp.post", 200), ("decoder.blocks.0.attn.pattern", 4)):  # fmt: skip
+        edits = wl.Edits(ops={k: list(v) for k, v in spy.ops.items()})
+        edits.replace(name, torch.zeros(1), positions=[1, position])
+        with pytest.raises(IndexError) as excinfo:
+            toy.run(mels, tokens, edits=edits)
+        check_error(excinfo, name, str(position))
+    assert calls == []  # refused before the encoder's first step
+    edits = wl.Edits().replace("decoder.blocks.1.resid_post", torch.zeros(2, 5, 192))
+    with pytest.raises(ValueError) as excinfo:
+        toy.run(mels, tokens, edits=edits)
+    check_error(excinfo, "(2, 5, 192)", "(1, 4, 192)")
+
+
+def test_edit_positions_of_a_pattern_are_query_positions(toy, toy_inputs):
+    mels, tokens = toy_inputs
+    name = "decoder.blocks.3.attn.pattern"
+    run = toy.run(mels, tokens, trace=[name])
+    uniform = torch.full((4,), 0.25)
+    edited = toy.run(mels, tokens, trace=[name], edits=wl.Edits().replace(name, uniform, positions=[3]))
+    torch.testing.assert_close(edited.trace[name][:, :, 3], uniform.expand(1, 4, 4))
+    torch.testing.assert_close(edited.trace[name][:, :, :3], run.trace[name][:, :, :3])  # other queries as they were
+    torch.testing.assert_close(edited.logits[:, :3], run.logits[:, :3])
+
+
+def test_edit_values_may_be_numpy_arrays_or_numbers(toy, toy_inputs):
+    mels, tokens = toy_inputs
+    name = "decoder.blocks.2.resid_post"
+    vector = np.linspace(-1, 1, 192)
+    as_numpy = toy.run(mels, tokens, edits=wl.Edits().add(name, vector)).logits  # AttributeError before
+    as_torch = toy.run(mels, tokens, edits=wl.Edits().add(name, torch.from_numpy(vector).float())).logits
+    torch.testing.assert_close(as_numpy, as_torch, rtol=0, atol=0)
+    zeroed = toy.run(mels, tokens, trace=[name], edits=wl.Edits().replace(name, 0, positions=[1]))
+    assert zeroed.trace[name][:, 1].abs().max() == 0 and zeroed.trace[name][:, 0].abs().max() > 0
+
+
+def test_an_edit_function_changing_the_dtype_is_named(toy, toy_inputs):
+    mels, tokens = toy_inputs
+    with pytest.raises(ValueError) as excinfo:
+        toy.run(mels, tokens, edits=wl.Edits().apply("decoder.blocks.0.mlp_out", lambda x: x.double()))
+    check_error(excinfo, "decoder.blocks.0.mlp_out", "torch.float64", "torch.float32")
+
+
+# ----- properties: any input either works or raises whisper_lens' own one-line error
+
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(data=st.binary(max_size=2000), header=st.sampled_from([b"", b"RIFF", b"RIFF\x24\x08\x00\x00WAVEfmt ", b"fLaC",
+                                                                 b"OggS", b"ID3"]))  # fmt: skip
+def test_load_audio_on_any_bytes(tmp_path, data, header):
+    path = tmp_path / "fuzz.wav"
+    path.write_bytes(header + data)
+    error = raises_whisper_lens_error(wl.load_audio, path)
+    if error is None:
+        audio = wl.load_audio(path)
+        assert audio.dtype == np.float32 and audio.ndim == 1 and np.isfinite(audio).all()
+    else:
+        assert "fuzz.wav" in str(error)
+
+
+@FUZZ
+@given(
+    samples=hnp.arrays(np.float32, st.integers(0, 3000), elements=st.floats(-1, 1, width=32)),
+    rate=st.sampled_from([8000, 16000, 22050, 44100]),
+    channels=st.integers(1, 3),
+    subtype=st.sampled_from(["PCM_16", "PCM_U8", "FLOAT", "PCM_24"]),
+    sr=st.sampled_from([16000, 8000, 44100]) | st.one_of(st.integers(-5, 50000), st.floats(), st.booleans()),
+)
+def test_load_audio_on_any_wav_and_rate(tmp_path, samples, rate, channels, subtype, sr):
+    path = tmp_path / "clip.wav"
+    if subtype == "PCM_U8":
+        soundfile.write(path, np.repeat(samples[:, None], channels, 1), rate, subtype=subtype, format="WAV")
+    else:
+        soundfile.write(path, np.repeat(samples[:, None], channels, 1), rate, subtype=subtype)
+    if raises_whisper_lens_error(wl.load_audio, path, sr=sr) is None:
+        audio = wl.load_audio(path, sr=sr)
+        assert audio.ndim == 1 and np.isfinite(audio).all()
+        assert abs(len(audio) - len(samples) * sr / rate) <= 1
+
+
+samples_shapes = st.one_of(
+    hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5),  # scalars, stereo-like, too short
+    st.tuples(st.integers(0, 3000)),  # one clip
+    st.tuples(st.integers(0, 3), st.integers(150, 1200)),  # a batch
+)
+arrays = hnp.arrays(
+    dtype=st.sampled_from(
+        [
+            np.float16,
+            np.float32,
+            np.float64,
+            np.int16,
+            np.int32,
+            np.uint8,
+            np.int64,
+            np.complex64,
+            np.bool_,
+            np.dtype(">f4"),
+        ]
+    ),  # fmt: skip
+    shape=samples_shapes,
+    elements={"allow_nan": False, "allow_infinity": False, "allow_subnormal": False},
+) | hnp.arrays(np.float32, samples_shapes)  # any float32, NaN and inf included
+
+
+@FUZZ
+@given(audio=arrays, n_mels=st.sampled_from([80, 128]) | st.one_of(st.integers(-2, 200), st.floats(), st.none()),
+       padding=st.integers(0, 1000) | st.one_of(st.integers(-10, 1000), st.floats()),
+       as_tensor=st.booleans())  # fmt: skip
+def test_log_mel_spectrogram_on_any_array(audio, n_mels, padding, as_tensor):
+    if as_tensor and audio.dtype.isnative and audio.dtype != np.uint16:
+        audio = torch.from_numpy(audio.copy())
+    if raises_whisper_lens_error(wl.log_mel_spectrogram, audio, n_mels=n_mels, padding=padding) is None:
+        mel = wl.log_mel_spectrogram(audio, n_mels=n_mels, padding=padding)
+        assert mel.dtype == torch.float32 and mel.shape[-2] == n_mels and torch.isfinite(mel).all()
+        assert mel.shape[-1] == (audio.shape[-1] + padding) // 160
+
+
+BYTE_LINES = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
+rank_lines = st.one_of(
+    st.text(max_size=30),
+    st.builds(lambda b, r: f"{base64.b64encode(b).decode()} {r}", st.binary(max_size=3), st.integers(-3, 300)),
+)
+
+
+@FUZZ
+@given(
+    edits=st.lists(st.tuples(st.sampled_from(["drop", "replace", "insert"]), st.integers(0, 256), rank_lines),
+                   max_size=3),
+    n_vocab=st.one_of(st.sampled_from([1864, 1865, 1863]), st.integers(1500, 2000), st.floats(), st.booleans()),
+)  # fmt: skip
+def test_load_tokenizer_on_any_rank_file(tmp_path, edits, n_vocab):
+    """A valid byte-level rank file with a few lines dropped, changed or added."""
+    lines = list(BYTE_LINES)
+    for op, at, line in edits:
+        at = min(at, len(lines) - 1) if lines else 0
+        if op == "drop" and lines:
+            del lines[at]
+        elif op == "replace" and lines:
+            lines[at] = line
+        else:
+            lines.insert(at, line)
+    path = tmp_path / "fuzz.tiktoken"
+    path.write_text("\n".join(lines), encoding="utf-8", errors="surrogatepass")
+    if raises_whisper_lens_error(wl.load_tokenizer, path, n_vocab) is None:
+        tok = wl.load_tokenizer(path, n_vocab)
+        assert tok.decode(tok.encode("the cat")) == "the cat"
+
+
+@FUZZ
+@given(vocab=st.dictionaries(st.text(max_size=6), st.one_of(st.integers(-2, 300), st.floats(), st.text(max_size=3),
+                                                            st.booleans(), st.none()), max_size=20))  # fmt: skip
+def test_load_tokenizer_on_any_vocab_json(tmp_path, vocab):
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    error = raises_whisper_lens_error(wl.load_tokenizer, tmp_path, 51865)
+    assert error is not None and "vocab.json" in str(error)  # 20 entries can never be a byte-level vocabulary
+
+
+@FUZZ
+@given(text=st.one_of(st.text(), st.binary(), st.integers(), st.none()),
+       ids=st.one_of(st.lists(st.one_of(st.integers(-5, 3000), st.floats(), st.booleans(), st.text(max_size=2))),
+                     st.integers(), st.text(max_size=3)))  # fmt: skip
+def test_tokenizer_on_any_text_and_ids(toy, text, ids):
+    tok = toy.tokenizer
+    if raises_whisper_lens_error(tok.encode, text) is None:
+        assert isinstance(text, str)
+    if raises_whisper_lens_error(tok.decode, ids) is None:
+        assert all(isinstance(i, int) and 0 <= i < tok.n_vocab for i in ids)
+
+
+good_indices = st.one_of(st.integers(0, 3), st.lists(st.integers(0, 3), min_size=1, max_size=3))
+indices = good_indices | st.one_of(st.integers(-3, 9), st.floats(-3, 9), st.booleans(), st.text(max_size=2), st.none(),
+                                   st.lists(st.one_of(st.integers(-3, 9), st.floats(-3, 9), st.booleans()),
+                                            max_size=3))  # fmt: skip
+names = st.sampled_from(["decoder.blocks.1.resid_post", "encoder.blocks.0.mlp.post", "decoder.blocks.3.attn.pattern",
+                         "encoder.blocks.2.attn.z", "logits", "decoder.blocks.9.resid_post", "nothing"])  # fmt: skip
+values = st.one_of(st.floats(-2, 2), st.floats(), st.integers(-3, 3), st.text(max_size=2), st.none(),
+                   hnp.arrays(st.sampled_from([np.float32, np.float64, np.int64, np.complex64, np.bool_]),
+                              hnp.array_shapes(min_dims=0, max_dims=4, max_side=5)))  # fmt: skip
+
+
+@settings(FUZZ, max_examples=80)
+@given(stack=st.sampled_from(["encoder", "decoder", "middle"]), layers=indices, heads=indices, name=names,
+       value=values, positions=st.one_of(st.none(), indices),
+       kind=st.sampled_from(["replace", "add", "apply"]))  # fmt: skip
+def test_edits_on_any_arguments(toy, toy_inputs, stack, layers, heads, name, value, positions, kind):
+    """Built and run on the toy model: either it runs, or whisper_lens names what is wrong (never torch)."""
+    mels, tokens = toy_inputs
+
+    def build_and_run() -> None:
+        edits = wl.Edits().skip(stack, layers).ablate_heads(f"{stack}.blocks.0.attn", heads)
+        if kind == "apply":
+            edits.apply(name, lambda x: x * value if isinstance(value, float) else x)
+        else:
+            getattr(edits, kind)(name, value, positions=positions)
+        toy.run(mels, tokens, edits=edits)
+
+    raises_whisper_lens_error(build_and_run)
 
 
 # ----------------------------------------------------------------------------- long-form transcription and its writers
@@ -74,10 +1100,10 @@ def test_transcribe_refuses_a_fifo_and_a_folder(toy_model, tmp_path):
     import os
 
     os.mkfifo(tmp_path / "pipe.wav")
-    for path in (tmp_path / "pipe.wav", tmp_path):
-        with pytest.raises(ValueError) as excinfo:
+    for path, error, name in ((tmp_path / "pipe.wav", ValueError, "regular file"), (tmp_path, OSError, "directory")):
+        with pytest.raises(error) as excinfo:
             toy_model.transcribe(path)  # a named pipe would block for ever
-        check_error(excinfo, str(path), "regular file")
+        check_error(excinfo, str(path), name)
 
 
 @pytest.mark.parametrize(
@@ -133,7 +1159,7 @@ def test_output_files_never_replace_the_users(tmp_path):
     (tmp_path / "talk.srt").write_text("my own subtitles")
     with pytest.raises(FileExistsError) as excinfo:
         OutputFolder(tmp_path).plan(["talk"], ("srt", "txt"))
-    check_error(excinfo, "talk.srt", "not written by whisper-lens")
+    check_error(excinfo, "talk.srt", "did not write")
     assert (tmp_path / "talk.srt").read_text() == "my own subtitles" and not (tmp_path / "talk.txt").exists()
     (tmp_path / "file").write_text("x")
     for out in (tmp_path / "file", tmp_path / "file" / "sub"):
@@ -171,3 +1197,211 @@ def test_cli_transcribe_bad_arguments_exit_2(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- dataset-scale sweeps and exports
+
+
+@pytest.fixture(scope="module")
+def dataset_toy_model():
+    import whisper_lens as wl
+
+    return wl.load_model()
+
+
+@pytest.fixture
+def dataset_toy(dataset_toy_model):
+    """The shipped model, on one thread (a small model's products gain nothing from two busy cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield dataset_toy_model
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def clips_dir(tmp_path):
+    """Two of the toy's samples in a folder, with their transcripts."""
+    import json
+    import shutil
+
+    samples = PACKAGE.parent / "weights" / "toy" / "samples"
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for name in ("sample1.wav", "sample2.wav"):
+        shutil.copy(samples / name, folder / name)
+    truth = json.loads((samples / "transcripts.json").read_text())
+    (folder / "refs.json").write_text(json.dumps({k: truth[k] for k in ("sample1.wav", "sample2.wav")}))
+    return folder
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_sweep_an_empty_folder_is_named(dataset_toy, tmp_path):
+    from whisper_lens.distributed import find_clips
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not audio")
+    with pytest.raises(FileNotFoundError) as excinfo:
+        find_clips([tmp_path / "empty"], dataset_toy)
+    check_error(excinfo, str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("kind", ["text", "empty", "too long", "fifo"])
+def test_sweep_an_unreadable_clip_is_named_before_any_work(dataset_toy, clips_dir, kind):
+    import os
+
+    import numpy as np
+    import soundfile as sf
+
+    from whisper_lens.distributed import find_clips
+
+    bad = clips_dir / "bad.wav"
+    if kind == "text":
+        bad.write_text("this is not audio")
+    elif kind == "empty":
+        sf.write(bad, np.zeros(0, np.float32), 16000)
+    elif kind == "too long":
+        sf.write(bad, np.zeros(16000 * 5, np.float32), 16000)  # the toy's window is 4 s
+    else:
+        os.mkfifo(bad)  # reading it would block for ever
+    with pytest.raises((ValueError, OSError)) as excinfo:
+        find_clips([clips_dir / "sample1.wav", bad], dataset_toy)
+    check_error(excinfo, str(bad))
+
+
+def test_sweep_references_without_a_clip_are_refused(dataset_toy, clips_dir):
+    import json
+
+    from whisper_lens.distributed import find_clips
+
+    refs = clips_dir / "refs.json"
+    refs.write_text(json.dumps({"sample1.wav": "my rice is funny"}))
+    with pytest.raises(ValueError) as excinfo:
+        find_clips([clips_dir], dataset_toy, references=refs)
+    check_error(excinfo, "sample2.wav", str(refs))
+    refs.write_text("[1, 2]")
+    with pytest.raises(ValueError) as excinfo:
+        find_clips([clips_dir], dataset_toy, references=refs)
+    check_error(excinfo, str(refs))
+
+
+def test_sweep_an_out_holding_another_studys_rows_is_refused_untouched(dataset_toy, clips_dir, tmp_path):
+    from whisper_lens.distributed import export, find_clips, sweep
+
+    clips = find_clips([clips_dir], dataset_toy, references=clips_dir / "refs.json")
+    out = tmp_path / "out"
+    sweep(dataset_toy, clips, out, stack="encoder", removals=[0], progress=False)
+    before = snapshot(out)
+    with pytest.raises(FileExistsError) as excinfo:  # another stack
+        sweep(dataset_toy, clips, out, stack="decoder", removals=[0], progress=False)
+    check_error(excinfo, str(out), "another sweep")
+    with pytest.raises(FileExistsError) as excinfo:  # another command
+        export(dataset_toy, clips, out, "encoder.ln_post", progress=False)
+    check_error(excinfo, str(out), "sweep")
+    assert snapshot(out) == before
+
+
+def test_sweep_an_out_with_files_it_did_not_write_is_refused_untouched(dataset_toy, clips_dir, tmp_path):
+    from whisper_lens.distributed import find_clips, sweep
+
+    clips = find_clips([clips_dir], dataset_toy)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    sweep(dataset_toy, clips, tmp_path / "marked", stack="encoder", removals=[0], progress=False)
+    (tmp_path / "marked" / "parts" / "notes.txt").write_text("my notes")
+    for out in (tmp_path / "mine", tmp_path / "marked"):
+        before = snapshot(out)
+        with pytest.raises(FileExistsError) as excinfo:
+            sweep(dataset_toy, clips, out, stack="encoder", removals=[0], progress=False)
+        check_error(excinfo, str(out), "notes.txt")
+        assert snapshot(out) == before
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(NotADirectoryError) as excinfo:
+        sweep(dataset_toy, clips, tmp_path / "file", stack="encoder", removals=[0], progress=False)
+    check_error(excinfo, str(tmp_path / "file"))
+
+
+def test_sweep_an_out_in_use_by_another_run_is_refused(dataset_toy, clips_dir, tmp_path):
+    import fcntl
+
+    from whisper_lens.distributed import MARKER, find_clips, sweep
+
+    clips = find_clips([clips_dir], dataset_toy)
+    out = tmp_path / "out"
+    sweep(dataset_toy, clips, out, stack="encoder", removals=[0], progress=False)
+    with open(out / MARKER) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running sweep holds it
+        with pytest.raises(BlockingIOError) as excinfo:
+            sweep(dataset_toy, clips, out, stack="encoder", removals=[0], progress=False)
+    check_error(excinfo, str(out), "in use")
+
+
+@pytest.mark.parametrize(
+    "options, names",
+    [
+        ({"stack": "encoder", "removals": [5]}, ["encoder", "[5]"]),
+        ({"stack": "middle"}, ["middle"]),
+        ({"stack": "both", "batch_size": 0}, ["batch size", "0"]),
+    ],
+)
+def test_sweep_bad_settings_are_refused_before_any_work(dataset_toy, clips_dir, tmp_path, options, names):
+    from whisper_lens.distributed import find_clips, sweep
+
+    with pytest.raises(ValueError) as excinfo:
+        sweep(dataset_toy, find_clips([clips_dir], dataset_toy), tmp_path / "out", progress=False, **options)
+    check_error(excinfo, *names)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "trace, options, names, error",
+    [
+        ("encoder.blocks.9.resid_post", {}, ["encoder.blocks.9.resid_post"], KeyError),
+        ("encoder.ln_post", {"positions": "some"}, ["some"], ValueError),
+        ("encoder.ln_post", {"dtype": "int8"}, ["torch.int8"], ValueError),
+        ("encoder.ln_post", {"shard_clips": 0}, ["0"], ValueError),
+    ],
+)
+def test_export_bad_settings_are_refused_before_work(dataset_toy, clips_dir, tmp_path, trace, options, names, error):
+    import torch
+
+    from whisper_lens.distributed import export, find_clips
+
+    if "dtype" in options:
+        options = {"dtype": getattr(torch, options["dtype"])}
+
+    with pytest.raises(error) as excinfo:
+        export(dataset_toy, find_clips([clips_dir], dataset_toy), tmp_path / "out", trace, progress=False, **options)
+    check_error(excinfo, *names)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_reader_names_what_is_missing(dataset_toy, clips_dir, tmp_path):
+    from whisper_lens.distributed import export, find_clips, load_activations
+
+    with pytest.raises(FileNotFoundError) as excinfo:
+        load_activations(clips_dir)
+    check_error(excinfo, str(clips_dir))
+    export(dataset_toy, find_clips([clips_dir], dataset_toy), tmp_path / "x", "encoder.ln_post", progress=False)
+    acts = load_activations(tmp_path / "x")
+    for key, name in [(("nope.wav", "encoder.ln_post"), "nope.wav"), (("sample1.wav", "logits"), "logits")]:
+        with pytest.raises(KeyError) as excinfo:
+            acts[key]
+        check_error(excinfo, name)
+
+
+def test_sweep_cli_bad_input_is_one_line_exit_2(clips_dir, tmp_path, capsys):
+    from whisper_lens.cli import main
+
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["sweep", str(tmp_path / "empty"), "--stack", "both", "--out", str(tmp_path / "o")], "empty"),
+        (["sweep", str(clips_dir), "--stack", "encoder", "--removals", "9", "--out", str(tmp_path / "o")], "9"),
+        (["export", str(clips_dir), "--trace", "nothing.like.this", "--out", str(tmp_path / "o")], "nothing.like.this"),
+    ]
+    for argv, named in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("whisper-lens: error:") and err.count("\n") == 1 and named in err, err
+    assert not (tmp_path / "o").exists()

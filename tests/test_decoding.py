@@ -298,6 +298,6 @@ def test_bad_input(small, tmp_path):
     with pytest.raises(ValueError, match="skip the encoder"):
         small.generate(audio_features=xa, edits=Edits().local_window(3))
     bare = load_model(save_model(small, tmp_path / "bare"))
-    assert bare.tokenizer is None
+    bare.tokenizer = None  # n_vocab 51865 gets OpenAI's tokenizer; a model of an unknown vocabulary has none
     with pytest.raises(ValueError, match="no tokenizer"):
         bare.generate(mel)

@@ -78,15 +78,15 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 
 def test_output_folder_is_replaced_only_on_success(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError), output_folder(out) as tmp:
+    with output_folder(out, "demo") as tmp:
+        (tmp / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), output_folder(out, "demo") as tmp:
         (tmp / "half.txt").write_text("half")
         raise RuntimeError("interrupted")
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]  # untouched
-    with output_folder(out) as tmp:
+    assert sorted(p.name for p in out.iterdir()) == [".whisper-lens.json", "old.txt"]  # untouched
+    with output_folder(out, "demo") as tmp:
         (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".whisper-lens.json", "new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

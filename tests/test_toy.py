@@ -73,3 +73,23 @@ def test_a_few_training_steps_reduce_the_loss(tmp_path):
     history = fit(model, tok, mels, texts, steps=30, batch_size=4, lr=3e-3, progress=False)
     first, last = np.mean([h["loss"] for h in history[:3]]), np.mean([h["loss"] for h in history[-3:]])
     assert last < 0.7 * first, (first, last)
+
+
+def test_training_resumed_from_its_checkpoint_equals_training_straight_through(tmp_path):
+    """The checkpoint is read with weights_only=True and holds everything the run needs: model, head, optimizer, rng."""
+    tok = wl.load_tokenizer(write_byte_vocab(tmp_path / "b.tiktoken"), 1864)
+    dims = ModelDims(80, 8, 16, 2, 1, 1864, 8, 16, 2, 1)
+    mels, texts = torch.randn(6, 80, 16), ["ab", "cd", "", "e", "fg", "h"]
+
+    def run(steps: list[int], checkpoint) -> tuple[Whisper, list[dict]]:
+        torch.manual_seed(0)
+        model = init_weights(Whisper(dims))
+        for n in steps:  # each call resumes from where the checkpoint left off
+            history = fit(model, tok, mels, texts, steps=n, batch_size=3, checkpoint=checkpoint, progress=False)
+        return model, history
+
+    straight, history = run([4], None)
+    resumed, resumed_history = run([2, 4], tmp_path / "checkpoint.pt")  # lr_at gives 2 and 4 steps the same first 2
+    assert [h["loss"] for h in resumed_history] == [h["loss"] for h in history]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

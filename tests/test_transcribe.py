@@ -18,12 +18,14 @@ import pytest
 import torch
 
 import whisper_lens as wl
+from whisper_lens import files
 from whisper_lens.alignment import dtw, median_filter
 from whisper_lens.audio import N_SAMPLES, log_mel_spectrogram, mel_frames, mel_peak
 from whisper_lens.decoding import segments
+from whisper_lens.files import MARKER
 from whisper_lens.loading import SHIPPED
 from whisper_lens.transcribe import Segment, Transcript, Window
-from whisper_lens.writers import FORMATS, MANIFEST, OutputFolder, render
+from whisper_lens.writers import FORMATS, OutputFolder, render
 
 from .conftest import DATA, real_tiny_en_folder
 
@@ -54,9 +56,10 @@ def openai_with_heads(real_tiny_en_openai):
     real_tiny_en_openai.register_buffer("alignment_heads", before, persistent=False)
 
 
-def test_official_heads_are_the_checkpoints():
+def test_official_heads_are_the_checkpoints(real_tiny_en):
+    """transcribe's default heads (``model.alignment_heads``, read by load_model) are the checkpoint's."""
     config = json.loads((real_tiny_en_folder() / "config.json").read_text())
-    assert [tuple(h) for h in config["alignment_heads"]] == OFFICIAL_HEADS
+    assert [tuple(h) for h in config["alignment_heads"]] == OFFICIAL_HEADS == list(real_tiny_en.alignment_heads)
 
 
 # ----------------------------------------------------------------------------- equal to openai-whisper
@@ -73,8 +76,7 @@ def test_long_form_equals_openai_whisper(real_tiny_en, openai_with_heads, real_c
     first = joined(paths, 2.0)  # 64.5 s: three windows
     second = joined(paths[::-1][:7], 1.0)  # 24.4 s: one window, the clips reversed
     assert len(first) / 16000 >= 60
-    ours = real_tiny_en.transcribe([first, second], temperature=0.0, word_timestamps=True,
-                                   alignment_heads=OFFICIAL_HEADS)  # fmt: skip
+    ours = real_tiny_en.transcribe([first, second], temperature=0.0, word_timestamps=True)  # the model's heads
     for audio, mine in zip([first, second], ours, strict=True):
         with torch.no_grad():
             ref = whisper.transcribe(openai_with_heads, audio, temperature=0.0, condition_on_previous_text=True,
@@ -237,9 +239,8 @@ def test_trace_and_edits_in_every_window(toy):
 def test_word_timing_from_decoding_is_close_to_the_pass(real_tiny_en, real_clips):
     """The recorded-pattern option gives the same words; their times are near the exact pass's (README's figures)."""
     clips = [p for p, _ in real_clips if p.name.startswith("austen")][:3]
-    exact = real_tiny_en.transcribe(clips, temperature=0.0, word_timestamps=True, alignment_heads=OFFICIAL_HEADS)
-    recorded = real_tiny_en.transcribe(clips, temperature=0.0, word_timestamps=True, word_timing="decoding",
-                                       alignment_heads=OFFICIAL_HEADS)  # fmt: skip
+    exact = real_tiny_en.transcribe(clips, temperature=0.0, word_timestamps=True)
+    recorded = real_tiny_en.transcribe(clips, temperature=0.0, word_timestamps=True, word_timing="decoding")
     gaps = []
     for e, r in zip(exact, recorded, strict=True):
         we, wr = [w for s in e.segments for w in s.words], [w for s in r.segments for w in s.words]
@@ -382,15 +383,16 @@ def test_cli_transcribes_long_files_into_files(tmp_path, capsys):
     )
     assert "(no speech: silence)" in printed.out
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted([MANIFEST] + [f"{s}.{f}" for s in ("long", "quiet") for f in FORMATS])
+    assert names == sorted([MARKER] + [f"{s}.{f}" for s in ("long", "quiet") for f in FORMATS])
     assert all((p.stat().st_mode & 0o777) == 0o640 for p in out.iterdir())
     cues = parse_cues((out / "long.srt").read_text(), ",")
     assert cues and all(a <= b <= 14.412 for a, b, _ in cues)  # the toy's garbled long-form text, timed in 14.4 s
     assert main(["transcribe", str(tmp_path / "long.wav"), "-o", str(out), "-f", "txt", "--no-progress"]) == 0  # ours
-    (out / "long.txt").write_text("edited by hand\n")
-    assert main(["transcribe", str(tmp_path / "long.wav"), "-o", str(out), "-f", "txt", "--no-progress"]) == 2
-    assert (out / "long.txt").read_text() == "edited by hand\n"
-    assert "was not written by whisper-lens" in capsys.readouterr().err
+    (out / "mine.txt").write_text("my own notes\n")
+    (tmp_path / "mine.wav").write_bytes((tmp_path / "long.wav").read_bytes())
+    assert main(["transcribe", str(tmp_path / "mine.wav"), "-o", str(out), "-f", "txt", "--no-progress"]) == 2
+    assert (out / "mine.txt").read_text() == "my own notes\n"
+    assert "mine.txt, which `whisper-lens transcribe` did not write" in capsys.readouterr().err
 
 
 def test_output_folder_refuses_before_any_work(tmp_path):
@@ -401,3 +403,9 @@ def test_output_folder_refuses_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="same output files"):
         folder.plan(["b", "b"], ("srt",))
     assert (tmp_path / "a.srt").read_text() == "mine"
+    other = tmp_path / "model"
+    other.mkdir()
+    files.mark_written(other, [], "train-toy")  # another command's output folder: its marker must not be rewritten
+    with pytest.raises(FileExistsError, match="train-toy"):
+        OutputFolder(other).plan(["a"], ("srt",))
+    assert files.read_marker(other)["command"] == "train-toy" and sorted(os.listdir(other)) == [MARKER]

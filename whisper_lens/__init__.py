@@ -2,6 +2,7 @@
 
 from .alignment import Word
 from .audio import load_audio, log_mel_spectrogram, pad_or_trim
+from .distributed import load_activations
 from .heads import HeadRanking, find_alignment_heads
 from .loading import load_model
 from .model import ModelDims, Run, Whisper
@@ -22,6 +23,7 @@ __all__ = [
     "Window",
     "Word",
     "find_alignment_heads",
+    "load_activations",
     "load_audio",
     "load_model",
     "load_tokenizer",

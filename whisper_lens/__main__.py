@@ -1,7 +1,5 @@
 """``python -m whisper_lens`` is the ``whisper-lens`` command."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 import warnings
 
 import librosa
@@ -29,6 +30,7 @@ CHUNK_LENGTH = 30  # seconds of audio in one encoder input
 N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a chunk
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a chunk
 
+MAX_SAMPLE_RATE = 384_000  # the highest rate audio hardware records at; more would only exhaust memory
 MAX_MELS = 128  # Whisper uses 80 mel bands (128 from large-v3 on); 201 FFT bins support up to 128
 
 AudioInput = str | os.PathLike | np.ndarray | torch.Tensor
@@ -42,13 +44,9 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     openai-whisper shells out to ffmpeg instead; the two resamplers differ in the last bits,
     so compare features on 16 kHz files when exact parity matters.
     """
-    if not isinstance(sr, int) or sr <= 0:
-        raise ValueError(f"sr must be a positive integer sample rate, got {sr!r}")
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"audio file not found: {path}")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"expected an audio file, got a directory: {path}")
+    if isinstance(sr, bool) or not isinstance(sr, int) or not 0 < sr <= MAX_SAMPLE_RATE:
+        raise ValueError(f"sr must be an integer sample rate from 1 to {MAX_SAMPLE_RATE} Hz, got {sr!r}")
+    path = _regular_file(path)
     try:
         with warnings.catch_warnings():
             # librosa warns before falling back from libsndfile to audioread; the outcome is
@@ -64,6 +62,26 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     if not np.isfinite(audio).all():
         raise ValueError(f"audio file {path} contains NaN or infinite samples")
     return audio
+
+
+def _regular_file(path: str | os.PathLike) -> str:
+    """``path`` as a string, if it names a readable regular file (a named pipe or device would block or never end)."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"an audio path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"audio file not found: {path}") from None
+    except OSError as e:
+        raise OSError(f"cannot read audio file {path}: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"expected an audio file, got a directory: {path}")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is not a regular file (a named pipe, socket or device); give an audio file")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"cannot read audio file {path}: permission denied")
+    return path
 
 
 def pad_or_trim(array: np.ndarray | torch.Tensor, length: int = N_SAMPLES, axis: int = -1):
@@ -204,9 +222,9 @@ def log_mel_spectrogram(
         audio = load_audio(audio)
     if not isinstance(audio, np.ndarray | torch.Tensor):
         raise TypeError(f"audio must be a path, numpy array or torch tensor, got {type(audio).__name__}")
-    if not isinstance(n_mels, int) or not 1 <= n_mels <= MAX_MELS:
+    if isinstance(n_mels, bool) or not isinstance(n_mels, int) or not 1 <= n_mels <= MAX_MELS:
         raise ValueError(f"n_mels must be an integer from 1 to {MAX_MELS} (Whisper uses 80 or 128), got {n_mels!r}")
-    if not isinstance(padding, int) or padding < 0:
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"padding must be a non-negative number of samples, got {padding!r}")
     if audio.ndim not in (1, 2):
         raise ValueError(f"audio must be one clip [N] or a batch [B, N], got shape {tuple(audio.shape)}")
@@ -255,11 +273,21 @@ def load_windows(audios, n_mels: int, frames: int) -> tuple[torch.Tensor, list[f
     sit at the clip's floor, not at zero). A clip longer than the window is an error, never
     silently truncated.
     """
+    if isinstance(audios, str | os.PathLike):
+        raise TypeError(f"load_windows takes a list of audio files or arrays, got the single path {audios!r}")
     if len(audios) == 0:
         raise ValueError("no audio files given")
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames must be a positive number of mel frames, got {frames!r}")
     mels, seconds = [], []
-    for item in audios:  # read everything first, so a bad file fails before any work
+    for i, item in enumerate(audios):  # read everything first, so a bad file fails before any work
         audio = load_audio(item) if isinstance(item, str | os.PathLike) else item
+        is_array = isinstance(audio, np.ndarray | torch.Tensor)
+        if not is_array or audio.ndim != 1:
+            got = f"shape {tuple(audio.shape)}" if is_array else type(audio).__name__
+            raise ValueError(
+                f"audio {i} must be a 1-D 16 kHz waveform (or a path), got {got}; for stereo, average the channels"
+            )
         if len(audio) > frames * HOP_LENGTH:
             raise ValueError(
                 f"{item if isinstance(item, str | os.PathLike) else 'audio'} is {len(audio) / SAMPLE_RATE:.1f} s "

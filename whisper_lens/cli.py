@@ -1,31 +1,47 @@
 """The ``whisper-lens`` command. Each subcommand is one function ``cmd_<name>(args)``.
 
-Errors a user can cause (bad paths, names, shapes) are printed as one line, with exit code 2;
-no traceback. ``--model`` defaults to the shipped toy model everywhere, so every command runs
-offline.
+Errors a user can cause (bad arguments, paths, names, shapes) are printed as one line,
+``whisper-lens: error: ...``, with exit code 2 and no traceback; Ctrl-C exits with 130 and
+SIGTERM with 143, after removing whatever the command had half-written. ``--model`` defaults to
+the shipped toy model everywhere, so every command runs offline. Output folders (``--out``) are
+replaced only when they are new, empty, or a previous output of the same command (see
+``whisper_lens.files``); anything else is refused before any work.
 """
 
 from __future__ import annotations
 
 import argparse
-import fnmatch
+import os
+import signal
 import sys
+import threading
 
 from .loading import DEFAULT_MODEL, OFFICIAL, SHIPPED
 
-USER_ERRORS = (ValueError, KeyError, IndexError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError,
-               OSError)  # fmt: skip
+USER_ERRORS = (ValueError, KeyError, IndexError, TypeError, OSError)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that the command unwinds (and cleans up) as on Ctrl-C."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the command's one-line error format (argparse prints the usage and its own prefix)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("whisper-lens").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"whisper-lens: error: {where}{message} (see whisper-lens {command} --help)\n".replace("  ", " "))
 
 
 def placement(device: str) -> dict:
     """load_model's device and dtype for a --device flag: fp32 on the CPU, fp16 on CUDA."""
     import torch
 
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
-    return {"device": device, "dtype": torch.float16 if device.startswith("cuda") else torch.float32}
+    from .toy.train import check_device
+
+    kind = check_device(device).type
+    return {"device": device, "dtype": torch.float16 if kind == "cuda" else torch.float32}
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -37,12 +53,20 @@ def cmd_download(args: argparse.Namespace) -> None:
 def cmd_names(args: argparse.Namespace) -> None:
     from .loading import load_model
     from .model import activation_shapes
+    from .trace import select_names
 
+    if args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    if args.tokens < 1:
+        raise ValueError(f"--tokens must be at least 1, got {args.tokens}")
     model = load_model(args.model)
+    if args.tokens > model.dims.n_text_ctx:
+        raise ValueError(f"--tokens {args.tokens} is beyond the model's text context of {model.dims.n_text_ctx}")
     shapes = activation_shapes(model.dims, batch=args.batch, n_tokens=args.tokens)
-    width = max(map(len, shapes))
+    chosen = select_names(args.pattern or True, list(shapes))  # a pattern that matches nothing is an error
+    width = max(map(len, chosen))
     for name, shape in shapes.items():
-        if not args.pattern or any(fnmatch.fnmatchcase(name, p) for p in args.pattern):
+        if name in chosen:
             print(f"{name:<{width}}  {list(shape)}")
 
 
@@ -125,11 +149,11 @@ def cmd_train_toy(args: argparse.Namespace) -> None:
     print(f"saved {model.dims} to {args.out}")
 
 
-def _study_inputs(args: argparse.Namespace):
+def _study_inputs(args: argparse.Namespace, device: dict):
     from .audio import load_windows
     from .loading import load_model
 
-    model = load_model(args.model, **placement(args.device))
+    model = load_model(args.model, **device)
     if model.tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer beside its weights")
     mels, seconds = load_windows(args.audio, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
@@ -138,10 +162,12 @@ def _study_inputs(args: argparse.Namespace):
 
 def cmd_lens(args: argparse.Namespace) -> None:
     from .experiments import format_table
-    from .study import lens_study, output_folder
+    from .files import output_folder
+    from .study import lens_study
 
-    model, mels, _ = _study_inputs(args)
-    with output_folder(args.out) as tmp:
+    device = placement(args.device)
+    with output_folder(args.out, "lens") as tmp:  # refused here, before any work, if it is not ours to replace
+        model, mels, _ = _study_inputs(args, device)
         for i, path in enumerate(args.audio):
             result = lens_study(model, mels[i], tmp, name=f"clip{i}")
             print(f"{path}: {result['text']}")
@@ -151,14 +177,16 @@ def cmd_lens(args: argparse.Namespace) -> None:
 
 def cmd_ablate(args: argparse.Namespace) -> None:
     from .experiments import format_table
-    from .study import ablate_study, output_folder
+    from .files import output_folder
+    from .study import ablate_study
 
-    model, mels, seconds = _study_inputs(args)
+    device = placement(args.device)
     refs = args.reference
     if refs is not None and len(refs) != len(args.audio):
         raise ValueError(f"give one --reference per audio file ({len(args.audio)}), got {len(refs)}")
     stacks = ("encoder", "decoder") if args.stack == "both" else (args.stack,)
-    with output_folder(args.out) as tmp:
+    with output_folder(args.out, "ablate") as tmp:
+        model, mels, seconds = _study_inputs(args, device)
         summary = ablate_study(model, mels, seconds, tmp, stacks=stacks, references=refs)
     print(format_table(summary))
     print(f"removal.png, ablate.csv, ablate_summary.csv in {args.out}/")
@@ -166,10 +194,12 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 def cmd_attention(args: argparse.Namespace) -> None:
     from .experiments import format_table
-    from .study import attention_study, output_folder
+    from .files import output_folder
+    from .study import attention_study
 
-    model, mels, seconds = _study_inputs(args)
-    with output_folder(args.out) as tmp:
+    device = placement(args.device)
+    with output_folder(args.out, "attention") as tmp:
+        model, mels, seconds = _study_inputs(args, device)
         for i, path in enumerate(args.audio):
             stats = attention_study(model, mels[i], seconds[i], tmp, name=f"clip{i}", layer=args.layer)
             cross = [r for r in stats if r["kind"] == "cross_attn"]
@@ -187,25 +217,74 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"report written to {report}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Layer removal over a dataset, one process or torchrun ranks, resumable; rows, summary and plot in --out."""
+    from .distributed import RankFailed, Ranks, find_clips, rank_device, sweep
+    from .experiments import format_table
+    from .loading import load_model
+
+    device = rank_device(args.device)
+    try:
+        with Ranks.join(device) as ranks:
+            model = ranks.together(lambda: load_model(args.model, **placement(device)))
+            clips = ranks.first(lambda: find_clips(args.audio, model, references=args.references))
+            done = sweep(model, clips, args.out, stack=args.stack, removals=args.removals, batch_size=args.batch_size,
+                         max_new_tokens=args.max_new_tokens, ranks=ranks)  # fmt: skip
+    except RankFailed:  # another rank failed and said why
+        raise SystemExit(2) from None
+    if ranks.rank == 0:
+        print(format_table(done.summary))
+        rate = f"{done.new_clips / done.seconds:.2f} clips/s" if done.new_clips else "nothing left to do"
+        print(f"swept {done.new_clips} of {len(clips)} clips in {done.seconds:.2f} s ({rate}, {ranks.size} ranks)")
+        drawn = ", removal.png" if done.plot else " (no removal.png: pip install matplotlib)"
+        print(f"rows.csv, summary.csv{drawn} in {args.out}/")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Activations of a dataset as safetensors shards with an index, one process or torchrun ranks, resumable."""
+    import torch
+
+    from .distributed import RankFailed, Ranks, export, find_clips, rank_device
+    from .loading import load_model
+
+    device = rank_device(args.device)
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    try:
+        with Ranks.join(device) as ranks:
+            model = ranks.together(lambda: load_model(args.model, **placement(device)))
+            clips = ranks.first(lambda: find_clips(args.audio, model))
+            done = export(model, clips, args.out, args.trace, dtype=dtype, positions=args.positions,
+                          batch_size=args.batch_size, shard_clips=args.shard_clips,
+                          max_new_tokens=args.max_new_tokens, ranks=ranks)  # fmt: skip
+    except RankFailed:  # another rank failed and said why
+        raise SystemExit(2) from None
+    if ranks.rank == 0:
+        rate = f"{done.bytes / 1e6 / done.seconds:.2f} MB/s" if done.new_clips else "nothing left to do"
+        print(f"exported {done.new_clips} of {len(clips)} clips, {done.bytes / 1e6:.1f} MB in {done.seconds:.2f} s "
+              f"({rate}, {ranks.size} ranks)")  # fmt: skip
+        print(f"index: {done.index} (read it with whisper_lens.load_activations)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="whisper-lens",
         description="A hand-written Whisper for interpretability: traces, interventions, logit lens, decoding.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     models = ", ".join(list(SHIPPED) + list(OFFICIAL))
 
-    def model_arg(p: argparse.ArgumentParser) -> None:
-        help = f"model name ({models}), hub id, HF directory or OpenAI .pt (default: {DEFAULT_MODEL})"
+    def model_arg(p: argparse.ArgumentParser, device: bool = True) -> None:
+        help = f"model name ({models}), hub id, HF or faster-whisper folder, or OpenAI .pt (default: {DEFAULT_MODEL})"
         p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=help)
-        p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16); default cpu")
+        if device:
+            p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16); default cpu")
 
     p = sub.add_parser("download", help="fetch an official model into the hub cache")
     p.add_argument("name", help=f"one of: {', '.join(OFFICIAL)}, or a hub id")
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("names", help="list every activation name with its shape")
-    model_arg(p)
+    model_arg(p, device=False)  # shapes only: nothing runs
     p.add_argument("--batch", type=int, default=1, help="batch size for the shapes shown (default 1)")
     p.add_argument("--tokens", type=int, default=4, help="number of text tokens for the shapes shown (default 4)")
     p.add_argument("pattern", nargs="*", help="glob patterns to filter names (e.g. 'decoder.*.resid_post')")
@@ -271,6 +350,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="attention-out", help="output folder (default attention-out)")
     p.set_defaults(func=cmd_attention)
 
+    p = sub.add_parser("sweep", help="layer removal over a dataset: resumable, one process or torchrun ranks",
+                       description="Remove the last k blocks of a stack for each k and decode every clip; rows, "
+                       "summary and plot in --out. N ranks: torchrun --nproc-per-node N -m whisper_lens sweep "
+                       "...")  # fmt: skip
+    model_arg(p)
+    p.add_argument("audio", nargs="+", help="a folder of audio files (searched recursively), or the files")
+    p.add_argument("--stack", choices=["encoder", "decoder", "both"], required=True)
+    p.add_argument("--removals", type=int, nargs="+", metavar="K",
+                   help="numbers of last blocks to remove (default: 0 to all of them)")  # fmt: skip
+    p.add_argument("--references", help="JSON {clip: transcript}, clip = path in the folder or unique file name "
+                   "(default: WER against the full model's own transcripts)")  # fmt: skip
+    p.add_argument("--out", required=True, help="output folder; rerunning the command resumes in it")
+    p.add_argument("--batch-size", type=int, default=8, help="clips decoded together (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per clip (default 224)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("export", help="activations of a dataset as safetensors shards + index (for SAEs)",
+                       description="model.run's activations of every clip as safetensors shards with index.json, "
+                       "read with whisper_lens.load_activations. N ranks: torchrun --nproc-per-node N -m "
+                       "whisper_lens export ...")  # fmt: skip
+    model_arg(p)
+    p.add_argument("audio", nargs="+", help="a folder of audio files (searched recursively), or the files")
+    p.add_argument("--trace", nargs="+", action="extend", required=True, metavar="PATTERN",
+                   help="activation names or glob patterns, e.g. 'encoder.blocks.*.resid_post'")  # fmt: skip
+    p.add_argument("--out", required=True, help="output folder; rerunning the command resumes in it")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="stored dtype (default: the model's)")  # fmt: skip
+    p.add_argument("--positions", choices=["speech", "all"], default="speech",
+                   help="audio positions kept: those covering the clip (default) or the whole window")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=8, help="clips run together (default 8)")
+    p.add_argument("--shard-clips", type=int, default=32, help="clips per shard file (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per transcript (decoder names)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("train-toy", help="train the shipped toy model from scratch on espeak-ng speech (the recipe)")
     p.add_argument("--out", default="weights/toy", help="where to save the model (default weights/toy)")
     p.add_argument("--data", default="data/toy", help="feature cache folder (default data/toy)")
@@ -288,17 +401,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         args.func(args)
     except KeyboardInterrupt:
         print("whisper-lens: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("whisper-lens: terminated", file=sys.stderr)
+        return 143
     except USER_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"whisper-lens: error: {message}", file=sys.stderr)
+        print(f"whisper-lens: error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, always
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
+def _terminate(signum: int, frame) -> None:
+    raise Terminated
+
+
+def run() -> None:
+    """The process entry (the ``whisper-lens`` script, ``python -m whisper_lens``): ``main``'s exit status.
+
+    After Ctrl-C the process ends by SIGINT itself, once it has cleaned up: the shell reports
+    status 130 and, unlike after a plain ``exit(130)``, also stops a loop that runs the command.
+    """
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -21,6 +21,11 @@ projections: self-attention's query, key and value are one (3D, D) matrix, cross
 and value one (2D, D) matrix; the key has no bias in Whisper, so its third of the fused bias is
 zero. ``read_ct2_folder`` splits them back into OpenAI's state-dict keys, so the model loads like
 any other checkpoint.
+
+``config.json`` holds ids, not weights: ``alignment_heads`` (the cross-attention heads that
+track time, used for word timestamps) becomes ``model.alignment_heads``; ``suppress_ids``,
+``suppress_ids_begin`` and ``lang_ids`` are checked against the vocabulary, so that a config
+written for another model is refused rather than trusted.
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ class Ct2Model:
     dims: ModelDims
     state: dict[str, Tensor]  # OpenAI's state-dict keys, the stored dtype (quantised weights dequantised to fp32)
     config: dict = field(default_factory=dict)  # config.json: alignment_heads, suppress_ids, lang_ids, ...
-    stored_dtype: str = "float32"  # what most weights are stored as (float16 for faster-whisper's models)
+    stored_dtype: str = "float32"  # the token embedding's: float16 for faster-whisper's models, int8, ...
+    alignment_heads: list[tuple[int, int]] | None = None  # config.json's, checked against dims
 
 
 def is_ct2_folder(folder: Path) -> bool:
@@ -180,27 +186,36 @@ def ct2_dims(variables: dict[str, Tensor], path: Path) -> ModelDims:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _weight(variables: dict[str, Tensor], name: str) -> Tensor:
-    """A weight as stored, or dequantised to fp32 when it comes with a ``_scale``."""
+def _weight(variables: dict[str, Tensor], name: str, path: Path) -> Tensor:
+    """A weight as stored, or dequantised to fp32 when it is stored as integers with a ``_scale``.
+
+    int8 has one scale per output row (a conv's row is its output channel), int16 one for the
+    whole matrix; the converter stored ``rint(w * scale)``, so ``w`` is ``stored / scale``.
+    """
     w = variables[name]
     scale = variables.get(name + "_scale")
-    if scale is not None:
-        w = w.float() / (scale.float()[:, None] if scale.numel() > 1 else scale.float())
-    elif not w.is_floating_point():
-        raise CheckpointError(f"{name} is stored as {w.dtype} without {name}_scale: cannot dequantise it")
-    return w
+    if w.is_floating_point():
+        return w
+    if scale is None:
+        stored = str(w.dtype).removeprefix("torch.")
+        raise CheckpointError(f"{path}: {name} is stored as {stored} without {name}_scale: it cannot be dequantised")
+    if scale.dim() == 0:  # int16: one scale
+        return w.float() / scale.float()
+    if scale.shape != w.shape[:1]:
+        raise CheckpointError(f"{path}: {name}_scale has shape {list(scale.shape)}, {name} has {w.shape[0]} rows")
+    return w.float() / scale.float().view(-1, *[1] * (w.dim() - 1))  # (rows, 1[, 1]) broadcast over each row
 
 
-def _linear(variables: dict[str, Tensor], ct2: str, parts: list[str], out: dict[str, Tensor]) -> None:
-    """Split a (possibly fused) CTranslate2 linear into OpenAI's projections ``parts`` (None: no bias)."""
-    w = _weight(variables, f"{ct2}/weight")  # (k * D, D)
+def _linear(variables: dict[str, Tensor], ct2: str, parts: list[str], out: dict[str, Tensor], path: Path) -> None:
+    """Split a (possibly fused) CTranslate2 linear into OpenAI's projections ``parts``."""
+    w = _weight(variables, f"{ct2}/weight", path)  # (k * D, D)
     b = variables.get(f"{ct2}/bias")  # (k * D,)
     ws, bs = w.chunk(len(parts)), (b.chunk(len(parts)) if b is not None else [None] * len(parts))
     for part, wp, bp in zip(parts, ws, bs, strict=True):
         out[f"{part}.weight"] = wp
         if part.endswith(".key"):  # Whisper's keys have no bias: the converter wrote zeros there
             if bp is not None and bool(bp.ne(0).any()):
-                raise CheckpointError(f"{ct2}/bias is not zero where the key's would be: not a Whisper model")
+                raise CheckpointError(f"{path}: {ct2}/bias is not zero where the key's would be: not a Whisper model")
         elif bp is not None:
             out[f"{part}.bias"] = bp
 
@@ -222,30 +237,84 @@ def ct2_to_openai(variables: dict[str, Tensor], dims: ModelDims, path: Path) -> 
     out: dict[str, Tensor] = {}
     try:
         for conv in ("conv1", "conv2"):
-            out[f"encoder.{conv}.weight"] = _weight(variables, f"encoder/{conv}/weight")
+            out[f"encoder.{conv}.weight"] = _weight(variables, f"encoder/{conv}/weight", path)
             out[f"encoder.{conv}.bias"] = variables[f"encoder/{conv}/bias"]
         out["encoder.positional_embedding"] = variables["encoder/position_encodings/encodings"]
         _layer_norm(variables, "encoder/layer_norm", "encoder.ln_post", out)
-        out["decoder.token_embedding.weight"] = _weight(variables, "decoder/embeddings/weight")
+        out["decoder.token_embedding.weight"] = _weight(variables, "decoder/embeddings/weight", path)
         out["decoder.positional_embedding"] = variables["decoder/position_encodings/encodings"]
         _layer_norm(variables, "decoder/layer_norm", "decoder.ln", out)
         for ct2, ours, cross in _blocks(dims):
             _layer_norm(variables, f"{ct2}/self_attention/layer_norm", f"{ours}.attn_ln", out)
             qkv = [f"{ours}.attn.query", f"{ours}.attn.key", f"{ours}.attn.value"]
-            _linear(variables, f"{ct2}/self_attention/linear_0", qkv, out)
-            _linear(variables, f"{ct2}/self_attention/linear_1", [f"{ours}.attn.out"], out)
+            _linear(variables, f"{ct2}/self_attention/linear_0", qkv, out, path)
+            _linear(variables, f"{ct2}/self_attention/linear_1", [f"{ours}.attn.out"], out, path)
             if cross:
                 _layer_norm(variables, f"{ct2}/attention/layer_norm", f"{ours}.cross_attn_ln", out)
-                _linear(variables, f"{ct2}/attention/linear_0", [f"{ours}.cross_attn.query"], out)
+                _linear(variables, f"{ct2}/attention/linear_0", [f"{ours}.cross_attn.query"], out, path)
                 kv = [f"{ours}.cross_attn.key", f"{ours}.cross_attn.value"]
-                _linear(variables, f"{ct2}/attention/linear_1", kv, out)
-                _linear(variables, f"{ct2}/attention/linear_2", [f"{ours}.cross_attn.out"], out)
+                _linear(variables, f"{ct2}/attention/linear_1", kv, out, path)
+                _linear(variables, f"{ct2}/attention/linear_2", [f"{ours}.cross_attn.out"], out, path)
             _layer_norm(variables, f"{ct2}/ffn/layer_norm", f"{ours}.mlp_ln", out)
-            _linear(variables, f"{ct2}/ffn/linear_0", [f"{ours}.mlp.0"], out)
-            _linear(variables, f"{ct2}/ffn/linear_1", [f"{ours}.mlp.2"], out)
+            _linear(variables, f"{ct2}/ffn/linear_0", [f"{ours}.mlp.0"], out, path)
+            _linear(variables, f"{ct2}/ffn/linear_1", [f"{ours}.mlp.2"], out, path)
     except KeyError as e:
         raise CheckpointError(f"{path} lacks {e.args[0]!r}: not a CTranslate2 Whisper model") from None
+    _check_tied_projection(variables, path)
     return out
+
+
+def _check_tied_projection(variables: dict[str, Tensor], path: Path) -> None:
+    """Whisper's logits use the token embedding; a separate output projection must be the same matrix."""
+    embedding, projection = variables["decoder/embeddings/weight"], variables.get("decoder/projection/weight")
+    if projection is None or projection is embedding:  # absent, or an alias (what the converter writes)
+        return
+    if projection.shape != embedding.shape or not torch.equal(projection, embedding):
+        raise CheckpointError(
+            f"{path}: decoder/projection/weight differs from decoder/embeddings/weight; Whisper ties them, "
+            "so this model cannot be represented here"
+        )
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def read_ct2_config(path: Path, dims: ModelDims) -> tuple[dict, list[tuple[int, int]] | None]:
+    """config.json beside ``model.bin`` and its alignment heads, each id checked against the model's shape."""
+    if not path.exists():
+        return {}, None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must be a JSON object, got a {type(config).__name__}")
+    for key in ("suppress_ids", "suppress_ids_begin", "lang_ids"):
+        ids = config.get(key) or []
+        if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < dims.n_vocab for i in ids):
+            raise CheckpointError(
+                f"{path}: {key} must be token ids below the model's n_vocab {dims.n_vocab}: it contradicts the weights"
+            )
+    return config, alignment_heads_of(config.get("alignment_heads"), dims, path)
+
+
+def alignment_heads_of(pairs, dims: ModelDims, path: Path) -> list[tuple[int, int]] | None:
+    """``[[layer, head], ...]`` as a list of tuples, each inside the decoder's layers and heads (None stays None)."""
+    if pairs is None:
+        return None
+    ok = isinstance(pairs, list) and all(
+        isinstance(p, list | tuple) and len(p) == 2 and all(type(i) is int for i in p) for p in pairs
+    )
+    if not ok:
+        raise CheckpointError(f"{path}: alignment_heads must be a list of [layer, head] pairs")
+    outside = [(layer, head) for layer, head in pairs
+               if not (0 <= layer < dims.n_text_layer and 0 <= head < dims.n_text_head)]  # fmt: skip
+    if outside:
+        raise CheckpointError(
+            f"{path}: alignment head {list(outside[0])} is outside the decoder's {dims.n_text_layer} layers x "
+            f"{dims.n_text_head} heads: it contradicts the weights"
+        )
+    return [(layer, head) for layer, head in pairs]
 
 
 def read_ct2_folder(folder: Path) -> Ct2Model:
@@ -256,14 +325,6 @@ def read_ct2_folder(folder: Path) -> Ct2Model:
         raise CheckpointError(f"{path} is a CTranslate2 {spec!r} model, not Whisper ({SPEC_NAME!r})")
     dims = ct2_dims(variables, path)
     state = ct2_to_openai(variables, dims, path)
-    config: dict = {}
-    config_path = folder / "config.json"
-    if config_path.exists():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{config_path} must be a JSON object, got a {type(config).__name__}")
+    config, heads = read_ct2_config(folder / "config.json", dims)
     stored = variables["decoder/embeddings/weight"].dtype
-    return Ct2Model(dims, state, config, str(stored).removeprefix("torch."))
+    return Ct2Model(dims, state, config, str(stored).removeprefix("torch."), heads)

@@ -224,7 +224,7 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, dig
 
 def save_rows(rows: Sequence[dict], path) -> Path:
     """Write rows to ``.csv`` or ``.json`` (by suffix), atomically."""
-    from .loading import atomic_write
+    from .files import atomic_write
 
     path = Path(path)
     if path.suffix not in (".csv", ".json"):

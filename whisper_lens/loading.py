@@ -3,30 +3,38 @@
 Sources ``load_model`` understands, tried in this order:
 
 1. nothing / ``"toy"``: the model this project trained and ships in ``weights/toy`` (offline);
-2. an official name (``"tiny"``, ``"base.en"``, ``"large-v3-turbo"``, ``"turbo"`` ...): fetched
-   from its hub repository with huggingface-hub (only the files needed, cached);
+2. an official name (``"tiny"``, ``"base.en"``, ``"large-v3-turbo"``, ``"turbo"`` ...): looked up on
+   disk first (the hub cache of ``openai/whisper-NAME``; openai-whisper's ``~/.cache/whisper/NAME.pt``,
+   its published SHA256 checked; the hub cache of faster-whisper's conversion), else downloaded
+   from ``openai/whisper-NAME`` with huggingface-hub (only the files needed, cached);
 3. an existing path: a directory in the hub's layout (``config.json`` + ``model.safetensors``
-   [+ tokenizer files]) or an OpenAI ``.pt`` checkpoint (``{"dims", "model_state_dict"}``);
-4. a hub id (``"openai/whisper-small"``).
+   [+ tokenizer files]), a CTranslate2 directory (faster-whisper's ``model.bin`` + ``config.json``
+   [+ ``tokenizer.json``], read by ``ct2.py``) or an OpenAI ``.pt`` checkpoint
+   (``{"dims", "model_state_dict"}``);
+4. a hub id (``"openai/whisper-small"``, ``"Systran/faster-whisper-small"``).
 
 OpenAI's state-dict keys are the model's own names; a hub (transformers) checkpoint goes
 through one rename table, ``HF_TO_OPENAI``. Weights are memory-mapped and assigned to a
-model built on the meta device, so nothing is copied until the dtype/device move.
+model built on the meta device, so nothing is copied until the dtype/device move, and nothing
+is built before every key and shape has been checked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import re
-import tempfile
+import zipfile
 from collections.abc import Mapping
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .files import atomic_write
 from .model import ModelDims, Whisper
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -60,10 +68,42 @@ OFFICIAL: dict[str, tuple[str, ModelDims]] = {
     "turbo": ("openai/whisper-large-v3-turbo", _dims(128, 1280, 20, 32, 4, 51866)),
 }
 
-# Files fetched from a hub repository: the weights, their config, and the tokenizer.
+# openai-whisper's checkpoints, as its download URLs name them: name -> (file in ~/.cache/whisper, SHA256).
+OPENAI_CHECKPOINTS: dict[str, tuple[str, str]] = {
+    "tiny.en": ("tiny.en.pt", "d3dd57d32accea0b295c96e26691aa14d8822fac7d9d27d5dc00b4ca2826dd03"),
+    "tiny": ("tiny.pt", "65147644a518d12f04e32d6f3b26facc3f8dd46e5390956a9424a650c0ce22b9"),
+    "base.en": ("base.en.pt", "25a8566e1d0c1e2231d1c762132cd20e0f96a85d16145c3a00adf5d1ac670ead"),
+    "base": ("base.pt", "ed3a0b6b1c0edf879ad9b11b1af5a0e6ab5db9205f891f668f8b0e6c6326e34e"),
+    "small.en": ("small.en.pt", "f953ad0fd29cacd07d5a9eda5624af0f6bcf2258be67c92b79389873d91e0872"),
+    "small": ("small.pt", "9ecf779972d90ba49c06d968637d720dd632c55bbf19d441fb42bf17a411e794"),
+    "medium.en": ("medium.en.pt", "d7440d1dc186f76616474e0ff0b3b6b879abc9d1a4926b7adfa41db2d497ab4f"),
+    "medium": ("medium.pt", "345ae4da62f9b3d59415adc60127b97c714f32e89e936602e85993674d08dcb1"),
+    "large-v1": ("large-v1.pt", "e4b87e7e0bf463eb8e6956e646f1e277e901512310def2c24bf0e11bd3c28e9a"),
+    "large-v2": ("large-v2.pt", "81f7c96c852ee8fc832187b0132e569d6c3065a3252ed18e56effd0b6a73e524"),
+    "large-v3": ("large-v3.pt", "e5b1a55b89c1367dacf97e3e19bfd829a01529dbfdeefa8caeb59b3f1b81dadb"),
+    "large-v3-turbo": ("large-v3-turbo.pt", "aff26ae408abcba5fbf8813c21e62b0941638c5f6eebfb145be0c9839262a19a"),
+    "turbo": ("large-v3-turbo.pt", "aff26ae408abcba5fbf8813c21e62b0941638c5f6eebfb145be0c9839262a19a"),
+}
+# faster-whisper's CTranslate2 conversions on the hub (its own table of names).
+FASTER_WHISPER: dict[str, str] = {name: f"Systran/faster-whisper-{name}" for name in OFFICIAL} | {
+    "large-v3-turbo": "mobiuslabsgmbh/faster-whisper-large-v3-turbo",
+    "turbo": "mobiuslabsgmbh/faster-whisper-large-v3-turbo",
+}
+# OpenAI's alignment heads, (layer, head) per official model: openai-whisper's _ALIGNMENT_HEADS masks,
+# decoded once into assets/alignment_heads.json (MIT, see assets/README.md).
+OFFICIAL_ALIGNMENT_HEADS: dict[str, list[tuple[int, int]]] = {
+    name: [(layer, head) for layer, head in pairs]
+    for name, pairs in json.loads((ASSETS / "alignment_heads.json").read_text()).items()
+}
+
+# Files fetched from a hub repository: the weights, their config, and the tokenizer, in the hub's
+# (transformers) layout or faster-whisper's (CTranslate2: model.bin, tokenizer.json, vocabulary.*).
 HUB_FILES = [
     "config.json",
     "model.safetensors",
+    "model.bin",
+    "tokenizer.json",
+    "vocabulary.*",
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
@@ -130,8 +170,10 @@ def openai_to_hf(key: str) -> str:
     return "model." + key
 
 
-def dims_from_hf_config(config: Mapping) -> ModelDims:
+def dims_from_hf_config(config: Mapping, path: Path | str = "config.json") -> ModelDims:
     """ModelDims from a transformers ``WhisperConfig`` dictionary (one ``d_model`` for both stacks)."""
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{path} must hold a JSON object (a Whisper config), got a {type(config).__name__}")
     try:
         return ModelDims(
             n_mels=config["num_mel_bins"],
@@ -146,7 +188,9 @@ def dims_from_hf_config(config: Mapping) -> ModelDims:
             n_text_layer=config["decoder_layers"],
         )
     except KeyError as e:
-        raise CheckpointError(f"config.json is not a Whisper config: it has no {e.args[0]!r}") from None
+        raise CheckpointError(f"{path} is not a Whisper config: it has no {e.args[0]!r}") from None
+    except ValueError as e:  # ModelDims' own checks
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def special_ids(n_vocab: int) -> tuple[int, int]:
@@ -194,59 +238,164 @@ def hf_config_from_dims(dims: ModelDims, sot: int | None = None, eot: int | None
 
 # ----------------------------------------------------------------------------- entry point
 
+# The dtypes a model may be loaded in, by the names people write them with.
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Found:
+    """Where a model's files are, as ``resolve`` found them: a folder (hub layout or CTranslate2) or an OpenAI
+    ``.pt``, and the official name it was asked for by (which fixes its alignment heads)."""
+
+    folder: Path | None = None
+    pt_file: Path | None = None
+    name: str | None = None
+
+    @property
+    def where(self) -> Path:
+        return self.folder if self.folder is not None else self.pt_file
+
 
 def load_model(
     source: str | os.PathLike | None = None,
     *,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     tokenizer=None,
 ) -> Whisper:
-    """Load a Whisper model: the shipped toy model, an official name, a hub id, an HF directory or an OpenAI .pt.
+    """Load a Whisper model: the shipped toy model, an official name, a hub id, a folder (hub layout or
+    faster-whisper's CTranslate2 layout) or an OpenAI .pt.
 
-    ``tokenizer``: a ``Tokenizer``, or a path to one (a ``.tiktoken`` file or an HF directory);
-    by default the one found beside the weights, else ``None``.
+    ``dtype``: a floating-point ``torch.dtype`` or its name (``"float16"``); quantised CTranslate2
+    weights are dequantised to it. ``tokenizer``: a ``Tokenizer``, or a path to one (a ``.tiktoken``
+    file, a vocabulary file or a folder holding one); by default the one found beside the weights,
+    else OpenAI's for the model's vocabulary size, else ``None``. ``model.alignment_heads``: see
+    ``alignment_heads_for``.
     """
-    from .ct2 import is_ct2_folder, read_ct2_folder  # here: ct2 imports CheckpointError from this module
-
-    folder, pt_file = resolve(source)
-    if pt_file is not None:
-        dims, state = read_openai_checkpoint(pt_file)
-    elif is_ct2_folder(folder):
-        ct2 = read_ct2_folder(folder)
-        dims, state = ct2.dims, ct2.state
-    else:
-        dims, state = read_hf_folder(folder)
-    model = build(dims, state)
+    device, dtype = check_placement(device, dtype)
+    found = resolve(source)
+    dims, state, heads = read_weights(found)
+    model = build(dims, state, found.where)
     model.to(device=device, dtype=dtype)
-    model.tokenizer = _find_tokenizer(tokenizer, folder if folder is not None else pt_file.parent, dims)
+    model.tokenizer = _find_tokenizer(tokenizer, found.folder or found.pt_file.parent, dims)
+    model.alignment_heads = heads if heads is not None else alignment_heads_for(found, dims)
     return model.eval()
 
 
-def resolve(source: str | os.PathLike | None) -> tuple[Path | None, Path | None]:
-    """Where the weights are: (HF-layout folder, None) or (None, OpenAI .pt file). Downloads official names."""
+def check_placement(device, dtype) -> tuple[torch.device, torch.dtype]:
+    """``device`` and ``dtype`` as torch objects, refused here (one line) when this machine cannot use them."""
+    names = ", ".join(FLOAT_DTYPES)
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in FLOAT_DTYPES:
+        dtype = FLOAT_DTYPES[dtype.removeprefix("torch.")]
+    if dtype not in FLOAT_DTYPES.values():
+        raise ValueError(f"dtype must be a floating-point torch.dtype or its name ({names}), got {dtype!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a torch device (use 'cpu', 'cuda', 'cuda:1' or 'mps')") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if device.type not in available:
+        raise ValueError(f"device {str(device)!r}: whisper_lens runs on cpu, cuda or mps")
+    if not available[device.type]:
+        raise ValueError(f"device {str(device)!r}: no {device.type} device is available to torch here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return device, dtype
+
+
+def read_weights(found: Found) -> tuple[ModelDims, dict[str, Tensor], list[tuple[int, int]] | None]:
+    """Dims, OpenAI-keyed weights, and the alignment heads stored with them (None when none are)."""
+    from .ct2 import is_ct2_folder, read_ct2_folder  # here: ct2 imports CheckpointError from this module
+
+    if found.pt_file is not None:
+        dims, state = read_openai_checkpoint(found.pt_file)
+        return dims, state, None
+    if is_ct2_folder(found.folder):
+        ct2 = read_ct2_folder(found.folder)
+        return ct2.dims, ct2.state, ct2.alignment_heads
+    dims, state = read_hf_folder(found.folder)
+    return dims, state, read_generation_heads(found.folder, dims)
+
+
+def resolve(source: str | os.PathLike | None) -> Found:
+    """Where the weights are. Official names are looked up on disk first, then downloaded."""
     if source is None:
         source = DEFAULT_MODEL
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(f"load_model wants a model name, hub id or path, got {type(source).__name__} {source!r}")
     if isinstance(source, str) and source in SHIPPED:
         folder = SHIPPED[source]
         if not (folder / "config.json").exists():
             raise CheckpointError(f"the shipped model {source!r} is missing from {folder} (incomplete checkout?)")
-        return folder, None
+        return Found(folder=folder)
     if isinstance(source, str) and source in OFFICIAL:
-        return fetch(OFFICIAL[source][0]), None
+        return find_official(source)
     path = Path(source).expanduser()
     if path.is_dir():
-        return path, None
+        return Found(folder=path)
     if path.is_file():
+        if path.name == "model.bin" or path.name == "config.json" or path.suffix == ".safetensors":
+            return Found(folder=path.parent)
         if path.suffix in (".pt", ".pth", ".bin") or path.suffix == "":
-            return None, path
-        if path.name == "config.json" or path.suffix == ".safetensors":
-            return path.parent, None
-        raise CheckpointError(f"{path} is not a Whisper checkpoint: give an HF-layout directory or an OpenAI .pt file")
+            return Found(pt_file=path)
+        raise CheckpointError(
+            f"{path} is not a Whisper checkpoint: give a model folder (hub or CTranslate2 layout) or an OpenAI .pt file"
+        )
     if isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "/")):
-        return fetch(source), None
+        return Found(folder=fetch(source))
     names = ", ".join(list(SHIPPED) + list(OFFICIAL))
     raise CheckpointError(f"unknown model {str(source)!r}: not a path that exists, nor one of: {names}")
+
+
+def find_official(name: str) -> Found:
+    """An official model from disk if it is anywhere a Whisper tool keeps it, else downloaded from the hub.
+
+    Looked up in order: the hub cache of ``openai/whisper-NAME`` (transformers' layout), openai-whisper's
+    cache (``$XDG_CACHE_HOME/whisper`` or ``~/.cache/whisper``: ``NAME.pt``, whose SHA256 must be the one
+    in openai-whisper's download URL), the hub cache of faster-whisper's conversion; then a download of
+    ``openai/whisper-NAME``. Offline with nothing found, the error names every place looked.
+    """
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    repo, faster = OFFICIAL[name][0], FASTER_WHISPER[name]
+    file, sha256 = OPENAI_CHECKPOINTS[name]
+    pt_file = openai_whisper_cache() / file
+    looked = [f"the hub cache {HF_HUB_CACHE} for {repo}", str(pt_file), f"the hub cache for {faster}"]
+    if (folder := hub_cached(repo, ("config.json", "model.safetensors"))) is not None:
+        return Found(folder=folder, name=name)
+    if pt_file.is_file():
+        if file_sha256(pt_file) == sha256:
+            return Found(pt_file=pt_file, name=name)
+        looked[1] += " (present, but its SHA256 is not the published one: a partial or altered download)"
+    if (folder := hub_cached(faster, ("config.json", "model.bin"))) is not None:
+        return Found(folder=folder, name=name)
+    try:
+        return Found(folder=fetch(repo), name=name)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (looked on disk in {'; '.join(looked)})") from None
+
+
+def hub_cached(repo_id: str, needed: tuple[str, ...]) -> Path | None:
+    """The cached snapshot of a hub repository (its main revision) when it holds the files ``needed``; no network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=list(needed), local_files_only=True))
+    except (LocalEntryNotFoundError, OSError):
+        return None
+    return folder if all((folder / f).is_file() for f in needed) else None
+
+
+def openai_whisper_cache() -> Path:
+    """Where openai-whisper's ``load_model`` keeps its downloads."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "whisper"
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def fetch(repo_id: str) -> Path:
@@ -267,6 +416,43 @@ def fetch(repo_id: str) -> Path:
         raise CheckpointError(f"cannot download {repo_id!r}: {e}; pass a local directory or .pt file") from None
 
 
+# ----------------------------------------------------------------------------- alignment heads
+
+
+def alignment_heads_for(found: Found, dims: ModelDims) -> list[tuple[int, int]] | None:
+    """OpenAI's alignment heads for a checkpoint that stores none beside it, or None when it is not an official model.
+
+    By the official name it was loaded by; for a ``.pt`` named as openai-whisper names its files
+    (``tiny.en.pt``), by that name; else by its dims when exactly one official model has them
+    (every one but large-v1 / large-v2, which share theirs). Heads stored with the weights (a
+    CTranslate2 config.json, a hub generation_config.json) come first: see ``read_weights``.
+    """
+    if found.name is not None and OFFICIAL[found.name][1] == dims:
+        return OFFICIAL_ALIGNMENT_HEADS[found.name]
+    if found.pt_file is not None:
+        by_file = [n for n, (file, _) in OPENAI_CHECKPOINTS.items() if file == found.pt_file.name]
+        if by_file and OFFICIAL[by_file[0]][1] == dims:
+            return OFFICIAL_ALIGNMENT_HEADS[by_file[0]]
+    tables = {tuple(OFFICIAL_ALIGNMENT_HEADS[n]) for n, (_, d) in OFFICIAL.items() if d == dims}
+    return list(tables.pop()) if len(tables) == 1 else None
+
+
+def read_generation_heads(folder: Path, dims: ModelDims) -> list[tuple[int, int]] | None:
+    """The ``alignment_heads`` of a hub folder's ``generation_config.json``, checked against ``dims``."""
+    from .ct2 import alignment_heads_of
+
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got a {type(config).__name__}")
+    return alignment_heads_of(config.get("alignment_heads"), dims, path)
+
+
 # ----------------------------------------------------------------------------- readers
 
 
@@ -277,10 +463,10 @@ def read_hf_folder(folder: Path) -> tuple[ModelDims, dict[str, Tensor]]:
         if not p.exists():
             raise CheckpointError(f"{folder} is not a Whisper model directory: {p.name} is missing")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
-    dims = dims_from_hf_config(config)
+    dims = dims_from_hf_config(config, config_path)
     state = {}
     for key, x in read_safetensors(weights_path).items():
         if key in HF_TIED:
@@ -301,24 +487,40 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def read_openai_checkpoint(path: Path) -> tuple[ModelDims, dict[str, Tensor]]:
-    """Dims and weights of an OpenAI checkpoint ``{"dims": {...}, "model_state_dict": {...}}``."""
+    """Dims and weights of an OpenAI checkpoint ``{"dims": {...}, "model_state_dict": {...}}``.
+
+    Weights only (``torch.load(weights_only=True)``: no code in the file runs), memory-mapped when the
+    file is in torch's zip format (every torch since 1.6 writes it), else read whole.
+    """
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:  # weights_only refused an object: say which, in one line
+        reason = re.search(r"[^\n]*(?:GLOBAL|global)[^\n]*", str(e))
+        raise CheckpointError(
+            f"{path} holds Python objects, not only weights, and whisper_lens loads weights only "
+            f"(no code from a checkpoint runs): {reason[0].strip() if reason else str(e).splitlines()[0]}"
+        ) from None
     except Exception as e:  # torch raises many kinds here (zip, pickle, runtime) for a file that is not a checkpoint
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {type(e).__name__}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {type(e).__name__}: {first}") from None
     if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
         raise CheckpointError(
             f"{path} is not an OpenAI Whisper checkpoint (want a dict with 'dims' and 'model_state_dict')"
         )
     names = {f.name for f in fields(ModelDims)}
-    raw = checkpoint["dims"]
+    raw, state = checkpoint["dims"], checkpoint["model_state_dict"]
     if not isinstance(raw, dict) or set(raw) != names:
         got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{path}: 'dims' must have the fields {sorted(names)}, got {got}")
-    return ModelDims(**raw), dict(checkpoint["model_state_dict"])
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: 'model_state_dict' must map names to tensors")
+    try:
+        return ModelDims(**raw), dict(state)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
-def build(dims: ModelDims, state: Mapping[str, Tensor]) -> Whisper:
+def build(dims: ModelDims, state: Mapping[str, Tensor], source: Path | str = "checkpoint") -> Whisper:
     """A model of ``dims`` holding ``state``, after checking every key and shape against the architecture."""
     with torch.device("meta"):
         model = Whisper(dims)
@@ -326,22 +528,26 @@ def build(dims: ModelDims, state: Mapping[str, Tensor]) -> Whisper:
     missing = [k for k in want if k not in state]
     unexpected = [k for k in state if k not in want]
     if missing:
-        raise CheckpointError(f"checkpoint is missing {len(missing)} key(s): {', '.join(missing[:5])}")
+        raise CheckpointError(f"{source} is missing {len(missing)} key(s): {', '.join(missing[:5])}")
     if unexpected:
-        raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected key(s): {', '.join(unexpected[:5])}")
+        raise CheckpointError(f"{source} has {len(unexpected)} unexpected key(s): {', '.join(unexpected[:5])}")
     for k, shape in want.items():
         if tuple(state[k].shape) != shape:
             raise CheckpointError(
-                f"shape mismatch for {k}: checkpoint has {tuple(state[k].shape)}, model wants {shape}"
+                f"{source}: shape mismatch for {k}: checkpoint has {tuple(state[k].shape)}, model wants {shape} "
+                "(its config contradicts its weights?)"
             )
+        if not state[k].is_floating_point():
+            raise CheckpointError(f"{source}: {k} is stored as {state[k].dtype}, not as floating-point numbers")
     model.load_state_dict(dict(state), strict=True, assign=True)
     return model
 
 
 def _find_tokenizer(tokenizer, folder: Path, dims: ModelDims):
-    """The tokenizer given, or the one beside the weights (a *.tiktoken file or vocab.json), or OpenAI's for
-    ``n_vocab`` (51864: English-only, 51865 / 51866: multilingual), or None for any other vocabulary."""
-    from .tokenizer import Tokenizer, load_tokenizer
+    """The tokenizer given, or the one beside the weights (one *.tiktoken file, or vocab.json, tokenizer.json,
+    vocabulary.json, vocabulary.txt in that order), or OpenAI's for ``n_vocab`` (51864: English-only,
+    51865 / 51866: multilingual), or None for any other vocabulary."""
+    from .tokenizer import VOCABULARY_FILES, Tokenizer, load_tokenizer
 
     if isinstance(tokenizer, Tokenizer):
         if tokenizer.n_vocab != dims.n_vocab:
@@ -352,27 +558,18 @@ def _find_tokenizer(tokenizer, folder: Path, dims: ModelDims):
     ranks = sorted(folder.glob("*.tiktoken"))
     if len(ranks) == 1:
         return load_tokenizer(ranks[0], n_vocab=dims.n_vocab)
-    if (folder / "vocab.json").exists():
-        return load_tokenizer(folder, n_vocab=dims.n_vocab)
+    beside = [folder / name for name in VOCABULARY_FILES if (folder / name).is_file()]
+    if beside:
+        try:
+            return load_tokenizer(beside[0], n_vocab=dims.n_vocab)
+        except ValueError as e:
+            raise CheckpointError(f"the tokenizer beside the weights is unusable: {e}; pass tokenizer=...") from None
     if dims.n_vocab in OFFICIAL_TOKENIZERS:
         return load_tokenizer(OFFICIAL_TOKENIZERS[dims.n_vocab], n_vocab=dims.n_vocab)
     return None
 
 
 # ----------------------------------------------------------------------------- writers
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write a file through ``write(tmp_path)`` to a temporary name beside it, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(model: Whisper, folder: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None) -> Path:

@@ -455,6 +455,7 @@ class Whisper(nn.Module):
         self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head,
                                    dims.n_text_layer)  # fmt: skip
         self.tokenizer = None  # a whisper_lens.Tokenizer, set by load_model
+        self.alignment_heads = None  # [(layer, head), ...] of cross-attention that tracks time, set by load_model
 
     @property
     def device(self) -> torch.device:
@@ -486,7 +487,7 @@ class Whisper(nn.Module):
         Unbatched inputs (mel [n_mels, frames], tokens [T]) are given a batch of one.
         """
         mel, tokens = self.check_inputs(mel, tokens)
-        rec = self.recorder(trace, edits, trace_device=trace_device, trace_dtype=trace_dtype)
+        rec = self.recorder(trace, edits, trace_device=trace_device, trace_dtype=trace_dtype, tokens=tokens)
         xa = self.encoder(mel, rec.child("encoder"))  # (B, S, D)
         logits = rec("logits", self.decoder(tokens, rec.child("decoder"), xa=xa))  # (B, T, V)
         return Run(logits, rec.trace if rec.trace is not None else Trace())
@@ -498,16 +499,18 @@ class Whisper(nn.Module):
         *,
         trace_device: torch.device | str | None = None,
         trace_dtype: torch.dtype | None = None,
+        tokens: Tensor | None = None,
     ) -> Recorder:
-        """A recorder for one pass: resolves trace patterns against ``names()`` and checks the edits."""
+        """A recorder for one pass: resolves trace patterns against ``names()``, checks edits (on tokens' shapes)."""
         names = self.names()
         keep = select_names(trace, names)
         if edits is not None:
             if not isinstance(edits, Edits):
                 raise TypeError(f"edits must be a whisper_lens.Edits, got {type(edits).__name__}")
             d = self.dims
+            shapes = None if tokens is None else activation_shapes(d, *tokens.shape)
             edits.check(names, {"encoder": d.n_audio_layer, "decoder": d.n_text_layer},
-                        {"encoder": d.n_audio_head, "decoder": d.n_text_head})  # fmt: skip
+                        {"encoder": d.n_audio_head, "decoder": d.n_text_head}, shapes)  # fmt: skip
         return Recorder(keep, edits, Trace(device=trace_device, dtype=trace_dtype))
 
     def generate(

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +35,7 @@ from .experiments import (
     summarize,
     wer,
 )
+from .files import atomic_write, output_folder
 from .lens import decoder_lens_from_trace, encoder_lens, lens_names, sot_lens
 from .model import Whisper
 from .trace import Edits
@@ -45,31 +43,7 @@ from .trace import Edits
 # ----------------------------------------------------------------------------- inputs and outputs
 
 
-@contextmanager
-def output_folder(out: str | os.PathLike):
-    """Yield a temporary folder beside ``out``; on success it replaces ``out`` (nothing half-written on failure)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"output folder {out} exists and is a file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-        raise PermissionError(f"cannot write into {out.parent}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_text(path: Path, text: str) -> Path:
-    from .loading import atomic_write
-
     atomic_write(path, lambda p: Path(p).write_text(text))
     return path
 
@@ -250,7 +224,7 @@ def demo(
     md: list[str] = []
     threads = torch.get_num_threads()
     try:
-        with output_folder(out) as tmp:  # checks the destination before any work
+        with output_folder(out, "demo") as tmp:  # checks the destination before any work
             model = load_model(model_name, device=device, dtype=dtype)
             if sum(p.numel() for p in model.parameters()) < 20_000_000:
                 # a small model's ops are too short to share between threads: one thread is as fast, and

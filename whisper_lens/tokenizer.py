@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import difflib
 import json
+import numbers
 import os
 import string
 from collections.abc import Iterable, Sequence
@@ -355,15 +356,21 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of plain text; "<|endoftext|>" written in the text is just characters."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
         return self._encoding.encode_ordinary(text)
 
     def _checked_ids(self, ids: Iterable[int]) -> list[int]:
         tolist = getattr(ids, "tolist", None)  # torch tensors and numpy arrays
+        if tolist is None and not isinstance(ids, Iterable) or isinstance(ids, str | bytes):
+            raise TypeError(f"token ids must be a sequence of integers, got {type(ids).__name__}")
         values = tolist() if tolist is not None else list(ids)
         if not isinstance(values, list):  # a 0-d tensor
             values = [values]
         checked = []
         for value in values:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"token ids must be integers, got {value!r} ({type(value).__name__})")
             token = int(value)
             if not 0 <= token < self.n_vocab:
                 raise ValueError(f"token id {value} is outside the vocabulary [0, {self.n_vocab})")
@@ -442,46 +449,97 @@ class Tokenizer:
 
 
 def _read_tiktoken_ranks(path: str) -> dict[bytes, int]:
+    """Ranks of a tiktoken file: one ``base64(token bytes) rank`` per line."""
     ranks: dict[bytes, int] = {}
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-            except ValueError:
-                raise ValueError(
-                    f"{path}:{line_number} is not a tiktoken rank line ('base64token rank'): {line.strip()[:80]!r}"
-                ) from None
+    first_line: dict[bytes, int] = {}
+    for line_number, line in enumerate(_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            piece = base64.b64decode(token)  # as tiktoken reads it (openai's files hold "=", the empty token)
+            ranks[piece] = int(rank)
+        except ValueError:
+            raise ValueError(
+                f"{path}:{line_number} is not a tiktoken rank line ('base64token rank'): {line.strip()[:80]!r}"
+            ) from None
+        if piece in first_line:
+            raise ValueError(f"{path}:{line_number}: token {piece!r} already has a rank (line {first_line[piece]})")
+        first_line[piece] = line_number
     return ranks
 
 
+def _text(path: str) -> str:
+    """A UTF-8 text file's contents; a binary file (a wav, a .pt) is a ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a text file (byte {e.start} is not UTF-8), so not a vocabulary") from None
+
+
+# Files that spell every token in GPT-2's byte-to-unicode alphabet with its id: HF's vocab.json
+# ({token: id}) and tokenizer.json (the same map under "model" / "vocab"), CTranslate2's
+# vocabulary.json / vocabulary.txt (faster-whisper's folders: the tokens in id order).
+VOCABULARY_FILES = ("vocab.json", "tokenizer.json", "vocabulary.json", "vocabulary.txt")
+
+
+def _token_ids(path: str):
+    """The {token: id} map of one of VOCABULARY_FILES (or what the file holds instead, for the caller to refuse)."""
+    text = _text(path)
+    if path.endswith(".txt"):
+        lines = text.split("\n")  # one token per line (newlines were translated on reading)
+        return {token: i for i, token in enumerate(lines[:-1] if text.endswith("\n") else lines)}
+    try:
+        vocab = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if os.path.basename(path) == "tokenizer.json" and isinstance(vocab, dict):
+        model = vocab.get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+    if os.path.basename(path) == "vocabulary.json" and isinstance(vocab, list):  # the tokens in id order
+        return {token: i for i, token in enumerate(vocab) if isinstance(token, str)}
+    return vocab
+
+
 def _read_vocab_json(path: str) -> tuple[dict[bytes, int], dict[str, int]]:
-    """Ranks from an HF vocab.json, and the special tokens (<|...|>) it lists, by id."""
-    with open(path, encoding="utf-8") as file:
-        vocab = json.load(file)
+    """Ranks from a vocabulary file (vocab.json, tokenizer.json, vocabulary.*), and the special tokens (<|...|>) it
+    lists, by id."""
+    vocab = _token_ids(path)
     if not isinstance(vocab, dict):
-        raise ValueError(f"{path} should map token strings to ids")
+        raise ValueError(f"{path} should map token strings to ids, got a JSON {type(vocab).__name__}")
     byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
     ranks: dict[bytes, int] = {}
     specials: dict[str, int] = {}
     for token, token_id in vocab.items():
+        if isinstance(token_id, bool) or not isinstance(token_id, int):
+            raise ValueError(f"{path}: token {token[:40]!r} has the id {token_id!r}, not an integer")
         if token.startswith("<|") and token.endswith("|>"):
             specials[token] = token_id  # placed by the Whisper layout; checked against it later
             continue
         try:
-            ranks[bytes(byte_of[char] for char in token)] = int(token_id)
+            ranks[bytes(byte_of[char] for char in token)] = token_id
         except KeyError:
             raise ValueError(
-                f"{path}: token {token!r} uses characters outside GPT-2's byte-to-unicode alphabet"
+                f"{path}: token {token[:40]!r} uses characters outside GPT-2's byte-to-unicode alphabet"
             ) from None
     return ranks, specials
 
 
 def _check_ranks(ranks: dict[bytes, int], path: str) -> None:
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: token ranks must be the distinct integers 0..{len(ranks) - 1}")
+    """Ranks must number the tokens 0..n-1, each once, and every single byte must be a token."""
+    owner: dict[int, bytes] = {}
+    for piece, rank in ranks.items():
+        if rank in owner:
+            raise ValueError(f"{path}: rank {rank} is given to two tokens, {owner[rank]!r} and {piece!r}")
+        owner[rank] = piece
+    outside = [r for r in owner if not 0 <= r < len(ranks)]
+    if outside:
+        gap = min(set(range(len(ranks))) - set(owner))
+        raise ValueError(
+            f"{path}: {len(ranks)} tokens must have the ranks 0..{len(ranks) - 1}, but rank {gap} is missing "
+            f"and {min(outside, key=abs)} is given"
+        )
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         raise ValueError(
@@ -493,16 +551,24 @@ def _check_ranks(ranks: dict[bytes, int], path: str) -> None:
 def _find_vocabulary(path: str) -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer file or directory not found: {path}")
-    if not os.path.isdir(path):
-        return path
-    if os.path.isfile(os.path.join(path, "vocab.json")):
-        return os.path.join(path, "vocab.json")
-    candidates = sorted(name for name in os.listdir(path) if name.endswith(".tiktoken"))
+    if os.path.isdir(path):
+        path = _vocabulary_in(path)
+    if not os.path.isfile(path):  # a named pipe or a device would block or never end
+        raise ValueError(f"{path} is not a regular file (a named pipe, socket or device); give a tokenizer file")
+    return path
+
+
+def _vocabulary_in(folder: str) -> str:
+    for name in VOCABULARY_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    candidates = sorted(name for name in os.listdir(folder) if name.endswith(".tiktoken"))
     if len(candidates) == 1:
-        return os.path.join(path, candidates[0])
+        return os.path.join(folder, candidates[0])
     found = f"several .tiktoken files ({', '.join(candidates)})" if candidates else "neither"
     raise FileNotFoundError(
-        f"{path} should contain vocab.json or exactly one *.tiktoken file, found {found}; pass the file itself"
+        f"{folder} should contain one of {', '.join(VOCABULARY_FILES)} or exactly one *.tiktoken file, found "
+        f"{found}; pass the file itself"
     )
 
 
@@ -516,15 +582,20 @@ def load_tokenizer(
 ) -> Tokenizer:
     """Build Whisper's tokenizer from a vocabulary file and the model's vocabulary size.
 
-    path: a tiktoken rank file (openai-whisper's gpt2.tiktoken / multilingual.tiktoken), or a
-        directory holding an HF vocab.json or exactly one *.tiktoken file.
+    path: a tiktoken rank file (openai-whisper's gpt2.tiktoken / multilingual.tiktoken), a vocabulary
+        file (HF vocab.json or tokenizer.json, CTranslate2 vocabulary.json or vocabulary.txt), or a
+        directory holding one of those (in that order) or exactly one *.tiktoken file.
     n_vocab: the model's output size (dims.n_vocab): 51864 for English-only models, 51865 for
         multilingual ones, 51866 for large-v3; it fixes where the special tokens sit.
     multilingual: whether prompts carry language and task tokens; by default n_vocab >= 51865.
     language, task: for multilingual tokenizers, default "en" and "transcribe".
     """
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"load_tokenizer takes a path to a vocabulary, got {type(path).__name__}")
+    if isinstance(n_vocab, bool) or not isinstance(n_vocab, int):
+        raise TypeError(f"n_vocab must be an integer (the model's dims.n_vocab), got {n_vocab!r}")
     file = _find_vocabulary(os.fspath(path))
-    if file.endswith(".json"):
+    if file.endswith(".json") or os.path.basename(file) in VOCABULARY_FILES:
         ranks, listed_specials = _read_vocab_json(file)
     else:
         ranks, listed_specials = _read_tiktoken_ranks(file), {}

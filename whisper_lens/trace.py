@@ -15,9 +15,10 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -129,15 +130,16 @@ class Trace(Mapping[str, Tensor]):
 # ----------------------------------------------------------------------------- edits
 
 EditFn = Callable[[Tensor], Tensor]
+Shapes = Mapping[str, tuple[int, ...]]
 
 
 @dataclass
 class _Op:
-    """One intervention at one name: ``kind`` in replace / add / apply / ablate."""
+    """One intervention at one name: ``kind`` in replace / add / apply / zero / mean."""
 
     kind: str
     value: Tensor | None = None
-    positions: Tensor | None = None  # (P,) token/frame positions along dim 1, or None = all
+    positions: Tensor | None = None  # (P,) positions along the activation's position axis, or None = all
     fn: EditFn | None = None
     heads: tuple[int, ...] = ()
     mean: Tensor | None = None  # (H', Dh) means for mean-ablation, or None = mean of this run
@@ -161,8 +163,10 @@ class Edits:
                  .apply("encoder.blocks.1.mlp.post", torch.relu)
                  .local_window(k=50))                              # encoder self-attention sees +/- 50 frames
 
-    Edits at one name run in the order they were added. Names are checked against the model
-    when the run starts: an unknown name, a block out of range or a bad head is an error.
+    Edits at one name run in the order they were added. The arguments are checked as they are
+    given (blocks, heads and positions are non-negative integers; values are numbers, taken as
+    tensors), and against the model and the run's shapes before the run computes anything: an
+    unknown name, a block, head or position out of range, or a value that does not fit is an error.
     """
 
     ops: dict[str, list[_Op]] = field(default_factory=dict)
@@ -171,6 +175,8 @@ class Edits:
     window_layers: tuple[int, ...] | None = None
 
     def _push(self, name: str, op: _Op) -> Edits:
+        if not isinstance(name, str):
+            raise TypeError(f"an activation name must be a str, got {type(name).__name__}")
         self.ops.setdefault(name, []).append(op)
         return self
 
@@ -178,8 +184,8 @@ class Edits:
         """Skip blocks of ``stack`` ('encoder' or 'decoder'): their input passes through unchanged."""
         if stack not in ("encoder", "decoder"):
             raise ValueError(f"stack must be 'encoder' or 'decoder', got {stack!r}")
-        for i in [layers] if isinstance(layers, int) else layers:
-            self.skipped.add(f"{stack}.blocks.{int(i)}")
+        for i in _indices("blocks", layers):
+            self.skipped.add(f"{stack}.blocks.{i}")
         return self
 
     def ablate_heads(self, attn: str, heads: Sequence[int], how: str = "zero", mean: Tensor | None = None) -> Edits:
@@ -190,33 +196,39 @@ class Edits:
         """
         if how not in ("zero", "mean"):
             raise ValueError(f"how must be 'zero' or 'mean', got {how!r}")
-        name = attn + ".z"
+        name = f"{attn}.z"
         if not _ATTN_Z.match(name):
             raise ValueError(f"ablate_heads wants an attention layer like 'decoder.blocks.0.cross_attn', got {attn!r}")
         if how == "zero" and mean is not None:
             raise ValueError("mean= only makes sense with how='mean'")
-        return self._push(name, _Op(how, heads=tuple(int(h) for h in heads), mean=mean))
+        chosen = _indices("heads", heads)
+        if not chosen:
+            raise ValueError(f"ablate_heads at {attn!r}: no heads given")
+        mean = None if mean is None else _as_value(name, mean)
+        return self._push(name, _Op(how, heads=tuple(chosen), mean=mean))
 
     def replace(self, name: str, value: Tensor, positions: Sequence[int] | Tensor | None = None) -> Edits:
-        """Replace the activation at ``name`` (whole, or at ``positions`` along dim 1) by ``value``: patching."""
-        return self._push(name, _Op("replace", value=value, positions=_as_index(positions)))
+        """Replace the activation at ``name`` (whole, or at ``positions``) by ``value``: patching.
+
+        ``positions`` index the activation's position axis: dim 1, or dim 2 for ``scores`` and
+        ``pattern`` ([B, H, T, S]: the query positions).
+        """
+        return self._push(name, _Op("replace", value=_as_value(name, value), positions=_as_positions(positions)))
 
     def add(self, name: str, vector: Tensor, positions: Sequence[int] | Tensor | None = None) -> Edits:
-        """Add ``vector`` (broadcast) to the activation at ``name``: steering."""
-        return self._push(name, _Op("add", value=vector, positions=_as_index(positions)))
+        """Add ``vector`` (broadcast) to the activation at ``name``, everywhere or at ``positions``: steering."""
+        return self._push(name, _Op("add", value=_as_value(name, vector), positions=_as_positions(positions)))
 
     def apply(self, name: str, fn: EditFn) -> Edits:
-        """Replace the activation at ``name`` by ``fn(activation)`` (same shape)."""
+        """Replace the activation at ``name`` by ``fn(activation)`` (same shape, dtype and device)."""
         if not callable(fn):
             raise TypeError(f"apply wants a callable, got {type(fn).__name__}")
         return self._push(name, _Op("apply", fn=fn))
 
     def local_window(self, k: int, layers: Sequence[int] | None = None) -> Edits:
         """Restrict encoder self-attention (all blocks, or ``layers``) to frames within +/- ``k`` of the query."""
-        if k < 0:
-            raise ValueError(f"local window must be >= 0 frames, got {k}")
-        self.window = int(k)
-        self.window_layers = None if layers is None else tuple(int(i) for i in layers)
+        (self.window,) = _indices("local window k (frames)", [k])
+        self.window_layers = None if layers is None else tuple(_indices("layers", layers))
         return self
 
     def __bool__(self) -> bool:
@@ -224,8 +236,18 @@ class Edits:
 
     # -- used by the model
 
-    def check(self, names: Sequence[str], n_layers: Mapping[str, int], n_heads: Mapping[str, int]) -> None:
-        """Raise a clear error for any edit the model cannot honour."""
+    def check(
+        self,
+        names: Sequence[str],
+        n_layers: Mapping[str, int],
+        n_heads: Mapping[str, int],
+        shapes: Shapes | None = None,
+    ) -> None:
+        """Raise a clear error for any edit the model cannot honour, before the run computes anything.
+
+        ``shapes``: the run's activation shapes (``activation_shapes(dims, B, T)``), when known:
+        positions and values are then checked against them too.
+        """
         for block in sorted(self.skipped, key=_layer_order):
             stack, i = _BLOCK.match(block).groups()  # type: ignore[union-attr]
             _check_layer(stack, int(i), n_layers)
@@ -242,9 +264,10 @@ class Edits:
             for op in ops:
                 if op.kind in ("zero", "mean"):
                     h = n_heads[m[1]]  # type: ignore[index]
-                    bad = [x for x in op.heads if not 0 <= x < h]
-                    if bad or not op.heads:
+                    if max(op.heads) >= h:
                         raise ValueError(f"{name}: heads {list(op.heads)} out of range (the layer has {h} heads)")
+                if shapes is not None:
+                    _check_fit(name, op, shapes[name])
 
     def skips(self, block: str) -> bool:
         return block in self.skipped
@@ -261,16 +284,86 @@ class Edits:
         return x
 
 
-def _as_index(positions: Sequence[int] | Tensor | None) -> Tensor | None:
+def _indices(what: str, values: int | Sequence[int] | Tensor) -> list[int]:
+    """Non-negative integer indices (block, head or position numbers); 1.7, True or "12" is an error, not 1."""
+    if isinstance(values, Tensor | np.ndarray) and values.ndim == 0:
+        values = values.item()
+    if isinstance(values, int | np.integer) or not isinstance(values, Iterable) or isinstance(values, str | bytes):
+        values = [values]
+    out = []
+    for v in values.tolist() if isinstance(values, Tensor | np.ndarray) else values:
+        if isinstance(v, bool | np.bool_) or not isinstance(v, int | np.integer):
+            raise TypeError(f"{what} must be integers, got {v!r} ({type(v).__name__})")
+        if v < 0:
+            raise ValueError(f"{what} count from 0, got {v}")
+        out.append(int(v))
+    return out
+
+
+def _as_positions(positions: Sequence[int] | Tensor | None) -> Tensor | None:
     if positions is None:
         return None
-    return torch.as_tensor(positions, dtype=torch.long).reshape(-1)
+    chosen = _indices("positions", positions)
+    if not chosen:
+        raise ValueError("positions is empty: give None for every position")
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def _as_value(name: str, value) -> Tensor:
+    """A replacement or steering value as a real-valued tensor (numpy arrays and numbers are accepted)."""
+    if not isinstance(value, Tensor):
+        try:
+            value = torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError, RuntimeError):
+            got = type(value).__name__
+            raise TypeError(f"the value for {name!r} must be a tensor or array of numbers, got {got}") from None
+    if value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"the value for {name!r} must hold real numbers, got dtype {value.dtype}")
+    if value.dtype.is_floating_point and bool(value.isnan().any()):
+        raise ValueError(f"the value for {name!r} holds NaN")
+    return value
+
+
+def _position_axis(name: str) -> int:
+    """Where positions are along an activation: dim 2 for scores and patterns ([B, H, T, S]), else dim 1."""
+    return 2 if name.endswith((".scores", ".pattern")) else 1
 
 
 def _check_layer(stack: str, i: int, n_layers: Mapping[str, int]) -> None:
     n = n_layers[stack]
     if not 0 <= i < n:
         raise IndexError(f"{stack} block {i} out of range: the {stack} has {n} blocks (0-{n - 1})")
+
+
+def _check_fit(name: str, op: _Op, shape: tuple[int, ...]) -> None:
+    """Positions within the run's length and a value that fits, checked on shapes before any compute."""
+    axis = _position_axis(name)
+    if op.positions is not None:
+        length = shape[axis]
+        if int(op.positions.max()) >= length:
+            raise IndexError(
+                f"{op.kind} at {name!r}: position {int(op.positions.max())} is out of range, the run has {length} "
+                f"positions there (0-{length - 1})"
+            )
+    if op.kind in ("replace", "add"):
+        target = list(shape)
+        if op.positions is not None:
+            target[axis] = len(op.positions)
+        _check_broadcast(name, op, tuple(op.value.shape), tuple(target))  # type: ignore[union-attr]
+    if op.kind == "mean" and op.mean is not None and tuple(op.mean.shape) != (len(op.heads), shape[-1]):
+        raise ValueError(f"{name}: mean has shape {tuple(op.mean.shape)}, want {(len(op.heads), shape[-1])}")
+
+
+def _check_broadcast(name: str, op: _Op, value: tuple[int, ...], target: tuple[int, ...]) -> None:
+    try:
+        ok = torch.broadcast_shapes(value, target) == target
+    except RuntimeError:
+        ok = False
+    if not ok:
+        where = "" if op.positions is None else f" at positions {op.positions.tolist()}"
+        raise ValueError(
+            f"{op.kind} at {name!r}{where}: value of shape {value} does not fit the activation of shape {target}"
+        )
 
 
 def _apply_op(name: str, op: _Op, x: Tensor) -> Tensor:
@@ -281,8 +374,7 @@ def _apply_op(name: str, op: _Op, x: Tensor) -> Tensor:
             x[:, :, heads] = 0
         else:
             mean = op.mean if op.mean is not None else x[:, :, heads].mean(dim=(0, 1))  # (H', Dh)
-            if tuple(mean.shape) != (len(op.heads), x.shape[-1]):
-                raise ValueError(f"{name}: mean has shape {tuple(mean.shape)}, want {(len(op.heads), x.shape[-1])}")
+            _check_fit(name, op, tuple(x.shape))
             x[:, :, heads] = mean.to(x)
         return x
     if op.kind == "apply":
@@ -290,25 +382,22 @@ def _apply_op(name: str, op: _Op, x: Tensor) -> Tensor:
         if not isinstance(y, Tensor) or y.shape != x.shape:
             got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
             raise ValueError(f"edit function at {name!r} returned {got}, want shape {tuple(x.shape)}")
+        if (y.dtype, y.device) != (x.dtype, x.device):
+            raise ValueError(
+                f"edit function at {name!r} returned {y.dtype} on {y.device}, want the activation's {x.dtype} on "
+                f"{x.device}"
+            )
         return y
+    _check_fit(name, op, tuple(x.shape))  # again here: generate's steps have shapes the run could not know
+    axis = _position_axis(name)
     value = op.value.to(x)  # type: ignore[union-attr]
-    target = x if op.positions is None else x[:, op.positions.to(x.device)]
-    try:
-        torch.broadcast_shapes(value.shape, target.shape)
-        ok = torch.broadcast_shapes(value.shape, target.shape) == target.shape
-    except RuntimeError:
-        ok = False
-    if not ok:
-        where = "" if op.positions is None else f" at positions {op.positions.tolist()}"
-        raise ValueError(
-            f"{op.kind} at {name!r}{where}: value of shape {tuple(value.shape)} does not fit the activation "
-            f"of shape {tuple(target.shape)}"
-        )
+    index = (slice(None),) * axis + (op.positions.to(x.device),) if op.positions is not None else ()
+    target = x[index] if op.positions is not None else x
     new = value.expand_as(target) if op.kind == "replace" else target + value
     if op.positions is None:
         return new.clone() if op.kind == "replace" else new
     x = x.clone()
-    x[:, op.positions.to(x.device)] = new
+    x[index] = new
     return x
 
 

@@ -68,6 +68,7 @@ from .alignment import (
     split_into_segments,
 )
 from .audio import HOP_LENGTH, SAMPLE_RATE, TIME_PRECISION, load_audio, mel_frames, mel_peak, pad_or_trim
+from .audio import _regular_file as regular_file
 from .decoding import DecodingResult, rank_score
 from .tokenizer import normalize_language
 from .trace import Edits, Trace, TraceRequest, select_names
@@ -363,7 +364,7 @@ def check_trace_and_edits(model: Whisper, trace: TraceRequest, edits: Edits | No
 def check_heads(model: Whisper, heads: Sequence[tuple[int, int]] | None) -> tuple[tuple[int, int], ...]:
     """The alignment heads to time words with: given, else the model's; each (layer, head) in range."""
     if heads is None:
-        heads = getattr(model, "alignment_heads", None)
+        heads = model.alignment_heads
     if heads is None:
         raise ValueError("word timestamps need alignment heads and this model has none: pass alignment_heads= "
                          "(e.g. find_alignment_heads(model, clips).heads)")  # fmt: skip
@@ -397,11 +398,7 @@ def stack_edits(edits: Edits | None, stack: str) -> Edits | None:
 def check_audio_input(item) -> None:
     """Fail before any work on an input that cannot be audio (files are read when their turn comes)."""
     if isinstance(item, str | os.PathLike):
-        path = os.fspath(item)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"audio file not found: {path}")
-        if not os.path.isfile(path):
-            raise ValueError(f"audio must be a regular file, got {path}")
+        regular_file(item)  # exists, is a regular file (a named pipe would block for ever), is readable
         return
     if not isinstance(item, np.ndarray | Tensor):
         raise TypeError(f"audio must be a path or 16 kHz samples (numpy or torch), got {type(item).__name__}")

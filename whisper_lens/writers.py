@@ -1,27 +1,28 @@
 """Transcripts as files: plain text, SubRip (.srt), WebVTT (.vtt), tab-separated (.tsv) and JSON.
 
 Subtitle cues are the transcript's segments (empty ones left out); the JSON file holds everything,
-words included. Files are written atomically (a temporary file beside the target, renamed into
-place) with the permissions the umask gives. An existing file is replaced only if this command
-wrote it and nobody changed it since: every file written is recorded, with a hash of its bytes, in
-``.whisper-lens-transcribe.json`` in the output folder; anything else is refused before any work.
+words included. Files follow ``whisper_lens.files``' rules: each is written atomically (a
+temporary file beside the target, renamed into place) with the permissions the umask gives, and
+the output folder's marker (``.whisper-lens.json``) lists the files ``transcribe`` wrote there.
+An existing file is replaced only if that marker lists it; anything else is refused before any
+work, and so is a folder that holds another command's output.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import secrets
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from . import files
 
 if TYPE_CHECKING:
     from .transcribe import Transcript
 
 FORMATS = ("txt", "srt", "vtt", "tsv", "json")
-MANIFEST = ".whisper-lens-transcribe.json"  # {file name: sha256 of the bytes written}
+COMMAND = "transcribe"  # the command named in the output folder's marker
 
 
 def timestamp(seconds: float, marker: str) -> str:
@@ -73,62 +74,30 @@ class OutputFolder:
     """Where transcripts are written: checks every target before any work, then writes them one by one.
 
     ``plan(names)`` returns the paths that will be written for the given file stems and formats,
-    and refuses (``FileExistsError``) any that exists and was not written unchanged by an earlier
-    run of this command. ``write(path, text)`` writes one atomically and records it.
+    and refuses (``FileExistsError``) any that exists and is not listed in the folder's marker as
+    written by an earlier run of this command. ``write(path, text)`` writes one atomically and
+    adds it to the marker.
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise NotADirectoryError(f"--output-dir {self.folder} exists and is not a folder")
-        self.manifest = self.folder / MANIFEST
-
-    def written(self) -> dict[str, str]:
-        """The files this command wrote here before, with their hashes (empty if none or unreadable)."""
-        try:
-            data = json.loads(self.manifest.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
 
     def plan(self, stems: list[str], fmts: tuple[str, ...]) -> list[list[Path]]:
         """The output paths of every stem (one list per stem, one path per format), checked."""
         if len(set(stems)) != len(stems):
             twice = sorted({s for s in stems if stems.count(s) > 1})
             raise ValueError(f"two inputs would write the same output files ({twice[0]}.*): rename one of them")
-        ours = self.written()
-        paths = [[self.folder / f"{stem}.{fmt}" for fmt in fmts] for stem in stems]
-        for path in (p for row in paths for p in row):
-            if path.exists() and (not path.is_file() or ours.get(path.name) != sha256(path)):
-                raise FileExistsError(f"{path} exists and was not written by whisper-lens transcribe (or was changed "
-                                      "since): move it or choose another --output-dir")  # fmt: skip
-        existing = next(p for p in (self.folder, *self.folder.parents) if p.exists())  # the folder or where it will be
-        if not existing.is_dir():
-            raise NotADirectoryError(f"--output-dir {self.folder}: {existing} is not a folder")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise PermissionError(f"--output-dir {self.folder}: cannot write into {existing}")
+        marker = files.read_marker(self.folder) if self.folder.is_dir() else None
+        if marker and marker["command"] != COMMAND:  # its marker would lose the other command's files
+            raise FileExistsError(f"--output-dir {self.folder} holds the output of `whisper-lens {marker['command']}`"
+                                  ": choose another folder")  # fmt: skip
+        names = [f"{stem}.{fmt}" for stem in stems for fmt in fmts]
+        files.check_can_write(self.folder, names, COMMAND)
         self.folder.mkdir(parents=True, exist_ok=True)
-        return paths
+        return [[self.folder / f"{stem}.{fmt}" for fmt in fmts] for stem in stems]
 
     def write(self, path: Path, text: str) -> None:
-        data = text.encode("utf-8")
-        atomic_write_bytes(path, data)
-        record = self.written()
-        record[path.name] = hashlib.sha256(data).hexdigest()
-        atomic_write_bytes(self.manifest, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file beside ``path``, then rename it into place (the umask gives its mode)."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "xb") as f:  # created as 0666 & ~umask, unlike mkstemp's 0600
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        files.atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        files.mark_written(self.folder, [path.name], COMMAND)

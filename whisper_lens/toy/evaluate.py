@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ..experiments import cer, format_table, wer
-from ..loading import atomic_write, load_model
+from ..files import atomic_write
+from ..loading import load_model
 from . import synth, train
 
 

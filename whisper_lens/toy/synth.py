@@ -20,6 +20,8 @@ from itertools import product
 
 import numpy as np
 
+from ..files import atomic_write
+
 SAMPLE_RATE = 16000
 MAX_SECONDS = 3.9  # clips must fit the toy model's 4-second window (n_audio_ctx 200 -> 400 mel frames)
 
@@ -199,8 +201,6 @@ def build(clips: list[Clip], path, workers: int = 2) -> dict:
 
     Clips too long for the window are dropped (deterministically). Written atomically.
     """
-    import os
-    import tempfile
     from multiprocessing import get_context
 
     from tqdm import tqdm
@@ -213,8 +213,10 @@ def build(clips: list[Clip], path, workers: int = 2) -> dict:
         "text": np.array([clips[i].text for i in keep]),
         "voice": np.array([clips[i].voice for i in keep]),
     }
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    np.savez(tmp, **data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: _save_npz(p, data))
     return data
+
+
+def _save_npz(path: str, data: dict) -> None:
+    with open(path, "wb") as f:  # np.savez given a name would add ".npz" to it
+        np.savez(f, **data)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..loading import atomic_write, save_model
+from ..files import atomic_write, check_can_write, mark_written
+from ..loading import save_model
 from ..model import ModelDims, Whisper
 from ..tokenizer import Tokenizer, load_tokenizer
 from . import synth
@@ -34,6 +36,7 @@ TOY_DIMS = ModelDims(
     n_vocab=256 + 1608, n_text_ctx=64, n_text_state=192, n_text_head=4, n_text_layer=4,
 )  # fmt: skip
 N_TRAIN = 16000  # training sentences of the shipped model
+MODEL_FILES = ["bytes.tiktoken", "config.json", "history.json", "model.safetensors"]  # what train writes into out
 
 
 def write_byte_vocab(path: str | os.PathLike) -> Path:
@@ -55,10 +58,23 @@ def prepare(data_dir: str | os.PathLike, n_train: int = N_TRAIN, n_heldout: int 
         "no_speech": [c for c in synth.plan(heldout, seed + 3, no_speech=1.0) if not c.text],
     }
     out = {}
+    paths = {name: data_dir / f"{name}-{seed}-{len(clips)}.npz" for name, clips in plans.items()}
+    if not synth.espeak_available() and not all(p.exists() for p in paths.values()):
+        raise FileNotFoundError("espeak-ng is not installed (apt install espeak-ng): the toy data is spoken with it")
     for name, clips in plans.items():
-        path = data_dir / f"{name}-{seed}-{len(clips)}.npz"
-        out[name] = dict(np.load(path)) if path.exists() else synth.build(clips, path)
+        path = paths[name]
+        out[name] = read_cache(path) if path.exists() else synth.build(clips, path)
     return out
+
+
+def read_cache(path: Path) -> dict:
+    """The arrays of a cached data set (plain arrays only: no pickled objects are loaded)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in ("mel", "text", "voice")}
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable data cache ({type(e).__name__}); move it away to rebuild") from None
+    return arrays
 
 
 def encode_batch(texts: list[str], tok: Tokenizer, no_speech: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,8 +190,8 @@ def fit(
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     step, history = 0, []
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+    state = load_checkpoint(checkpoint, model.dims, steps) if checkpoint is not None else None
+    if state is not None:
         model.load_state_dict(state["model"])
         ctc_head.load_state_dict(state["ctc_head"])
         opt.load_state_dict(state["opt"])
@@ -208,6 +224,63 @@ def fit(
     return history
 
 
+CHECKPOINT_KEYS = {"model", "ctc_head", "opt", "rng", "step", "history", "dims"}
+
+
+def load_checkpoint(path: Path, dims: ModelDims, steps: int) -> dict | None:
+    """The training state to resume from, or None when ``path`` does not exist.
+
+    Read with ``weights_only=True``: a checkpoint holds tensors, numbers, lists and dicts, and a
+    file holding anything else (such as a pickled object that would run code) is refused
+    unread. It must be of a model of ``dims`` and not beyond ``steps``.
+    """
+    if not path.exists():
+        return None
+    try:
+        with warnings.catch_warnings():  # torch's notes on unusual pickles: the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds (unpickling refused, zip, runtime) for a file that is not ours
+        raise ValueError(
+            f"cannot resume from {path}: it is not a checkpoint of tensors and numbers ({type(e).__name__}); nothing "
+            "in it was run. Move it away to train from scratch"
+        ) from None
+    if not isinstance(state, dict) or set(state) != CHECKPOINT_KEYS:
+        raise ValueError(f"cannot resume from {path}: not a train-toy checkpoint (keys {sorted(CHECKPOINT_KEYS)})")
+    if state["dims"] != asdict(dims):
+        raise ValueError(f"cannot resume from {path}: it is a model of other dims ({state['dims']})")
+    if not isinstance(state["step"], int) or not 0 <= state["step"] <= steps:
+        raise ValueError(f"cannot resume from {path}: it is at step {state['step']}, past the {steps} steps asked for")
+    return state
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, if training can run there: the CPU, or a CUDA device that exists."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    count = torch.cuda.device_count() if parsed.type == "cuda" else 0
+    if parsed.type == "cuda" and (count == 0 or (parsed.index or 0) >= count):
+        raise ValueError(f"device {device!r}: there are {count} CUDA devices here")
+    return parsed
+
+
+def check_training(out, data_dir, run_dir, *, n_train: int, steps: int, batch_size: int, lr: float) -> None:
+    """Refuse bad settings before any work: counts, learning rate, and where the results go."""
+    for name, value in (("n_train (--clips)", n_train), ("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    for name, folder in (("data folder", data_dir), ("runs folder", run_dir)):
+        if Path(folder).exists() and not Path(folder).is_dir():
+            raise NotADirectoryError(f"{name} {folder} exists and is a file, not a folder")
+    check_can_write(out, MODEL_FILES, "train-toy")
+
+
 def train(
     out: str | os.PathLike = "weights/toy",
     *,
@@ -224,8 +297,13 @@ def train(
 ) -> Whisper:
     """Synthesize the data, train the toy model, save it (HF layout + tokenizer + loss history) to ``out``.
 
-    Resumes from ``run_dir/checkpoint.pt`` when it exists (same seed, same data).
+    Resumes from ``run_dir/checkpoint.pt`` when it exists (same seed, same data). Every setting
+    is checked before any work; ``out`` may be a new or empty folder, or one where train-toy saved
+    a model before (its ``.whisper-lens.json`` lists the files): nothing else there is overwritten.
     """
+    check_training(out, data_dir, run_dir, n_train=n_train, steps=steps, batch_size=batch_size, lr=lr)
+    device = check_device(device)
+    load_checkpoint(Path(run_dir) / "checkpoint.pt", dims, steps)  # refused now, not after the synthesis
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(run_dir)
@@ -240,4 +318,5 @@ def train(
     model.tokenizer = tok
     save_model(model, out, tokenizer_file=vocab)
     atomic_write(Path(out) / "history.json", lambda p: Path(p).write_text(json.dumps(history)))
+    mark_written(out, MODEL_FILES, "train-toy")  # a rerun may replace these files, and only these
     return model
