@@ -315,11 +315,11 @@ def mel_peak(audio: torch.Tensor, n_mels: int, chunk_frames: int = 6000) -> floa
     ``audio``: float32 samples [N] at 16 kHz. Frames that touch no audio are -10 (silence's clamp).
     """
     n_frames = (len(audio) + N_FFT // 2) // HOP_LENGTH + 1  # every frame whose window touches a sample
-    blocks = _mel_filter_blocks(n_mels, audio.device)
+    filters = _mel_filters_cpu(n_mels).to(audio.device)  # (n_mels, F)
     peak = -10.0  # log10 of the 1e-10 clamp: the value of a frame of pure silence
     for first in range(0, n_frames, chunk_frames):
         power = _frame_power(audio, first, min(chunk_frames, n_frames - first))  # (F, frames)
-        mel = torch.cat([block @ power[lo:hi] for block, lo, hi in blocks])  # (n_mels, frames)
+        mel = filters @ power  # (n_mels, frames)
         peak = max(peak, float(mel.clamp(min=1e-10).log10().max()))  # as the whole-file computation rounds it
     return peak
 
@@ -332,9 +332,8 @@ def mel_frames(audio: torch.Tensor, first: int, count: int, n_mels: int, peak: f
     from only the samples those frames see: each frame's 400-sample window, reflected at the
     file's start as the centred STFT does and silent past its end. [n_mels, count].
     """
-    power = _frame_power(audio, first, count)  # (F, count)
-    blocks = _mel_filter_blocks(n_mels, audio.device)
-    mel = torch.cat([block @ power[lo:hi] for block, lo, hi in blocks])  # (n_mels, count)
+    power = _frame_power(audio, first, count)  # (F, count), F contiguous: one dense product beats the bands here
+    mel = _mel_filters_cpu(n_mels).to(audio.device) @ power  # (n_mels, count)
     log_mel = torch.maximum(mel.clamp(min=1e-10).log10(), torch.tensor(peak - 8.0))  # (n_mels, count)
     return (log_mel + 4.0) / 4.0
 
