@@ -22,6 +22,7 @@ as STREAM counts it) and the fraction of it our loop reaches.
 
     python benchmarks/bench_decode.py            # tiny and base, batch 1 and 8 (a few minutes)
     python benchmarks/bench_decode.py --quick    # tiny only, one repeat (under a minute)
+    python benchmarks/bench_decode.py --loop-only    # the decoding loop only, not "with encoder"
     python benchmarks/bench_decode.py --profile base   # where our batch-8 loop's time goes, op by op
 """
 
@@ -169,6 +170,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny only, one repeat: under a minute")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per implementation (default 3)")
     parser.add_argument("--profile", choices=["tiny", "base"], help="profile our batch-8 loop on this shape instead")
+    parser.add_argument("--loop-only", action="store_true", help="only the decoding loop (what the targets are on)")
     args = parser.parse_args()
     if args.profile:
         return profile(args.profile)
@@ -191,7 +193,7 @@ def main() -> None:
             print(f"{name}: {weight_bytes / 2**20:.0f} MiB of weights read per step, plus "
                   f"{cross_bytes / 2**20:.1f} MiB of cross-attention keys/values per clip")  # fmt: skip
             for batch in (1, 8):
-                for loop in (True, False):
+                for loop in (True,) if args.loop_only else (True, False):
                     tps = measure(ref, ours, hf, batch, repeats, loop)
                     used = f"{weight_bytes * tps['ours'] / bandwidth:.0%}" if batch == 1 and loop else ""
                     ratios = [f"{tps['ours'] / tps['openai']:.2f}x", f"{tps['ours'] / tps['hf']:.2f}x"]

@@ -1,8 +1,8 @@
 """The products a decoding step is made of, each layout against the plain one (CPU, fp32, random data).
 
-1. ``model.linear`` against ``F.linear`` for the shapes of a tiny / base decoding step: the
+1. ``kernels.linear`` against ``F.linear`` for the shapes of a tiny / base decoding step: the
    unembedding (51865 x D) and a D x D projection, at 1 and 8 rows, plain (MKL layouts) and with
-   the weight packed by oneDNN (``packed_weights``, 8 rows); and an encoder-sized product
+   the weight packed by oneDNN (``Kernels.for_decoding``, 8 rows); and an encoder-sized product
    (12000 rows, oneDNN) against ``F.linear``. Figures: time ratio F.linear / ours. Distinct copies
    of the weight (96 MiB in all) are cycled, so that, as in a step, each product reads its weight
    from memory: a small weight read again from the cache would time a case that never occurs.
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from common import interleaved, table
 
-from whisper_lens.model import ONEDNN, STEP_ROWS, attend_cached, linear, onednn_pack
+from whisper_lens.kernels import STEP_ROWS, attend_cached, linear, onednn_available, onednn_linear, onednn_pack
 
 VOCAB = 51865
 COLD_BYTES = 96 * 2**20  # distinct weights cycled per timing: three times a 32 MiB last-level cache
@@ -34,9 +34,9 @@ def linear_case(out: int, D: int, n: int, repeats: int) -> list[str]:
     ws = [torch.randn(out, D, generator=g) / 20 for _ in range(copies)]
     b, x = torch.randn(out, generator=g), torch.randn(n, D, generator=g)
     fns = {"F.linear": lambda: [F.linear(x, w, b) for w in ws], "ours": lambda: [linear(x, w, b) for w in ws]}
-    if ONEDNN and 1 < n <= STEP_ROWS:
+    if onednn_available() and 1 < n <= STEP_ROWS:
         packs = [onednn_pack(w, n) for w in ws]
-        fns["ours, packed"] = lambda: [linear(x, w, b, p) for w, p in zip(ws, packs, strict=True)]
+        fns["ours, packed"] = lambda: [onednn_linear(x, p, b) for p in packs]
     t = interleaved(fns, repeats=repeats if n <= STEP_ROWS else max(3, repeats // 5))
     ups = [f"{t['F.linear'] / t[k]:.2f}x" if k in t else "" for k in ("ours", "ours, packed")]
     return [f"{out} x {D}", str(n), f"{t['F.linear'] / copies * 1e3:.3f}", *ups]
@@ -65,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, oneDNN linear: {ONEDNN}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, oneDNN linear: {onednn_available()}")
     shapes = [(out, D, n) for D in (384, 512) for out, n in ((VOCAB, 1), (VOCAB, 8), (D, 1), (D, 8), (D, 12000))]
     rows = [linear_case(out, D, n, args.repeats) for out, D, n in shapes]
     print(table([["weight (out x in)", "rows", "F.linear ms", "ours, speed-up", "ours packed, speed-up"], *rows]))

@@ -348,6 +348,111 @@ def test_tokenizer_of_another_vocabulary(small_hf_dir):
 # ----------------------------------------------------------------------------- the model, run and generate
 
 
+@pytest.fixture(scope="module")
+def toy_batch():
+    """The shipped model (a 4 s window, byte-level vocabulary of 1864 tokens) and a batch of two log-mels."""
+    import torch
+
+    import whisper_lens as wl
+
+    model = wl.load_model()
+    d = model.dims
+    mel = torch.rand(2, d.n_mels, 2 * d.n_audio_ctx, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return model, mel
+
+
+def test_beam_as_wide_as_the_vocabulary_is_refused_up_front(toy_batch):
+    model, mel = toy_batch
+    with pytest.raises(ValueError) as excinfo:
+        model.generate(mel, beam_size=model.dims.n_vocab)
+    check_error(excinfo, "beam_size", str(model.dims.n_vocab))
+
+
+def test_transcribe_command_refuses_a_beam_as_wide_as_the_vocabulary(capsys):
+    from whisper_lens.cli import main
+
+    sample = PACKAGE.parent / "weights" / "toy" / "samples" / "sample1.wav"
+    assert main(["transcribe", str(sample), "--beam-size", "5000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and "beam_size=5000" in err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_mel_is_refused(toy_batch, bad):
+    import torch
+
+    model, mel = toy_batch
+    mel = mel.clone()
+    mel[1, 3, 7] = bad
+    tokens = torch.tensor([[model.tokenizer.sot]] * 2)
+    for call in (lambda: model.generate(mel), lambda: model.run(mel, tokens), lambda: model(mel, tokens)):
+        with pytest.raises(ValueError) as excinfo:
+            call()
+        check_error(excinfo, "mel", "NaN or infinite", "clip 1")
+
+
+def test_non_finite_audio_features_are_refused(toy_batch):
+    import torch
+
+    model, mel = toy_batch
+    with torch.no_grad():
+        xa = model.encoder(mel)
+    xa[0, 5, 2] = float("nan")
+    with pytest.raises(ValueError) as excinfo:
+        model.generate(audio_features=xa)
+    check_error(excinfo, "audio_features", "NaN or infinite", "clip 0")
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf"), "1.0"])
+def test_bad_max_initial_timestamp_is_refused(toy_batch, bad):
+    model, mel = toy_batch
+    with pytest.raises(ValueError) as excinfo:
+        model.generate(mel, timestamps=True, max_initial_timestamp=bad)
+    check_error(excinfo, "max_initial_timestamp", repr(bad))
+
+
+def test_run_on_an_empty_batch_is_refused(toy_batch):
+    model, mel = toy_batch
+    with pytest.raises(ValueError) as excinfo:
+        model.run(mel[:0], mel.new_zeros(0, 1).long())
+    check_error(excinfo, "mel", "empty batch")
+
+
+@pytest.mark.parametrize("name", ["beam_size", "max_new_tokens", "seed"])
+@pytest.mark.parametrize("bad", [True, 2.0, "3"])
+def test_integer_options_take_integers_only(toy_batch, name, bad):
+    model, mel = toy_batch
+    with pytest.raises(TypeError) as excinfo:
+        model.generate(mel, **{name: bad})
+    check_error(excinfo, name, repr(bad))
+
+
+@pytest.mark.parametrize("name", ["temperature", "patience", "length_penalty"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, True])
+def test_real_options_must_be_finite_and_in_range(toy_batch, name, bad):
+    model, mel = toy_batch
+    beam = {"beam_size": 2} if name != "temperature" else {}
+    with pytest.raises(ValueError) as excinfo:
+        model.generate(mel, **beam, **{name: bad})
+    check_error(excinfo, name, repr(bad))
+
+
+@pytest.mark.parametrize(
+    ("options", "names"),
+    [
+        ({"prompt": ["one", "two", "three"]}, ("prompt", "3 entries", "2 clips")),
+        ({"language": ["en"]}, ("language", "1 entries", "2 clips")),
+        ({"prompt": [["a"], "b"]}, ("prompt", "entries")),
+        ({"language": "fr"}, ("fr",)),
+    ],
+)
+def test_per_clip_prompts_and_languages_are_checked(toy_batch, options, names):
+    model, mel = toy_batch
+    with pytest.raises((ValueError, TypeError)) as excinfo:
+        model.generate(mel, **options)
+    check_error(excinfo, *names)
+
+
 # ---------------------------------------------------------------- CLI, output files, audio, tokenizer files, edits
 # (the CLI's exit status and one-line stderr for every command: tests/test_cli.py)
 
@@ -778,6 +883,15 @@ def test_load_tokenizer_on_a_binary_file_or_a_wav_names_it(tmp_path):
         with pytest.raises(ValueError) as excinfo:
             wl.load_tokenizer(path, 1864)
         check_error(excinfo, path.name, "not a text file")
+
+
+def test_the_english_vocabulary_with_a_multilingual_n_vocab_is_refused():
+    """gpt2.tiktoken (50256 ranks) with n_vocab=51865 would give 100 languages: no Whisper has that layout."""
+    english = PACKAGE / "assets" / "gpt2.tiktoken"
+    with pytest.raises(ValueError) as excinfo:
+        wl.load_tokenizer(english, 51865)
+    check_error(excinfo, "n_vocab=51865", "50256", "51864")
+    assert wl.load_tokenizer(english, 51864).num_languages == 99
 
 
 @pytest.mark.parametrize(
@@ -1405,3 +1519,138 @@ def test_sweep_cli_bad_input_is_one_line_exit_2(clips_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("whisper-lens: error:") and err.count("\n") == 1 and named in err, err
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- the study and hallucination experiments
+
+
+@pytest.fixture(scope="module")
+def study_toy():
+    from whisper_lens import load_model
+
+    return load_model()
+
+
+def test_samples_folder_missing_or_empty(study_toy, tmp_path):
+    from whisper_lens.study import load_clips
+
+    with pytest.raises(FileNotFoundError) as excinfo:
+        load_clips(study_toy, tmp_path / "nowhere")
+    check_error(excinfo, "nowhere")
+    (tmp_path / "notes.txt").write_text("not audio")
+    with pytest.raises(FileNotFoundError) as excinfo:
+        load_clips(study_toy, tmp_path)
+    check_error(excinfo, str(tmp_path), "transcripts.json")
+
+
+@pytest.mark.parametrize(
+    ("content", "names"),
+    [
+        ("{not json", ["transcripts.json", "not valid JSON"]),
+        ('["a.wav"]', ["transcripts.json", "object"]),
+        ('{"a.wav": "   "}', ["a.wav", "non-empty"]),
+        ('{"a.wav": {"words": []}}', ["a.wav", "non-empty"]),
+        ('{"missing.wav": "hello"}', ["missing.wav", "not a file"]),
+    ],
+)
+def test_samples_with_a_bad_transcripts_json(study_toy, tmp_path, content, names):
+    import shutil
+
+    from whisper_lens.loading import SHIPPED
+    from whisper_lens.study import load_clips
+
+    shutil.copy(SHIPPED["toy"] / "samples" / "sample1.wav", tmp_path / "a.wav")
+    (tmp_path / "transcripts.json").write_text(content)
+    with pytest.raises((ValueError, FileNotFoundError)) as excinfo:
+        load_clips(study_toy, tmp_path)
+    check_error(excinfo, *names)
+
+
+def test_clip_longer_than_the_window(study_toy, tmp_path):
+    import numpy as np
+    import soundfile
+
+    from whisper_lens.study import load_clips
+
+    soundfile.write(tmp_path / "long.wav", np.zeros(5 * 16000, np.float32), 16000)  # 5 s; the toy's window is 4 s
+    with pytest.raises(ValueError) as excinfo:
+        load_clips(study_toy, tmp_path)
+    check_error(excinfo, "long.wav", "5.0 s", "4 s window", "whisper-lens transcribe")
+
+
+def test_model_without_a_tokenizer(study_toy, tmp_path):
+    import copy
+
+    import torch
+
+    from whisper_lens.experiments import removal_sweep
+    from whisper_lens.hallucination import head_sweep
+    from whisper_lens.study import load_clips
+
+    bare = copy.copy(study_toy)
+    bare.tokenizer = None
+    mel = torch.zeros(1, 80, 2 * study_toy.dims.n_audio_ctx)
+    for call in (lambda: load_clips(bare), lambda: removal_sweep(bare, mel, "decoder", references=["a"]),
+                 lambda: head_sweep(bare, mel, mel)):  # fmt: skip
+        with pytest.raises(ValueError) as excinfo:
+            call()
+        check_error(excinfo, "no tokenizer", "tokenizer=")
+
+
+def test_bad_experiment_arguments(study_toy):
+    import torch
+
+    from whisper_lens.experiments import wer
+    from whisper_lens.hallucination import head_sweep, non_speech
+
+    with pytest.raises(ValueError) as excinfo:
+        wer("a", "a", normalize="french")
+    check_error(excinfo, "'french'", "english")
+    with pytest.raises(ValueError) as excinfo:
+        non_speech(seconds=-1)
+    check_error(excinfo, "seconds", "-1")
+    mel = torch.zeros(1, 80, 2 * study_toy.dims.n_audio_ctx)
+    with pytest.raises(ValueError) as excinfo:
+        head_sweep(study_toy, mel, mel, heads=[("cross_attn", 9, 0)])
+    check_error(excinfo, "('cross_attn', 9, 0)", "layer 0-3")
+    with pytest.raises(ValueError) as excinfo:
+        head_sweep(study_toy, mel, mel, heads=["attn"])
+    check_error(excinfo, "'attn'", "(kind, layer, head)")
+
+
+def test_bad_picture_arguments(tmp_path):
+    import numpy as np
+
+    from whisper_lens import plot
+
+    with pytest.raises(ValueError) as excinfo:
+        plot.cross_attention_over_mel(np.zeros((80, 20)), np.ones((2, 10)) / 10, ["a", "b"], tmp_path / "x.png",
+                                      seconds=-1.0)  # fmt: skip
+    check_error(excinfo, "seconds", "-1.0")
+    with pytest.raises(ValueError) as excinfo:
+        plot.attention_grid(np.ones((1, 3, 3)) / 3, tmp_path / "x.png", crop=0)
+    check_error(excinfo, "crop", "0")
+    with pytest.raises(ValueError) as excinfo:
+        plot.head_grid({"self": np.zeros((4, 6)), "cross": np.zeros((4, 5))}, tmp_path / "x.png")
+    check_error(excinfo, "(4, 5)", "(4, 6)")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["hallucinate", "--seconds", "9"], ["9 s", "4 s window"]),
+        (["hallucinate", "--max-new-tokens", "0"], ["--max-new-tokens", "0"]),
+        (["ablate", "a.wav", "--samples", "x"], ["--samples", "not both"]),
+        (["ablate", "--reference", "hello"], ["--reference", "--samples"]),
+    ],
+)
+def test_study_commands_refuse_bad_arguments(tmp_path, capsys, args, names):
+    from whisper_lens.cli import main
+
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("whisper-lens: error:") and "\n" not in err and "Traceback" not in err
+    for name in names:
+        assert name in err, (name, err)
+    assert not (tmp_path / "out").exists()

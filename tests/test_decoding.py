@@ -176,6 +176,21 @@ def test_trace_equals_run_on_final_sequence(small, beam_size):
             torch.testing.assert_close(r.trace[name], run.trace[name], atol=1e-5, rtol=0, msg=name)
 
 
+def test_trace_with_skipped_blocks_equals_run(small):
+    """A skipped block (encoder or decoder) computes nothing: generate's trace holds only its streams, as run's."""
+    mel = varied_mel(2, seed=45)
+    edits = Edits().skip("encoder", 2).skip("decoder", 0)
+    results = small.generate(mel, max_new_tokens=6, trace=True, edits=edits)
+    for i, r in enumerate(results):
+        tokens = torch.tensor(initial_tokens(small, r, False) + r.tokens)
+        with torch.no_grad():
+            run = small.run(mel[i], tokens, trace=True, edits=edits)
+        assert r.trace.names() == run.trace.names()
+        assert "encoder.blocks.2.resid_post" in run.trace and "encoder.blocks.2.attn.pattern" not in run.trace
+        for name in run.trace.names():
+            torch.testing.assert_close(r.trace[name], run.trace[name], atol=1e-5, rtol=0, msg=name)
+
+
 def test_edits_during_generate_equal_edits_in_run(small):
     mel = varied_mel(2, seed=24)
     D = SMALL.n_text_state
@@ -198,8 +213,9 @@ def test_edits_during_generate_equal_edits_in_run(small):
         torch.testing.assert_close(r.trace["logits"], run.logits, atol=1e-5, rtol=0)
         assert (run.logits - unedited).abs().max() > 0.1  # the edits do change the model
         # the chosen tokens are the argmax of the edited logits wherever no filter intervened
+        assert r.tokens, "the edited model writes something for this clip"
         steps = run.logits[0, len(tokens) - len(r.tokens) - 1 : -1].argmax(-1)
-        assert (steps == tokens[-len(r.tokens) :]).float().mean() > 0.5 if r.tokens else True
+        assert (steps == tokens[-len(r.tokens) :]).float().mean() > 0.5
     assert [r.tokens for r in edited] != [r.tokens for r in plain]
 
 
@@ -221,10 +237,10 @@ def test_audio_features_decode_as_the_mel(small, beam_size):
 
 
 def test_weights_edited_between_calls_are_used(small):
-    """The packed copies of the weights (``packed_weights``) are made per call: an edit through ``.data``
-    (which no version counter sees) changes the next generate exactly as it changes ``run``."""
-    from whisper_lens.model import Linear
-
+    """The packed copies of the weights (``Kernels.for_decoding``) are made per call: an edit through ``.data``
+    (which no version counter sees) changes the next generate exactly as it changes ``run``; and generate
+    sets nothing on the modules."""
+    modules = {name: dict(vars(m)) for name, m in small.named_modules()}
     mel = varied_mel(2, seed=30)
     before = small.generate(mel, max_new_tokens=8, trace=["logits"])
     weight = small.decoder.blocks[1].mlp[0].weight
@@ -241,7 +257,7 @@ def test_weights_edited_between_calls_are_used(small):
             assert (r.trace["logits"][:, :n] - before[i].trace["logits"][:, :n]).abs().max() > 0.1
     finally:
         weight.data.copy_(saved)
-    assert all(m.packed is None for m in small.modules() if isinstance(m, Linear))
+    assert {name: dict(vars(m)) for name, m in small.named_modules()} == modules
 
 
 def test_compiled_step_gives_the_same_tokens(small):
@@ -251,15 +267,170 @@ def test_compiled_step_gives_the_same_tokens(small):
     assert [r.tokens for r in compiled] == [r.tokens for r in plain]
 
 
-def test_sampling_with_a_seed_is_reproducible(small):
-    mel = varied_mel(2, seed=26)
-    a = small.generate(mel, temperature=1.0, seed=7, max_new_tokens=10)
-    b = small.generate(mel, temperature=1.0, seed=7, max_new_tokens=10)
-    c = small.generate(mel, temperature=1.0, seed=8, max_new_tokens=10)
-    greedy = small.generate(mel, max_new_tokens=10)
-    assert [r.tokens for r in a] == [r.tokens for r in b]
-    assert [r.tokens for r in a] != [r.tokens for r in c] or [r.tokens for r in a] != [r.tokens for r in greedy]
-    assert all(r.temperature == 1.0 for r in a)
+def test_sampling_draws_from_the_tempered_distribution(small):
+    """Sampling with a seed replays by hand: each token is torch.multinomial's draw from softmax(logits / T)
+    of the teacher-forced logits (with openai-whisper's always-suppressed specials removed), same generator."""
+    mel, T, seed = varied_mel(1, seed=26), 0.8, 7
+    options = {"temperature": T, "seed": seed, "max_new_tokens": 10, "suppress_tokens": None, "suppress_blank": False}
+    result = small.generate(mel, **options)[0]
+    assert small.generate(mel, **options)[0].tokens == result.tokens  # reproducible
+    assert result.temperature == T and len(result.tokens) >= 3
+    tok = small.tokenizer
+    banned = [tok.transcribe, tok.translate, tok.sot, tok.sot_prev, tok.sot_lm, tok.no_speech]
+    gen = torch.Generator().manual_seed(seed)
+    seq, replay = initial_tokens(small, result, False), []
+    while len(replay) < 10:
+        with torch.no_grad():
+            logits = small.run(mel, torch.tensor([seq])).logits[0, -1]  # (V,)
+        logits[banned] = float("-inf")
+        nxt = int(torch.multinomial(torch.softmax(logits / T, dim=-1)[None], 1, generator=gen)[0, 0])
+        if nxt == tok.eot:
+            break
+        replay.append(nxt)
+        seq.append(nxt)
+    assert replay == result.tokens
+
+
+# ----------------------------------------------------------------------------- one prompt and language per clip
+
+# clip 0: text; 1: nothing; 2: token ids (20 of them: its default limit, what the 48-token context leaves, is lower);
+# 3: a short text. Languages: given, identified, given, identified.
+PROMPTS = ["hello there friend", None, list(range(1000, 1020)), "so"]
+LANGUAGES = ["fr", None, "de", None]
+
+
+@pytest.mark.parametrize("beam_size", [None, 3])
+def test_a_prompt_per_clip_gives_each_clip_its_tokens_alone(small, beam_size):
+    """Clips with prompts of different lengths decode together exactly as each alone (tokens, scores, trace)."""
+    mel = varied_mel(4, seed=40)
+    names = ["logits", "decoder.blocks.1.attn.pattern", "decoder.blocks.2.attn.k"]
+    together = small.generate(mel, prompt=PROMPTS, language=LANGUAGES, beam_size=beam_size, trace=names)
+    plain = small.generate(mel, beam_size=beam_size)
+    assert [r.tokens for r in together] != [r.tokens for r in plain]  # the prompts change the transcripts
+    assert together[2].language == "de" and together[1].language_probs is not None
+    for i in range(4):
+        alone = small.generate(mel[i], prompt=PROMPTS[i], language=LANGUAGES[i], beam_size=beam_size)[0]
+        got = together[i]
+        assert got.tokens == alone.tokens, f"clip {i}"
+        assert got.language == alone.language and (got.language_probs is None) == (LANGUAGES[i] is not None)
+        assert abs(got.avg_logprob - alone.avg_logprob) < 1e-5 and abs(got.no_speech_prob - alone.no_speech_prob) < 1e-5
+        torch.testing.assert_close(
+            torch.tensor(got.token_logprobs), torch.tensor(alone.token_logprobs), atol=1e-5, rtol=0
+        )
+        fed = torch.tensor(prompt_of(small, got, PROMPTS[i]) + got.tokens)
+        with torch.no_grad():
+            run = small.run(mel[i], fed, trace=names)
+        for name in names:  # the stitched trace is the teacher-forced one: positions follow each clip's prompt
+            torch.testing.assert_close(got.trace[name], run.trace[name], atol=1e-5, rtol=0, msg=name)
+    assert len(together[2].tokens) <= SMALL.n_text_ctx - len(prompt_of(small, together[2], PROMPTS[2]))
+
+
+def prompt_of(model, result, prompt) -> list[int]:
+    """The tokens generate fed before ``result``'s transcript, written out by hand (text mode, no prefix)."""
+    tok = model.tokenizer
+    previous = (
+        [] if prompt is None else [tok.sot_prev, *(tok.encode(" " + prompt) if isinstance(prompt, str) else prompt)]
+    )
+    return [*previous, *tok.sot_sequence_for(result.language, "transcribe"), tok.no_timestamps]
+
+
+@pytest.mark.parametrize("beam_size", [None, 3])
+def test_a_prompt_per_clip_equals_openai_whisper(tmp_path, beam_size):
+    ref, ours = pair(TINY, 17, tmp_path, MULTI)
+    mel = random_mel(TINY, batch=2, seed=18)
+    prompts, languages = ["hello there", [1012, 2345, 220, 4000]], [None, "fr"]
+    got = ours.generate(mel, prompt=prompts, language=languages, beam_size=beam_size, max_new_tokens=SAMPLE_LEN)
+    for i in range(2):
+        options = wd.DecodingOptions(fp16=False, sample_len=SAMPLE_LEN, without_timestamps=True, prompt=prompts[i],
+                                     language=languages[i], beam_size=beam_size)  # fmt: skip
+        want = wd.decode(ref, mel[i], options)
+        assert got[i].tokens == want.tokens, f"clip {i}"
+        assert got[i].language == want.language
+        assert abs(got[i].avg_logprob - want.avg_logprob) < 1e-4
+    assert max(len(r.tokens) for r in got) > 0
+
+
+@pytest.mark.parametrize("beam_size", [None, 3])
+def test_token_logprobs_are_those_of_the_filtered_teacher_forced_logits(small, beam_size):
+    """``token_logprobs[j]``: log-softmax at the position before token j, the always-suppressed specials removed."""
+    mel = varied_mel(3, seed=43)
+    results = small.generate(mel, beam_size=beam_size, max_new_tokens=12, suppress_tokens=None, suppress_blank=False)
+    tok = small.tokenizer
+    banned = [tok.transcribe, tok.translate, tok.sot, tok.sot_prev, tok.sot_lm, tok.no_speech]
+    assert sum(len(r.tokens) for r in results) > 10
+    for i, r in enumerate(results):
+        assert len(r.token_logprobs) == len(r.tokens)
+        fed = initial_tokens(small, r, False) + r.tokens
+        with torch.no_grad():
+            logits = small.run(mel[i], torch.tensor(fed)).logits[0]  # (T, V)
+        logits[:, banned] = float("-inf")
+        logp = logits.log_softmax(dim=-1)[len(fed) - len(r.tokens) - 1 : -1]  # (n, V): the positions before
+        want = logp.gather(1, torch.tensor(r.tokens)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(r.token_logprobs), want, atol=1e-4, rtol=0)
+        eot = logits.log_softmax(dim=-1)[-1, tok.eot] if len(r.tokens) < 12 else 0.0  # ended by EOT, or the limit
+        assert abs(sum(r.token_logprobs) + float(eot) - r.sum_logprob) < 1e-4
+
+
+# ----------------------------------------------------------------------------- kernels and threads
+
+
+@pytest.mark.parametrize("beam_size", [None, 3])
+def test_textbook_kernels_give_the_same_tokens_and_logits(small, beam_size):
+    """``kernels.textbook()`` (F.linear, SDPA) and the fast paths (packed oneDNN weights, cached attention)."""
+    from whisper_lens.kernels import textbook
+
+    mel = varied_mel(8, seed=41)
+    fast = small.generate(mel, beam_size=beam_size, max_new_tokens=12, trace=["logits"])
+    with textbook():
+        plain = small.generate(mel, beam_size=beam_size, max_new_tokens=12, trace=["logits"])
+        untraced = small.generate(mel, beam_size=beam_size, max_new_tokens=12)
+    assert [r.tokens for r in fast] == [r.tokens for r in plain] == [r.tokens for r in untraced]
+    for a, b in zip(fast, plain, strict=True):
+        torch.testing.assert_close(a.trace["logits"], b.trace["logits"], atol=1e-5, rtol=0)
+    assert any(not torch.equal(a.trace["logits"], b.trace["logits"]) for a, b in zip(fast, plain, strict=True))
+
+
+def test_without_onednn_private_ops_the_tokens_are_the_same(small, monkeypatch):
+    """oneDNN's private ops are used only after a check that runs them; removed, the public ops give the same tokens."""
+    import types
+
+    from whisper_lens import kernels
+
+    mel = varied_mel(8, seed=44)
+    runs = {}
+    for removed in (False, True):
+        with monkeypatch.context() as m:
+            if removed:
+                m.setattr(torch.ops, "mkldnn", types.SimpleNamespace())  # no _linear_pointwise, no _reorder_...
+            kernels.onednn_available.cache_clear()
+            assert kernels.onednn_available() is not removed
+            with torch.no_grad():
+                assert bool(kernels.Kernels.for_decoding(small.decoder, 8).packed) is not removed
+            runs[removed] = [small.generate(mel, beam_size=b, max_new_tokens=12) for b in (None, 2)]
+        kernels.onednn_available.cache_clear()
+    for with_ops, without in zip(runs[False], runs[True], strict=True):
+        assert [r.tokens for r in with_ops] == [r.tokens for r in without]
+
+
+def test_threads_share_one_model(small):
+    """Four threads decoding with one model at once (batch and beam sizes differ) get the sequential tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [
+        (varied_mel(1, seed=50), None, None),
+        (varied_mel(3, seed=51), 2, None),
+        (varied_mel(8, seed=52), None, ["logits"]),
+        (varied_mel(2, seed=53), 4, None),
+    ]
+
+    def decode(job) -> list[list[int]]:
+        mel, beam_size, trace = job
+        return [r.tokens for r in small.generate(mel, beam_size=beam_size, max_new_tokens=12, trace=trace)]
+
+    want = [decode(job) for job in jobs]
+    for _ in range(3):
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            assert list(pool.map(decode, jobs)) == want
 
 
 def test_bad_input(small, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,6 @@ from whisper_lens.experiments import (
     attention_stats,
     cer,
     compare_attention,
-    edit_distance,
     format_table,
     hallucination_metrics,
     longest_repeat,
@@ -19,26 +19,68 @@ from whisper_lens.experiments import (
     removal_sweep,
     save_rows,
     summarize,
+    text_normalizer,
     wer,
 )
-from whisper_lens.trace import Trace
+from whisper_lens.trace import Edits, Trace
 
 from .test_lens import _inputs, byte_model  # noqa: F401  (fixture)
 
 
 def test_error_rates_by_hand():
-    # ref 4 words; hyp: one substitution (sat->sit), one deletion (the), one insertion (down)
-    assert wer("the cat sat there", "cat sit there down") == pytest.approx(3 / 4)
+    # raw strings: ref 4 words; hyp: one substitution (sat->sit), one deletion (the), one insertion (down)
+    assert wer("the cat sat there", "cat sit there down", normalize=None) == pytest.approx(3 / 4)
     assert wer("a b c", "a b c") == 0.0
     assert wer("a b", "") == 1.0
     assert wer("a", "a b c d") == 3.0  # insertions can push WER above 1
-    assert cer("kitten", "sitting") == pytest.approx(3 / 6)  # k->s, e->i, +g
-    assert edit_distance("flaw", "lawn") == 2
+    assert cer("kitten", "sitting", normalize=None) == pytest.approx(3 / 6)  # k->s, e->i, +g
     assert wer(["a b", "c d e"], ["a x", "c d e"]) == pytest.approx(1 / 5)  # corpus-level: 1 error in 5 words
-    with pytest.raises(ValueError, match="the reference is empty"):
+    with pytest.raises(ValueError, match="reference 0 is empty"):
         wer("", "anything")
-    with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
+    with pytest.raises(ValueError, match="reference 1 is empty .after english normalisation"):
+        wer(["a", "(laughs) ?!"], ["a", "b"])  # nothing but a bracketed remark and punctuation
+    with pytest.raises(ValueError, match=r"2 reference\(s\) but 1 hypothesis"):
         cer(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        wer("a", "a", normalize="french")
+
+
+def test_error_rates_use_whispers_normalisation():
+    """The issue's example: a perfect transcript of a LibriVox sentence against its lower-case reference."""
+    ref = "and mister john dashwood had then leisure to consider how much there might be prudently in his power"
+    hyp = "And Mr. John Dashwood had then leisure to consider how much there might be prudently in his power."
+    assert wer(ref, hyp) == 0.0 and cer(ref, hyp) == 0.0
+    # raw: And, Mr., John, Dashwood and power. differ from the reference: 5 substitutions in 18 words
+    assert wer(ref, hyp, normalize=None) == pytest.approx(5 / 18)
+    assert wer(ref, hyp, normalize="basic") == pytest.approx(1 / 18)  # the basic one keeps "mr" for "mister"
+    # the English rules: British spellings, spelt-out numbers, contractions, fillers; the basic one has none
+    assert wer("ten metres, the colour", "10 meters the color") == 0.0
+    assert wer("i will go", "Hmm, uh, I'll go!") == 0.0
+    assert wer("ten metres", "10 meters", normalize="basic") == 1.0
+    # characters after normalisation: "It's" -> "it is" (5 characters) against "its" (3): 2 insertions in 3
+    assert cer("its", "It's", normalize="english") == pytest.approx(2 / 3)
+
+
+NORMALISER_CASES = [
+    "And Mr. John Dashwood had then leisure.",
+    "Ten meters, 10 metres, colour, twenty-five dollars $25",
+    "Hmm, uh, I'll go [music] (laughs)",
+    "It's the 1st of January 2020, at 3:30 p.m.",
+    "Dr. St. John's cold-hearted, ill-disposed...",
+    "Café naïve résumé — ¿Qué?",
+    "two point five percent, $5.50 and £3",
+]
+
+
+@pytest.mark.parametrize("text", NORMALISER_CASES + [r["text"] for r in json.loads(
+    (Path(__file__).parent / "data" / "transcripts.json").read_text()).values()])  # fmt: skip
+def test_normalisers_equal_openai_whispers(text):
+    """whisper-normalizer's two normalisers give openai-whisper's own (whisper.normalizers) output."""
+    import whisper.normalizers
+
+    assert text_normalizer("english")(text) == whisper.normalizers.EnglishTextNormalizer()(text)
+    assert text_normalizer("basic")(text) == whisper.normalizers.BasicTextNormalizer()(text)
+    assert text_normalizer(None)(text) == text
 
 
 def test_repetition_metrics_by_hand():
@@ -67,13 +109,20 @@ def test_sweep_with_nothing_removed_equals_plain_generate(byte_model):  # noqa: 
     assert len(rows) == 9
     assert [r["text"] for r in rows[:3]] == [p.text.strip() for p in plain]
     assert rows[3]["blocks_removed"] == "2" and rows[8]["removed"] == 3
-    from whisper_lens import Edits
-
     skip = byte_model.generate(mel, max_new_tokens=5, edits=Edits().skip("decoder", [2]))
     assert [r["text"] for r in rows[3:6]] == [s.text.strip() for s in skip]
     default = removal_sweep(byte_model, mel, "encoder", references=refs, max_new_tokens=5, seconds=[1.0] * 3)
     assert [r["removed"] for r in default] == [k for k in range(4) for _ in range(3)]
     assert [r["text"] for r in default[:3]] == [p.text.strip() for p in plain]
+    # the last k encoder blocks come from one recorded pass, other sets run the encoder: both equal skipping
+    for removed, rows_k in [([2], default[3:6]), ([0, 1, 2], default[9:12])]:
+        skip = byte_model.generate(mel, max_new_tokens=5, edits=Edits().skip("encoder", removed))
+        assert [r["text"] for r in rows_k] == [s.text.strip() for s in skip]
+        assert [r["n_tokens"] for r in rows_k] == [len(s.tokens) for s in skip]
+    middle = removal_sweep(byte_model, mel, "encoder", references=refs, removals=[[1]], max_new_tokens=5)
+    skip = byte_model.generate(mel, max_new_tokens=5, edits=Edits().skip("encoder", [1]))
+    assert [r["text"] for r in middle] == [s.text.strip() for s in skip]
+    assert [r["wer"] for r in middle] == [wer("x y z", s.text.strip()) for s in skip]
     summary = summarize(default, "removed", ["wer"])
     assert [s["removed"] for s in summary] == [0, 1, 2, 3]
     assert summary[1]["wer"] == pytest.approx(sum(r["wer"] for r in default[3:6]) / 3)

@@ -7,7 +7,7 @@ import torch
 
 from whisper_lens import load_model
 
-from .conftest import BASE, TINY, V3_LIKE, hf_model, openai_model, random_mel, random_tokens, save_openai
+from .conftest import BASE, SMALL, TINY, V3_LIKE, hf_model, openai_model, random_mel, random_tokens, save_openai
 
 SHAPES = {"tiny": TINY, "base": BASE, "v3-like": V3_LIKE}
 TOL = 1e-4
@@ -39,25 +39,53 @@ def test_matches_openai_whisper(name, tmp_path):
         audio = ref.encoder(mel)
         logits = ref.decoder(tokens, audio)
         run = ours.run(mel, tokens, trace=["encoder.ln_post"])
+        forward = ours(mel, tokens)
     torch.testing.assert_close(run.trace["encoder.ln_post"], audio, atol=TOL, rtol=0)
     torch.testing.assert_close(run.logits, logits, atol=TOL, rtol=0)
+    torch.testing.assert_close(forward, logits, atol=TOL, rtol=0)
     assert logits.abs().max() > 1.0
 
 
-def test_forward_equals_run_logits(small_model):
-    from .conftest import SMALL
-
-    mel, tokens = random_mel(SMALL), random_tokens(SMALL)
+def test_fp64_model_matches_fp32_and_the_reference(tmp_path):
+    """A model loaded in fp64 computes transformers' fp64 numbers, and the fp32 model's within fp32 rounding."""
+    ref = hf_model(SMALL, seed=9)
+    ref.save_pretrained(tmp_path)
+    ours32, ours64 = load_model(tmp_path), load_model(tmp_path, dtype=torch.float64)
+    mel, tokens = random_mel(SMALL, batch=2, seed=10), random_tokens(SMALL, batch=2, length=7, seed=11)
     with torch.no_grad():
-        assert torch.equal(small_model(mel, tokens), small_model.run(mel, tokens).logits)
+        want = ref.double()(input_features=mel.double(), decoder_input_ids=tokens).logits  # (B, T, V) fp64
+        got64, got32 = ours64(mel, tokens), ours32(mel, tokens)
+    assert got64.dtype == torch.float32  # logits are returned in fp32 whatever the model's dtype
+    torch.testing.assert_close(got64, want.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got32, got64, atol=TOL, rtol=0)
+    assert (got32 - got64).abs().max() > 0  # two computations, not one
+    assert want.abs().max() > 1.0
+
+
+def test_textbook_products_give_the_same_logits_and_trace(tmp_path):
+    """Inside ``kernels.textbook()`` every product is F.linear / SDPA / the written-out softmax: the same numbers."""
+    from whisper_lens.kernels import textbook
+
+    ref = openai_model(TINY, seed=12)
+    model = load_model(save_openai(ref, tmp_path / "tiny.pt"))
+    mel, tokens = random_mel(TINY, batch=2, seed=13), random_tokens(TINY, batch=2, length=9, seed=14)
+    names = ["encoder.blocks.3.resid_post", "decoder.blocks.*.attn.z", "decoder.ln", "logits"]
+    with torch.no_grad():
+        fast = model.run(mel, tokens, trace=names)
+        with textbook():
+            plain = model.run(mel, tokens, trace=names)
+    for name in fast.trace.names():  # residual streams grow to ~15: 2e-5 is a few fp32 roundings there
+        torch.testing.assert_close(plain.trace[name], fast.trace[name], atol=3e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(plain.logits, fast.logits, atol=1e-5, rtol=0)
+    assert fast.logits.abs().max() > 1.0
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
 @pytest.mark.parametrize("out_features", [384, 51865])  # splits into thread blocks / odd (a vocabulary)
 @pytest.mark.parametrize("lead", [(1,), (1, 1), (2, 1), (8, 1), (5, 3), (64,), (65,), (3, 40)])
 def test_linear_equals_f_linear(lead, out_features, threads):
-    """Every layout ``model.linear`` picks (one row split or padded, (W @ x^T)^T, plain) is x @ W^T + b."""
-    from whisper_lens.model import linear
+    """Every layout ``kernels.linear`` picks (one row split or padded, (W @ x^T)^T, oneDNN) is x @ W^T + b."""
+    from whisper_lens.kernels import linear
 
     g = torch.Generator().manual_seed(out_features + len(lead))
     x = torch.randn(*lead, 96, generator=g)
@@ -76,60 +104,83 @@ def test_linear_equals_f_linear(lead, out_features, threads):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 8, 40, 64, 65])
-def test_packed_weights_compute_the_same_products(rows):
-    """Inside ``packed_weights`` (oneDNN's blocked copies, used for 2-64 rows) every projection and the
-    unembedding is still x @ W^T + b; on exit nothing stays packed; other row counts or fp64 pack nothing."""
-    from whisper_lens.model import Linear, TextDecoder, linear, packed_weights
+def test_decoding_kernels_pack_per_call_and_compute_the_same_products(rows):
+    """``Kernels.for_decoding`` packs the step's weights (2-64 rows; not the audio's keys/values, used once) into
+    an object of its own: every product is still x @ W^T + b, and nothing is set on the modules."""
+    from whisper_lens.kernels import Kernels, onednn_available
+    from whisper_lens.model import TextDecoder
 
     torch.manual_seed(rows)
     dec = TextDecoder(n_vocab=1001, n_ctx=16, n_state=64, n_head=2, n_layer=2)
-    linears = [m for m in dec.modules() if isinstance(m, Linear)]
+    before = {name: dict(vars(m)) for name, m in dec.named_modules()}
+    layers = [m for m in dec.modules() if isinstance(m, torch.nn.Linear)] + [dec.token_embedding]
     audio = [m for n, m in dec.named_modules() if n.endswith(("cross_attn.key", "cross_attn.value"))]
-    step = [m for m in linears if all(m is not a for a in audio)]
-    with torch.no_grad(), packed_weights(dec, rows):
-        assert all(m.packed is not None for m in step) == (1 < rows <= 64)
-        assert all(m.packed is None for m in audio)  # used once, before the steps, on all audio frames
-        assert (dec.packed_unembedding is not None) == (1 < rows <= 64)
-        for m in [*linears, None]:
-            w = dec.token_embedding.weight if m is None else m.weight
-            b = None if m is None else m.bias
-            x = torch.randn(rows, w.shape[1])
-            got = linear(x, w, packed=dec.packed_unembedding) if m is None else m(x)
-            want = (x.double() @ w.double().T + (0 if b is None else b.double())).float()
-            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
-    assert all(m.packed is None for m in linears) and dec.packed_unembedding is None
-    with packed_weights(dec, 8):  # autograd on: oneDNN's op has no gradient, so nothing may be packed
-        assert all(m.packed is None for m in linears) and dec.packed_unembedding is None
-    with torch.no_grad(), packed_weights(dec.double(), 8):
-        assert all(m.packed is None for m in linears) and dec.packed_unembedding is None
+    with torch.no_grad():
+        ops = Kernels.for_decoding(dec, rows)
+        assert onednn_available()  # this build of torch has oneDNN's linear: the packed path is tested
+        packs = 1 < rows <= 64
+        assert set(ops.packed) == ({m for m in layers if all(m is not a for a in audio)} if packs else set())
+        for m in layers:
+            x = torch.randn(rows, m.weight.shape[1])
+            b = getattr(m, "bias", None)
+            want = (x.double() @ m.weight.double().T + (0 if b is None else b.double())).float()
+            torch.testing.assert_close(ops.linear(x, m), want, atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(ops.linear(x[:1], m), want[:1], atol=2e-5, rtol=2e-5)  # other rows: unpacked
+    assert {name: dict(vars(m)) for name, m in dec.named_modules()} == before
+    assert not Kernels.for_decoding(dec, 8).packed  # autograd on: oneDNN's op has no gradient, nothing packed
+    with torch.no_grad():
+        assert not Kernels.for_decoding(dec.double(), 8).packed
 
 
 @pytest.mark.parametrize("T", [1, 4])
-def test_attention_over_transposed_values_equals_the_fused_kernel(T):
-    """A decoding step's attention (``attend_cached``, values stored (Dh, S)) is SDPA's on the plain layout."""
+def test_cached_attention_equals_the_fused_kernel(T):
+    """A decoding step's attention over a ``KVCache`` (values stored (Dh, S)) is SDPA's on the plain layout,
+    with one mask for all rows or one per row."""
     import torch.nn.functional as F
 
-    from whisper_lens.model import Attention, attend_cached
-    from whisper_lens.trace import IDLE
+    from whisper_lens.kernels import KVCache, textbook
 
     g = torch.Generator().manual_seed(T)
-    q, k, v = (torch.randn(3, 4, n, 16, generator=g) for n in (T, 50, 50))
-    mask = torch.arange(50)[None, :] <= torch.arange(40, 40 + T)[:, None]  # (T, S), as a step's
-    vt = v.mT.contiguous()  # (B, H, Dh, S): the cache's storage
-    for m in (None, mask):
-        torch.testing.assert_close(attend_cached(q, k, vt, m), F.scaled_dot_product_attention(q, k, v, attn_mask=m),
-                                   atol=1e-6, rtol=1e-5)  # fmt: skip
-    attn = Attention(64, 4).eval()
-    x = torch.randn(3, T, 64, generator=g)
-    with torch.no_grad():
-        torch.testing.assert_close(attn(x, k, vt.mT, IDLE, mask=mask), attn(x, k, v, IDLE, mask=mask),
-                                   atol=1e-6, rtol=1e-5)  # fmt: skip
+    B, H, S, Dh = 3, 4, 50, 16
+    q, k, v = (
+        torch.randn(B, H, T, Dh, generator=g),
+        torch.randn(B, S, H, Dh, generator=g),
+        torch.randn(B, S, H, Dh, generator=g),
+    )
+    cache = KVCache.holding(k, v)
+    assert torch.equal(cache.keys(), k.transpose(1, 2)) and torch.equal(cache.values(), v.transpose(1, 2))
+    shared = (torch.arange(S) <= torch.arange(40, 40 + T)[:, None])[None, None]  # (1, 1, T, S), as a step's
+    per_row = (torch.arange(S) <= (torch.tensor([[20], [30], [45]]) + torch.arange(T))[..., None])[
+        :, None
+    ]  # (B, 1, T, S)
+    for mask in (None, shared, per_row):
+        want = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        torch.testing.assert_close(cache.attend(q, mask), want, atol=1e-6, rtol=1e-5)
+        with textbook():
+            torch.testing.assert_close(cache.attend(q, mask), want, atol=1e-6, rtol=1e-5)
+
+
+def test_cache_writes_each_row_at_its_positions():
+    from whisper_lens.kernels import KVCache
+
+    cache = KVCache.empty(batch=2, heads=3, length=6, head_dim=4, like=torch.zeros(()))
+    k, v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)  # (B, T, H, Dh)
+    cache.write(torch.tensor([[1, 2], [3, 4]]), k, v)  # row 0 at positions 1, 2; row 1 at 3, 4
+    assert torch.equal(cache.keys()[0, :, 1:3], k[0].transpose(0, 1)) and torch.equal(
+        cache.keys()[1, :, 3:5], k[1].transpose(0, 1)
+    )
+    assert torch.equal(cache.values()[1, :, 3:5], v[1].transpose(0, 1))
+    assert cache.keys()[0, :, 3:].abs().sum() == 0 and cache.keys()[1, :, :3].abs().sum() == 0
+    cache.write(torch.tensor([[0, 5]]), k, v)  # (1, T): the same positions for every row
+    assert torch.equal(cache.keys()[:, :, 5], k[:, 1]) and torch.equal(cache.values()[:, :, 0], v[:, 0])
+    cache.take_rows(torch.tensor([1, 1]), upto=6)  # beam search: row 0 takes row 1's history
+    assert torch.equal(cache.keys()[0], cache.keys()[1]) and torch.equal(cache.values()[0], cache.values()[1])
 
 
 def test_linear_gradients_and_other_dtypes():
     """Autograd flows through the few-row layouts, and many rows fall back to F.linear when it is needed
     (oneDNN's product has no gradient); fp64 (not the fp32 fast path) is exactly F.linear."""
-    from whisper_lens.model import linear
+    from whisper_lens.kernels import linear
 
     for rows in (1, 100):
         x = torch.randn(1, rows, 32, requires_grad=True)

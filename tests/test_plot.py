@@ -29,13 +29,18 @@ def png(path: Path) -> np.ndarray:
     return imread(path)
 
 
-def has_colour(img: np.ndarray, rgb: np.ndarray, tol: float = 0.02, min_pixels: int = 20) -> bool:
-    """Whether at least ``min_pixels`` pixels of ``img``'s panels are within ``tol`` of ``rgb`` in every channel.
+def count_colour(img: np.ndarray, rgb: np.ndarray, tol: float = 0.02) -> int:
+    """How many pixels of ``img``'s panels are within ``tol`` of ``rgb`` in every channel.
 
     Only the left 85% of the image is searched: the colourbar at the right holds every colour of the scale.
     """
     panels = img[:, : int(0.85 * img.shape[1]), :3]
-    return int(np.all(np.abs(panels - rgb) < tol, axis=-1).sum()) >= min_pixels
+    return int(np.all(np.abs(panels - rgb) < tol, axis=-1).sum())
+
+
+def has_colour(img: np.ndarray, rgb: np.ndarray, tol: float = 0.02, min_pixels: int = 20) -> bool:
+    """Whether at least ``min_pixels`` pixels of ``img``'s panels are within ``tol`` of ``rgb`` in every channel."""
+    return count_colour(img, rgb, tol) >= min_pixels
 
 
 def tokens(n_rows: int, n_cols: int) -> list[list[str]]:
@@ -49,10 +54,10 @@ def tokens(n_rows: int, n_cols: int) -> list[list[str]]:
 @pytest.mark.parametrize(
     "n_layers, n_pos, height_px, width_px",
     [
-        (4, 5, 360, 600),  # width max(6, 4.25) = 6 in; height max(3, 3.6) = 3.6 in; at 100 dpi
-        (13, 30, 675, 1550),  # 0.45*30 + 2 = 15.5 in; 0.35*13 + 2.2 = 6.75 in
-        (3, 61, 325, 2945),  # no cell text above 60 positions; 29.45 in; 3.25 in
-        (2, 100, 300, 4000),  # width capped at 40 in; height floor 3 in
+        (4, 5, 300, 600),  # width max(6, 4.25) = 6 in; height max(3, 1 * (0.3*4 + 1.3) + 0.5) = 3.0 in; at 100 dpi
+        (13, 30, 570, 1550),  # 0.45*30 + 2 = 15.5 in; 0.3*13 + 1.3 + 0.5 = 5.7 in
+        (3, 61, 490, 2000),  # 2 panels of 40: 0.45*40 + 2 = 20 in; 2 * (0.9 + 1.3) + 0.5 = 4.9 in
+        (5, 224, 1730, 2000),  # a 224-token transcript: 6 panels, 6 * (1.5 + 1.3) + 0.5 = 17.3 in
     ],
 )
 def test_lens_heatmap_size(tmp_path, n_layers, n_pos, height_px, width_px):
@@ -75,6 +80,16 @@ def test_lens_heatmap_colour_scale_is_absolute(tmp_path):
     zeros = png(plot.lens_heatmap(torch.zeros(3, 4), tokens(3, 4), tmp_path / "zeros.png"))
     assert has_colour(ones, VIRIDIS_TOP, min_pixels=5000) and not has_colour(ones, VIRIDIS_BOTTOM, min_pixels=500)
     assert has_colour(zeros, VIRIDIS_BOTTOM, min_pixels=5000) and not has_colour(zeros, VIRIDIS_TOP, min_pixels=500)
+
+
+def test_long_lens_wraps_into_legible_cells(tmp_path):
+    """224 positions wrap into panels of 40: one yellow cell is still about 40 x 30 pixels (it would be 17 x 60
+    in one 40-inch row)."""
+    prob = np.zeros((5, 224))
+    prob[2, 203] = 1.0
+    img = png(plot.lens_heatmap(prob, [[""] * 224] * 5, tmp_path / "lens.png"))
+    assert has_colour(img, VIRIDIS_TOP, min_pixels=900)
+    assert not has_colour(img, VIRIDIS_TOP, min_pixels=2500)  # one cell, not a column or a row
 
 
 def test_removal_curves_size_and_clipping(tmp_path):
@@ -118,6 +133,41 @@ def test_cross_attention_over_mel_size_and_peak(tmp_path):
     assert has_colour(img, VIRIDIS_TOP, tol=0.05, min_pixels=12 * 10)
     few = plot.cross_attention_over_mel(mel[:, :20], pattern[:5, :10], list("abcde"), tmp_path / "few.png")
     assert png(few).shape[:2] == (500, 1200)  # 3 + 2 in
+
+
+def test_cross_attention_cropped_to_the_audio(tmp_path):
+    """A 3 s clip in a 30 s window: the picture shows 3.5 s, and a bar per token the attention after that."""
+    mel = np.zeros((80, 3000))
+    pattern = np.zeros((4, 1500))
+    pattern[0, 100:110] = 0.1  # 2.0-2.2 s: inside the picture
+    pattern[1:, 1400] = 1.0  # at 28 s, on the padding: only in the bars
+    first = np.where(np.arange(4)[:, None] == 0, pattern, 0.0)  # the first row alone, the same 4 rows tall
+    full = png(plot.cross_attention_over_mel(mel, first, list("abcd"), tmp_path / "full.png"))
+    crop = png(plot.cross_attention_over_mel(mel, pattern, list("abcd"), tmp_path / "crop.png", seconds=3.0))
+    assert full.shape == crop.shape == (500, 1200, 4)
+    # 0.2 s of the row: about 12 in * 0.2 / 30 = 8 pixels wide in 30 s, 8.6 times as wide in 3.5 s
+    assert count_colour(crop, VIRIDIS_TOP, tol=0.05) > 5 * count_colour(full, VIRIDIS_TOP, tol=0.05) > 0
+    red = np.array([0.839, 0.153, 0.157])  # matplotlib's tab:red: the bars of mass after the picture
+    assert count_colour(crop, red, tol=0.02) > 1000 and count_colour(full, red, tol=0.02) == 0
+
+
+def test_attention_grid_crop(tmp_path):
+    square = np.zeros((1, 1500, 1500))
+    square[0, 90:110, 140:160] = 1.0  # a 20 x 20 block in the first 200 positions
+    cropped = png(plot.attention_grid(square, tmp_path / "crop.png", crop=200))
+    whole = png(plot.attention_grid(square, tmp_path / "whole.png"))
+    # the block is a tenth of a ~240-pixel panel cropped (~24 x 24 pixels), a 75th of it whole (~3 x 3)
+    assert count_colour(cropped, VIRIDIS_TOP, tol=0.05) > count_colour(whole, VIRIDIS_TOP, tol=0.05) + 300
+
+
+def test_head_grid_size_and_diverging_colours(tmp_path):
+    values = {"self-attention": np.zeros((4, 6)), "cross-attention": np.zeros((4, 6))}
+    values["self-attention"][0, 3] = 0.5
+    values["cross-attention"][3, 2] = -0.5
+    img = png(plot.head_grid(values, tmp_path / "heads.png", title="Zeroing one head", label="change"))
+    assert img.shape[:2] == (320, 1040)  # 2 * (0.6*6 + 1) + 1.2 = 10.4 in by max(3, 0.45*4 + 1.4) = 3.2 in
+    top, bottom = np.array([0.404, 0.0, 0.122]), np.array([0.020, 0.188, 0.380])  # RdBu_r's two ends
+    assert has_colour(img, top, tol=0.03, min_pixels=500) and has_colour(img, bottom, tol=0.03, min_pixels=500)
 
 
 def test_layer_lines_size(tmp_path):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import whisper_lens as wl
 from whisper_lens import load_model
+from whisper_lens.kernels import DEFAULT
+from whisper_lens.model import Context
 from whisper_lens.trace import IDLE
 
 from .conftest import SMALL, TINY, hf_model, openai_model, random_mel, random_tokens, save_openai
@@ -116,14 +120,14 @@ def _openai_attention(attn, x, xa, mask, prefix, got):
     B, T, D = x.shape
     H = attn.n_head
 
-    def heads(t):
-        return t.view(t.shape[0], t.shape[1], H, -1).transpose(1, 2)
+    def heads(t):  # (B, T, D) -> (B, T, H, Dh): position before head, as recorded
+        return t.view(t.shape[0], t.shape[1], H, -1)
 
     q, k, v = heads(attn.query(x)), heads(attn.key(src)), heads(attn.value(src))
     _, qk = attn.qkv_attention(attn.query(x), attn.key(src), attn.value(src), mask)
     pattern = qk.float().softmax(dim=-1)
     got.update({prefix + ".q": q, prefix + ".k": k, prefix + ".v": v, prefix + ".scores": qk})
-    got.update({prefix + ".pattern": pattern, prefix + ".z": (pattern @ v).transpose(1, 2)})
+    got.update({prefix + ".pattern": pattern, prefix + ".z": (pattern @ v.transpose(1, 2)).transpose(1, 2)})
 
 
 # ----------------------------------------------------------------------------- algebra on a small model
@@ -161,7 +165,15 @@ def test_residual_algebra(small_run):
                 pattern = tr[a + "pattern"]
                 torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]))
                 torch.testing.assert_close(pattern, tr[a + "scores"].softmax(-1))
-                torch.testing.assert_close(z, (pattern @ tr[a + "v"]).transpose(1, 2), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(
+                    z, (pattern @ tr[a + "v"].transpose(1, 2)).transpose(1, 2), atol=1e-5, rtol=1e-5
+                )
+                q, k = tr[a + "q"].transpose(1, 2), tr[a + "k"].transpose(1, 2)  # (B, H, T, Dh), (B, H, S, Dh)
+                scores = tr[a + "scores"]
+                visible = scores > float("-inf")
+                torch.testing.assert_close(
+                    scores[visible], (q @ k.mT / q.shape[-1] ** 0.5)[visible], atol=1e-5, rtol=1e-5
+                )
             if i + 1 < n:
                 assert torch.equal(tr[p + "resid_post"], tr[f"{stack}.blocks.{i + 1}.resid_pre"])
         assert torch.equal(tr[f"{stack}.embed"], tr[f"{stack}.blocks.0.resid_pre"])
@@ -218,13 +230,12 @@ def test_skipping_a_block_equals_running_the_others_by_hand(small_run):
         edited = model.run(mel, tokens, trace=["encoder.ln_post"], edits=wl.Edits().skip("encoder", 1))
         x = run.trace["encoder.embed"]
         for i in (0, 2):
-            x = model.encoder.blocks[i](x, IDLE)
+            x = model.encoder.blocks[i](x, IDLE, DEFAULT, Context())
         torch.testing.assert_close(edited.trace["encoder.ln_post"], model.encoder.ln_post(x))
         dec = model.run(mel, tokens, trace=["decoder.ln"], edits=wl.Edits().skip("decoder", [0, 2]))
         y = model.decoder.token_embedding(tokens) + model.decoder.positional_embedding[: tokens.shape[1]]
-        xa = run.trace["encoder.ln_post"]
-        blk = model.decoder.blocks[1]
-        y = blk(y, IDLE, causal=True, cross_kv=blk.cross_attn.kv(xa, IDLE))
+        causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).tril()
+        y = model.decoder.blocks[1](y, IDLE, DEFAULT, Context(mask=causal, xa=run.trace["encoder.ln_post"]))
         torch.testing.assert_close(dec.trace["decoder.ln"], model.decoder.ln(y))
     assert not torch.allclose(dec.logits, run.logits, atol=1e-2)
 
@@ -368,10 +379,30 @@ def test_bad_requests_raise_clear_errors(small_run):
 
 
 def test_gradients_flow_through_recorded_patterns(small_run):
+    """Attribution through patterns: the gradient of one recorded attention weight with respect to a steering
+    vector is its derivative (finite differences, fp64), and the logits' gradient through the written-out
+    attention equals the gradient through the fused kernel."""
     model, mel, tokens, _ = small_run
-    steer = torch.zeros(SMALL.n_text_state, requires_grad=True)
-    run = model.run(mel, tokens, trace=["*.pattern"], edits=wl.Edits().add("decoder.blocks.0.resid_mid", steer))
-    run.trace["decoder.blocks.2.cross_attn.pattern"].sum().backward()  # rows sum to 1: the gradient is ~0
-    run2 = model.run(mel, tokens, trace=["*.pattern"], edits=wl.Edits().add("decoder.blocks.0.resid_mid", steer))
-    run2.logits[0, -1, 7].backward()
-    assert steer.grad is not None and steer.grad.abs().sum() > 0
+    name, pattern = "decoder.blocks.0.resid_mid", "decoder.blocks.2.cross_attn.pattern"
+    model64 = copy.deepcopy(model).double()
+
+    def weight(steer: torch.Tensor) -> torch.Tensor:  # one cross-attention weight of the last block
+        run = model64.run(mel, tokens, trace=[pattern], edits=wl.Edits().add(name, steer))
+        return run.trace[pattern][0, 1, 4, 7]
+
+    steer = torch.zeros(SMALL.n_text_state, dtype=torch.float64, requires_grad=True)
+    weight(steer).backward()
+    direction = torch.randn(SMALL.n_text_state, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    eps = 1e-4
+    with torch.no_grad():
+        slope = (weight(eps * direction) - weight(-eps * direction)) / (2 * eps)
+    assert abs(slope) > 1e-4  # the weight does depend on the steering vector
+    torch.testing.assert_close(steer.grad @ direction, slope, atol=1e-8, rtol=1e-5)
+
+    grads = []
+    for trace in (["*.pattern"], None):  # written out where recorded, else the fused kernel
+        steer = torch.zeros(SMALL.n_text_state, requires_grad=True)
+        model.run(mel, tokens, trace=trace, edits=wl.Edits().add(name, steer)).logits[0, -1, 7].backward()
+        grads.append(steer.grad)
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)

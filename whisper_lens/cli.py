@@ -18,6 +18,7 @@ import threading
 
 from .loading import DEFAULT_MODEL, OFFICIAL, SHIPPED
 
+NORMALIZE = {"english": "english", "basic": "basic", "none": None}  # --normalize -> experiments' normalize=
 USER_ERRORS = (ValueError, KeyError, IndexError, TypeError, OSError)
 
 
@@ -178,16 +179,27 @@ def cmd_lens(args: argparse.Namespace) -> None:
 def cmd_ablate(args: argparse.Namespace) -> None:
     from .experiments import format_table
     from .files import output_folder
-    from .study import ablate_study
+    from .loading import load_model
+    from .study import ablate_study, load_clips
 
     device = placement(args.device)
     refs = args.reference
-    if refs is not None and len(refs) != len(args.audio):
+    if args.audio and args.samples:
+        raise ValueError("give audio files or --samples DIR, not both")
+    if args.audio and refs is not None and len(refs) != len(args.audio):
         raise ValueError(f"give one --reference per audio file ({len(args.audio)}), got {len(refs)}")
+    if not args.audio and refs is not None:
+        raise ValueError("--reference goes with audio files; a --samples folder has its transcripts.json")
     stacks = ("encoder", "decoder") if args.stack == "both" else (args.stack,)
-    with output_folder(args.out, "ablate") as tmp:
-        model, mels, seconds = _study_inputs(args, device)
-        summary = ablate_study(model, mels, seconds, tmp, stacks=stacks, references=refs)
+    with output_folder(args.out, "ablate") as tmp:  # refused here, before any work, if it is not ours to replace
+        if args.audio:
+            model, mels, seconds = _study_inputs(args, device)
+        else:
+            model = load_model(args.model, **device)
+            clips = load_clips(model, args.samples)
+            mels, seconds, refs = clips.mels, clips.seconds, clips.references
+        summary = ablate_study(model, mels, seconds, tmp, stacks=stacks, references=refs,
+                               normalize=NORMALIZE[args.normalize])  # fmt: skip
     print(format_table(summary))
     print(f"removal.png, ablate.csv, ablate_summary.csv in {args.out}/")
 
@@ -208,11 +220,33 @@ def cmd_attention(args: argparse.Namespace) -> None:
     print(f"pictures and tables in {args.out}/")
 
 
+def cmd_hallucinate(args: argparse.Namespace) -> None:
+    """The hallucination experiments: non-speech inputs, the no-speech lens, the head sweep, attention, lens."""
+    from .files import output_folder
+    from .loading import load_model
+    from .study import hallucination_report, load_clips, non_speech_clips
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    device = placement(args.device)
+    with output_folder(args.out, "hallucinate") as tmp:  # refused here, before any work, if not ours to replace
+        model = load_model(args.model, **device)
+        speech = load_clips(model, args.samples)
+        noise = non_speech_clips(model, args.seconds, args.seed)
+        hallucination_report(model, tmp, speech, noise, title=str(args.model), heads=None if args.heads else [],
+                             max_new_tokens=args.max_new_tokens, normalize=NORMALIZE[args.normalize])  # fmt: skip
+    print(f"report written to {args.out}/report.md")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
+    import torch
+
     from .study import demo
 
     if (args.samples is None) != (args.model is None):
         raise ValueError("give --model and --samples together (the default is the shipped model and its samples)")
+    if args.model is None:  # the shipped model's products are too small to share between threads: one thread is
+        torch.set_num_threads(1)  # as fast, and much faster when the other cores are busy
     report = demo(args.out, model_name=args.model, samples=args.samples, **placement(args.device))
     print(f"report written to {report}")
 
@@ -279,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
         if device:
             p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16); default cpu")
 
+    def samples_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--samples", default=None, help="a folder of speech clips with transcripts.json {file: text} "
+                       "(without it, WER is against the full model's transcripts); default: the shipped speech "
+                       "(the toy's samples for the toy)")  # fmt: skip
+
+    def normalize_arg(p: argparse.ArgumentParser) -> None:
+        help = "text normalisation before WER: Whisper's English one (default), basic (other languages), none (raw)"
+        p.add_argument("--normalize", choices=list(NORMALIZE), default="english", help=help)
+
     p = sub.add_parser("download", help="fetch an official model into the hub cache")
     p.add_argument("name", help=f"one of: {', '.join(OFFICIAL)}, or a hub id")
     p.set_defaults(func=cmd_download)
@@ -333,15 +376,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ablate", help="remove the last k blocks of the encoder/decoder and measure WER")
     model_arg(p)
-    p.add_argument("audio", nargs="+")
+    p.add_argument("audio", nargs="*", help="audio files (default: the samples folder)")
     p.add_argument("--stack", choices=["encoder", "decoder", "both"], default="both")
     p.add_argument(
         "--reference",
         action="append",
         help="reference transcript (one per file, in order); default: the full model's own transcript",
     )
+    samples_arg(p)
+    normalize_arg(p)
     p.add_argument("--out", default="ablate-out", help="output folder (default ablate-out)")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("hallucinate", help="hallucination on non-speech: rates, no-speech lens, head sweep, lens")
+    model_arg(p)
+    samples_arg(p)
+    p.add_argument("--seconds", type=float, default=None, help="length of each non-speech input (default 10 s, "
+                   "or the model's window if shorter)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise inputs (default 0)")
+    p.add_argument("--no-heads", dest="heads", action="store_false", help="skip the head sweep (the slow part)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens a clip may take in the head "
+                   "sweep (default: twice the longest unedited output plus 16)")  # fmt: skip
+    normalize_arg(p)
+    p.add_argument("--out", default="hallucinate-out", help="output folder (default hallucinate-out)")
+    p.set_defaults(func=cmd_hallucinate)
 
     p = sub.add_parser("attention", help="attention pictures and per-head statistics of audio files")
     model_arg(p)

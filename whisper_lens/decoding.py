@@ -44,32 +44,40 @@ tests/test_decoding.py.
 
 How this implementation runs
 ----------------------------
-The audio is encoded once and every decoder layer's cross-attention keys/values are computed once
-(``TextDecoder.new_cache``). Self-attention keys/values go into static buffers
-``[layers, batch, heads, length, Dh]`` (the values stored transposed, ``[..., Dh, length]``, as the
-audio's: ``KVCache``), ``length`` = prompt + max_new_tokens (the longest sequence the call can
-produce, at most ``n_text_ctx``); each step writes its position in place and attends over the
-buffer under a mask, so the step has one fixed shape and takes its position as a tensor
-(torch.compile and CUDA graphs can capture it). On the CPU, while a batch of 2 to 64 rows decodes,
-the decoder's weights are used in oneDNN's packed layout (``packed_weights``), copied for the call.
-Beams are rows of the batch (``batch * beam_size`` rows); the logit filters and beam bookkeeping
-are tensor operations, so the host waits on the device only for the "is everything finished?"
-check. A row (or an audio's group of beams) that has finished stops changing, so decoding clips
-together gives each clip the tokens it gets alone.
+``generate`` checks its options once (``DecodingOptions``, ``make_plan``), then:
+
+1. prefill: the audio is encoded once and every decoder layer's cross-attention keys/values are
+   computed once (``TextDecoder.new_cache``); the language is identified where it is not given;
+   the prompts run in one pass. Self-attention keys/values go into a static ``KVCache`` per
+   layer, ``prompt + max_new_tokens`` positions long, written in place: every step has one shape
+   and takes its positions as a tensor (torch.compile and CUDA graphs can capture it).
+2. select: the logit filters and the choice (greedy, sampled, or beams) as tensor operations over
+   all rows, so the host waits on the device only for the "is everything finished?" check.
+3. step: each row's new token through the decoder at its position.
+4. finish: the search comes to the host once; each clip's best sequence and its result.
+
+Beams are rows of the batch (``batch * beam_size`` rows). Clips may have prompts of different
+lengths (``prompt=`` and ``language=`` take one entry per clip): each row's tokens then sit at
+its own positions (the prompt first, padded at the end to the longest), and the mask lets each
+query see only its own row's positions so far. A row (or a clip's group of beams) that has
+finished stops changing, so decoding clips together gives each the tokens it gets alone. All of
+this state belongs to one call (``Decoding``), so threads may share a model. On the CPU, the
+decoder's step weights are used in oneDNN's packed layout, copied for the call (``Kernels``).
 
 With ``trace=`` the activations of each step are recorded and, at the end, stitched along the
 positions of the chosen sequence (following a beam's ancestry back through the reorderings), so
-``results[i].trace`` equals ``model.run(mel[i], initial + tokens, trace=...)``: the trace of the
+``results[i].trace`` equals ``model.run(mel[i], prompt + tokens, trace=...)``: the trace of the
 final sequence run teacher-forced.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
+import numbers
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -77,11 +85,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .audio import TIME_PRECISION
-from .model import IDLE, KVCache, Whisper, packed_weights
-from .trace import Edits, Recorder, Trace, TraceRequest
+from .inputs import check_audio_features, check_mel
+from .kernels import Kernels
+from .trace import IDLE, Edits, Recorder, Trace, TraceRequest
+
+if TYPE_CHECKING:
+    from .model import DecoderCache, Whisper
 
 DEFAULT_MAX_NEW = 224  # openai-whisper's sample_len for every official model (n_text_ctx // 2)
 CUDA_CHECK_EVERY = 8  # on CUDA, look at the "all finished" flag every 8 steps (on CPU, every step)
+
+Prompt = str | Sequence[int] | None  # text, or token ids
 
 
 @dataclass
@@ -90,6 +104,8 @@ class DecodingResult:
 
     ``tokens`` are the sampled tokens only: no prompt, no prefix, no final EOT. ``avg_logprob`` is
     the sum of their log-probabilities (EOT included) divided by ``len(tokens) + 1``.
+    ``token_logprobs[j]`` is the log-probability of ``tokens[j]`` under the (filtered)
+    distribution it was chosen from: the terms of ``sum_logprob``, but for EOT's.
     """
 
     tokens: list[int]
@@ -101,6 +117,7 @@ class DecodingResult:
     no_speech_prob: float
     compression_ratio: float
     temperature: float
+    token_logprobs: list[float] = field(default_factory=list)
     trace: Trace | None = None
 
 
@@ -110,93 +127,185 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data))
 
 
-# ----------------------------------------------------------------------------- the plan
+# ----------------------------------------------------------------------------- options and plan
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """``generate``'s options, checked when made (what needs the model is checked by ``make_plan``)."""
+
+    beam_size: int | None = None
+    patience: float | None = None
+    length_penalty: float | None = None
+    temperature: float = 0.0
+    seed: int | None = None
+    max_new_tokens: int | None = None
+    language: str | Sequence[str | None] | None = None
+    task: str = "transcribe"
+    timestamps: bool = False
+    prompt: Prompt | Sequence[Prompt] = None
+    prefix: Prompt = None
+    suppress_tokens: str | Iterable[int] | None = "-1"
+    suppress_blank: bool = True
+    max_initial_timestamp: float | None = 1.0
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("beam_size", "max_new_tokens", "seed"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+                raise TypeError(f"{name} must be an int or None, got {value!r}")
+        if self.beam_size is not None and self.beam_size < 1:
+            raise ValueError(f"beam_size must be a positive int or None, got {self.beam_size!r}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        check_number("temperature", self.temperature, low=0.0)
+        if self.beam_size is not None and self.temperature > 0:
+            raise ValueError("beam search is deterministic: give beam_size or temperature > 0, not both")
+        if self.patience is not None:
+            if self.beam_size is None:
+                raise ValueError("patience only applies to beam search: give beam_size too")
+            check_number("patience", self.patience, low=0.0, open_low=True)
+        if self.length_penalty is not None:
+            check_number("length_penalty (alpha)", self.length_penalty, low=0.0, high=1.0)
+        if self.max_initial_timestamp is not None:
+            check_number("max_initial_timestamp", self.max_initial_timestamp, low=0.0)
+
+    @property
+    def capacity(self) -> int:
+        """Beam search: how many finished sequences a clip collects before it stops (``beam_size * patience``)."""
+        return round(self.beam_size * (self.patience or 1.0)) if self.beam_size else 0
+
+
+def check_number(name: str, value: object, low: float, high: float = math.inf, open_low: bool = False) -> None:
+    """A finite real number in [low, high] (or (low, high] when ``open_low``), else a one-line error."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or value > high or (open_low and value == low):
+        bound = f"in ({low}, {high}]" if open_low else f"in [{low}, {high}]" if high < math.inf else f">= {low}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything decided before the first step: the prompt and the filters."""
+    """Everything decided before the first step: each clip's prompt and limit, and the filters' token sets."""
 
-    initial: tuple[int, ...]  # the prompt fed before sampling (language slot filled in per clip if detected)
-    sot_index: int  # where <|startoftranscript|> sits in it
-    detect_language: bool  # fill initial[sot_index + 1] from the language identification
-    language: str | None
-    max_new: int  # the most tokens sampled (EOT included)
+    prompts: tuple[tuple[int, ...], ...]  # per clip: the tokens fed before sampling (language slot filled later)
+    sot_index: tuple[int, ...]  # per clip: where <|startoftranscript|> sits in its prompt
+    languages: tuple[str | None, ...]  # per clip: the language, or None to identify it from the audio
+    max_new: tuple[int, ...]  # per clip: the most tokens sampled (EOT included)
     suppress: tuple[int, ...]  # always forbidden
     blank: tuple[int, ...]  # forbidden at the first step (empty when suppress_blank is off)
     timestamps: bool
     max_initial_index: int | None  # last timestamp index allowed first, or None for any
 
 
-def make_plan(
-    model: Whisper,
-    *,
-    max_new_tokens: int | None,
-    language: str | None,
-    task: str,
-    timestamps: bool,
-    prompt: str | Sequence[int] | None,
-    prefix: str | Sequence[int] | None,
-    suppress_tokens: str | Iterable[int] | None,
-    suppress_blank: bool,
-    max_initial_timestamp: float | None,
-) -> Plan:
-    """Build the prompt and the token sets of the logit filters, checking every option."""
+def make_plan(model: Whisper, options: DecodingOptions, n_clips: int) -> Plan:
+    """Build each clip's prompt, its token limit and the token sets of the logit filters, checking every option."""
     tok = model.tokenizer
     if tok is None:
         raise ValueError(
             "this model has no tokenizer; load it with load_model(..., tokenizer=path to a .tiktoken file or HF dir)"
         )
-    n_ctx = model.dims.n_text_ctx
-    detect = tok.multilingual and language is None
-    if tok.multilingual:
-        sot_seq = tok.sot_sequence_for(language or "en", task)
-    else:
-        sot_seq = tok.sot_sequence_for(language, task if task != "transcribe" else None)
-        language = "en"
-    if not timestamps:
-        sot_seq = (*sot_seq, tok.no_timestamps)
+    if options.beam_size is not None and options.beam_size >= model.dims.n_vocab:
+        raise ValueError(f"beam_size={options.beam_size} must be smaller than the vocabulary ({model.dims.n_vocab})")
+    if options.beam_size is not None and options.capacity < 1:
+        raise ValueError(f"beam_size {options.beam_size} with patience {options.patience} keeps no finished sequence")
+    languages = per_clip("language", options.language, n_clips, single=lambda x: x is None or isinstance(x, str))
+    texts = per_clip("prompt", options.prompt, n_clips, single=is_single_prompt)
+    prefix = as_tokens(tok, options.prefix, "prefix") if options.prefix is not None and len(options.prefix) else []
+    prompts, sot_index = [], []
+    for g, (language, text) in enumerate(zip(languages, texts, strict=True)):
+        prompt = clip_prompt(model, options, language, text, prefix)
+        prompts.append(tuple(prompt))
+        sot_index.append(prompt.index(tok.sot))
+        if len(prompt) >= model.dims.n_text_ctx:
+            raise ValueError(f"the prompt of clip {g} ({len(prompt)} tokens) fills the whole "
+                             f"{model.dims.n_text_ctx}-token context")  # fmt: skip
+    return Plan(
+        prompts=tuple(prompts),
+        sot_index=tuple(sot_index),
+        languages=languages if tok.multilingual else ("en",) * n_clips,
+        max_new=tuple(max_new_for(model, options, len(p), g) for g, p in enumerate(prompts)),
+        suppress=suppressed(model, options.suppress_tokens),
+        blank=tuple(tok.encode(" ") + [tok.eot]) if options.suppress_blank else (),
+        timestamps=options.timestamps,
+        max_initial_index=max_initial_index(model, options),
+    )
 
-    def as_tokens(x: str | Sequence[int], what: str) -> list[int]:
-        ids = tok.encode(" " + x.strip()) if isinstance(x, str) else [int(t) for t in x]
-        top = tok.n_vocab if what == "prompt" else tok.eot  # a prompt is a previous transcript, whatever it holds
-        bad = [t for t in ids if not 0 <= t < top]
+
+def is_single_prompt(x: object) -> bool:
+    """A prompt for every clip (text or token ids), rather than one entry per clip."""
+    if x is None or isinstance(x, str | Tensor | np.ndarray):
+        return True
+    return isinstance(x, Sequence) and all(isinstance(t, int | np.integer) for t in x)
+
+
+def per_clip(name: str, value: object, n_clips: int, single) -> tuple:
+    """``value`` for each clip: repeated when it is one value for all (``single(value)``), else checked as a list."""
+    if single(value):
+        return (value,) * n_clips
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"{name} must be one value for all clips or a list of one per clip, got {type(value).__name__}")
+    if len(value) != n_clips:
+        raise ValueError(f"{name} has {len(value)} entries for {n_clips} clips: give one per clip, or one for all")
+    bad = [x for x in value if not single(x)]
+    if bad:
+        raise TypeError(f"{name} entries must each be what {name}= takes for one clip, got {bad[0]!r}")
+    return tuple(value)
+
+
+def as_tokens(tok, x: str | Sequence[int], what: str) -> list[int]:
+    """Token ids of a text (encoded as openai-whisper does, after a space) or of given ids, checked to be text."""
+    ids = tok.encode(" " + x.strip()) if isinstance(x, str) else [int(t) for t in x]
+    if what == "prompt":  # a previous transcript, timestamps included (as openai-whisper's transcribe passes it)
+        bad = [t for t in ids if not 0 <= t < tok.n_vocab]
         if bad:
-            raise ValueError(
-                f"{what} token {bad[0]} is not a text token (text tokens are 0..{tok.eot - 1})"
-                if what != "prompt"
-                else f"prompt token {bad[0]} is outside the vocabulary [0, {top})"
-            )
+            raise ValueError(f"prompt token {bad[0]} is outside the vocabulary [0, {tok.n_vocab})")
         return ids
+    bad = [t for t in ids if not 0 <= t < tok.eot]
+    if bad:
+        raise ValueError(f"{what} token {bad[0]} is not a text token (text tokens are 0..{tok.eot - 1})")
+    return ids
 
-    initial = list(sot_seq)
-    if prefix:
-        initial += as_tokens(prefix, "prefix")
-    if prompt:
-        prompt_ids = as_tokens(prompt, "prompt")
+
+def clip_prompt(model: Whisper, options: DecodingOptions, language: str | None, text: Prompt,
+                prefix: list[int]) -> list[int]:  # fmt: skip
+    """One clip's prompt: [<|startofprev|> text] sot [language task] [<|notimestamps|>] [prefix]."""
+    tok, n_ctx = model.tokenizer, model.dims.n_text_ctx
+    if tok.multilingual:
+        sot_seq = tok.sot_sequence_for(language or "en", options.task)
+    else:
+        sot_seq = tok.sot_sequence_for(language, options.task if options.task != "transcribe" else None)
+    prompt = [*sot_seq, *([] if options.timestamps else [tok.no_timestamps]), *prefix]
+    if text is not None and len(text):
+        previous = as_tokens(tok, text, "prompt")
         limit = n_ctx // 2 - 1
-        if len(prompt_ids) > limit:
+        if len(previous) > limit:
             raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens; at most {limit} fit (Whisper gives previous text half "
+                f"the prompt has {len(previous)} tokens; at most {limit} fit (Whisper gives previous text half "
                 f"of its {n_ctx}-token context): pass only its last {limit} tokens"
             )
-        initial = [tok.sot_prev, *prompt_ids, *initial]
+        prompt = [tok.sot_prev, *previous, *prompt]
+    return prompt
 
-    room = n_ctx - len(initial)
-    if max_new_tokens is None:  # openai-whisper's n_text_ctx // 2 = 224; a smaller context may use what is left
-        max_new = min(max(n_ctx // 2, DEFAULT_MAX_NEW), room)
-    else:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if max_new_tokens > room:
-            raise ValueError(
-                f"max_new_tokens={max_new_tokens} does not fit: the prompt uses {len(initial)} of the model's "
-                f"{n_ctx} text positions, leaving {room}"
-            )
-        max_new = max_new_tokens
-    if max_new < 1:
-        raise ValueError(f"the prompt and prefix ({len(initial)} tokens) fill the whole {n_ctx}-token context")
 
+def max_new_for(model: Whisper, options: DecodingOptions, prompt_length: int, clip: int) -> int:
+    """The most tokens clip ``clip`` may sample: ``max_new_tokens``, or by default 224 (what its context leaves)."""
+    n_ctx = model.dims.n_text_ctx
+    room = n_ctx - prompt_length
+    if options.max_new_tokens is None:  # openai-whisper's n_text_ctx // 2 = 224; a smaller context uses what is left
+        return min(max(n_ctx // 2, DEFAULT_MAX_NEW), room)
+    if options.max_new_tokens > room:
+        raise ValueError(
+            f"max_new_tokens={options.max_new_tokens} does not fit: the prompt of clip {clip} uses {prompt_length} "
+            f"of the model's {n_ctx} text positions, leaving {room}"
+        )
+    return options.max_new_tokens
+
+
+def suppressed(model: Whisper, suppress_tokens: str | Iterable[int] | None) -> tuple[int, ...]:
+    """The tokens always forbidden: those asked for (``-1``: the non-speech symbols) and the prompt-only specials."""
+    tok = model.tokenizer
     if isinstance(suppress_tokens, str):
         try:
             ids = [int(t) for t in suppress_tokens.split(",") if t.strip()]
@@ -213,46 +322,35 @@ def make_plan(
     if -1 in ids:
         suppress.update(tok.non_speech_tokens)
     suppress.update([tok.transcribe, tok.translate, tok.sot, tok.sot_prev, tok.sot_lm, tok.no_speech])
+    return tuple(sorted(suppress))
 
-    max_initial_index = None
-    if timestamps and max_initial_timestamp:
-        max_initial_index = round(max_initial_timestamp / TIME_PRECISION)
-    return Plan(
-        initial=tuple(initial),
-        sot_index=initial.index(tok.sot),
-        detect_language=detect,
-        language=language,
-        max_new=max_new,
-        suppress=tuple(sorted(suppress)),
-        blank=tuple(tok.encode(" ") + [tok.eot]) if suppress_blank else (),
-        timestamps=timestamps,
-        max_initial_index=max_initial_index,
-    )
+
+def max_initial_index(model: Whisper, options: DecodingOptions) -> int | None:
+    """The last timestamp index the first token may be (``max_initial_timestamp`` in 20 ms steps), or None."""
+    if not options.timestamps or options.max_initial_timestamp is None:
+        return None
+    return round(options.max_initial_timestamp / TIME_PRECISION)
 
 
 # ----------------------------------------------------------------------------- logit filters
 
 
-def filter_logits(logits: Tensor, tokens: Tensor, cur: int, plan: Plan, tok, vocab: Tensor) -> Tensor:
-    """Forbid (set to -inf) what the rules forbid at position ``cur``. ``logits`` (N, V), ``tokens`` (N, n_ctx).
+def filter_logits(logits: Tensor, sampled: Tensor, plan: Plan, tok, vocab: Tensor) -> Tensor:
+    """Forbid (set to -inf) what the rules forbid next. ``logits`` (N, V); ``sampled`` (N, n): each row's tokens so far.
 
-    ``tokens[:, :cur]`` holds each row's sequence so far; ``vocab`` is ``arange(V)`` on the device.
-    All rules are tensor operations over the rows (no loop, no host sync).
+    ``vocab`` is ``arange(V)`` on the device. All rules are tensor operations over the rows (no
+    loop, no host sync); ``logits`` is changed in place and returned.
     """
-    start = len(plan.initial)
-    first = cur == start
-    if first and plan.blank:
+    n = sampled.shape[1]  # tokens sampled so far (the same for every row)
+    if n == 0 and plan.blank:
         logits[:, list(plan.blank)] = -math.inf
     logits[:, list(plan.suppress)] = -math.inf
     if not plan.timestamps:
         return logits
-
     ts = tok.timestamp_begin
     is_ts_token = vocab >= ts  # (V,)
     logits[:, tok.no_timestamps] = -math.inf
-    n = cur - start  # tokens sampled so far (the same for every row)
     if n >= 1:
-        sampled = tokens[:, start:cur]  # (N, n)
         last_ts = sampled[:, -1] >= ts  # (N,)
         pen_ts = sampled[:, -2] >= ts if n >= 2 else torch.ones_like(last_ts)  # (N,)
         closes_pair = last_ts & pen_ts  # two timestamps in a row: text (or EOT) must follow
@@ -261,7 +359,7 @@ def filter_logits(logits: Tensor, tokens: Tensor, cur: int, plan: Plan, tok, voc
         # timestamps never decrease; a new segment must be longer than zero
         where_ts = sampled >= ts  # (N, n)
         any_ts = where_ts.any(dim=1)  # (N,)
-        last_idx = (where_ts * torch.arange(1, n + 1, device=tokens.device)).argmax(dim=1)  # (N,)
+        last_idx = (where_ts * torch.arange(1, n + 1, device=sampled.device)).argmax(dim=1)  # (N,)
         last_value = sampled.gather(1, last_idx[:, None])[:, 0]  # (N,)
         bound = torch.where(opens_pair, last_value, last_value + 1)  # (N,) first allowed timestamp id
         forbid |= any_ts[:, None] & is_ts_token & (vocab < bound[:, None])
@@ -285,12 +383,14 @@ def filter_logits(logits: Tensor, tokens: Tensor, cur: int, plan: Plan, tok, voc
 class Search:
     """The state of one batched search on the device. N rows = G clips * K rows per clip (beams)."""
 
-    tokens: Tensor  # (N, n_ctx) long: each row's sequence so far
+    tokens: Tensor  # (N, max_new) long: each row's sampled tokens so far (column i: selection i)
     sum_logprobs: Tensor  # (N,) float32
-    done: Tensor  # (N,) bool: greedy, the row wrote EOT; beam, the row's clip has enough finished beams
-    done_at: Tensor  # (N,) long: selection index when done (greedy: tokens before EOT; beam: time of the beams)
+    done: Tensor  # (N,) bool: greedy, the row wrote EOT; beam, its clip has enough finished beams; or its limit
+    done_at: Tensor  # (N,) long: selections when done (greedy: tokens before EOT; beam: time of the beams)
+    limit: Tensor  # (N,) long: the most tokens the row samples (its clip's max_new)
     hist_tok: Tensor  # (max_new, N) long: the token each row got at each selection
     hist_src: Tensor  # (max_new, N) long: the row each row came from at each selection
+    hist_lp: Tensor  # (max_new, N) float32: the log-probability of that token
     # beam search only: the finished sequences of each clip (slot C is a scratch slot)
     fin_score: Tensor | None = None  # (G, C + 1) float32
     fin_row: Tensor | None = None  # (G, C + 1) long: the row that wrote EOT
@@ -298,27 +398,29 @@ class Search:
     n_fin: Tensor | None = None  # (G,) long
 
 
-def new_search(N: int, G: int, n_ctx: int, plan: Plan, beam: int | None, capacity: int, device) -> Search:
-    tokens = torch.zeros(N, n_ctx, dtype=torch.long, device=device)
-    tokens[:, : len(plan.initial)] = torch.tensor(plan.initial, device=device)
+def new_search(limit: Tensor, n_clips: int, capacity: int, beams: bool) -> Search:
+    """An empty search of ``len(limit)`` rows that sample at most ``limit`` (N,) tokens each."""
+    N, steps, dev = len(limit), int(limit.max()), limit.device
     s = Search(
-        tokens=tokens,
-        sum_logprobs=torch.zeros(N, device=device),
-        done=torch.zeros(N, dtype=torch.bool, device=device),
-        done_at=torch.full((N,), plan.max_new, dtype=torch.long, device=device),
-        hist_tok=torch.zeros(plan.max_new, N, dtype=torch.long, device=device),
-        hist_src=torch.zeros(plan.max_new, N, dtype=torch.long, device=device),
+        tokens=torch.zeros(N, steps, dtype=torch.long, device=dev),
+        sum_logprobs=torch.zeros(N, device=dev),
+        done=torch.zeros(N, dtype=torch.bool, device=dev),
+        done_at=limit.clone(),
+        limit=limit,
+        hist_tok=torch.zeros(steps, N, dtype=torch.long, device=dev),
+        hist_src=torch.zeros(steps, N, dtype=torch.long, device=dev),
+        hist_lp=torch.zeros(steps, N, device=dev),
     )
-    if beam is not None:
-        s.fin_score = torch.zeros(G, capacity + 1, device=device)
-        s.fin_row = torch.zeros(G, capacity + 1, dtype=torch.long, device=device)
-        s.fin_time = torch.zeros(G, capacity + 1, dtype=torch.long, device=device)
-        s.n_fin = torch.zeros(G, dtype=torch.long, device=device)
+    if beams:
+        s.fin_score = torch.zeros(n_clips, capacity + 1, device=dev)
+        s.fin_row = torch.zeros(n_clips, capacity + 1, dtype=torch.long, device=dev)
+        s.fin_time = torch.zeros(n_clips, capacity + 1, dtype=torch.long, device=dev)
+        s.n_fin = torch.zeros(n_clips, dtype=torch.long, device=dev)
     return s
 
 
-def select_greedy(s: Search, logits: Tensor, i: int, cur: int, eot: int, temperature: float, gen) -> Tensor:
-    """Greedy or sampled choice for every row; a row that wrote EOT keeps writing EOT. Returns (N,) sources."""
+def select_greedy(s: Search, logits: Tensor, i: int, eot: int, temperature: float, gen) -> Tensor:
+    """Greedy or sampled choice for every row; a row that is done keeps writing EOT. Returns (N,) sources."""
     logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
     if temperature == 0:
         nxt = logits.argmax(dim=-1)  # (N,)
@@ -326,18 +428,19 @@ def select_greedy(s: Search, logits: Tensor, i: int, cur: int, eot: int, tempera
         probs = F.softmax(logits.float() / temperature, dim=-1)  # (N, V)
         nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]  # (N,)
     active = ~s.done
-    s.sum_logprobs += torch.where(active, logprobs.gather(1, nxt[:, None])[:, 0], 0.0)
+    lp = torch.where(active, logprobs.gather(1, nxt[:, None])[:, 0], 0.0)  # (N,)
+    s.sum_logprobs += lp
     nxt = torch.where(active, nxt, eot)
     ended = active & (nxt == eot)
     s.done_at = torch.where(ended, i, s.done_at)
     s.done |= ended
-    s.tokens[:, cur] = nxt
+    s.tokens[:, i] = nxt
     src = torch.arange(len(nxt), device=nxt.device)
-    s.hist_tok[i], s.hist_src[i] = nxt, src
+    s.hist_tok[i], s.hist_src[i], s.hist_lp[i] = nxt, src, lp
     return src
 
 
-def select_beams(s: Search, logits: Tensor, i: int, cur: int, eot: int, beam: int, capacity: int) -> Tensor:
+def select_beams(s: Search, logits: Tensor, i: int, eot: int, beam: int, capacity: int) -> Tensor:
     """One beam-search selection for every clip at once. Returns (N,) the source row of each new row.
 
     Each of a clip's ``beam`` rows proposes its ``beam + 1`` best continuations (at least ``beam``
@@ -355,9 +458,9 @@ def select_beams(s: Search, logits: Tensor, i: int, cur: int, eot: int, beam: in
     scores = (s.sum_logprobs[:, None] + top_lp).view(G, beam * K)  # (G, M)
     if i == 0:
         scores[:, K:] = -math.inf
-    cand_tok = top_tok.view(G, beam * K)  # (G, M)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (G, M)
-    s_score, s_tok = scores.gather(1, order), cand_tok.gather(1, order)  # (G, M)
+    s_score, s_tok = scores.gather(1, order), top_tok.view(G, beam * K).gather(1, order)  # (G, M)
+    s_lp = top_lp.view(G, beam * K).gather(1, order)  # (G, M)
     s_row = order // K + torch.arange(G, device=dev)[:, None] * beam  # (G, M) global source row
     is_eot = s_tok == eot
     text_rank = (~is_eot).cumsum(dim=1)  # (G, M) non-EOT proposals up to and including this one
@@ -369,9 +472,9 @@ def select_beams(s: Search, logits: Tensor, i: int, cur: int, eot: int, beam: in
 
     active_g = ~s.done.view(G, beam)[:, 0]  # (G,)
     active = active_g.repeat_interleave(beam)  # (N,)
-    identity = torch.arange(N, device=dev)
-    src = torch.where(active, s_row.gather(1, pick).flatten(), identity)  # (N,)
+    src = torch.where(active, s_row.gather(1, pick).flatten(), torch.arange(N, device=dev))  # (N,)
     nxt = torch.where(active, s_tok.gather(1, pick).flatten(), eot)  # (N,)
+    lp = torch.where(active, s_lp.gather(1, pick).flatten(), 0.0)  # (N,)
     s.sum_logprobs = torch.where(active, s_score.gather(1, pick).flatten(), s.sum_logprobs)
 
     # finished proposals of clips still searching fill the free slots in rank order
@@ -384,36 +487,250 @@ def select_beams(s: Search, logits: Tensor, i: int, cur: int, eot: int, beam: in
     s.n_fin = (s.n_fin + new_fin.sum(dim=1)).clamp(max=capacity)
 
     s.tokens = s.tokens.index_select(0, src)
-    s.tokens[:, cur] = torch.where(active, nxt, s.tokens[:, cur])
+    s.tokens[:, i] = torch.where(active, nxt, s.tokens[:, i])
     now_done = (s.n_fin >= capacity).repeat_interleave(beam) & active  # (N,)
     s.done_at = torch.where(now_done, i + 1, s.done_at)
     s.done |= now_done
-    s.hist_tok[i], s.hist_src[i] = nxt, src
+    s.hist_tok[i], s.hist_src[i], s.hist_lp[i] = nxt, src, lp
     return src
 
 
-# ----------------------------------------------------------------------------- trace stitching
+def stop_at_limits(s: Search, i: int) -> None:
+    """Rows that have sampled their clip's ``max_new`` tokens without finishing are done now."""
+    full = ~s.done & (s.limit <= i + 1)  # (N,)
+    s.done_at = torch.where(full, i + 1, s.done_at)
+    s.done |= full
 
 
-def position_dim(name: str) -> int:
-    """The text-position axis of a decoder activation: 2 for per-head q/k/v/scores/pattern, else 1."""
-    return 2 if name.rsplit(".", 1)[-1] in ("q", "k", "v", "scores", "pattern") else 1
+# ----------------------------------------------------------------------------- one call's state
 
 
-def stitch_trace(order: list[str], once: Trace, steps: list[Trace], g: int, rows: list[int], length: int) -> Trace:
-    """One clip's trace: encoder/cross k,v from ``once`` (row g), decoder names from the prefill
-    (row g) and from step s at row ``rows[s]``, concatenated along positions; self-attention
-    scores/patterns are cut to the final ``length`` keys."""
+@dataclass
+class Decoding:
+    """One ``generate`` call's state: made per call and passed explicitly; nothing is stored on the model."""
+
+    model: Whisper
+    plan: Plan
+    options: DecodingOptions
+    rec: Recorder  # the call's recorder: names to keep, edits, and the trace of what is computed once
+    ops: Kernels  # the products of a step (on the CPU, the decoder's weights packed for N rows)
+    cache: DecoderCache  # per layer: the N rows' self-attention keys/values, the audio's
+    search: Search
+    start: Tensor  # (N, 1), or (1, 1) when every prompt has one length: each row's first sampled position
+    last: Tensor  # (N, V): the logits the next selection chooses from
+    clips: Clips  # per clip: language, its probabilities, no-speech probability
+    steps: list[Trace]  # when tracing: the prompts' pass, then each step's
+    generator: torch.Generator | None  # sampling with a seed
+    vocab: Tensor  # (V,) arange(V) on the device, for the filters
+
+    @property
+    def tracing(self) -> bool:
+        return bool(self.rec.keep)
+
+
+@dataclass
+class Clips:
+    """What each clip's prompt pass found: the language (given or identified) and p(<|nospeech|>) at sot."""
+
+    languages: list[str | None]
+    language_probs: list[dict[str, float] | None]  # None where the language was given
+    no_speech: list[float]
+
+
+def pass_recorder(rec: Recorder) -> Recorder:
+    """A recorder for one decoder pass: the call's names and edits, a trace of its own."""
+    return Recorder(rec.keep, rec.edits, Trace()) if rec.active else IDLE
+
+
+def prefill(model: Whisper, plan: Plan, options: DecodingOptions, xa: Tensor, rec: Recorder) -> Decoding:
+    """Everything before the first selection: caches, language identification, the prompts in one pass."""
+    G, K, dev = xa.shape[0], options.beam_size or 1, xa.device
+    lengths = [len(p) for p in plan.prompts]
+    length = max(n + m for n, m in zip(lengths, plan.max_new, strict=True))  # the call's longest sequence
+    ops = Kernels() if options.compile else Kernels.for_decoding(model.decoder, G * K)
+    cache = model.decoder.new_cache(xa, length, rec.child("decoder"), ops)  # audio k/v (G, H, S, Dh) per layer
+    languages, language_probs, prompts = identify_languages(model, plan, cache, ops, rec.edits)
+    r = pass_recorder(rec)
+    tokens = torch.tensor(prompts, device=dev)  # (G, T0): each prompt padded at its end to the longest
+    logits = r("logits", model.decoder(tokens, r.child("decoder"), ops, cache=cache, pos=all_positions(tokens)))
+    no_speech = logits[range(G), plan.sot_index].softmax(dim=-1)[:, model.tokenizer.no_speech]  # (G,)
+    last = logits[range(G), [n - 1 for n in lengths]]  # (G, V): a prompt's last position predicts the first token
+    start = torch.tensor(lengths if len(set(lengths)) > 1 else lengths[:1], device=dev)[:, None]  # (G or 1, 1)
+    if K > 1:  # every beam starts as its clip
+        cache, last = cache.repeat_rows(K), last.repeat_interleave(K, dim=0)  # (N, ...)
+        start = start.repeat_interleave(K, dim=0) if len(start) > 1 else start  # (N or 1, 1)
+    limit = torch.tensor(plan.max_new, device=dev).repeat_interleave(K)  # (N,)
+    search = new_search(limit, G, options.capacity, beams=options.beam_size is not None)
+    gen = None if options.seed is None else torch.Generator(device=dev).manual_seed(options.seed)
+    clips = Clips(languages, language_probs, no_speech.tolist())
+    return Decoding(model, plan, options, rec, ops, cache, search, start, last, clips,
+                    steps=[r.trace] if rec.keep else [], generator=gen,
+                    vocab=torch.arange(model.dims.n_vocab, device=dev))  # fmt: skip
+
+
+def all_positions(tokens: Tensor) -> Tensor:
+    """(1, T): positions 0..T-1, the same for every row."""
+    return torch.arange(tokens.shape[1], device=tokens.device)[None]
+
+
+def identify_languages(model: Whisper, plan: Plan, cache: DecoderCache, ops: Kernels,
+                       edits: Edits | None) -> tuple[list, list, list[list[int]]]:  # fmt: skip
+    """Each clip's language (given, or read at sot alone: position 0, no prompt, as openai-whisper) and prompt.
+
+    Returns the languages, the identification's probabilities (None where given) and the
+    prompts with the language slot filled, padded at the end to one length.
+    """
+    tok, G = model.tokenizer, len(plan.prompts)
+    languages, probs = list(plan.languages), [None] * G
+    prompts = [list(p) for p in plan.prompts]
+    if tok.multilingual and None in languages:
+        sot = torch.full((G, 1), tok.sot, device=model.device)  # (G, 1)
+        r = Recorder(frozenset(), edits, None) if edits else IDLE
+        logits = model.decoder(sot, r.child("decoder"), ops, cache=cache, pos=all_positions(sot))[:, 0]  # (G, V)
+        p = logits[:, list(tok.all_language_tokens)].softmax(dim=-1).cpu()  # (G, n_languages)
+        for g in [g for g in range(G) if languages[g] is None]:
+            probs[g] = dict(zip(tok.all_language_codes, p[g].tolist(), strict=True))
+            languages[g] = tok.all_language_codes[int(p[g].argmax())]
+            prompts[g][plan.sot_index[g] + 1] = tok.language_token(languages[g])
+    longest = max(map(len, prompts))
+    return languages, probs, [p + [tok.eot] * (longest - len(p)) for p in prompts]
+
+
+def select(d: Decoding, i: int) -> None:
+    """Selection ``i``: filter the logits, choose every row's token, let beams take their histories."""
+    s, o, tok = d.search, d.options, d.model.tokenizer
+    # the filters write in place: into a copy when the step's logits are kept in a trace
+    filtered = filter_logits(d.last.to(torch.float32, copy=d.tracing), s.tokens[:, :i], d.plan, tok, d.vocab)  # (N, V)
+    if o.beam_size is None:
+        select_greedy(s, filtered, i, tok.eot, o.temperature, d.generator)
+    else:
+        src = select_beams(s, filtered, i, tok.eot, o.beam_size, o.capacity)
+        for c in d.cache.attn:  # each beam's self-attention history follows it
+            c.take_rows(src, upto=max(map(len, d.plan.prompts)) + i)
+    stop_at_limits(s, i)
+
+
+def step(d: Decoding, i: int, forward) -> None:
+    """Feed each row's token of selection ``i`` at its position; keep the next logits (and the step's trace)."""
+    tokens = d.search.tokens[:, i : i + 1]  # (N, 1)
+    end = d.cache.attn[0].keys().shape[2] - 1  # the cache's last position
+    pos = (d.start + i).clamp(max=end)  # (N or 1, 1): a row done at its limit goes no further
+    if d.rec.active:
+        r = pass_recorder(d.rec)
+        d.last = r("logits", d.model.decoder(tokens, r.child("decoder"), d.ops, cache=d.cache, pos=pos))[:, 0]
+        if d.tracing:
+            d.steps.append(r.trace)
+    else:
+        d.last = forward(tokens, pos)[:, 0]  # (N, V)
+
+
+def step_function(d: Decoding):
+    """The untraced step (tokens, pos) -> logits (N, 1, V); compiled (one fixed shape) when asked for."""
+
+    def forward(tokens: Tensor, pos: Tensor) -> Tensor:
+        return d.model.decoder(tokens, IDLE, d.ops, cache=d.cache, pos=pos)  # (N, 1, V)
+
+    return torch.compile(forward, dynamic=False) if d.options.compile and not d.rec.active else forward
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def finish(d: Decoding, n_sel: int) -> list[DecodingResult]:
+    """Bring the search to the host once and build each clip's result (openai-whisper's final ranking)."""
+    s, tok = d.search, d.model.tokenizer
+    host = History(s.hist_tok[:n_sel].tolist(), s.hist_src[:n_sel].tolist(), s.hist_lp[:n_sel].tolist())
+    sums, done_at = s.sum_logprobs.cpu(), [min(t, n_sel) for t in s.done_at.tolist()]
+    order = traced_names(d)
+    results = []
+    for g in range(len(d.plan.prompts)):
+        cands = candidates(d, g, sums, done_at)
+        scores = [rank_score(sum_lp, time, d.options.length_penalty) for _, time, sum_lp in cands]
+        row, time, sum_lp = cands[int(np.argmax(scores))]  # the first of equals
+        tokens, lps, rows = host.ancestry(row, time)
+        text = tok.decode(tokens).strip()
+        length = len(d.plan.prompts[g]) + len(tokens)
+        trace = stitch_trace(order, d, g, rows, length) if d.tracing else None
+        results.append(DecodingResult(
+            tokens=tokens, text=text, language=d.clips.languages[g], language_probs=d.clips.language_probs[g],
+            avg_logprob=sum_lp / (len(tokens) + 1), sum_logprob=sum_lp, no_speech_prob=d.clips.no_speech[g],
+            compression_ratio=compression_ratio(text), temperature=d.options.temperature, token_logprobs=lps,
+            trace=trace,
+        ))  # fmt: skip
+    return results
+
+
+@dataclass
+class History:
+    """The selections on the host: per selection and row, the token, the row it came from, its log-probability."""
+
+    tok: list[list[int]]
+    src: list[list[int]]
+    lp: list[list[float]]
+
+    def ancestry(self, row: int, time: int) -> tuple[list[int], list[float], list[int]]:
+        """The sampled tokens of the sequence in ``row`` after ``time`` selections, their log-probabilities,
+        and the row the sequence was in at each step (1..time)."""
+        tokens, lps, rows = [], [], [row]
+        for t in range(time - 1, -1, -1):
+            tokens.append(self.tok[t][row])
+            lps.append(self.lp[t][row])
+            row = self.src[t][row]
+            rows.append(row)
+        return tokens[::-1], lps[::-1], rows[::-1][1:]
+
+
+def candidates(d: Decoding, g: int, sums: Tensor, done_at: list[int]) -> list[tuple[int, int, float]]:
+    """Clip ``g``'s candidate sequences as (row, selections, sum of log-probabilities)."""
+    s, beam = d.search, d.options.beam_size
+    if beam is None:
+        return [(g, done_at[g], float(sums[g]))]
+    n = int(s.n_fin[g])
+    rows, times, scores = s.fin_row[g, :n].tolist(), s.fin_time[g, :n].tolist(), s.fin_score[g, :n].tolist()
+    cands = list(zip(rows, times, scores, strict=True))
+    if len(cands) < beam:  # not enough finished: the live beams, best first, with an EOT added
+        live = range(g * beam, (g + 1) * beam)
+        for j in np.argsort(sums[live.start : live.stop].numpy())[::-1][: beam - len(cands)]:
+            cands.append((live[j], done_at[live.start], float(sums[live[j]])))
+    return cands
+
+
+def rank_score(sum_logprob: float, length: int, length_penalty: float | None) -> float:
+    """How candidates are ranked: log-probability per token, or over Google NMT's ((5 + length) / 6) ** alpha."""
+    penalty = length if length_penalty is None else ((5 + length) / 6) ** length_penalty
+    return sum_logprob / max(penalty, 1e-9)
+
+
+# ----------------------------------------------------------------------------- traces and edits
+
+
+def traced_names(d: Decoding) -> list[str]:
+    """The names a result's trace holds, in the model's order; a skipped block keeps only its stream."""
+    rec, dims = d.rec, d.model.dims
+    blocks = [f"encoder.blocks.{i}" for i in range(dims.n_audio_layer)]
+    blocks += [f"decoder.blocks.{i}" for i in range(dims.n_text_layer)]
+    skipped = tuple(f"{block}." for block in blocks if rec.skips(block))
+    inside = [n for n in rec.keep if n.startswith(skipped) and not n.endswith(("resid_pre", "resid_post"))]
+    return [n for n in d.model.names() if n in rec.keep and n not in inside]
+
+
+def stitch_trace(order: list[str], d: Decoding, g: int, rows: list[int], length: int) -> Trace:
+    """Clip ``g``'s trace: names computed once from the call's trace (row g), decoder names from the
+    prompts' pass (row g, its prompt's positions) then from step s at row ``rows[s - 1]``, joined along
+    positions; self-attention scores/patterns are cut to the final ``length`` keys."""
+    once, prompts, steps = d.rec.trace, d.steps[0], d.steps[1:]
+    T0 = len(d.plan.prompts[g])
     out = Trace()
     for name in order:
         if name in once:
             out.put(name, once[name][g : g + 1])
-        elif name in steps[0]:
-            parts = [steps[0][name][g : g + 1]] + [steps[s][name][r : r + 1] for s, r in enumerate(rows, start=1)]
-            x = torch.cat(parts, dim=position_dim(name))
-            if name.endswith((".attn.scores", ".attn.pattern")) and ".cross_attn." not in name:
-                x = x[..., :length]
-            out.put(name, x)
+            continue
+        axis = 2 if name.endswith(("scores", "pattern")) else 1  # heads come before positions there
+        parts = [prompts[name][g : g + 1].narrow(axis, 0, T0)] + [steps[s][name][r : r + 1] for s, r in enumerate(rows)]
+        x = torch.cat(parts, dim=axis)
+        if name.endswith((".attn.scores", ".attn.pattern")) and ".cross_attn." not in name:
+            x = x[..., :length]
+        out.put(name, x)
     return out
 
 
@@ -421,6 +738,7 @@ def check_step_edits(model: Whisper, edits: Edits | None) -> None:
     """Decoder edits must act on each position alone: a step sees one position at a time."""
     if edits is None:
         return
+    step_shapes = model.shapes(batch=1, n_tokens=1)
     for name, ops in edits.ops.items():
         if name.startswith("encoder.") or name.endswith(("cross_attn.k", "cross_attn.v")):
             continue  # computed once, not per step
@@ -432,48 +750,40 @@ def check_step_edits(model: Whisper, edits: Edits | None) -> None:
                 )
             if op.kind == "mean" and op.mean is None:
                 raise ValueError(f"mean-ablation at {name!r} in generate needs mean= (the run's mean is unknown)")
-            if op.kind in ("replace", "add"):
-                pdim = position_dim(name) if name != "logits" else 1
-                rank = 4 if pdim == 2 or name.endswith(".z") else 3
-                shape = (1,) * (rank - op.value.dim()) + tuple(op.value.shape)
-                if len(shape) > rank or shape[0] != 1 or shape[pdim] != 1:
-                    raise ValueError(
-                        f"{op.kind} at {name!r} in generate needs a value without batch or position axes "
-                        f"(size 1 there), got shape {tuple(op.value.shape)}"
-                    )
+            if op.kind in ("replace", "add") and not fits(tuple(op.value.shape), step_shapes[name]):
+                raise ValueError(
+                    f"{op.kind} at {name!r} in generate needs a value that fits one position of one clip, "
+                    f"{list(step_shapes[name])} (size 1 or absent at the batch and position axes), "
+                    f"got shape {tuple(op.value.shape)}"
+                )
+
+
+def fits(value: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Does a value of shape ``value`` broadcast to ``shape`` without changing it?"""
+    try:
+        return torch.broadcast_shapes(value, shape) == shape
+    except RuntimeError:
+        return False
 
 
 # ----------------------------------------------------------------------------- generate
 
 
-def check_mel(model: Whisper, mel: Tensor) -> Tensor:
-    mel = model.check_mel(mel)  # (B, n_mels, 2 * n_audio_ctx)
-    if mel.shape[0] == 0:
-        raise ValueError("mel is an empty batch: nothing to decode")
-    return mel
-
-
-def check_audio_features(model: Whisper, xa: Tensor, rec: Recorder) -> Tensor:
-    """Validate encoder output given in place of the mel: [B, n_audio_ctx, n_audio_state] (or unbatched)."""
-    d = model.dims
-    xa = torch.as_tensor(xa)
-    if xa.dim() == 2:
-        xa = xa[None]
-    if xa.dim() != 3 or xa.shape[1:] != (d.n_audio_ctx, d.n_audio_state):
-        raise ValueError(f"audio_features must be [batch, {d.n_audio_ctx}, {d.n_audio_state}] (the encoder's "
-                         f"output) for this model, got {list(xa.shape)}")  # fmt: skip
-    if xa.shape[0] == 0:
-        raise ValueError("audio_features is an empty batch: nothing to decode")
+def checked_audio(model: Whisper, mel: Tensor | None, audio_features: Tensor | None, rec: Recorder) -> Tensor:
+    """The mel (G, n_mels, frames) or the encoder output (G, S, D) to decode, checked and on the model."""
+    if (mel is None) == (audio_features is None):
+        raise ValueError("give either mel or audio_features (the encoder's output), not both or neither")
+    if mel is not None:
+        return check_mel(mel, model.dims, model.device, model.dtype)
     e = rec.edits
-    encoder = sorted(
-        n for n in [*rec.keep, *(e.ops if e else ()), *(e.skipped if e else ())] if n.startswith("encoder.")
-    )
+    asked = [*rec.keep, *(e.ops if e else ()), *(e.skipped if e else ())]
+    encoder = sorted(n for n in asked if n.startswith("encoder."))
     if e is not None and e.window is not None:
         encoder.append("encoder local_window")
     if encoder:
         raise ValueError(f"{encoder[0]!r} is in the encoder, but audio_features skip the encoder: pass the mel "
                          "to trace or edit the encoder")  # fmt: skip
-    return xa.to(model.device, model.dtype)
+    return check_audio_features(audio_features, model.dims, model.device, model.dtype)
 
 
 @torch.no_grad()
@@ -484,7 +794,7 @@ def generate(
     audio_features: Tensor | None = None,
     beam_size: int | None = None,
     max_new_tokens: int | None = None,
-    language: str | None = None,
+    language: str | Sequence[str | None] | None = None,
     task: str = "transcribe",
     timestamps: bool = False,
     trace: TraceRequest = None,
@@ -493,8 +803,8 @@ def generate(
     length_penalty: float | None = None,
     temperature: float = 0.0,
     seed: int | None = None,
-    prompt: str | Sequence[int] | None = None,
-    prefix: str | Sequence[int] | None = None,
+    prompt: Prompt | Sequence[Prompt] = None,
+    prefix: Prompt = None,
     suppress_tokens: str | Iterable[int] | None = "-1",
     suppress_blank: bool = True,
     max_initial_timestamp: float | None = 1.0,
@@ -504,193 +814,45 @@ def generate(
 
     audio_features: instead of ``mel``, the encoder's output [B, n_audio_ctx, n_audio_state] (as
         openai-whisper's decode accepts): decoding starts from it and the encoder does not run.
-
     beam_size: None for greedy (or sampling when temperature > 0), else beam search with that many beams.
     max_new_tokens: the most tokens to sample (default 224 = half the official 448-token context, as
         openai-whisper; for a model with a smaller context, what its context has left after the prompt).
-    language: a code or name; None detects it per clip (multilingual models) from the sot position.
+    language: a code or name; None detects it per clip (multilingual models) from the sot position;
+        or a list with one entry per clip (None entries detected).
     task: "transcribe" or "translate" (into English). timestamps: write segment timestamps.
     trace / edits: record activations (as ``model.run``) / apply interventions at every step.
     patience, length_penalty: beam search's stopping and ranking rules (openai-whisper's meaning).
     temperature, seed: sample from softmax(logits / temperature), reproducibly with a seed.
-    prompt: previous text (str or token ids) after <|startofprev|>. prefix: forced start of the transcript.
+    prompt: previous text (str or token ids) after <|startofprev|>, for every clip, or a list with one
+        per clip (None: no prompt for that clip). prefix: forced start of the transcript.
     suppress_tokens: ids or "1,2,3"; "-1" adds the non-speech symbols. suppress_blank: no blank first token.
     max_initial_timestamp: latest first timestamp in seconds (None: any). compile: torch.compile the step.
     Returns one ``DecodingResult`` per clip.
     """
-    if beam_size is not None and (not isinstance(beam_size, int) or beam_size < 1):
-        raise ValueError(f"beam_size must be a positive int or None, got {beam_size!r}")
-    if beam_size is not None and temperature > 0:
-        raise ValueError("beam search is deterministic: give beam_size or temperature > 0, not both")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if patience is not None and beam_size is None:
-        raise ValueError("patience only applies to beam search: give beam_size too")
-    if patience is not None and patience <= 0:
-        raise ValueError(f"patience must be > 0, got {patience}")
-    if length_penalty is not None and not 0 <= length_penalty <= 1:
-        raise ValueError(f"length_penalty (alpha) must be between 0 and 1, got {length_penalty}")
-    plan = make_plan(model, max_new_tokens=max_new_tokens, language=language, task=task, timestamps=timestamps,
-                     prompt=prompt, prefix=prefix, suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
-                     max_initial_timestamp=max_initial_timestamp)  # fmt: skip
-    if (mel is None) == (audio_features is None):
-        raise ValueError("give either mel or audio_features (the encoder's output), not both or neither")
+    options = DecodingOptions(
+        beam_size=beam_size, patience=patience, length_penalty=length_penalty, temperature=temperature, seed=seed,
+        max_new_tokens=max_new_tokens, language=language, task=task, timestamps=timestamps, prompt=prompt,
+        prefix=prefix, suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
+        max_initial_timestamp=max_initial_timestamp, compile=compile,
+    )  # fmt: skip
     rec = model.recorder(trace, edits)
     check_step_edits(model, edits)
-    tok, dev = model.tokenizer, model.device
-    # 1. the audio, once: encoder output and every layer's cross-attention keys/values
-    if audio_features is None:
-        xa = model.encoder(check_mel(model, mel), rec.child("encoder"))  # (G, S, D)
-    else:
-        xa = check_audio_features(model, audio_features, rec)  # (G, S, D)
-    G, T0 = xa.shape[0], len(plan.initial)
-    cache = model.decoder.new_cache(xa, rec.child("decoder"), length=T0 + plan.max_new)  # self k/v (L, G, H, T, Dh)
-    K = beam_size or 1
-    N = G * K
-    capacity = round(K * (patience or 1.0)) if beam_size is not None else 0
-    if beam_size is not None and capacity < 1:
-        raise ValueError(f"beam_size {beam_size} with patience {patience} keeps no finished sequence")
-    tracing = bool(rec.keep)
-
-    def step_recorder() -> Recorder:
-        return Recorder(rec.keep, edits, Trace()) if rec.active else IDLE
-
-    def forward(tokens: Tensor, pos: Tensor, r: Recorder, c: KVCache) -> Tensor:
-        return r("logits", model.decoder(tokens, r.child("decoder"), cache=c, pos=pos))  # (N, t, V)
-
-    # oneDNN copies of the weights for N-row steps on the CPU, dropped after (torch.compile traces the plain ones)
-    with packed_weights(model.decoder, N) if not compile else contextlib.nullcontext():
-        # 2. language identification: the distribution at sot (alone, at position 0) over language tokens
-        initial = torch.tensor(plan.initial, device=dev).repeat(G, 1)  # (G, T0)
-        languages, language_probs = [plan.language] * G, None
-        if plan.detect_language:
-            er = Recorder(frozenset(), edits, None) if edits else IDLE
-            logits = forward(torch.full((G, 1), tok.sot, device=dev), torch.zeros(1, dtype=torch.long, device=dev), er,
-                             cache)[:, 0]  # fmt: skip
-            lang_ids = torch.tensor(tok.all_language_tokens, device=dev)
-            probs = logits[:, lang_ids].float().softmax(dim=-1)  # (G, n_languages)
-            initial[:, plan.sot_index + 1] = lang_ids[probs.argmax(dim=-1)]
-            host = probs.cpu().tolist()
-            language_probs = [dict(zip(tok.all_language_codes, p, strict=True)) for p in host]
-            languages = [tok.all_language_codes[int(np.argmax(p))] for p in host]
-
-        # 3. the prompt in one pass; no_speech_prob is read at sot
-        r0 = step_recorder()
-        logits = forward(initial, torch.arange(T0, device=dev), r0, cache)  # (G, T0, V)
-        no_speech = logits[:, plan.sot_index].float().softmax(dim=-1)[:, tok.no_speech].tolist()
-        last = logits[:, -1]  # (G, V)
-        steps = [r0.trace] if tracing else []
-        if K > 1:  # every beam starts as the clip's prompt
-            cache = KVCache(
-                *(x.repeat_interleave(K, dim=1) for x in (cache.k, cache.vt, cache.cross_k, cache.cross_vt))
-            )
-            last = last.repeat_interleave(K, dim=0)  # (N, V)
-
-        s = new_search(N, G, model.dims.n_text_ctx, plan, beam_size, capacity, dev)
-        s.tokens[:, :T0] = initial.repeat_interleave(K, dim=0)
-        vocab = torch.arange(model.dims.n_vocab, device=dev)
-        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-        check_every = 1 if dev.type == "cpu" else CUDA_CHECK_EVERY
-
-        def plain_step(tokens: Tensor, pos: Tensor) -> Tensor:
-            return model.decoder(tokens, IDLE, cache=cache, pos=pos)  # (N, 1, V)
-
-        fast_step = torch.compile(plain_step, dynamic=False) if compile and not rec.active else plain_step
-
-        # 4. one token per step
-        n_sel = 0
-        for i in range(plan.max_new):
-            cur = T0 + i
-            # the filters write in place: into a copy when the step's logits are kept in a trace
-            filtered = filter_logits(last.to(torch.float32, copy=tracing), s.tokens, cur, plan, tok, vocab)  # (N, V)
-            if beam_size is None:
-                src = select_greedy(s, filtered, i, cur, tok.eot, temperature, gen)
-            else:
-                src = select_beams(s, filtered, i, cur, tok.eot, beam_size, capacity)
-                cache.k[:, :, :, :cur] = cache.k[:, :, :, :cur].index_select(1, src)  # the beams' histories follow them
-                cache.vt[..., :cur] = cache.vt[..., :cur].index_select(1, src)
-            n_sel = i + 1
-            finished = (i + 1) % check_every == 0 and bool(s.done.all())
-            if (finished or n_sel == plan.max_new) and not tracing:
-                break
-            pos = torch.full((1,), cur, dtype=torch.long, device=dev)
-            if rec.active:
-                r = step_recorder()
-                last = forward(s.tokens[:, cur : cur + 1], pos, r, cache)[:, 0]  # (N, V)
-                if tracing:
-                    steps.append(r.trace)
-            else:
-                last = fast_step(s.tokens[:, cur : cur + 1], pos)[:, 0]  # (N, V)
-            if finished or n_sel == plan.max_new:  # the last step only recorded the final token's activations
-                break
-
-    return finish(model, plan, s, rec, steps, beam_size, capacity, length_penalty, n_sel, languages,
-                  language_probs, no_speech, temperature, edits)  # fmt: skip
-
-
-def finish(model, plan, s, rec, steps, beam_size, capacity, length_penalty, n_sel, languages, language_probs,
-           no_speech, temperature, edits) -> list[DecodingResult]:  # fmt: skip
-    """Bring the search state to the host once and build each clip's result (openai-whisper's final ranking)."""
-    tok, T0 = model.tokenizer, len(plan.initial)
-    hist_tok, hist_src = s.hist_tok[:n_sel].cpu().tolist(), s.hist_src[:n_sel].cpu().tolist()
-    sums, done_at = s.sum_logprobs.cpu(), s.done_at.cpu().tolist()
-    G = len(no_speech)
-    K = beam_size or 1
-
-    def ancestry(row: int, time: int) -> tuple[list[int], list[int]]:
-        """The sampled tokens of the sequence in ``row`` after ``time`` selections, and its row at each time."""
-        tokens, rows = [], [row]
-        for t in range(time - 1, -1, -1):
-            tokens.append(hist_tok[t][row])
-            row = hist_src[t][row]
-            rows.append(row)
-        return tokens[::-1], rows[::-1][1:]  # rows[s - 1] = the row at time s, s = 1..time
-
-    order = [n for n in model.names() if n in rec.keep]
-    skipped = {f"decoder.blocks.{i}." for i in range(model.dims.n_text_layer) if rec.skips(f"decoder.blocks.{i}")}
-    order = [n for n in order if not any(n.startswith(p) and not n.endswith(("resid_pre", "resid_post"))
-                                         for p in skipped)]  # fmt: skip
-    results = []
-    for g in range(G):
-        if beam_size is None:
-            row = g
-            time = min(done_at[row], n_sel)
-            cands = [(row, time, float(sums[row]))]
-        else:
-            n = int(s.n_fin[g])
-            fin_row, fin_time, fin_score = s.fin_row[g, :n].tolist(), s.fin_time[g, :n].tolist(), s.fin_score[g, :n]
-            cands = [(fin_row[c], fin_time[c], float(fin_score[c])) for c in range(n)]
-            if len(cands) < beam_size:  # not enough finished: the live beams, best first, with an EOT added
-                rows = range(g * K, (g + 1) * K)
-                time = min(done_at[g * K], n_sel)
-                for j in np.argsort(sums[g * K : (g + 1) * K].numpy())[::-1]:
-                    cands.append((rows[j], time, float(sums[rows[j]])))
-                    if len(cands) >= beam_size:
-                        break
-        seqs = [ancestry(row, time) for row, time, _ in cands]
-
-        scores = [
-            rank_score(sum_lp, len(toks), length_penalty) for (_, _, sum_lp), (toks, _) in zip(cands, seqs, strict=True)
-        ]
-        best = int(np.argmax(scores))  # the first of equals
-        (row, time, sum_lp), (tokens, rows) = cands[best], seqs[best]
-        text = tok.decode(tokens).strip()
-        result_trace = None
-        if rec.keep:
-            result_trace = stitch_trace(order, rec.trace, steps, g, rows, T0 + len(tokens))
-        results.append(DecodingResult(
-            tokens=tokens, text=text, language=languages[g],
-            language_probs=language_probs[g] if language_probs else None,
-            avg_logprob=sum_lp / (len(tokens) + 1), sum_logprob=sum_lp, no_speech_prob=no_speech[g],
-            compression_ratio=compression_ratio(text), temperature=temperature, trace=result_trace,
-        ))  # fmt: skip
-    return results
-
-
-def rank_score(sum_logprob: float, length: int, length_penalty: float | None) -> float:
-    """How candidates are ranked: log-probability per token, or over Google NMT's ((5 + length) / 6) ** alpha."""
-    penalty = length if length_penalty is None else ((5 + length) / 6) ** length_penalty
-    return sum_logprob / max(penalty, 1e-9)
+    audio = checked_audio(model, mel, audio_features, rec)  # (G, n_mels, frames) or (G, S, D)
+    plan = make_plan(model, options, n_clips=audio.shape[0])
+    xa = model.encoder(audio, rec.child("encoder")) if mel is not None else audio  # (G, S, D)
+    d = prefill(model, plan, options, xa, rec)
+    forward = step_function(d)
+    check_every = 1 if xa.device.type == "cpu" else CUDA_CHECK_EVERY
+    steps = d.search.tokens.shape[1]
+    for i in range(steps):
+        select(d, i)
+        finished = i + 1 == steps or ((i + 1) % check_every == 0 and bool(d.search.done.all()))
+        if finished and not d.tracing:
+            break
+        step(d, i, forward)
+        if finished:  # the last step only recorded the final token's activations
+            break
+    return finish(d, n_sel=i + 1)
 
 
 def segments(

@@ -3,45 +3,91 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from .inputs import check_mel
 from .trace import Edits
 
-
-def edit_distance(ref: Sequence, hyp: Sequence) -> int:
-    """Levenshtein distance: the fewest insertions, deletions and substitutions turning ``ref`` into ``hyp``."""
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i]
-        for j, h in enumerate(hyp, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h)))
-        prev = cur
-    return prev[-1]
+NORMALIZERS = ("english", "basic", None)  # the ``normalize=`` choices: Whisper's English one, its basic one, raw
 
 
-def _rate(refs: Sequence[Sequence], hyps: Sequence[Sequence], what: str) -> float:
-    if len(refs) != len(hyps):
-        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
-    total = sum(len(r) for r in refs)
-    if total == 0:
-        raise ValueError(f"the reference is empty: a {what} error rate needs at least one reference {what}")
-    return sum(edit_distance(r, h) for r, h in zip(refs, hyps, strict=True)) / total
+def text_normalizer(normalize: str | None) -> Callable[[str], str]:
+    """Whisper's text normalisation by name, as used in OpenAI's evaluations (from ``whisper-normalizer``).
+
+    - ``"english"``: ``EnglishTextNormalizer``: lower case, punctuation and filler words ("hmm", "uh")
+      removed, titles spelt out ("Mr." -> "mister"), British spellings American, numbers as digits
+      ("ten" -> "10"). Use it for English.
+    - ``"basic"``: ``BasicTextNormalizer``: lower case, punctuation and bracketed text removed; for
+      other languages, where the English rules do not apply.
+    - ``None``: the raw strings (only runs of whitespace split words): case and punctuation count.
+    """
+    if not isinstance(normalize, str | None) or normalize not in NORMALIZERS:
+        raise ValueError(f"normalize must be one of {NORMALIZERS}, got {normalize!r}")
+    return _load_normalizer(normalize)
 
 
-def wer(ref: str | Sequence[str], hyp: str | Sequence[str]) -> float:
-    """Word error rate: word edit distance over the number of reference words (corpus-level for lists)."""
-    refs, hyps = ([ref], [hyp]) if isinstance(ref, str) else (ref, hyp)
-    return _rate([r.split() for r in refs], [h.split() for h in hyps], "word")
+@functools.cache
+def _load_normalizer(normalize: str | None) -> Callable[[str], str]:
+    if normalize == "english":
+        from whisper_normalizer.english import EnglishTextNormalizer
+
+        return EnglishTextNormalizer()
+    if normalize == "basic":
+        from whisper_normalizer.basic import BasicTextNormalizer
+
+        return BasicTextNormalizer()
+    return str
 
 
-def cer(ref: str | Sequence[str], hyp: str | Sequence[str]) -> float:
-    """Character error rate: character edit distance over the number of reference characters."""
-    refs, hyps = ([ref], [hyp]) if isinstance(ref, str) else (ref, hyp)
-    return _rate(list(refs), list(hyps), "character")
+def _normalized(ref, hyp, normalize: str | None) -> tuple[list[str], list[str]]:
+    """References and hypotheses as equal-length lists of normalised strings; no reference may be empty."""
+    single = isinstance(ref, str)
+    refs = [ref] if single else list(ref)
+    hyps = [hyp] if isinstance(hyp, str) else list(hyp)
+    if isinstance(hyp, str) != single or len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} reference(s) but {len(hyps)} hypothesis(es): give two strings or two "
+                         "lists of one length")  # fmt: skip
+    norm = text_normalizer(normalize)
+    refs, hyps = [" ".join(norm(r).split()) for r in refs], [" ".join(norm(h).split()) for h in hyps]
+    empty = [i for i, r in enumerate(refs) if not r]
+    if empty:
+        how = "raw" if normalize is None else f"after {normalize} normalisation"
+        raise ValueError(f"reference {empty[0]} is empty ({how}): an error rate needs words to compare against")
+    return refs, hyps
+
+
+def wer(ref: str | Sequence[str], hyp: str | Sequence[str], normalize: str | None = "english") -> float:
+    """Word error rate: (substitutions + deletions + insertions) / reference words, after ``normalize``.
+
+    With Whisper's English normalisation (the default) "And Mr. Dashwood," and "and mister dashwood"
+    are the same three words; ``normalize=None`` compares raw strings. Lists are scored corpus-level:
+    the errors of every pair over the words of every reference (``jiwer``). Above 1 when the hypothesis
+    inserts more words than the reference has (a hallucinated loop).
+    """
+    import jiwer
+
+    refs, hyps = _normalized(ref, hyp, normalize)
+    return float(jiwer.wer(refs, hyps))
+
+
+def cer(ref: str | Sequence[str], hyp: str | Sequence[str], normalize: str | None = "english") -> float:
+    """Character error rate: character edits over reference characters (spaces count), after ``normalize``."""
+    import jiwer
+
+    refs, hyps = _normalized(ref, hyp, normalize)
+    return float(jiwer.cer(refs, hyps))
+
+
+def require_tokenizer(model) -> None:
+    """The experiments read and write text: a model without a tokenizer is refused with a way out."""
+    if model.tokenizer is None:
+        raise ValueError("this model has no tokenizer, and the experiments read its transcripts: load it with "
+                         "load_model(source, tokenizer=a .tiktoken file or an HF folder with vocab.json)")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- hallucination metrics
@@ -105,41 +151,92 @@ def removal_sweep(
     removals: Sequence[Sequence[int]] | None = None,
     seconds: Sequence[float] | None = None,
     max_new_tokens: int | None = None,
+    normalize: str | None = "english",
 ) -> list[dict]:
     """Decode every clip with blocks of ``stack`` removed; one row per (removal, clip).
 
     ``removals``: the block sets to remove; default the last k blocks for k = 0..L. All clips of a
     removal are decoded in one batch (the same edit for the whole batch). Error rates are against
-    ``references`` or, when none are given, against the full model's own transcripts.
+    ``references`` or, when none are given, against the full model's own transcripts, after
+    ``normalize`` (see ``text_normalizer``). Rows: stack, removed (how many blocks), blocks_removed,
+    clip, text, wer, cer, avg_logprob, no_speech_prob, n_tokens and ``hallucination_metrics``.
+
+    The encoder runs as few times as the sweep allows: once for a decoder sweep (every setting
+    decodes from the same audio features), and once for every encoder removal that cuts the last
+    k blocks: the stream entering block L-k, recorded in one pass, is what the encoder gives with
+    those blocks skipped, once ``ln_post`` is applied. Other block sets run the encoder with
+    ``Edits().skip``. The transcripts are those of ``generate(mel, edits=Edits().skip(stack, blocks))``.
     """
     if stack not in ("encoder", "decoder"):
         raise ValueError(f"stack must be 'encoder' or 'decoder', got {stack!r}")
     L = model.dims.n_audio_layer if stack == "encoder" else model.dims.n_text_layer
     if removals is None:
         removals = [list(range(L - k, L)) for k in range(L + 1)]
+    removals = [sorted({int(i) for i in r}) for r in removals]
     for r in removals:
         bad = [i for i in r if not 0 <= i < L]
         if bad:
             raise IndexError(f"{stack} blocks {bad} out of range: the {stack} has {L} blocks (0-{L - 1})")
+    mel = check_mel(mel, model.dims, model.device, model.dtype)  # (B, n_mels, frames)
     B = mel.shape[0]
     seconds = list(seconds) if seconds is not None else [30.0 * model.dims.n_audio_ctx / 1500] * B
     if references is not None and len(references) != B:
         raise ValueError(f"{len(references)} references for {B} clips")
-    if references is None:
-        references = [r.text.strip() for r in model.generate(mel, max_new_tokens=max_new_tokens)]
-    if any(not r.strip() for r in references):
+    if references is not None and any(not r.strip() for r in references):
         raise ValueError("a reference transcript is empty: error rates need words to compare against")
+    text_normalizer(normalize)  # a bad choice fails before any decoding
+    require_tokenizer(model)
+    encodings = _encodings(model, mel, stack, removals)
+    outputs = [_decode_removed(model, mel, stack, removed, encodings, max_new_tokens) for removed in removals]
+    if references is None:
+        full = outputs[removals.index([])] if [] in removals else model.generate(mel, max_new_tokens=max_new_tokens)
+        references = [r.text.strip() for r in full]
+        norm = text_normalizer(normalize)
+        empty = [i for i, r in enumerate(references) if not norm(r).strip()]
+        if empty:
+            raise ValueError(f"the full model writes no words for clip {empty[0]}, so there is nothing to compare the "
+                             "removals with: give references, or leave the clip out")  # fmt: skip
     rows = []
-    for removed in removals:
-        edits = Edits().skip(stack, list(removed)) if removed else None
-        results = model.generate(mel, edits=edits, max_new_tokens=max_new_tokens)
+    for removed, results in zip(removals, outputs, strict=True):
         for i, (res, ref) in enumerate(zip(results, references, strict=True)):
             text = res.text.strip()
             row = {"stack": stack, "removed": len(removed), "blocks_removed": " ".join(map(str, removed)),
-                   "clip": i, "text": text, "wer": wer(ref, text), "cer": cer(ref, text),
-                   "avg_logprob": res.avg_logprob}  # fmt: skip
+                   "clip": i, "text": text, "wer": wer(ref, text, normalize), "cer": cer(ref, text, normalize),
+                   "avg_logprob": res.avg_logprob, "no_speech_prob": res.no_speech_prob,
+                   "n_tokens": len(res.tokens)}  # fmt: skip
             rows.append(row | hallucination_metrics(text, res.tokens, seconds[i]))
     return rows
+
+
+def _encodings(model, mel, stack: str, removals: Sequence[Sequence[int]]) -> dict:
+    """Audio features shared by the settings of a sweep, by the number of encoder blocks kept.
+
+    A decoder sweep needs the full encoder's output only. An encoder sweep needs, for each removal
+    of the last k blocks, ``ln_post`` of the stream entering block L-k (``encoder.embed`` for k = L),
+    all recorded in one pass; other removals are left out and run the encoder themselves.
+    """
+    L = model.dims.n_audio_layer
+    if stack == "decoder":
+        kept = [L]
+    else:
+        kept = sorted({L - len(r) for r in removals if list(r) == list(range(L - len(r), L))})
+    names = {k: "encoder.embed" if k == 0 else f"encoder.blocks.{k - 1}.resid_post" for k in kept}
+    sot = torch.full((mel.shape[0], 1), model.tokenizer.sot)  # (B, 1): the decoder's pass is not used
+    with torch.no_grad():
+        trace = model.run(mel, sot, trace=sorted(set(names.values()))).trace
+        return {k: model.encoder.ln_post(trace[name]) for k, name in names.items()}  # each (B, S, D)
+
+
+def _decode_removed(model, mel, stack: str, removed: list[int], encodings: dict, max_new_tokens: int | None):
+    """``generate`` with ``removed`` blocks of ``stack`` skipped, from shared audio features where there are some."""
+    L = model.dims.n_audio_layer
+    edits = Edits().skip(stack, removed) if removed else None
+    if stack == "decoder":
+        return model.generate(audio_features=encodings[L], edits=edits, max_new_tokens=max_new_tokens)
+    kept = L - len(removed)
+    if removed == list(range(kept, L)):
+        return model.generate(audio_features=encodings[kept], max_new_tokens=max_new_tokens)
+    return model.generate(mel, edits=edits, max_new_tokens=max_new_tokens)
 
 
 def summarize(rows: Sequence[dict], by: str, columns: Sequence[str]) -> list[dict]:

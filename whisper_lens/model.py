@@ -7,33 +7,35 @@ residual blocks). The decoder reads text tokens, attends to itself causally and 
 through cross-attention, and predicts the next token with the token embedding matrix reused
 as the unembedding.
 
-Reading guide. Shapes use B batch, S audio positions (``n_audio_ctx``), T text positions,
-D width, H heads, Dh = D / H, V vocabulary. Every ``rec("name", x)`` is a named point: the
-recorder (``trace.py``) applies edits there and keeps the value if it was asked for; with no
-trace and no edits it returns ``x`` unchanged. Module and parameter names are OpenAI's
+Reading guide. Shapes use B batch, S positions attended over (``n_audio_ctx`` for the audio), T
+text positions, D width, H heads, Dh = D / H, V vocabulary. Every ``rec("name", x)`` is a named
+point: the recorder (``trace.py``) applies edits there and keeps the value if it was asked for;
+with no trace and no edits it returns ``x`` unchanged. Module and parameter names are OpenAI's
 state-dict keys, so an OpenAI checkpoint loads as is.
 
-Attention runs the fused ``scaled_dot_product_attention`` unless a layer's ``scores`` or
-``pattern`` is asked for (recorded or edited); then that layer computes softmax(q k^T / sqrt(Dh))
-by hand and z = pattern @ v: the same numbers up to float rounding (~1e-7). A decoding step,
-whose cache keeps the values transposed, runs ``attend_cached`` instead (same numbers again). Every projection
-(``Linear``) and the unembedding go through ``linear``: ``F.linear``, except that the few-row
-products of a decoding step on CPU are laid out so that MKL reads the weights on all threads,
-or, while ``packed_weights`` holds blocked copies of them for a batch, run in oneDNN.
+Attention is in ``Attention.forward``: the fused ``scaled_dot_product_attention``, or, where a
+layer's ``scores`` or ``pattern`` is asked for, softmax(q k^T / sqrt(Dh)) written out (the same
+numbers up to float rounding, ~1e-7). Every projection is ``ops.linear(x, layer)``: x @ W^T + b,
+computed by the ``Kernels`` passed down (``kernels.py``: layouts that are faster on the CPU, the
+same numbers). Inside ``with whisper_lens.kernels.textbook():`` every product is plain
+``F.linear`` and every attention SDPA, for stepping through in a debugger. While decoding, keys and
+values live in a ``KVCache`` made per ``generate`` call (``decoding.py``); nothing is stored on
+the modules.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import decoding, transcribe
+from .inputs import check_mel, check_tokens
+from .kernels import DEFAULT, Kernels, KVCache
 from .trace import IDLE, Edits, Recorder, Trace, TraceRequest, select_names
 
 
@@ -54,7 +56,7 @@ class ModelDims:
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelDims.{name} must be a positive int, got {value!r}")
         if self.n_audio_state % self.n_audio_head or self.n_text_state % self.n_text_head:
             raise ValueError(f"widths must divide by head counts: {self}")
@@ -75,180 +77,86 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in at least fp32 whatever the activations' dtype (as OpenAI's, for fp16 stability)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == self.weight.dtype == torch.float32:  # the common case, without three no-op casts
+        if x.dtype == self.weight.dtype == torch.float32:  # the common case, without four no-op casts per call
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        t = torch.promote_types(x.dtype, torch.float32)
-        y = F.layer_norm(x.to(t), self.normalized_shape, self.weight.to(t), self.bias.to(t), self.eps)
-        return y.to(x.dtype)
-
-
-# oneDNN's linear product (a private torch op, the one torch.compile's CPU backend emits), where this build has it
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# the most rows a decoding step multiplies (batch x beams); more rows are compute-bound, fewer memory-bound
-STEP_ROWS = 64
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Tensor | None = None) -> Tensor:
-    """x @ W^T + b for x (..., in) and W (out, in), as ``F.linear``; laid out for the CPU by the number of rows.
-
-    A decoding step multiplies 1 to 64 rows by every weight, and its cost is reading W from
-    memory. Written x @ W^T, MKL reads W for so few rows far below the memory bandwidth; written
-    (W @ x^T)^T, the same product runs up to several times faster. One row is a matrix-vector
-    product that MKL keeps on one core whatever the layout, so W is viewed (no copy) as n blocks
-    of output features, a batch of n products for n threads; where ``out`` does not split (the
-    vocabulary is odd) the row is padded with a zero row instead. ``packed``: oneDNN's blocked
-    copy of W (``packed_weights``: CPU, fp32, no autograd, while a batch decodes); the rows then
-    run in oneDNN with no further checks, faster still (8 rows: 1.6-1.7x for the unembedding,
-    1.05-1.3x for a D x D projection, on the AMD CPU of ``benchmarks/bench_products.py``). More
-    than 64 rows (the encoder, a teacher-forced pass) are compute-bound and run in oneDNN too
-    (~10-20 % faster than MKL there), unless autograd needs the product. Same numbers up to float
-    rounding. Other inputs (not fp32, not on the CPU) take ``F.linear``.
-    """
-    out_features, in_features = weight.shape
-    if packed is not None and x.dtype == torch.float32 and x.shape[-1] == in_features:  # a step, checked no further
-        return onednn_linear(x, packed, bias)
-    rows = x.numel() // in_features
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[-1] != in_features or rows == 0:
-        return F.linear(x, weight, bias)
-    if rows > STEP_ROWS:
-        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-        return F.linear(x, weight, bias) if grad or not ONEDNN else onednn_linear(x, weight, bias)
-    n = math.gcd(out_features, torch.get_num_threads())
-    if rows == 1 and n > 1 and weight.is_contiguous():
-        w = weight.view(n, out_features // n, in_features)  # (n, out/n, in)
-        xt = x.reshape(1, in_features).T.expand(n, in_features, 1)  # (n, in, 1)
-        b = None if bias is None else bias.view(n, out_features // n, 1)
-        y = torch.bmm(w, xt) if b is None else torch.baddbmm(b, w, xt)  # (n, out/n, 1)
-    else:
-        x2 = x.reshape(rows, in_features)  # (rows, in)
-        if rows == 1:
-            x2 = F.pad(x2, (0, 0, 0, 1))  # (2, in)
-        y = weight @ x2.T if bias is None else torch.addmm(bias[:, None], weight, x2.T)  # (out, rows or 2)
-    y = y.reshape(out_features, -1)[:, :rows].T.contiguous()  # (rows, out)
-    return y.view(*x.shape[:-1], out_features)  # (..., out)
-
-
-def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x @ W^T + b in oneDNN, W plain (out, in) or packed by ``packed_weights``. No gradient flows through it."""
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")  # (rows, out)
-    return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
-
-
-def onednn_pack(weight: Tensor, rows: int) -> Tensor:
-    """oneDNN's blocked copy of W (out, in) for ``onednn_linear`` of ``rows``-row inputs (CPU, fp32, no gradient)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` computed by ``linear``: the same parameters and numbers, faster for a decoding step on CPU.
-
-    ``packed`` is None except while ``packed_weights`` holds oneDNN's copy of the weight.
-    """
-
-    packed: Tensor | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
-
-
-@dataclass
-class KVCache:
-    """Static key/value buffers for incremental decoding: one fixed shape for a whole generation.
-
-    Self-attention keys/values of every decoder layer are written at the positions of each
-    step (``index_copy_``); the cross-attention keys/values of the audio are computed once.
-    Values are stored transposed, (Dh, positions) per head: a step reads its few queries'
-    attention as K q^T and V^T p^T (``attend_cached``), and both products then read their big
-    operand row by row, in storage order. ``vt[i].mT`` is layer i's values as (B, H, length, Dh).
-    """
-
-    k: Tensor  # (L, B, H, length, Dh), length <= n_text_ctx
-    vt: Tensor  # (L, B, H, Dh, length)
-    cross_k: Tensor  # (L, B, H, S, Dh)
-    cross_vt: Tensor  # (L, B, H, Dh, S)
-
-
-def attend_cached(q: Tensor, k: Tensor, vt: Tensor, mask: Tensor | None) -> Tensor:
-    """softmax(q k^T / sqrt(Dh)) v for a decoding step: a few queries q (B, H, T, Dh) over cached
-    keys k (B, H, S, Dh) and values stored transposed, vt (B, H, Dh, S); (B, H, T, Dh).
-
-    Written as k q^T and vt p^T, each product streams its big operand (S rows of k, Dh rows of
-    vt) in storage order. For one query on the CPU this is memory-bound and reads k and v
-    1.4x-1.9x as fast as the fused kernel (``benchmarks/bench_products.py``); at batch 8 a step's
-    cross-attention, which reads every layer's audio keys/values, is its largest cost. The scale
-    and the mask ride in the first product (``baddbmm``: bias + alpha k q^T), and the products run
-    on (B*H)-batched views: at most four kernels per attention, and for one query no copies.
-    """
-    B, H, T, Dh = q.shape
-    S = k.shape[2]
-    zero = q.new_zeros(())
-    bias = zero if mask is None else torch.where(mask.mT, zero, float("-inf"))  # (S, T): -inf where hidden
-    scores = torch.baddbmm(bias, k.reshape(B * H, S, Dh), q.reshape(B * H, T, Dh).mT, alpha=Dh**-0.5).mT  # (BH, T, S)
-    p = scores.float().softmax(dim=-1).to(q.dtype)  # (BH, T, S)
-    z = torch.bmm(vt.reshape(B * H, Dh, S), p.mT)  # (BH, Dh, T)
-    return z.view(B, H, Dh, T).mT  # (B, H, T, Dh)
+        t = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 -> fp32; fp64 stays
+        return F.layer_norm(x.to(t), self.normalized_shape, self.weight.to(t), self.bias.to(t), self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
-    """Multi-head attention. Keys/values are computed by the caller (``kv``) so caches stay visible."""
+    """Multi-head attention: queries from the residual stream, keys and values from it (self) or the audio (cross)."""
 
     def __init__(self, n_state: int, n_head: int) -> None:
         super().__init__()
         self.n_head = n_head
-        self.query = Linear(n_state, n_state)
-        self.key = Linear(n_state, n_state, bias=False)
-        self.value = Linear(n_state, n_state)
-        self.out = Linear(n_state, n_state)
+        self.query = nn.Linear(n_state, n_state)
+        self.key = nn.Linear(n_state, n_state, bias=False)
+        self.value = nn.Linear(n_state, n_state)
+        self.out = nn.Linear(n_state, n_state)
 
     def heads(self, x: Tensor) -> Tensor:
-        """(B, T, D) -> (B, H, T, Dh)."""
-        B, T, D = x.shape
-        return x.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
+        """(B, T, D) -> (B, T, H, Dh): a projection viewed per head."""
+        return x.unflatten(-1, (self.n_head, -1))
 
-    def kv(self, x: Tensor, rec: Recorder) -> tuple[Tensor, Tensor]:
-        """Per-head keys and values of the sequence ``x`` (B, S, D) that the queries will attend to."""
-        k = rec("k", self.heads(self.key(x)))  # (B, H, S, Dh)
-        v = rec("v", self.heads(self.value(x)))  # (B, H, S, Dh)
+    def kv(self, x: Tensor, rec: Recorder, ops: Kernels) -> tuple[Tensor, Tensor]:
+        """Per-head keys and values of the sequence ``x`` (B, S, D) that the queries attend over."""
+        k = rec("k", self.heads(ops.linear(x, self.key)))  # (B, S, H, Dh)
+        v = rec("v", self.heads(ops.linear(x, self.value)))  # (B, S, H, Dh)
         return k, v
 
-    def pattern(self, q: Tensor, k: Tensor, rec: Recorder, mask: Tensor | None, causal: bool) -> Tensor:
-        """softmax(q k^T / sqrt(Dh)) written out, recording ``scores`` and ``pattern``: (B, H, T, S).
+    def forward(self, x: Tensor, rec: Recorder, ops: Kernels, *, xa: Tensor | None = None, mask: Tensor | None = None,
+                cache: KVCache | None = None, pos: Tensor | None = None) -> Tensor:  # fmt: skip
+        """Queries from ``x`` (B, T, D) attend over the keys and values of ``xa`` (B, S, D), or of ``x`` if None.
+
+        ``mask`` (T, S) or (B, 1, T, S) bool: True where a query may look (None: everywhere).
+        Decoding: the keys and values are in ``cache``. With ``pos`` (B, T), self-attention
+        first writes this step's own keys and values into it at those positions; without, the
+        cache already holds what is attended over (cross-attention: the audio's, computed once).
+        """
+        q = rec("q", self.heads(ops.linear(x, self.query))).transpose(1, 2)  # (B, H, T, Dh)
+        if cache is None:
+            k, v = self.kv(x if xa is None else xa, rec, ops)  # (B, S, H, Dh)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, Dh)
+        else:
+            if pos is not None:
+                cache.write(pos, *self.kv(x, rec, ops))
+            k, v = cache.keys(), cache.values()  # (B, H, S, Dh)
+        if rec.wants("scores") or rec.wants("pattern"):  # asked for: the attention written out
+            z = self.pattern(q, k, mask, rec) @ v  # (B, H, T, Dh)
+        elif cache is not None:  # the same, reading the cache in its storage order
+            z = cache.attend(q, mask)  # (B, H, T, Dh)
+        else:  # the fused kernel: the same numbers up to rounding, no T x S matrix in memory
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
+        z = rec("z", z.transpose(1, 2))  # (B, T, H, Dh)
+        return ops.linear(z.flatten(2), self.out)  # (B, T, D)
+
+    def pattern(self, q: Tensor, k: Tensor, mask: Tensor | None, rec: Recorder) -> Tensor:
+        """softmax(q k^T / sqrt(Dh)) for q (B, H, T, Dh), k (B, H, S, Dh), recording ``scores`` and ``pattern``.
 
         Without autograd the T x S matrix is written once and the softmax runs in place when the
         scores are not kept; with autograd (attribution through patterns) plain ops run.
         """
-        T, S = q.shape[2], k.shape[2]
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, T, S)
-        if causal:
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()  # (T, S)
+        scores = (q * q.shape[-1] ** -0.5) @ k.mT  # (B, H, T, S)
         if mask is not None:
             scores.masked_fill_(~mask, float("-inf"))
         scores = rec("scores", scores)  # (B, H, T, S)
-        if grad or rec.wants("scores") or scores.dtype != torch.float32:
-            pattern = scores.float().softmax(dim=-1).to(scores.dtype)  # (B, H, T, S)
+        if grad or rec.wants("scores") or scores.dtype != torch.float32:  # softmax in at least fp32
+            pattern = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
         else:  # the scores are not kept: their memory becomes the pattern (no second T x S buffer)
             pattern = torch.softmax(scores, dim=-1, out=scores)  # (B, H, T, S)
         return rec("pattern", pattern)  # (B, H, T, S)
 
-    def forward(
-        self, x: Tensor, k: Tensor, v: Tensor, rec: Recorder, mask: Tensor | None = None, causal: bool = False
-    ) -> Tensor:
-        """Queries from ``x`` (B, T, D) attend over ``k``, ``v`` (B, H, S, Dh).
 
-        ``mask`` (T, S) bool is True where a query may look; ``causal`` is the square lower triangle.
-        ``v`` may be the transposed view ``vt.mT`` of the decoding cache's values (``KVCache``).
-        """
-        B, T, D = x.shape
-        q = rec("q", self.heads(self.query(x)))  # (B, H, T, Dh)
-        if rec.wants("scores") or rec.wants("pattern"):  # asked for: the attention written out by hand
-            z = self.pattern(q, k, rec, mask, causal) @ v  # (B, H, T, Dh)
-        elif v.stride(-2) == 1 and not causal:  # values stored (Dh, S): a decoding step over the cache
-            z = attend_cached(q, k, v.mT, mask)  # (B, H, T, Dh)
-        else:  # the fused kernel: same numbers up to rounding, no T x S matrix in memory
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, Dh)
-        z = rec("z", z.transpose(1, 2))  # (B, T, H, Dh)
-        return self.out(z.reshape(B, T, D))  # (B, T, D)
+@dataclass(frozen=True)
+class Context:
+    """What a block reads besides the residual stream: for the encoder, a mask at most."""
+
+    mask: Tensor | None = None  # self-attention: (T, S) or (B, 1, T, S) bool, True where a query may look
+    xa: Tensor | None = None  # decoder, teacher-forced: the audio features (B, S, D) cross-attention reads
+    attn_cache: KVCache | None = None  # decoding: this layer's self-attention keys and values so far
+    cross_cache: KVCache | None = None  # decoding: this layer's keys and values of the audio
+    pos: Tensor | None = None  # decoding: positions (B or 1, T) of the step's tokens
 
 
 class ResidualBlock(nn.Module):
@@ -260,46 +168,33 @@ class ResidualBlock(nn.Module):
         self.attn_ln = LayerNorm(n_state)
         self.cross_attn = Attention(n_state, n_head) if cross_attention else None
         self.cross_attn_ln = LayerNorm(n_state) if cross_attention else None
-        self.mlp = nn.Sequential(Linear(n_state, 4 * n_state), nn.GELU(), Linear(4 * n_state, n_state))
+        self.mlp = nn.Sequential(nn.Linear(n_state, 4 * n_state), nn.GELU(), nn.Linear(4 * n_state, n_state))
         self.mlp_ln = LayerNorm(n_state)
 
-    def forward(
-        self,
-        x: Tensor,
-        rec: Recorder,
-        *,
-        mask: Tensor | None = None,
-        causal: bool = False,
-        cross_kv: tuple[Tensor, Tensor] | None = None,
-        cache_kv: tuple[Tensor, Tensor] | None = None,
-        pos: Tensor | None = None,
-    ) -> Tensor:
-        """One block on the residual stream ``x`` (B, T, D).
-
-        ``cross_kv``: the audio's keys/values for cross-attention (decoder). ``cache_kv`` and
-        ``pos``: this layer's static self-attention buffers, keys (B, H, n_ctx, Dh) and values
-        transposed (B, H, Dh, n_ctx), and the positions (T,) of ``x`` in them; the new keys/values
-        are written there and the queries attend over the whole buffer under ``mask``.
-        """
+    def forward(self, x: Tensor, rec: Recorder, ops: Kernels, ctx: Context) -> Tensor:
+        """One block on the residual stream ``x`` (B, T, D); returns its output (``resid_post``)."""
         h = self.attn_ln(x)  # (B, T, D)
-        k, v = self.attn.kv(h, rec.child("attn"))  # (B, H, T, Dh)
-        if cache_kv is not None:
-            cache_kv[0].index_copy_(2, pos, k)  # (B, H, n_ctx, Dh)
-            cache_kv[1].index_copy_(3, pos, v.mT)  # (B, H, Dh, n_ctx)
-            k, v = cache_kv[0], cache_kv[1].mT  # (B, H, n_ctx, Dh)
-        attn_out = rec("attn_out", self.attn(h, k, v, rec.child("attn"), mask=mask, causal=causal))  # (B, T, D)
-        x = rec("resid_mid", x + attn_out)  # (B, T, D)
-
+        attn_out = self.attn(h, rec.child("attn"), ops, mask=ctx.mask, cache=ctx.attn_cache, pos=ctx.pos)  # (B, T, D)
+        x = rec("resid_mid", x + rec("attn_out", attn_out))  # (B, T, D)
         if self.cross_attn is not None:
             h = self.cross_attn_ln(x)  # (B, T, D)
-            cross_out = self.cross_attn(h, *cross_kv, rec.child("cross_attn"))  # (B, T, D)
-            cross_out = rec("cross_attn_out", cross_out)
-            x = rec("resid_mid_cross", x + cross_out)  # (B, T, D)
-
-        pre = rec("mlp.pre", self.mlp[0](self.mlp_ln(x)))  # (B, T, 4D)
+            cross_out = self.cross_attn(h, rec.child("cross_attn"), ops, xa=ctx.xa, cache=ctx.cross_cache)  # (B, T, D)
+            x = rec("resid_mid_cross", x + rec("cross_attn_out", cross_out))  # (B, T, D)
+        pre = rec("mlp.pre", ops.linear(self.mlp_ln(x), self.mlp[0]))  # (B, T, 4D)
         post = rec("mlp.post", self.mlp[1](pre))  # (B, T, 4D)
-        mlp_out = rec("mlp_out", self.mlp[2](post))  # (B, T, D)
-        return rec("resid_post", x + mlp_out)  # (B, T, D)
+        mlp_out = rec("mlp_out", ops.linear(post, self.mlp[2]))  # (B, T, D)
+        return x + mlp_out  # (B, T, D)
+
+
+def run_blocks(blocks: nn.ModuleList, x: Tensor, rec: Recorder, ops: Kernels, contexts: list[Context]) -> Tensor:
+    """The residual stream ``x`` (B, T, D) through each block in turn; a skipped block passes it on unchanged."""
+    for i, (block, ctx) in enumerate(zip(blocks, contexts, strict=True)):
+        brec = rec.child(f"blocks.{i}")
+        x = brec("resid_pre", x)  # (B, T, D)
+        if not rec.skips(f"blocks.{i}"):  # Edits.skip: the residual passes through
+            x = block(x, brec, ops, ctx)  # (B, T, D)
+        x = brec("resid_post", x)  # (B, T, D)
+    return x
 
 
 class AudioEncoder(nn.Module):
@@ -313,35 +208,38 @@ class AudioEncoder(nn.Module):
         self.blocks = nn.ModuleList([ResidualBlock(n_state, n_head) for _ in range(n_layer)])
         self.ln_post = LayerNorm(n_state)
 
-    def forward(self, mel: Tensor, rec: Recorder = IDLE) -> Tensor:
+    def forward(self, mel: Tensor, rec: Recorder = IDLE, ops: Kernels = DEFAULT) -> Tensor:
         x = F.gelu(self.conv1(mel))  # (B, D, 2S)
         x = rec("conv1", x.transpose(1, 2))  # (B, 2S, D)
         x = F.gelu(self.conv2(x.transpose(1, 2)))  # (B, D, S)
         x = rec("conv2", x.transpose(1, 2))  # (B, S, D)
         x = rec("embed", (x + self.positional_embedding).to(x.dtype))  # (B, S, D)
-        S = x.shape[1]
-        for i, block in enumerate(self.blocks):
-            brec = rec.child(f"blocks.{i}")
-            x = brec("resid_pre", x)  # (B, S, D)
-            if rec.skips(f"blocks.{i}"):
-                x = brec("resid_post", x)
-                continue
-            k = rec.window(i)
-            mask = None if k is None else local_mask(S, k, x.device)  # (S, S)
-            x = block(x, brec, mask=mask)  # (B, S, D)
+        windows = [rec.window(i) for i in range(len(self.blocks))]  # Edits.local_window, per block
+        contexts = [Context(mask=None if k is None else local_mask(x.shape[1], k, x.device)) for k in windows]
+        x = run_blocks(self.blocks, x, rec, ops, contexts)  # (B, S, D)
         return rec("ln_post", self.ln_post(x))  # (B, S, D)
 
 
 def local_mask(n: int, k: int, device: torch.device) -> Tensor:
     """(n, n) bool: position i may attend to j when |i - j| <= k."""
-    idx = torch.arange(n, device=device)
-    return (idx[:, None] - idx[None, :]).abs() <= k
+    idx = torch.arange(n, device=device)  # (n,)
+    return (idx[:, None] - idx[None, :]).abs() <= k  # (n, n)
+
+
+@dataclass
+class DecoderCache:
+    """The keys and values one generation attends over, per decoder layer (``TextDecoder.new_cache``)."""
+
+    attn: list[KVCache]  # self-attention: written at each step's positions
+    cross_attn: list[KVCache]  # the audio's, computed once
+
+    def repeat_rows(self, n: int) -> DecoderCache:
+        """Each row repeated ``n`` times (row b becomes rows b*n .. b*n + n-1): every beam starts as its clip."""
+        return DecoderCache([c.repeat_rows(n) for c in self.attn], [c.repeat_rows(n) for c in self.cross_attn])
 
 
 class TextDecoder(nn.Module):
     """Tokens (B, T) and audio features (B, S, D) -> logits (B, T, V)."""
-
-    packed_unembedding: Tensor | None = None  # oneDNN's copy of token_embedding.weight, see packed_weights
 
     def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int) -> None:
         super().__init__()
@@ -350,90 +248,41 @@ class TextDecoder(nn.Module):
         self.blocks = nn.ModuleList([ResidualBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)])
         self.ln = LayerNorm(n_state)
 
-    def new_cache(self, xa: Tensor, rec: Recorder = IDLE, length: int | None = None) -> KVCache:
-        """Empty self-attention buffers for ``xa``'s batch, and the audio's cross-attention keys/values.
-
-        ``length``: the longest token sequence the buffers will hold (default ``n_text_ctx``); a
-        generation that knows its limit attends over (and allocates) only that many positions.
-        """
-        n_ctx = self.positional_embedding.shape[0]
-        if length is not None and not 0 < length <= n_ctx:
+    def new_cache(self, xa: Tensor, length: int, rec: Recorder = IDLE, ops: Kernels = DEFAULT) -> DecoderCache:
+        """Empty self-attention caches of ``length`` positions for ``xa``'s batch, and the keys and values
+        of the audio ``xa`` (B, S, D) for every layer's cross-attention, computed once."""
+        n_ctx, D = self.positional_embedding.shape
+        if not 0 < length <= n_ctx:
             raise ValueError(f"cache length must be between 1 and n_text_ctx={n_ctx}, got {length}")
-        (B, S, D), L, H = xa.shape, len(self.blocks), self.blocks[0].cross_attn.n_head
-        Dh, dtype, length = D // H, self.token_embedding.weight.dtype, length or n_ctx
-        cross_k = xa.new_empty(L, B, H, S, Dh, dtype=dtype)  # (L, B, H, S, Dh)
-        cross_vt = xa.new_empty(L, B, H, Dh, S, dtype=dtype)  # (L, B, H, Dh, S)
-        for i, block in enumerate(self.blocks):  # the audio's keys/values, once
-            k, v = block.cross_attn.kv(xa, rec.child(f"blocks.{i}.cross_attn"))  # (B, H, S, Dh)
-            cross_k[i], cross_vt[i] = k, v.mT
-        k = xa.new_zeros(L, B, H, length, Dh, dtype=dtype)  # (L, B, H, length, Dh)
-        vt = xa.new_zeros(L, B, H, Dh, length, dtype=dtype)  # (L, B, H, Dh, length)
-        return KVCache(k, vt, cross_k, cross_vt)
+        B, H = xa.shape[0], self.blocks[0].attn.n_head
+        attn = [KVCache.empty(B, H, length, D // H, like=self.positional_embedding) for _ in self.blocks]
+        cross = [KVCache.holding(*block.cross_attn.kv(xa, rec.child(f"blocks.{i}.cross_attn"), ops))
+                 for i, block in enumerate(self.blocks)]  # fmt: skip
+        return DecoderCache(attn, cross)
 
-    def forward(
-        self,
-        tokens: Tensor,
-        rec: Recorder = IDLE,
-        *,
-        xa: Tensor | None = None,
-        cache: KVCache | None = None,
-        pos: Tensor | None = None,
-    ) -> Tensor:
-        """Teacher-forced over the audio ``xa`` (B, S, D), or one incremental step through ``cache``.
+    def forward(self, tokens: Tensor, rec: Recorder = IDLE, ops: Kernels = DEFAULT, *, xa: Tensor | None = None,
+                cache: DecoderCache | None = None, pos: Tensor | None = None) -> Tensor:  # fmt: skip
+        """Logits (B, T, V) of ``tokens`` (B, T), teacher-forced over the audio ``xa`` (B, S, D), or decoding.
 
-        Incremental: ``tokens`` (B, t) sit at positions ``pos`` (t,) (a tensor, so a compiled step
-        has one fixed shape); every query attends over the whole cache, masked to positions <= its own.
+        Teacher-forced: the tokens sit at positions 0..T-1, each attending to itself and the ones
+        before. Decoding: they sit at positions ``pos`` (B, T), or (1, T) when every row is at the
+        same ones; their keys and values are written into ``cache`` there, and each query attends
+        over the whole cache masked to positions <= its own (one fixed shape for every step).
         """
         if cache is None:
-            positions, mask = torch.arange(tokens.shape[1], device=tokens.device), None  # (T,)
+            T = tokens.shape[1]
+            pos = torch.arange(T, device=tokens.device)[None]  # (1, T)
+            mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()  # (T, T)
+            contexts = [Context(mask=mask, xa=xa)] * len(self.blocks)
         else:
-            n_ctx = cache.k.shape[3]
-            positions = pos  # (T,)
-            mask = torch.arange(n_ctx, device=tokens.device)[None, :] <= pos[:, None]  # (T, n_ctx)
-        x = rec("embed", self.token_embedding(tokens) + self.positional_embedding[positions])  # (B, T, D)
-        for i, block in enumerate(self.blocks):
-            brec = rec.child(f"blocks.{i}")
-            x = brec("resid_pre", x)  # (B, T, D)
-            if rec.skips(f"blocks.{i}"):
-                x = brec("resid_post", x)
-                continue
-            if cache is None:  # teacher-forced: keys/values of the audio, and a causal square
-                cross_kv, cache_kv = block.cross_attn.kv(xa, brec.child("cross_attn")), None  # (B, H, S, Dh)
-            else:  # one step: cached audio keys/values, this layer's static buffers
-                cross_kv, cache_kv = (cache.cross_k[i], cache.cross_vt[i].mT), (cache.k[i], cache.vt[i])
-            x = block(x, brec, mask=mask, causal=cache is None, cross_kv=cross_kv, cache_kv=cache_kv, pos=pos)
+            length = cache.attn[0].keys().shape[2]
+            mask = (torch.arange(length, device=tokens.device) <= pos[..., None])[:, None]  # (B or 1, 1, T, length)
+            contexts = [Context(mask=mask, attn_cache=a, cross_cache=c, pos=pos)
+                        for a, c in zip(cache.attn, cache.cross_attn, strict=True)]  # fmt: skip
+        x = rec("embed", self.token_embedding(tokens) + self.positional_embedding[pos])  # (B, T, D)
+        x = run_blocks(self.blocks, x, rec, ops, contexts)  # (B, T, D)
         x = rec("ln", self.ln(x))  # (B, T, D)
-        W, packed = self.token_embedding.weight.to(x.dtype), self.packed_unembedding
-        return linear(x, W, packed=packed).float()  # (B, T, V): the tied unembedding
-
-
-@contextmanager
-def packed_weights(decoder: TextDecoder, rows: int) -> Iterator[None]:
-    """The decoder's weights in oneDNN's blocked layout while a loop of ``rows``-row steps runs (CPU, fp32).
-
-    For 2 to 64 rows, oneDNN multiplies by a blocked (packed) weight faster than MKL by the plain
-    one (``linear``, ``benchmarks/bench_products.py``); packing copies the step's weights once per call. The
-    copies are made from the weights as they are on entry and dropped on exit, so a weight edited
-    between two calls is always the one used. Nothing is packed for other devices and dtypes, for
-    a single row, where this build of torch has no oneDNN, or while autograd is on (oneDNN's op has
-    no gradient).
-    """
-    W = decoder.token_embedding.weight
-    cpu_fp32 = W.device.type == "cpu" and W.dtype == torch.float32
-    if torch.is_grad_enabled() or not (ONEDNN and cpu_fp32 and 1 < rows <= STEP_ROWS):
-        yield
-        return
-    cached = ("cross_attn.key", "cross_attn.value")  # the audio's keys/values are computed before the steps
-    linears = [m for name, m in decoder.named_modules() if isinstance(m, Linear) and not name.endswith(cached)]
-    try:
-        for m in linears:
-            m.packed = onednn_pack(m.weight, rows)
-        decoder.packed_unembedding = onednn_pack(W, rows)
-        yield
-    finally:
-        for m in linears:
-            m.packed = None
-        decoder.packed_unembedding = None
+        return ops.linear(x, self.token_embedding).float()  # (B, T, V): the tied unembedding
 
 
 @dataclass
@@ -445,7 +294,7 @@ class Run:
 
 
 class Whisper(nn.Module):
-    """The whole model. ``model(mel, tokens)`` gives logits; ``model.run`` also gives a trace."""
+    """The whole model. ``model(mel, tokens)`` gives logits; ``model.run`` also a trace; ``model.generate`` decodes."""
 
     def __init__(self, dims: ModelDims) -> None:
         super().__init__()
@@ -456,6 +305,9 @@ class Whisper(nn.Module):
                                    dims.n_text_layer)  # fmt: skip
         self.tokenizer = None  # a whisper_lens.Tokenizer, set by load_model
         self.alignment_heads = None  # [(layer, head), ...] of cross-attention that tracks time, set by load_model
+
+    generate = decoding.generate  # model.generate(mel, beam_size=..., ...): batched decoding, see decoding.py
+    transcribe = transcribe.transcribe  # model.transcribe(audio, ...): long-form, batched, see transcribe.py
 
     @property
     def device(self) -> torch.device:
@@ -469,16 +321,8 @@ class Whisper(nn.Module):
         """Logits (B, T, V) of ``tokens`` (B, T) given the log-mel ``mel`` (B, n_mels, 2 * n_audio_ctx)."""
         return self.run(mel, tokens).logits
 
-    def run(
-        self,
-        mel: Tensor,
-        tokens: Tensor,
-        trace: TraceRequest = None,
-        edits: Edits | None = None,
-        *,
-        trace_device: torch.device | str | None = None,
-        trace_dtype: torch.dtype | None = None,
-    ) -> Run:
+    def run(self, mel: Tensor, tokens: Tensor, trace: TraceRequest = None, edits: Edits | None = None, *,
+            trace_device: torch.device | str | None = None, trace_dtype: torch.dtype | None = None) -> Run:  # fmt: skip
         """Teacher-forced forward that records the activations ``trace`` asks for and applies ``edits``.
 
         ``trace``: None, True (every name in ``self.names()``) or glob patterns
@@ -486,21 +330,15 @@ class Whisper(nn.Module):
         ``trace_dtype`` say where recorded tensors are kept (e.g. "cpu", torch.float16).
         Unbatched inputs (mel [n_mels, frames], tokens [T]) are given a batch of one.
         """
-        mel, tokens = self.check_inputs(mel, tokens)
+        mel = check_mel(mel, self.dims, self.device, self.dtype)  # (B, n_mels, 2S)
+        tokens = check_tokens(tokens, self.dims, len(mel), self.device)  # (B, T)
         rec = self.recorder(trace, edits, trace_device=trace_device, trace_dtype=trace_dtype, tokens=tokens)
         xa = self.encoder(mel, rec.child("encoder"))  # (B, S, D)
         logits = rec("logits", self.decoder(tokens, rec.child("decoder"), xa=xa))  # (B, T, V)
         return Run(logits, rec.trace if rec.trace is not None else Trace())
 
-    def recorder(
-        self,
-        trace: TraceRequest,
-        edits: Edits | None,
-        *,
-        trace_device: torch.device | str | None = None,
-        trace_dtype: torch.dtype | None = None,
-        tokens: Tensor | None = None,
-    ) -> Recorder:
+    def recorder(self, trace: TraceRequest, edits: Edits | None, *, trace_device: torch.device | str | None = None,
+                 trace_dtype: torch.dtype | None = None, tokens: Tensor | None = None) -> Recorder:  # fmt: skip
         """A recorder for one pass: resolves trace patterns against ``names()``, checks edits (on tokens' shapes)."""
         names = self.names()
         keep = select_names(trace, names)
@@ -513,75 +351,13 @@ class Whisper(nn.Module):
                         {"encoder": d.n_audio_head, "decoder": d.n_text_head}, shapes)  # fmt: skip
         return Recorder(keep, edits, Trace(device=trace_device, dtype=trace_dtype))
 
-    def generate(
-        self,
-        mel: Tensor | None = None,
-        *,
-        audio_features: Tensor | None = None,
-        beam_size: int | None = None,
-        max_new_tokens: int | None = None,
-        language: str | None = None,
-        task: str = "transcribe",
-        timestamps: bool = False,
-        trace: TraceRequest = None,
-        edits: Edits | None = None,
-        patience: float | None = None,
-        length_penalty: float | None = None,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        prompt: str | list[int] | None = None,
-        prefix: str | list[int] | None = None,
-        suppress_tokens: str | list[int] | None = "-1",
-        suppress_blank: bool = True,
-        max_initial_timestamp: float | None = 1.0,
-        compile: bool = False,
-    ) -> list:
-        """Decode the batch ``mel`` (or the encoder output ``audio_features``): greedy, sampling or beam search.
-
-        See ``whisper_lens.decoding.generate`` for every argument.
-        """
-        from .decoding import generate
-
-        return generate(self, mel, audio_features=audio_features, beam_size=beam_size, max_new_tokens=max_new_tokens,
-                        language=language, task=task, timestamps=timestamps, trace=trace, edits=edits,
-                        patience=patience, length_penalty=length_penalty, temperature=temperature, seed=seed,
-                        prompt=prompt, prefix=prefix, suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
-                        max_initial_timestamp=max_initial_timestamp, compile=compile)  # fmt: skip
-
     def names(self) -> list[str]:
         """Every activation name this model records, in the order a forward computes them."""
         return list(activation_shapes(self.dims))
 
-    def check_mel(self, mel: Tensor) -> Tensor:
-        """Validate and batch a log-mel [B, n_mels, 2 * n_audio_ctx] (or [n_mels, frames]); move it to the model."""
-        d = self.dims
-        mel = torch.as_tensor(mel)
-        if mel.dim() == 2:
-            mel = mel[None]
-        frames = 2 * d.n_audio_ctx
-        if mel.dim() != 3 or mel.shape[1] != d.n_mels or mel.shape[2] != frames:
-            raise ValueError(
-                f"mel must be [batch, {d.n_mels}, {frames}] for this model, got {list(mel.shape)}; pad the audio "
-                f"to the window first (whisper_lens.audio.load_windows(paths, {d.n_mels}, {frames}))"
-            )
-        return mel.to(self.device, self.dtype)
-
-    def check_inputs(self, mel: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Validate and batch ``mel`` / ``tokens``; move them to the model's device (mel to its dtype)."""
-        d = self.dims
-        mel, tokens = self.check_mel(mel), torch.as_tensor(tokens)
-        if tokens.dim() == 1:
-            tokens = tokens[None]
-        if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"tokens must be an integer tensor [batch, T], got {tokens.dtype} {list(tokens.shape)}")
-        if tokens.shape[0] != mel.shape[0]:
-            raise ValueError(f"mel has batch {mel.shape[0]} but tokens have batch {tokens.shape[0]}")
-        if not 0 < tokens.shape[1] <= d.n_text_ctx:
-            raise ValueError(f"tokens must have 1 to {d.n_text_ctx} positions, got {tokens.shape[1]}")
-        if tokens.device.type != "meta" and (tokens.min() < 0 or tokens.max() >= d.n_vocab):
-            bad = tokens[(tokens < 0) | (tokens >= d.n_vocab)][0].item()
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {d.n_vocab})")
-        return mel, tokens.to(self.device, torch.long)
+    def shapes(self, batch: int = 1, n_tokens: int = 1) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every activation of a ``batch`` of ``n_tokens`` tokens (computed on the meta device)."""
+        return dict(activation_shapes(self.dims, batch, n_tokens))
 
 
 @functools.lru_cache(maxsize=32)
@@ -609,9 +385,3 @@ class _Everything(frozenset):
 
 
 _EVERYTHING = _Everything()
-
-
-# long-form transcription (transcribe.py) builds on decoding, which builds on the classes above: attached after them
-from .transcribe import transcribe  # noqa: E402
-
-Whisper.transcribe = transcribe  # model.transcribe(audio, word_timestamps=..., ...): see transcribe.py

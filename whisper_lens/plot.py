@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-LENS_DPI = 100  # lens_heatmap: width max(6, 0.45*T + 2) <= 40 in, height max(3, 0.35*L + 2.2) <= 30 in
+LENS_DPI = 100  # lens_heatmap: 40 positions a panel; width max(6, 0.45*min(T, 40) + 2), see its docstring
+LENS_WRAP = 40
 LINES_SIZE = (7.0, 4.5)  # removal_curves and layer_lines: inches, at LINES_DPI
 LINES_DPI = 120
 GRID_CELL = (2.6, 2.4)  # attention_grid: inches per head; plus GRID_EXTRA for colourbar and title
@@ -35,8 +36,9 @@ GRID_DPI = 100
 POOL_TO = 200  # attention panels show at most this many cells a side: longer axes are max-pooled
 OVER_MEL_WIDTH = 12.0  # cross_attention_over_mel: width; height 3 + max(2, 0.2*T) <= 30 in
 OVER_MEL_DPI = 100
+POSITION_SECONDS = 0.02  # one encoder position: two 10 ms mel frames
+CROP_MARGIN = 0.5  # cross_attention_over_mel given the audio's length shows this many seconds after it
 
-CELL_TEXT_MAX_POSITIONS = 60  # lens_heatmap writes the top token in each cell up to this many positions
 CELL_TEXT_CHARS = 6  # ... truncated to this many characters
 TICK_LABEL_CHARS = 16  # axis labels made of tokens are truncated to this many characters
 VISIBLE_WHITESPACE = str.maketrans({" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"})
@@ -64,9 +66,11 @@ def lens_heatmap(
     from the top row shows what that layer "thought" instead. Rows are layers (first at the bottom,
     ``layer_labels`` e.g. ``["emb", "1", ..., "final"]``), columns are input positions (``position_labels``).
 
-    Cell text is skipped above 60 positions, truncated to 6 characters, and whitespace is made visible
-    (space as ␣, newline as ↵). Size: width ``max(6, 0.45*T + 2)`` capped at 40 in, height
-    ``max(3, 0.35*L + 2.2)`` capped at 30 in, both rounded to whole pixels, at 100 dpi.
+    A long sequence (a 224-token transcript, a hallucinated loop) wraps like text: 40 positions per
+    panel, panels one under the other, every cell still labelled. Cell text is truncated to 6
+    characters and whitespace made visible (space as ␣, newline as ↵). Size: width
+    ``max(6, 0.45*min(T, 40) + 2)`` in; height ``max(3, panels*(0.3*L + 1.3) + 0.5)`` capped at 160 in,
+    with ``panels = ceil(T / 40)``; both rounded to whole pixels, at 100 dpi.
     """
     prob = _array(prob, "prob")
     if prob.ndim != 2 or prob.shape[0] == 0 or prob.shape[1] == 0:
@@ -82,40 +86,45 @@ def lens_heatmap(
     path = _check_destination(path)
     Figure, _ = _matplotlib()
 
-    width = _whole_pixels(min(40.0, max(6.0, 0.45 * n_pos + 2.0)), LENS_DPI)
-    height = _whole_pixels(min(30.0, max(3.0, 0.35 * n_layers + 2.2)), LENS_DPI)
+    panels = math.ceil(n_pos / LENS_WRAP)
+    width = _whole_pixels(max(6.0, 0.45 * min(n_pos, LENS_WRAP) + 2.0), LENS_DPI)
+    height = _whole_pixels(min(160.0, max(3.0, panels * (0.3 * n_layers + 1.3) + 0.5)), LENS_DPI)
     fig = Figure(figsize=(width, height), dpi=LENS_DPI, layout="constrained")
-    ax = fig.add_subplot()
-    im = ax.imshow(prob, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="p(final token)", fraction=0.05, pad=0.01)
+    axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
+    for i, ax in enumerate(axes):
+        cols = slice(i * LENS_WRAP, min(n_pos, (i + 1) * LENS_WRAP))
+        im = _lens_panel(ax, prob, top_tokens, cols, layer_labels, position_labels, full_width=panels > 1)
+        if panels > 1:
+            ax.set_title(f"positions {cols.start}-{cols.stop - 1}", fontsize=8, loc="left")
+    fig.colorbar(im, ax=list(axes), label="p(final token)", fraction=0.05, pad=0.01, aspect=max(20, 10 * panels))
+    axes[-1].set_xlabel("input position (token fed)")
+    fig.suptitle(title, fontsize=10, parse_math=False)
+    return _write(fig, path)
 
-    if n_pos <= CELL_TEXT_MAX_POSITIONS:
-        cmap = im.get_cmap()
-        for l in range(n_layers):
-            for t in range(n_pos):
-                r, g, b, _ = cmap(float(prob[l, t]))
-                dark_cell = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-                ax.text(
-                    t,
-                    l,
-                    _short(top_tokens[l][t], CELL_TEXT_CHARS),
-                    ha="center",
-                    va="center",
-                    fontsize=6,
-                    color="white" if dark_cell else "black",
-                    parse_math=False,
-                )
 
-    step = max(1, math.ceil(n_pos * 0.11 / max(width - 2.0, 1.0)))  # about 0.11 in per rotated label
-    ticks = list(range(0, n_pos, step))
+def _lens_panel(ax, prob: np.ndarray, top_tokens, cols: slice, layer_labels, position_labels, full_width: bool):
+    """Positions ``cols`` of the lens heatmap on ``ax``: colours, each cell's top token, the axes' labels."""
+    n_layers = prob.shape[0]
+    part = prob[:, cols]  # (L, <= LENS_WRAP)
+    extent = (cols.start - 0.5, cols.stop - 0.5, -0.5, n_layers - 0.5)
+    im = ax.imshow(part, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                   interpolation="nearest", extent=extent)  # fmt: skip
+    cmap = im.get_cmap()
+    for l in range(n_layers):
+        for t in range(cols.start, cols.stop):
+            r, g, b, _ = cmap(float(prob[l, t]))
+            dark_cell = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+            ax.text(t, l, _short(top_tokens[l][t], CELL_TEXT_CHARS), ha="center", va="center", fontsize=6,
+                    color="white" if dark_cell else "black", parse_math=False)  # fmt: skip
+    ticks = list(range(cols.start, cols.stop))
     ax.set_xticks(ticks, [_short(position_labels[t], TICK_LABEL_CHARS) for t in ticks], rotation=90, fontsize=7)
+    if full_width:  # the last panel of a wrapped picture keeps the others' cell width
+        ax.set_xlim(cols.start - 0.5, cols.start + LENS_WRAP - 0.5)
     ax.set_yticks(range(n_layers), [str(s) for s in layer_labels], fontsize=7)
     for label in ax.get_xticklabels():
         label.set_parse_math(False)
-    ax.set_xlabel("input position (token fed)")
     ax.set_ylabel("layer read")
-    ax.set_title(title, parse_math=False, fontsize=10)
-    return _write(fig, path)
+    return im
 
 
 def removal_curves(
@@ -179,6 +188,7 @@ def attention_grid(
     head_labels: Sequence[str] | None = None,
     x_label: str = "key position",
     y_label: str = "query position",
+    crop: int | None = None,
 ) -> Path:
     """One layer's attention heads side by side: where each query position looks.
 
@@ -189,6 +199,9 @@ def attention_grid(
     share one colour scale, 0 to the largest weight, so heads can be compared by brightness. Axes longer
     than 200 positions are max-pooled in blocks, so a one-position peak stays visible.
 
+    ``crop``: draw only the first ``crop`` key positions (and query positions, when the pattern is square:
+    encoder self-attention), e.g. the audio of a short clip in a 1500-position window.
+
     Heads are laid out in ``ceil(sqrt(H))`` columns. Size: ``2.6 * columns + 1.2`` by ``2.4 * rows + 0.8``
     inches at 100 dpi.
     """
@@ -198,6 +211,11 @@ def attention_grid(
     n_heads, n_query, n_key = patterns.shape
     if not np.all(np.isfinite(patterns)) or patterns.min() < 0:
         raise ValueError("patterns must hold attention weights (finite, >= 0); got a negative or non-finite value")
+    if crop is not None:
+        if not isinstance(crop, int) or crop < 1:
+            raise ValueError(f"crop must be a positive number of positions, got {crop!r}")
+        patterns = patterns[:, : crop if n_query == n_key else n_query, :crop]  # (H, T', S')
+        n_query, n_key = patterns.shape[1:]
     head_labels = _labels(
         head_labels, n_heads, "head_labels", patterns.shape, default=[f"head {h}" for h in range(n_heads)]
     )
@@ -235,6 +253,67 @@ def attention_grid(
     return _write(fig, path)
 
 
+def head_grid(
+    values: Mapping[str, object],
+    path: str | os.PathLike,
+    *,
+    title: str = "Attention heads",
+    label: str = "value",
+    centre: float | None = 0.0,
+) -> Path:
+    """One number per attention head, a panel per kind of attention: where in the model an effect lives.
+
+    ``values`` maps a panel name (e.g. ``"self-attention"``, ``"cross-attention"``) to an ``[L, H]`` array
+    (layer, head), e.g. how much the hallucination rate changes when that head is zeroed. Rows are layers
+    (the first at the bottom), columns heads; every cell is written with its value (2 significant
+    digits). With ``centre`` (default 0) the colours diverge from it, blue below and red above, on one
+    symmetric scale for all panels, so a lone dark cell is a head that matters; ``centre=None`` uses
+    one sequential scale from the smallest to the largest value.
+
+    Size: panels side by side, each ``0.6*H + 1.0`` in wide, ``max(3, 0.45*L + 1.4)`` in high, plus 1.2 in
+    for the colourbar, at 100 dpi.
+    """
+    if not values:
+        raise ValueError("values is empty: give at least one panel name -> [layers, heads] array")
+    panels = {str(name): _array(v, f"values[{name!r}]") for name, v in values.items()}
+    shapes = {a.shape for a in panels.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2 or 0 in next(iter(shapes)):
+        raise ValueError(f"every panel must be a non-empty [layers, heads] array of one shape, got {sorted(shapes)}")
+    if not all(np.all(np.isfinite(a)) for a in panels.values()):
+        raise ValueError("values must be finite")
+    path = _check_destination(path)
+    Figure, _ = _matplotlib()
+
+    n_layers, n_heads = next(iter(shapes))
+    everything = np.concatenate([a.ravel() for a in panels.values()])
+    if centre is None:
+        cmap, vmin, vmax = "viridis", float(everything.min()), float(everything.max())
+    else:
+        reach = float(np.abs(everything - centre).max()) or 1.0
+        cmap, vmin, vmax = "RdBu_r", centre - reach, centre + reach
+    width = _whole_pixels(len(panels) * (0.6 * n_heads + 1.0) + 1.2, GRID_DPI)
+    height = _whole_pixels(max(3.0, 0.45 * n_layers + 1.4), GRID_DPI)
+    fig = Figure(figsize=(width, height), dpi=GRID_DPI, layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, a) in zip(axes, panels.items(), strict=True):
+        im = ax.imshow(a, origin="lower", aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+        for l in range(n_layers):
+            for h in range(n_heads):
+                r, g, b, _ = im.cmap(im.norm(a[l, h]))
+                dark_cell = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                ax.text(h, l, f"{a[l, h]:.2g}", ha="center", va="center", fontsize=7,
+                        color="white" if dark_cell else "black")  # fmt: skip
+        ax.set_xticks(range(n_heads))
+        ax.set_yticks(range(n_layers))
+        ax.tick_params(labelsize=8)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(name, fontsize=10, parse_math=False)
+    fig.colorbar(im, ax=list(axes), label=label, shrink=0.9)
+    fig.suptitle(title, parse_math=False)
+    return _write(fig, path)
+
+
 def cross_attention_over_mel(
     mel,
     pattern,
@@ -242,6 +321,7 @@ def cross_attention_over_mel(
     path: str | os.PathLike,
     *,
     title: str = "Cross-attention over the audio",
+    seconds: float | None = None,
 ) -> Path:
     """Which stretch of sound each text token reads: cross-attention drawn under the spectrogram it attends to.
 
@@ -251,6 +331,11 @@ def cross_attention_over_mel(
     the ``T`` rows. Both panels share one time axis in seconds, so a bright spot in a token's row sits
     under the sound it reads; a well-aligned layer draws a staircase following the speech. The pattern is
     max-pooled to at most 1000 time cells (and 200 token rows), so one-position peaks stay visible.
+
+    ``seconds``: the audio's length. Whisper pads every clip to its window (30 s for official models),
+    so a 5 s clip fills a sixth of the picture: given its length, the picture shows the audio and
+    0.5 s after it, and a bar per token at the right gives the attention mass on everything later
+    (the padding; a model that attends there is not reading the audio).
 
     Size: 12 in wide, ``3 + max(2, 0.2*T)`` in high (capped at 30, rounded to whole pixels), at 100 dpi.
     """
@@ -270,26 +355,35 @@ def cross_attention_over_mel(
         raise ValueError(f"tokens has {len(tokens)} entries but pattern has shape {pattern.shape} (need one per row)")
     if not (np.all(np.isfinite(mel)) and np.all(np.isfinite(pattern))):
         raise ValueError("mel and pattern must be finite")
+    if seconds is not None and not (isinstance(seconds, int | float) and seconds > 0):
+        raise ValueError(f"seconds (the audio's length) must be a positive number, got {seconds!r}")
     path = _check_destination(path)
     Figure, _ = _matplotlib()
 
+    shown = n_audio if seconds is None else min(n_audio, math.ceil((seconds + CROP_MARGIN) / POSITION_SECONDS))
     pattern_height = max(2.0, 0.2 * n_tokens)
     height = _whole_pixels(min(30.0, 3.0 + pattern_height), OVER_MEL_DPI)
     fig = Figure(figsize=(OVER_MEL_WIDTH, height), dpi=OVER_MEL_DPI, layout="constrained")
-    ax_mel, ax_att = fig.subplots(2, 1, sharex=True, height_ratios=[2.0, pattern_height])
-    seconds = n_audio * 0.02  # == frames * 0.01
-    im = ax_mel.imshow(mel, origin="lower", aspect="auto", cmap="magma", extent=(0, seconds, 0, mel.shape[0]))
-    fig.colorbar(im, ax=ax_mel, label="log-mel", pad=0.01)
+    (ax_mel, ax_blank, cax_mel), (ax_att, ax_rest, cax_att) = fig.subplots(
+        2, 3, width_ratios=[12.0, 1.2 if shown < n_audio else 0.01, 0.25], height_ratios=[2.0, pattern_height]
+    )
+    ax_blank.set_axis_off()
+    end = shown * POSITION_SECONDS
+    im = ax_mel.imshow(mel[:, : 2 * shown], origin="lower", aspect="auto", cmap="magma",
+                       extent=(0, end, 0, mel.shape[0]))  # fmt: skip
+    fig.colorbar(im, cax=cax_mel, label="log-mel")
     ax_mel.set_ylabel("mel bin")
+    ax_mel.set_xticklabels([])
     im = ax_att.imshow(
-        _max_pool(pattern, 200, 1000),  # at most (200, 1000) cells, each the maximum of its block
+        _max_pool(pattern[:, :shown], 200, 1000),  # at most (200, 1000) cells, each the maximum of its block
         aspect="auto",
         cmap="viridis",
         vmin=0.0,
-        extent=(0, seconds, n_tokens - 0.5, -0.5),
+        extent=(0, end, n_tokens - 0.5, -0.5),
         interpolation="nearest",
     )
-    fig.colorbar(im, ax=ax_att, label="attention weight", pad=0.01)
+    ax_mel.set_xlim(0, end)
+    fig.colorbar(im, cax=cax_att, label="attention weight")
     step = max(1, math.ceil(n_tokens * 0.12 / pattern_height))  # about 0.12 in per token label
     ticks = list(range(0, n_tokens, step))
     ax_att.set_yticks(ticks, [_short(tokens[t], TICK_LABEL_CHARS) for t in ticks], fontsize=7)
@@ -297,6 +391,15 @@ def cross_attention_over_mel(
         label.set_parse_math(False)
     ax_att.set_ylabel("text token")
     ax_att.set_xlabel("time (s)")
+    if shown < n_audio:
+        ax_rest.barh(np.arange(n_tokens), pattern[:, shown:].sum(axis=1), height=1.0, color="tab:red")
+        ax_rest.set_xlim(0, 1)
+        ax_rest.set_ylim(n_tokens - 0.5, -0.5)
+        ax_rest.set_yticks([])
+        ax_rest.tick_params(labelsize=7)
+        ax_rest.set_xlabel(f"mass after\n{end:.1f} s", fontsize=8)
+    else:
+        ax_rest.set_axis_off()
     ax_mel.set_title(title, parse_math=False)
     return _write(fig, path)
 
@@ -309,13 +412,15 @@ def layer_lines(
     ylabel: str,
     title: str,
     xlabel: str = "layer",
+    log: bool = False,
 ) -> Path:
     """A per-layer quantity as lines, one per series: how a measurement evolves with depth.
 
     ``values`` maps a series name to one number per layer (e.g. the logit lens's top-1 agreement with the
     final output, or its KL divergence to the final distribution), in the order of ``labels`` (the x tick
     labels, e.g. ``["emb", "1", ..., "final"]``). Where a rising agreement curve flattens, later layers
-    stop changing the answer. Size 7 x 4.5 in at 120 dpi.
+    stop changing the answer. ``log``: a logarithmic y axis, for probabilities that grow by orders of
+    magnitude before they matter (values must then be > 0). Size 7 x 4.5 in at 120 dpi.
     """
     if not values:
         raise ValueError("values is empty: give at least one series name -> [one number per layer]")
@@ -327,6 +432,8 @@ def layer_lines(
         series[str(name)] = ys
     if len(labels) == 0:
         raise ValueError("labels is empty: give one label per layer")
+    if log and any(np.any(ys <= 0) for ys in series.values()):
+        raise ValueError("log=True needs values > 0 (a logarithmic axis has no zero)")
     path = _check_destination(path)
     Figure, _ = _matplotlib()
 
@@ -336,11 +443,13 @@ def layer_lines(
     for name, ys in series.items():
         ax.plot(x, ys, marker="o", markersize=4, label=name)
     ax.set_xticks(x, [str(s) for s in labels], rotation=90 if len(labels) > 14 else 0, fontsize=8)
+    if log:
+        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, parse_math=False)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7 if len(series) > 6 else None)
     return _write(fig, path)
 
 

@@ -1,12 +1,18 @@
 """The study this project grew from, as functions that write pictures and tables into a folder.
 
+- ``load_clips`` / ``non_speech_clips``: what is studied. A samples folder (default: the real
+  speech shipped in ``assets/speech`` for models with a 30 s window, the toy's samples for the
+  toy) and deterministic inputs without speech (``hallucination.non_speech``).
 - ``lens_study``: the decoder logit lens of a transcript (heatmap + per-layer curves) and the
   encoder lens (the transcript's token probabilities when only the first k encoder blocks run).
 - ``ablate_study``: remove the last k blocks of the encoder or decoder, decode, measure WER/CER
   and the signs of hallucination (repetition, compression ratio, empty output).
 - ``attention_study``: attention grids (encoder self, decoder self, decoder cross), cross-attention
   over the spectrogram, per-head statistics.
-- ``demo``: all of it on the shipped toy model and its samples, into ``report/``.
+- ``hallucination_sections``: what non-speech decodes to, the no-speech probability per layer,
+  the head sweep, attention during a hallucination, the logit lens along a loop;
+  ``hallucination_report`` writes them as ``report.md`` (``whisper-lens hallucinate``).
+- ``demo``: the lens, removal and attention studies on the shipped toy model and its samples.
 
 Each writes into a folder built beside the destination and renamed into place at the end, so
 an interrupted run never leaves a half-written report.
@@ -18,27 +24,42 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import plot
-from .audio import HOP_LENGTH, SAMPLE_RATE, load_windows
+from .audio import HOP_LENGTH, SAMPLE_RATE, load_audio, load_windows
 from .experiments import (
     attention_stats,
     cer,
     compare_attention,
     format_table,
     removal_sweep,
+    require_tokenizer,
     save_rows,
     summarize,
     wer,
 )
 from .files import atomic_write, output_folder
-from .lens import decoder_lens_from_trace, encoder_lens, lens_names, sot_lens
+from .hallucination import (
+    decision_summary,
+    hallucination_rate,
+    head_summary,
+    head_sweep,
+    non_speech,
+    repetition_lens,
+)
+from .lens import decoder_lens_from_trace, encoder_lens, layer_labels, lens_names, sot_lens
 from .model import Whisper
 from .trace import Edits
+
+SPEECH = Path(__file__).resolve().parent / "assets" / "speech"  # real speech shipped for official models
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+TRANSCRIBED = "hallucinated_in_transcribe"  # the hallucination rate a user of transcribe sees
+CROP_POSITIONS = 25  # attention pictures show the audio and 0.5 s (25 encoder positions) after it
 
 # ----------------------------------------------------------------------------- inputs and outputs
 
@@ -76,6 +97,100 @@ def prompt_tokens(model: Whisper, language: str | None) -> list[int]:
     tok = model.tokenizer
     sot = tok.sot_sequence_for(language, "transcribe") if tok.multilingual else tok.sot_sequence
     return [*sot, tok.no_timestamps]
+
+
+# ----------------------------------------------------------------------------- the clips studied
+
+
+@dataclass
+class Clips:
+    """Audio windows to study: names, log-mels, lengths, and the reference transcripts when known."""
+
+    names: list[str]
+    mels: torch.Tensor  # (B, n_mels, frames): each clip padded to the model's window
+    seconds: list[float]  # each clip's length before padding
+    references: list[str] | None = None  # None: error rates are against the full model's own transcripts
+
+
+def window_seconds(model: Whisper) -> float:
+    """The audio one window holds: 30 s for official models (n_audio_ctx 1500 positions of 20 ms)."""
+    return 2 * model.dims.n_audio_ctx * HOP_LENGTH / SAMPLE_RATE
+
+
+def default_samples(model: Whisper) -> Path:
+    """The shipped real speech (``SPEECH``), or the toy's samples for a window too short for it (the toy's 4 s)."""
+    import librosa
+
+    from .loading import SHIPPED
+
+    longest = max(librosa.get_duration(path=p) for p in SPEECH.glob("*.flac"))
+    return SPEECH if longest <= window_seconds(model) else SHIPPED["toy"] / "samples"
+
+
+def read_samples(folder: str | os.PathLike) -> tuple[list[Path], list[str] | None]:
+    """The clips of a samples folder and their references.
+
+    With ``transcripts.json`` (``{file name: text}`` or ``{file name: {"text": text, ...}}``): the
+    files it names, in its order, and their texts. Without it: every audio file in the folder
+    (wav, flac, ogg, mp3), sorted, and no references.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"samples folder {folder} does not exist or is not a folder")
+    index = folder / "transcripts.json"
+    if not index.exists():
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+        if not paths:
+            raise FileNotFoundError(
+                f"{folder} has no audio files ({', '.join(AUDIO_SUFFIXES)}) and no transcripts.json"
+            )
+        return paths, None
+    try:
+        entries = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index} is not valid JSON: {e}") from None
+    if not isinstance(entries, dict) or not entries:
+        raise ValueError(f"{index} must be a non-empty object {{file name: transcript}}")
+    paths, refs = [], []
+    for name, entry in entries.items():
+        text = entry.get("text") if isinstance(entry, dict) else entry
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{index}: the transcript of {name!r} must be a non-empty string")
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{index} names {name!r}, which is not a file in {folder}")
+        paths.append(folder / name)
+        refs.append(text)
+    return paths, refs
+
+
+def load_clips(model: Whisper, folder: str | os.PathLike | None = None) -> Clips:
+    """The clips of a samples folder (default: ``default_samples(model)``) as windows for ``model``.
+
+    Every clip must fit one window: the study decodes one window per clip. Long recordings are
+    ``whisper-lens transcribe``'s job.
+    """
+    require_tokenizer(model)
+    paths, refs = read_samples(default_samples(model) if folder is None else folder)
+    audio = [load_audio(p) for p in paths]
+    window = window_seconds(model)
+    for path, a in zip(paths, audio, strict=True):
+        if len(a) > window * SAMPLE_RATE:
+            raise ValueError(f"{path} is {len(a) / SAMPLE_RATE:.1f} s long, longer than the model's {window:g} s "
+                             "window: the study decodes one window per clip; cut it into clips, or transcribe "
+                             "long recordings with `whisper-lens transcribe`")  # fmt: skip
+    mels, seconds = load_windows(audio, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
+    return Clips([p.name for p in paths], mels, seconds, refs)
+
+
+def non_speech_clips(model: Whisper, seconds: float | None = None, seed: int = 0) -> Clips:
+    """``hallucination.non_speech`` as windows for ``model``: ``seconds`` long (default 10 s, or the window)."""
+    window = window_seconds(model)
+    seconds = min(10.0, window) if seconds is None else seconds
+    if isinstance(seconds, int | float) and seconds > window:
+        raise ValueError(f"non-speech clips of {seconds:g} s do not fit the model's {window:g} s window")
+    signals = non_speech(seconds, seed)
+    mels, lengths = load_windows(list(signals.values()), model.dims.n_mels, 2 * model.dims.n_audio_ctx)
+    return Clips(list(signals), mels, lengths)
 
 
 # ----------------------------------------------------------------------------- the three studies
@@ -130,11 +245,15 @@ def ablate_study(
     out: Path,
     stacks: Sequence[str] = ("encoder", "decoder"),
     references: Sequence[str] | None = None,
+    normalize: str | None = "english",
 ) -> list[dict]:
-    """Remove the last k blocks (k = 0..L) of each stack, decode all clips (one batch per k), measure; plot."""
+    """Remove the last k blocks (k = 0..L) of each stack, decode all clips (one batch per k), measure; plot.
+
+    WER and CER are against ``references`` (default: the full model's transcripts) after ``normalize``.
+    """
     rows = []
     for stack in stacks:
-        rows += removal_sweep(model, mels, stack, references=references, seconds=seconds)
+        rows += removal_sweep(model, mels, stack, references=references, seconds=seconds, normalize=normalize)
     cols = ["wer", "cer", "compression_ratio", "max_repeats", "tokens_per_second", "empty"]
     summary = []
     for stack in stacks:
@@ -170,18 +289,23 @@ def attention_study(
     res = model.generate(mel[None], trace=request, edits=edits)[0]
     tr = res.trace
     labels = [token_label(tok, t) for t in prompt_tokens(model, res.language) + res.tokens]
+    audio_positions = int(np.ceil(seconds * SAMPLE_RATE / HOP_LENGTH / 2))
+    shown = min(model.dims.n_audio_ctx, audio_positions + CROP_POSITIONS)  # the audio and 0.5 s after it
     for stack, i, kind in [
         ("encoder", enc_layer, "attn"),
         ("decoder", dec_layer, "attn"),
         ("decoder", dec_layer, "cross_attn"),
     ]:
         key = f"{stack}.blocks.{i}.{kind}.pattern"
-        if key in tr:
-            plot.attention_grid(
-                tr[key][0].cpu().numpy(),
-                out / f"{name}_{stack}_{i}_{kind}.png",
-                title=f"{key} ({res.text.strip()[:40]!r})",
-            )
+        if key not in tr:  # a skipped block records nothing
+            continue
+        audio = stack == "encoder" or kind == "cross_attn"
+        plot.attention_grid(
+            tr[key][0].cpu().numpy(),
+            out / f"{name}_{stack}_{i}_{kind}.png",
+            title=f"{key} ({res.text.strip()[:40]!r})" + (f", first {shown * 0.02:.1f} s" if audio else ""),
+            crop=shown if audio else None,
+        )
     cross = f"decoder.blocks.{dec_layer}.cross_attn.pattern"
     if cross in tr:
         plot.cross_attention_over_mel(
@@ -190,11 +314,244 @@ def attention_study(
             labels,
             out / f"{name}_cross_over_mel.png",
             title=f"{cross}, mean over heads: {res.text.strip()[:50]!r}",
+            seconds=seconds,
         )
-    audio_positions = int(np.ceil(seconds * SAMPLE_RATE / HOP_LENGTH / 2))
     stats = attention_stats(tr, audio_positions=audio_positions)
     save_rows(stats, out / f"{name}_attention.csv")
     return stats
+
+
+# ----------------------------------------------------------------------------- hallucination
+
+
+def hallucination_report(
+    model: Whisper,
+    out: Path,
+    speech: Clips,
+    noise: Clips,
+    *,
+    title: str,
+    heads: Sequence[tuple[str, int, int]] | None = None,
+    max_new_tokens: int | None = None,
+    normalize: str | None = "english",
+) -> Path:
+    """The hallucination study of ``hallucination_sections`` as ``out/report.md`` with a short header."""
+    started = time.time()
+    d = model.dims
+    md = [
+        "# whisper-lens hallucination report",
+        "",
+        f"Model: {title} ({d.n_audio_layer} encoder + {d.n_text_layer} decoder blocks, {d.n_text_head} heads "
+        f"each, width {d.n_text_state}). Non-speech: {len(noise.names)} clips of {noise.seconds[0]:g} s. "
+        f"Speech: {len(speech.names)} clips ({', '.join(speech.names)}).",
+        "",
+        *hallucination_sections(
+            model, out, speech, noise, heads=heads, max_new_tokens=max_new_tokens, normalize=normalize
+        ),  # fmt: skip
+        f"Written in {time.time() - started:.1f} s.",
+    ]
+    return write_text(out / "report.md", "\n".join(md) + "\n")
+
+
+def hallucination_sections(
+    model: Whisper,
+    out: Path,
+    speech: Clips,
+    noise: Clips,
+    *,
+    heads: Sequence[tuple[str, int, int]] | None = None,
+    max_new_tokens: int | None = None,
+    normalize: str | None = "english",
+) -> list[str]:
+    """Every hallucination experiment on ``speech`` and ``noise`` (non-speech) clips: markdown, files in ``out``.
+
+    In order: what each non-speech clip decodes to; the no-speech probability per decoder layer; the
+    head sweep (``heads``: default every decoder head, ``[]`` for none); attention during a
+    hallucination against a normal run; the logit lens along the most repetitive output on non-speech.
+    """
+    rows = head_sweep(model, speech.mels, noise.mels, references=speech.references, names=noise.names,
+                      seconds=noise.seconds, heads=heads, max_new_tokens=max_new_tokens,
+                      normalize=normalize)  # fmt: skip
+    save_rows(rows, out / "head_sweep.csv")
+    base = [r for r in rows if r["kind"] == "none"]
+    md = nonspeech_section(base, speech.references is None)
+    md += no_speech_lens_section(model, speech, noise, out)
+    if len(base) < len(rows):
+        md += head_section(model, rows, out)
+    md += hallucination_attention_section(model, speech, noise, base, out)
+    md += repetition_lens_section(model, noise, rows, out)
+    return md
+
+
+def nonspeech_section(rows: Sequence[dict], self_references: bool) -> list[str]:
+    """Markdown: what the unedited model writes for each non-speech clip, and the hallucination rates."""
+    noise = [r for r in rows if not r["speech"]]
+    speech = [r for r in rows if r["speech"]]
+    words = sum(r["ref_words"] for r in speech)
+    table = [{"input": r["name"], "text": r["text"][:60], "tokens": r["n_tokens"], "p(nospeech)": r["no_speech_prob"],
+              "avg logprob": r["avg_logprob"], "compression": r["compression_ratio"],
+              "hallucinated": r["hallucinated"], "transcribe drops it": r["skipped"]} for r in noise]  # fmt: skip
+    against = "the full model's own transcripts" if self_references else "the references"
+    return [
+        "## Non-speech inputs",
+        "",
+        "Each input is decoded alone in its window (greedy, as `generate`). *Hallucinated*: text is left "
+        "after Whisper's English normalisation. *Transcribe drops it*: openai-whisper's `transcribe` would skip "
+        "the window as silence (p(nospeech) > 0.6 and average log-probability < -1).",
+        "",
+        format_table(table),
+        "",
+        f"Hallucination rate {hallucination_rate(noise):.2f} ({sum(r['hallucinated'] for r in noise)} of "
+        f"{len(noise)}); past transcribe's no-speech rule {hallucination_rate(noise, TRANSCRIBED):.2f}. "
+        f"Speech: corpus WER {sum(r['wer'] * r['ref_words'] for r in speech) / words:.3f} against {against}.",
+        "",
+    ]
+
+
+def no_speech_lens_section(model: Whisper, speech: Clips, noise: Clips, out: Path) -> list[str]:
+    """The probability of <|nospeech|> read at every decoder layer, speech against each non-speech input."""
+    p = sot_lens(model, torch.cat([speech.mels, noise.mels]))["no_speech"].cpu()  # (L+1, S+N)
+    S, labels = len(speech.names), layer_labels(model)
+    series = {"speech (mean)": p[:, :S].mean(1).tolist()}
+    series |= {name: p[:, S + i].tolist() for i, name in enumerate(noise.names)}
+    plot.layer_lines(series, out / "no_speech_layers.png", labels=labels, ylabel="p(<|nospeech|>)", log=True,
+                     title="p(<|nospeech|>) read at each decoder layer (start-of-transcript position)")  # fmt: skip
+    rows = [{"layer": lab} | {n: v[j] for n, v in series.items()} for j, lab in enumerate(labels)]
+    save_rows(rows, out / "no_speech_layers.csv")
+    shown = [{k: f"{v:.2g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+    return [
+        "## The no-speech probability, layer by layer",
+        "",
+        "p(<|nospeech|>) at the <|startoftranscript|> position, each decoder layer's stream read through the "
+        "final LayerNorm and the unembedding (`lens.sot_lens`); the last row is the `no_speech_prob` decoding "
+        "reports. Where the curves part is where the decoder tells speech from non-speech (log scale).",
+        "",
+        "![no-speech per layer](no_speech_layers.png)",
+        "",
+        format_table(shown),
+        "",
+    ]
+
+
+def head_section(model: Whisper, rows: Sequence[dict], out: Path, top: int = 10) -> list[str]:
+    """The head sweep's ranking (table, CSV) and two pictures: the change in hallucination and in WER per head."""
+    summary = head_summary(rows)
+    save_rows(summary, out / "heads.csv")
+    L, H = model.dims.n_text_layer, model.dims.n_text_head
+    kinds = {"attn": "self-attention", "cross_attn": "cross-attention"}
+    pictures = [("d_in_transcribe", "the hallucination rate past transcribe's rule", "heads_hallucination.png"),
+                ("d_wer", "the speech WER", "heads_wer.png")]  # fmt: skip
+    for column, what, name in pictures:
+        grids = {title: np.zeros((L, H)) for kind, title in kinds.items() if any(s["kind"] == kind for s in summary)}
+        for s in summary[1:]:
+            grids[kinds[s["kind"]]][s["layer"], s["head"]] = s[column]
+        plot.head_grid(grids, out / name, title=f"Zeroing one decoder head: the change in {what}", label="change")
+    columns = ["kind", "layer", "head", "hallucination_rate", "in_transcribe", "no_speech_prob", "wer",
+               "d_in_transcribe", "d_no_speech_prob", "d_wer"]  # fmt: skip
+    return [
+        "## Head sweep",
+        "",
+        f"Each of the {len(summary) - 1} decoder attention heads zeroed alone (`Edits().ablate_heads`, at the head's "
+        "`z`), every clip decoded again. Ranked by the hallucination rate past transcribe's rule, then the "
+        f"rate itself, then p(nospeech) (higher first), then the speech WER. The unedited model, then the top {top}:",
+        "",
+        format_table(summary[: top + 1], columns),
+        "",
+        "![hallucination per head](heads_hallucination.png)",
+        "",
+        "![WER per head](heads_wer.png)",
+        "",
+        "All settings: `heads.csv`; every clip of every setting: `head_sweep.csv`.",
+        "",
+    ]
+
+
+def hallucination_attention_section(
+    model: Whisper, speech: Clips, noise: Clips, rows: Sequence[dict], out: Path
+) -> list[str]:
+    """Attention while the unedited model hallucinates on non-speech, against a normal run on speech."""
+    halluc = [r for r in rows if not r["speech"] and r["hallucinated"]]
+    if not halluc:
+        return ["## Attention during a hallucination", "", "The model hallucinated on no non-speech input.", ""]
+    pick = min(halluc, key=lambda r: r["no_speech_prob"])  # the input the model most takes for speech
+    i = pick["clip"]
+    normal = attention_study(model, speech.mels[0], speech.seconds[0], out, name="normal")
+    broken = attention_study(model, noise.mels[i], noise.seconds[i], out, name="hallucination")
+    per_head = []
+    for metric in ("entropy", "padding_share"):
+        per_head += [
+            r | {"metric": metric} for r in compare_attention(normal, broken, metric) if "cross_attn" in r["name"]
+        ]
+    save_rows(per_head, out / "attention_compare.csv")
+    table = []
+    for name in dict.fromkeys(r["name"] for r in per_head):  # each cross-attention layer, mean over its heads
+        row = {"layer": name}
+        for metric, label in (("entropy", "entropy"), ("padding_share", "after the audio")):
+            heads = [r for r in per_head if r["name"] == name and r["metric"] == metric]
+            row[f"{label}, speech"] = float(np.mean([r[f"{metric}_normal"] for r in heads]))
+            row[f"{label}, hallucination"] = float(np.mean([r[f"{metric}_other"] for r in heads]))
+        table.append(row)
+    return [
+        "## Attention during a hallucination",
+        "",
+        f"The unedited model on `{pick['name']}` (it wrote {pick['text'][:60]!r} with p(nospeech) "
+        f"{pick['no_speech_prob']:.2f}, the lowest of its hallucinations) against a normal run on "
+        f"`{speech.names[0]}`. Cross-attention of the last decoder block, mean over heads, over the spectrogram "
+        "(the bar at the right: each token's attention on the window after the audio):",
+        "",
+        "![normal](normal_cross_over_mel.png)",
+        "",
+        "![hallucination](hallucination_cross_over_mel.png)",
+        "",
+        "Cross-attention per layer, mean over heads: entropy (nats; higher = more spread out) and the share "
+        "of attention on the window after the audio, speech against the hallucination (per head: "
+        "`attention_compare.csv`; every statistic: `normal_attention.csv`, `hallucination_attention.csv`):",
+        "",
+        format_table(table),
+        "",
+    ]
+
+
+def repetition_lens_section(model: Whisper, noise: Clips, rows: Sequence[dict], out: Path) -> list[str]:
+    """The logit lens along the most repetitive output on non-speech (unedited or under a head ablation)."""
+    candidates = [r for r in rows if not r["speech"] and r["n_tokens"] > 0]
+    if not candidates:
+        return ["## The logit lens along a repetition loop", "", "No non-speech input produced any text.", ""]
+    pick = max(candidates, key=lambda r: (r["max_repeats"], r["n_tokens"], r["kind"] == "none"))
+    head = None if pick["kind"] == "none" else (pick["kind"], pick["layer"], pick["head"])
+    edits = None if head is None else Edits().ablate_heads(f"decoder.blocks.{head[1]}.{head[0]}", [head[2]])
+    mel = noise.mels[pick["clip"]]
+    res = model.generate(mel[None], edits=edits, max_new_tokens=pick["n_tokens"] or None)[0]
+    prompt = prompt_tokens(model, res.language)
+    lens = repetition_lens(model, mel, prompt, res.tokens, edits=edits)
+    save_rows(lens, out / "repetition_lens.csv")
+    tok, labels = model.tokenizer, layer_labels(model)
+    n = len(labels)
+    prob = np.array([[r[f"p_{l}"] for r in lens] for l in range(n)])  # (L+1, T)
+    top = [[token_label(tok, r[f"top_{l}"]) for r in lens] for l in range(n)]
+    fed = [token_label(tok, t) for t in (prompt + res.tokens)[len(prompt) - 1 : len(prompt) - 1 + len(lens)]]
+    plot.lens_heatmap(prob, top, out / "repetition_lens.png", layer_labels=labels, position_labels=fed,
+                      title=f"Logit lens along {res.text.strip()[:60]!r}")  # fmt: skip
+    summary = decision_summary(lens)
+    where = "the unedited model" if head is None else f"head {head[2]} of decoder.blocks.{head[1]}.{head[0]} zeroed"
+    stats = [{"tokens": kind, "count": summary[kind], "mean decision layer": summary[f"decision_{kind}"]}
+             for kind in ("repeats", "others")]  # fmt: skip
+    return [
+        "## The logit lens along a repetition loop",
+        "",
+        f"The most repetitive output on non-speech, of the unedited model and of every head ablation: "
+        f"`{pick['name']}`, {where}, {len(res.tokens)} tokens ({pick['max_repeats']} repeats in a row): "
+        f"{res.text.strip()[:80]!r}. Each column is one emitted "
+        "token, read at the position that predicted it; colour is the probability each layer's readout gives it, "
+        "text the readout's own top token. A token's *decision layer* is the first readout from which it stays "
+        f"the top-1 ({labels[0]} = the embeddings, {labels[-1]} = the model's output). Repeats are tokens that "
+        "copy an earlier pair of tokens.",
+        "",
+        "![lens along the loop](repetition_lens.png)",
+        "",
+        format_table(stats),
+        "",
+    ]
 
 
 # ----------------------------------------------------------------------------- the demo
@@ -211,7 +568,7 @@ def demo(
     """The whole study on a model and sample clips (default: the shipped toy model and its samples).
 
     ``samples``: a folder with wav files and ``transcripts.json`` ({file name: reference text}).
-    Writes ``out/report.md`` with its pictures and tables.
+    Writes ``out/report.md`` with its pictures and tables, one section per stage; returns its path.
     """
     from tqdm import tqdm
 
@@ -221,160 +578,165 @@ def demo(
     folder = Path(samples) if samples is not None else SHIPPED["toy"] / "samples"
     if not (folder / "transcripts.json").exists():
         raise FileNotFoundError(f"the demo needs sample clips with {folder / 'transcripts.json'}")
-    md: list[str] = []
-    threads = torch.get_num_threads()
-    try:
-        with output_folder(out, "demo") as tmp:  # checks the destination before any work
-            model = load_model(model_name, device=device, dtype=dtype)
-            if sum(p.numel() for p in model.parameters()) < 20_000_000:
-                # a small model's ops are too short to share between threads: one thread is as fast, and
-                # much faster when the other core is busy (threads then wait for each other)
-                torch.set_num_threads(1)
-            transcripts = json.loads((folder / "transcripts.json").read_text())
-            paths = [folder / f for f in transcripts]
-            refs = [transcripts[f] for f in transcripts]
-            mels, seconds = load_windows(paths, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
-            stages = ["transcribe", "decoder lens", "encoder removal", "decoder removal", "attention", "no-speech lens"]
-            bar = tqdm(stages, desc="demo", unit="stage", disable=not progress)
-            bar.set_postfix_str("transcribing")
-            results = model.generate(mels)
-            hyps = [r.text.strip() for r in results]
-            rows = [
-                {"clip": p.name, "reference": r, "transcript": h, "wer": wer(r, h), "cer": cer(r, h)}
-                for p, r, h in zip(paths, refs, hyps, strict=True)
-            ]
-            md += [
-                "# whisper-lens demo report",
-                "",
-                f"Model: {model_name or 'the shipped toy Whisper'} ({model.dims.n_audio_layer} encoder + "
-                f"{model.dims.n_text_layer} decoder blocks, width {model.dims.n_text_state}), {len(paths)} clips.",
-                "",
-                "## 1. Transcripts (greedy)",
-                "",
-                format_table(rows),
-                "",
-                f"Corpus WER {wer(refs, hyps):.3f}, CER {cer(refs, hyps):.3f}.",
-                "",
-            ]
-            bar.update()
-
-            bar.set_postfix_str("lens")
-            lens = lens_study(model, mels[0], tmp, name="sample0")
-            agreements = [
-                lens_study(model, mels[i], tmp, name=f"sample{i}")["per_layer"] if i else lens["per_layer"]
-                for i in range(len(paths))
-            ]
-            mean_rows = [
-                {
-                    "layer": row["layer"],
-                    **{
-                        k: float(np.mean([a[j][k] for a in agreements]))
-                        for k in ("top1_agreement", "p_final", "kl", "entropy")
-                    },
-                }
-                for j, row in enumerate(agreements[0])
-            ]
-            plot.layer_lines(
-                {
-                    "top-1 agreement with the final output": [r["top1_agreement"] for r in mean_rows],
-                    "p(final token)": [r["p_final"] for r in mean_rows],
-                },
-                tmp / "lens_layers.png",
-                labels=[r["layer"] for r in mean_rows],
-                ylabel="mean over positions",
-                title="Decoder logit lens, all samples",
-            )
-            md += [
-                "## 2. Decoder logit lens",
-                "",
-                "Each block's input read through the final LayerNorm and the unembedding. Colour: the probability "
-                "of the token the full model predicts; text: each layer's top token.",
-                "",
-                "![decoder lens](sample0_lens.png)",
-                "",
-                "![lens per layer](lens_layers.png)",
-                "",
-                format_table(mean_rows),
-                "",
-                "Encoder lens: probability of each transcript token when only the first k encoder blocks run "
-                "(ln_post still applied).",
-                "",
-                "![encoder lens](sample0_encoder_lens.png)",
-                "",
-            ]
-            bar.update()
-
-            bar.set_postfix_str("removal")
-            summary = ablate_study(model, mels, seconds, tmp, stacks=("encoder", "decoder"), references=refs)
-            bar.update(2)
-            md += [
-                "## 3. Layer removal",
-                "",
-                "The last k blocks of one stack are skipped (the residual passes through; the encoder's ln_post "
-                "stays). All samples are decoded in one batch per k.",
-                "",
-                "![removal](removal.png)",
-                "",
-                format_table(summary),
-                "",
-            ]
-
-            bar.set_postfix_str("attention")
-            enc_rows = [r for r in summary if r["stack"] == "encoder" and r["removed"] > 0]
-            changed = [r for r in enc_rows if r["wer"] > 0] or enc_rows[-1:]  # settings that change the transcripts
-            worst = max(changed, key=lambda r: (r["max_repeats"], r["compression_ratio"], r["wer"]))
-            k = int(worst["removed"])
-            L = model.dims.n_audio_layer
-            normal = attention_study(model, mels[0], seconds[0], tmp, name="normal")
-            broken = attention_study(
-                model, mels[0], seconds[0], tmp, name="broken", edits=Edits().skip("encoder", range(L - k, L))
-            )
-            cross = [r for r in compare_attention(normal, broken, "entropy") if "cross_attn" in r["name"]]
-            padding = [r for r in compare_attention(normal, broken, "padding_share") if "cross_attn" in r["name"]]
-            md += [
-                "## 4. Attention, normal vs broken",
-                "",
-                f"The broken run removes the last {k} encoder blocks (of the settings that change the "
-                "transcripts, the one with the most repetition). "
-                "Cross-attention of the last decoder block, mean over heads, over the spectrogram:",
-                "",
-                "![normal](normal_cross_over_mel.png)",
-                "",
-                "![broken](broken_cross_over_mel.png)",
-                "",
-                "Cross-attention per head, normal vs broken: share of attention on the padding after the audio,",
-                "",
-                format_table(padding),
-                "",
-                "and entropy (nats):",
-                "",
-                format_table(cross),
-                "",
-            ]
-            bar.update()
-
-            bar.set_postfix_str("no-speech")
-            frames = 2 * model.dims.n_audio_ctx
-            silence, _ = load_windows([np.zeros(SAMPLE_RATE, np.float32)], model.dims.n_mels, frames)  # 1 s of zeros
-            sot = sot_lens(model, torch.cat([mels[:1], silence.to(mels)]))
-            layers = [r["layer"] for r in lens["per_layer"]]
-            ns_rows = [
-                {"layer": lab, "speech": a, "silence": b}
-                for lab, (a, b) in zip(layers, sot["no_speech"].tolist(), strict=True)
-            ]
-            md += [
-                "## 5. No-speech lens",
-                "",
-                "Probability of <|nospeech|> at the <|startoftranscript|> position, read at each decoder layer, "
-                "for a speech sample and for silence:",
-                "",
-                format_table(ns_rows),
-                "",
-            ]
-            bar.update()
-            md += [f"Written in {time.time() - started:.1f} s."]
-            write_text(tmp / "report.md", "\n".join(md) + "\n")
+    with output_folder(out, "demo") as tmp:  # checks the destination before any work
+        model = load_model(model_name, device=device, dtype=dtype)
+        clips = load_clips(model, folder)
+        bar = tqdm(total=5, desc="demo", unit="stage", disable=not progress, postfix="transcripts")
+        md = demo_header(model, model_name, clips) + transcripts_section(model, clips)
+        advance(bar, "lens")
+        md += lens_section(model, clips, tmp)
+        advance(bar, "removal")
+        removal_md, summary = removal_section(model, clips, tmp)
+        md += removal_md
+        advance(bar, "attention")
+        md += attention_section(model, clips, tmp, summary)
+        advance(bar, "no-speech")
+        md += no_speech_section(model, clips)
+        advance(bar, "done")
         bar.close()
-    finally:
-        torch.set_num_threads(threads)
+        md += [f"Written in {time.time() - started:.1f} s."]
+        write_text(tmp / "report.md", "\n".join(md) + "\n")
     return Path(out) / "report.md"
+
+
+def advance(bar, stage: str) -> None:
+    """One stage done; show the next one's name on the progress bar."""
+    bar.update()
+    bar.set_postfix_str(stage)
+
+
+def demo_header(model: Whisper, model_name: str | None, clips: Clips) -> list[str]:
+    d = model.dims
+    return [
+        "# whisper-lens demo report",
+        "",
+        f"Model: {model_name or 'the shipped toy Whisper'} ({d.n_audio_layer} encoder + {d.n_text_layer} decoder "
+        f"blocks, width {d.n_text_state}), {len(clips.names)} clips.",
+        "",
+    ]
+
+
+def transcripts_section(model: Whisper, clips: Clips) -> list[str]:
+    """1. Every clip's greedy transcript against its reference."""
+    hyps = [r.text.strip() for r in model.generate(clips.mels)]
+    rows = [
+        {"clip": name, "reference": ref, "transcript": hyp, "wer": wer(ref, hyp), "cer": cer(ref, hyp)}
+        for name, ref, hyp in zip(clips.names, clips.references, hyps, strict=True)
+    ]
+    return [
+        "## 1. Transcripts (greedy)",
+        "",
+        format_table(rows),
+        "",
+        f"Corpus WER {wer(clips.references, hyps):.3f}, CER {cer(clips.references, hyps):.3f}.",
+        "",
+    ]
+
+
+def lens_section(model: Whisper, clips: Clips, out: Path) -> list[str]:
+    """2. The decoder logit lens of every clip (pictures of the first), averaged per layer; the encoder lens."""
+    per_clip = [lens_study(model, clips.mels[i], out, name=f"sample{i}")["per_layer"] for i in range(len(clips.names))]
+    metrics = ("top1_agreement", "p_final", "kl", "entropy")
+    mean_rows = [
+        {"layer": row["layer"], **{k: float(np.mean([clip[j][k] for clip in per_clip])) for k in metrics}}
+        for j, row in enumerate(per_clip[0])
+    ]
+    plot.layer_lines(
+        {
+            "top-1 agreement with the final output": [r["top1_agreement"] for r in mean_rows],
+            "p(final token)": [r["p_final"] for r in mean_rows],
+        },
+        out / "lens_layers.png",
+        labels=[r["layer"] for r in mean_rows],
+        ylabel="mean over positions",
+        title="Decoder logit lens, all samples",
+    )
+    return [
+        "## 2. Decoder logit lens",
+        "",
+        "Each block's input read through the final LayerNorm and the unembedding. Colour: the probability "
+        "of the token the full model predicts; text: each layer's top token.",
+        "",
+        "![decoder lens](sample0_lens.png)",
+        "",
+        "![lens per layer](lens_layers.png)",
+        "",
+        format_table(mean_rows),
+        "",
+        "Encoder lens: probability of each transcript token when only the first k encoder blocks run "
+        "(ln_post still applied).",
+        "",
+        "![encoder lens](sample0_encoder_lens.png)",
+        "",
+    ]
+
+
+def removal_section(model: Whisper, clips: Clips, out: Path) -> tuple[list[str], list[dict]]:
+    """3. Removing the last k blocks of the encoder, then of the decoder; returns the section and the summary."""
+    summary = ablate_study(model, clips.mels, clips.seconds, out, stacks=("encoder", "decoder"),
+                           references=clips.references)  # fmt: skip
+    lines = [
+        "## 3. Layer removal",
+        "",
+        "The last k blocks of one stack are skipped (the residual passes through; the encoder's ln_post "
+        "stays). All samples are decoded in one batch per k.",
+        "",
+        "![removal](removal.png)",
+        "",
+        format_table(summary),
+        "",
+    ]
+    return lines, summary
+
+
+def attention_section(model: Whisper, clips: Clips, out: Path, summary: list[dict]) -> list[str]:
+    """4. Attention of a normal run against the encoder removal (from ``summary``) that repeats most."""
+    enc_rows = [r for r in summary if r["stack"] == "encoder" and r["removed"] > 0]
+    changed = [r for r in enc_rows if r["wer"] > 0] or enc_rows[-1:]  # settings that change the transcripts
+    k = int(max(changed, key=lambda r: (r["max_repeats"], r["compression_ratio"], r["wer"]))["removed"])
+    L = model.dims.n_audio_layer
+    mel, seconds = clips.mels[0], clips.seconds[0]
+    normal = attention_study(model, mel, seconds, out, name="normal")
+    broken = attention_study(model, mel, seconds, out, name="broken", edits=Edits().skip("encoder", range(L - k, L)))
+    cross = [r for r in compare_attention(normal, broken, "entropy") if "cross_attn" in r["name"]]
+    padding = [r for r in compare_attention(normal, broken, "padding_share") if "cross_attn" in r["name"]]
+    return [
+        "## 4. Attention, normal vs broken",
+        "",
+        f"The broken run removes the last {k} encoder blocks (of the settings that change the "
+        "transcripts, the one with the most repetition). "
+        "Cross-attention of the last decoder block, mean over heads, over the spectrogram:",
+        "",
+        "![normal](normal_cross_over_mel.png)",
+        "",
+        "![broken](broken_cross_over_mel.png)",
+        "",
+        "Cross-attention per head, normal vs broken: share of attention on the padding after the audio,",
+        "",
+        format_table(padding),
+        "",
+        "and entropy (nats):",
+        "",
+        format_table(cross),
+        "",
+    ]
+
+
+def no_speech_section(model: Whisper, clips: Clips) -> list[str]:
+    """5. p(<|nospeech|>) at sot per decoder layer, for the first clip and for one second of silence."""
+    frames = 2 * model.dims.n_audio_ctx
+    silence, _ = load_windows([np.zeros(SAMPLE_RATE, np.float32)], model.dims.n_mels, frames)
+    sot = sot_lens(model, torch.cat([clips.mels[:1], silence.to(clips.mels)]))
+    rows = [
+        {"layer": label, "speech": a, "silence": b}
+        for label, (a, b) in zip(layer_labels(model), sot["no_speech"].tolist(), strict=True)
+    ]
+    return [
+        "## 5. No-speech lens",
+        "",
+        "Probability of <|nospeech|> at the <|startoftranscript|> position, read at each decoder layer, "
+        "for a speech sample and for silence:",
+        "",
+        format_table(rows),
+        "",
+    ]

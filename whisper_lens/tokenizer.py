@@ -160,6 +160,7 @@ TASKS = ("transcribe", "translate")
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 N_TIMESTAMPS = 1501  # <|0.00|> ... <|30.00|> in 0.02 s steps
+MULTILINGUAL_RANKS = 50257  # multilingual.tiktoken: GPT-2's 50256 ranks plus one
 N_SPECIALS_WITHOUT_LANGUAGES = 2 + 6 + N_TIMESTAMPS  # eot, sot; task/lm/prev/nospeech/notimestamps; times
 
 # Languages written without spaces between words: word boundaries are taken at every point
@@ -254,6 +255,12 @@ class Tokenizer:
                 f"{N_SPECIALS_WITHOUT_LANGUAGES} special tokens plus 99 or 100 language tokens, so n_vocab "
                 f"should be {n_ranks + N_SPECIALS_WITHOUT_LANGUAGES + 99} or "
                 f"{n_ranks + N_SPECIALS_WITHOUT_LANGUAGES + 100} (pass the model's dims.n_vocab)"
+            )
+        if num_languages == 100 and n_ranks != MULTILINGUAL_RANKS:  # only large-v3's layout has 100 languages
+            raise ValueError(
+                f"n_vocab={n_vocab} means large-v3's layout (100 languages) over the multilingual vocabulary "
+                f"of {MULTILINGUAL_RANKS} ranks, but this one has {n_ranks} (an English-only vocabulary goes with "
+                f"n_vocab={n_ranks + N_SPECIALS_WITHOUT_LANGUAGES + 99}; pass the model's dims.n_vocab)"
             )
         specials = _special_token_names(num_languages)
         self._encoding = tiktoken.Encoding(
