@@ -170,6 +170,30 @@ def test_batched_equals_one_by_one_with_fallback(toy):
             assert [w.probability for w in s.words] == pytest.approx([w.probability for w in v.words], abs=1e-5)
 
 
+def test_a_round_is_one_generate_call(toy, monkeypatch):
+    """At temperature 0 each round decodes every recording's window in one call, each after its own prompt."""
+    samples = sorted(SAMPLES.glob("*.wav"))
+    audios = [joined(samples, 0.3), joined(samples[::-1], 0.6), joined(samples[1:], 0.1)]
+    calls = []
+    generate = type(toy).generate
+
+    def counted(model, *args, **kwargs):
+        calls.append([tuple(p) for p in kwargs["prompt"]])  # one prompt per window of the round
+        return generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(type(toy), "generate", counted)
+    together = toy.transcribe(audios, temperature=0.0, timestamps=False)
+    rounds = max(len(t.windows) for t in together)
+    assert len(calls) == rounds >= 3
+    assert calls[0] == [()] * 3 and len(set(calls[1])) == 3  # later rounds: three different prompts, one call
+    monkeypatch.setattr(type(toy), "generate", generate)
+    alone = [toy.transcribe(x, temperature=0.0, timestamps=False) for x in audios]
+    for t, u in zip(together, alone, strict=True):  # the same tokens as alone (log-probabilities up to rounding)
+        assert [(s.seek, s.start, s.end, s.tokens) for s in t.segments] == [
+            (s.seek, s.start, s.end, s.tokens) for s in u.segments
+        ]
+
+
 def test_timestamps_follow_the_models_window(toy):
     """The toy's window is 4 s (200 positions of 20 ms): timestamps step 20 ms and end with the audio, not at 30 s."""
     tok = toy.tokenizer

@@ -31,6 +31,7 @@ tracks time, for models that come without a published list.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -44,6 +45,7 @@ from .audio import TIME_PRECISION
 from .trace import Edits, Trace
 
 if TYPE_CHECKING:
+    from .decoding import DecodingResult
     from .model import Whisper
 
 POSITIONS_PER_SECOND = round(1 / TIME_PRECISION)  # 50 encoder positions of 20 ms
@@ -309,28 +311,28 @@ def align(
 
 
 def recorded_names(heads: Sequence[tuple[int, int]]) -> tuple[str, ...]:
-    """What ``align_recorded`` needs recorded while decoding: the heads' scores and the final normed residual."""
-    return (*score_names(heads), "decoder.ln")
+    """What ``align_recorded`` needs recorded while decoding: the heads' attention scores."""
+    return tuple(score_names(heads))
 
 
 def align_recorded(
-    model: Whisper, trace: Trace, sampled: list[int], text: list[int], n_frames: int, heads: Sequence[tuple[int, int]]
+    model: Whisper, result: DecodingResult, text: list[int], n_frames: int, heads: Sequence[tuple[int, int]]
 ) -> Alignment:
     """Time the words of ``text`` from the attention recorded while the window was decoded: no extra pass.
 
-    ``trace`` is the decoding's (``recorded_names``), over its prompt and ``sampled`` tokens;
-    ``text``: the first text tokens among ``sampled`` (those of the segments kept). Row k of the
-    matrix is the step that chose text token k (after the previous text or a timestamp, with the
-    previous window's text in the prompt), the last row the step after the last text token, so
-    the words differ from the decoder-only pass (README: word timing). A token's probability is
-    the decoding's, over text tokens only.
+    ``result`` is the window's decoding, traced with ``recorded_names``: its trace covers the
+    prompt and the sampled ``result.tokens``; ``text``: the first text tokens among them (those of
+    the segments kept). Row k of the matrix is the step that chose text token k (after the
+    previous text or a timestamp, with the previous window's text in the prompt), the last row the
+    step after the last text token, so the words differ from the decoder-only pass (README: word
+    timing). A token's probability is the decoding's own (``result.token_logprobs``: over the
+    filtered vocabulary, timestamps included, where the pass's is over text tokens only).
     """
-    tok = model.tokenizer
-    T0 = trace["decoder.ln"].shape[1] - len(sampled)  # the prompt's length
-    at = [T0 + j for j, t in enumerate(sampled) if t < tok.eot][: len(text)]  # positions of the text tokens
-    rows = [p - 1 for p in at] + [at[-1]]  # (n_text + 1,)
-    W = model.decoder.token_embedding.weight[: tok.eot]  # (eot, D): the unembedding of text tokens
-    logits = trace["decoder.ln"][0, rows[:-1]] @ W.T  # (n_text, eot)
-    token_probs = logits.float().softmax(dim=-1)[torch.arange(len(text)), text].tolist()
-    matrix = attention_matrix(heads_scores(trace, heads, 0)[:, rows], n_frames // 2)  # (n_text + 1, P)
+    tok, sampled = model.tokenizer, result.tokens
+    scores = heads_scores(result.trace, heads, 0)  # (h, T, S): T = prompt + sampled tokens
+    T0 = scores.shape[1] - len(sampled)  # the prompt's length
+    js = [j for j, t in enumerate(sampled) if t < tok.eot][: len(text)]  # the text tokens among those sampled
+    rows = [T0 + j - 1 for j in js] + [T0 + js[-1]]  # (n_text + 1,): the positions that chose them, then the last
+    token_probs = [math.exp(result.token_logprobs[j]) for j in js]
+    matrix = attention_matrix(scores[:, rows], n_frames // 2)  # (n_text + 1, P)
     return word_timings(tok, list(text), matrix, token_probs)

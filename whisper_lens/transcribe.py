@@ -527,32 +527,26 @@ def decode_with_fallback(model: Whisper, xa: Tensor, streams: list[Stream], opts
 
 def decode_windows(model: Whisper, xa: Tensor, prompts: list[list[int]], languages: list[str | None],
                    temperature: float, seeds: list[int], opts: Options) -> list[DecodingResult]:  # fmt: skip
-    """Decode a batch of encoded windows [B, S, D], each after its own prompt, at one temperature.
+    """Decode a batch of encoded windows [B, S, D], each after its own prompt and in its own language.
 
-    At temperature 0, windows with the same prompt and language share one ``generate`` call
-    (with per-window prompts in ``generate``, the whole batch is one call). Above 0 each window
-    draws ``best_of`` samples from its own seed and keeps the likeliest.
+    At temperature 0 (greedy, or beam search) the batch is one ``generate`` call with one prompt
+    and one language per window; a window's tokens do not depend on the others in the call.
+    Above 0 each window draws ``best_of`` samples in a call of its own, seeded with its own seed
+    (``generate`` takes one seed per call), so its samples do not depend on the batch either, and
+    keeps the likeliest.
     """
     common = dict(task=opts.task, timestamps=opts.timestamps, suppress_tokens=opts.suppress_tokens,
                   trace=list(opts.recorded) or None, edits=opts.decoder_edits)  # fmt: skip
-    out: list[DecodingResult | None] = [None] * len(prompts)
     if temperature == 0:
-        groups: dict[tuple, list[int]] = {}
-        for i, (p, lang) in enumerate(zip(prompts, languages, strict=True)):
-            groups.setdefault((tuple(p), lang), []).append(i)
-        for (prompt, lang), rows in groups.items():
-            found = model.generate(audio_features=xa[rows], prompt=list(prompt), language=lang,
-                                   beam_size=opts.beam_size, patience=opts.patience,
-                                   length_penalty=opts.length_penalty, **common)  # fmt: skip
-            for i, r in zip(rows, found, strict=True):
-                out[i] = r
-        return out  # type: ignore[return-value]
-    n = opts.best_of or 1
+        return model.generate(audio_features=xa, prompt=list(prompts), language=list(languages),
+                              beam_size=opts.beam_size, patience=opts.patience, length_penalty=opts.length_penalty,
+                              **common)  # fmt: skip
+    n, out = opts.best_of or 1, []
     for i, (p, lang) in enumerate(zip(prompts, languages, strict=True)):
         found = model.generate(audio_features=xa[i : i + 1].expand(n, -1, -1), prompt=p, language=lang,
                                temperature=temperature, seed=seeds[i], **common)  # fmt: skip
-        out[i] = max(found, key=lambda r: rank_score(r.sum_logprob, len(r.tokens), opts.length_penalty))
-    return out  # type: ignore[return-value]
+        out.append(max(found, key=lambda r: rank_score(r.sum_logprob, len(r.tokens), opts.length_penalty)))
+    return out
 
 
 def needs_fallback(r: DecodingResult, opts: Options) -> bool:
@@ -613,8 +607,8 @@ def time_words(model: Whisper, xa: Tensor, kept: list[Decoded], opts: Options) -
     tok = model.tokenizer
     texts = [[t for seg in d.segments for t in seg.tokens if t < tok.eot] for d in kept]
     if opts.word_timing == "decoding":
-        alignments = [align_recorded(model, d.result.trace, d.result.tokens, text, d.frames, opts.heads)
-                      if text else None for d, text in zip(kept, texts, strict=True)]  # fmt: skip
+        alignments = [align_recorded(model, d.result, text, d.frames, opts.heads) if text else None
+                      for d, text in zip(kept, texts, strict=True)]  # fmt: skip
     else:
         alignments = align_kept(model, xa, kept, texts, opts)
     for d, a in zip(kept, alignments, strict=True):
