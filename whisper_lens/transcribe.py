@@ -340,8 +340,8 @@ def check_language(model: Whisper, language: str | None, task: str) -> str | Non
 def check_decoding(model: Whisper, beam_size: int | None, best_of: int | None, word_timing: str) -> None:
     """The options ``generate`` would only check after the first window was encoded."""
     if beam_size is not None and (not isinstance(beam_size, int) or not 1 <= beam_size < model.dims.n_vocab):
-        raise ValueError(f"beam_size must be None or an int from 1 to {model.dims.n_vocab - 1} (below the "
-                         f"vocabulary size), got {beam_size!r}")  # fmt: skip
+        raise ValueError(f"beam_size={beam_size!r}: it must be None or an int from 1 to {model.dims.n_vocab - 1} "
+                         "(below the vocabulary size)")  # fmt: skip
     if best_of is not None and (not isinstance(best_of, int) or best_of < 1):
         raise ValueError(f"best_of must be a positive int or None, got {best_of!r}")
     if word_timing not in WORD_TIMINGS:
