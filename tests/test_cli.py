@@ -2,8 +2,7 @@
 
 Every command is run in this process through ``cli.main`` (an uncaught exception would fail the
 test with its traceback); ``test_a_real_process_...`` checks the same from a shell's point of view.
-Long-form ``transcribe`` and ``sweep``/``export`` are being rebuilt elsewhere: only the arguments
-``transcribe`` has today are tried here.
+``transcribe``'s long-form arguments are tried further in tests/test_bad_input.py and test_transcribe.py.
 """
 
 from __future__ import annotations
@@ -68,12 +67,13 @@ BAD = [
     (["transcribe", "missing.wav"], "missing.wav"),
     (["transcribe", "pipe.wav"], "pipe.wav"),
     (["transcribe", "text.wav"], "text.wav"),
-    (["transcribe", "long.wav"], "long.wav"),
+    (["transcribe", "{sample}", "-o", "{file}"], "a-file"),
+    (["transcribe", "{sample}", "-o", "{mine}", "-f", "txt", "--word-timestamps"], "alignment_heads"),
     (["transcribe", "."], "directory"),
     (["transcribe", "{sample}", "--beam-size", "0"], "beam_size"),
     (["transcribe", "{sample}", "--beam-size", "-1"], "beam_size"),
     (["transcribe", "{sample}", "--batch-size", "0"], "--batch-size"),
-    (["transcribe", "{sample}", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["transcribe", "{sample}", "--output-format", "docx"], "docx"),
     (["transcribe", "{sample}", "--language", "klingon"], "klingon"),
     (["transcribe", "{sample}", "--device", "tpu"], "tpu"),
     (["transcribe", "{sample}", "--device", "cuda:9"], "cuda:9"),

@@ -472,24 +472,3 @@ def test_bad_input(small, tmp_path):
     bare.tokenizer = None  # n_vocab 51865 gets OpenAI's tokenizer; a model of an unknown vocabulary has none
     with pytest.raises(ValueError, match="no tokenizer"):
         bare.generate(mel)
-
-
-def test_cli_transcribe(small, tmp_path, capsys):
-    import numpy as np
-    import soundfile
-
-    from whisper_lens.cli import main
-
-    folder = save_model(small, tmp_path / "model", tokenizer_file=MULTI)
-    rng = np.random.default_rng(0)
-    seconds = 2 * SMALL.n_audio_ctx * 160 / 16000  # the model's window
-    for name, length in (("a.wav", 0.5), ("b.wav", 0.9)):
-        soundfile.write(tmp_path / name, 0.1 * rng.standard_normal(int(length * seconds * 16000)), 16000)
-    code = main(["transcribe", str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "--model", str(folder),
-                 "--max-new-tokens", "8", "--batch-size", "2"])  # fmt: skip
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    assert "a.wav" in out.out and "b.wav" in out.out
-    soundfile.write(tmp_path / "long.wav", np.zeros(int(2 * seconds * 16000)), 16000)
-    assert main(["transcribe", str(tmp_path / "long.wav"), "--model", str(folder)]) == 2
-    assert "longer than" in capsys.readouterr().err

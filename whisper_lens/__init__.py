@@ -1,19 +1,28 @@
 """whisper-lens: a hand-written Whisper for interpretability. See README.md and DESIGN.md."""
 
+from .alignment import Word
 from .audio import load_audio, log_mel_spectrogram, pad_or_trim
 from .distributed import load_activations
+from .heads import HeadRanking, find_alignment_heads
 from .loading import load_model
 from .model import ModelDims, Run, Whisper
 from .tokenizer import Tokenizer, load_tokenizer
 from .trace import Edits, Trace
+from .transcribe import Segment, Transcript, Window
 
 __all__ = [
     "Edits",
+    "HeadRanking",
     "ModelDims",
     "Run",
+    "Segment",
     "Tokenizer",
     "Trace",
+    "Transcript",
     "Whisper",
+    "Window",
+    "Word",
+    "find_alignment_heads",
     "load_activations",
     "load_audio",
     "load_model",

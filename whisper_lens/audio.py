@@ -298,3 +298,58 @@ def load_windows(audios, n_mels: int, frames: int) -> tuple[torch.Tensor, list[f
         mels.append(mel)  # (n_mels, frames)
         seconds.append(len(audio) / SAMPLE_RATE)
     return torch.stack(mels), seconds
+
+
+# ----------------------------------------------------------------------------- long files, one window at a time
+
+TIME_PRECISION = 2 * HOP_LENGTH / SAMPLE_RATE  # 0.02 s: one encoder position (2 frames), a timestamp token's step
+
+
+def mel_peak(audio: torch.Tensor, n_mels: int, chunk_frames: int = 6000) -> float:
+    """The loudest log10 mel value of a whole recording: what every window of it is floored against.
+
+    openai-whisper's ``transcribe`` computes one log-mel of the whole file (with 30 s of silence
+    appended) and floors it 8 decades below that file's peak; a window cut from it therefore
+    depends on the loudest moment anywhere in the file. This first pass finds that peak
+    ``chunk_frames`` frames (60 s) at a time, so its memory is bounded by the chunk, not the file.
+    ``audio``: float32 samples [N] at 16 kHz. Frames that touch no audio are -10 (silence's clamp).
+    """
+    n_frames = (len(audio) + N_FFT // 2) // HOP_LENGTH + 1  # every frame whose window touches a sample
+    filters = _mel_filters_cpu(n_mels).to(audio.device)  # (n_mels, F)
+    peak = -10.0  # log10 of the 1e-10 clamp: the value of a frame of pure silence
+    for first in range(0, n_frames, chunk_frames):
+        power = _frame_power(audio, first, min(chunk_frames, n_frames - first))  # (F, frames)
+        mel = filters @ power  # (n_mels, frames)
+        peak = max(peak, float(mel.clamp(min=1e-10).log10().max()))  # as the whole-file computation rounds it
+    return peak
+
+
+def mel_frames(audio: torch.Tensor, first: int, count: int, n_mels: int, peak: float) -> torch.Tensor:
+    """Frames ``first .. first + count`` of a whole recording's log-mel, floored against its ``peak``.
+
+    Equal to ``log_mel_spectrogram(audio, n_mels, padding=N_SAMPLES)[:, first : first + count]``
+    (openai-whisper's whole-file features) when ``peak = mel_peak(audio, n_mels)``, but computed
+    from only the samples those frames see: each frame's 400-sample window, reflected at the
+    file's start as the centred STFT does and silent past its end. [n_mels, count].
+    """
+    power = _frame_power(audio, first, count)  # (F, count), F contiguous: one dense product beats the bands here
+    mel = _mel_filters_cpu(n_mels).to(audio.device) @ power  # (n_mels, count)
+    log_mel = torch.maximum(mel.clamp(min=1e-10).log10(), torch.tensor(peak - 8.0))  # (n_mels, count)
+    return (log_mel + 4.0) / 4.0
+
+
+def _frame_power(audio: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """|STFT|^2 of frames ``first .. first + count`` (frame f centred on sample f * HOP_LENGTH): (F, count)."""
+    half = N_FFT // 2
+    start, stop = first * HOP_LENGTH - half, (first + count - 1) * HOP_LENGTH + half  # samples the frames read
+    lead = max(0, -start)  # samples before the file's start: its reflection
+    if lead > 0:
+        reflected = pad_or_trim(audio[1 : lead + 1], lead).flip(0)  # x[lead], ..., x[1] (silence past the end)
+    else:
+        reflected = audio[:0]
+    body = audio[max(0, start) : max(0, stop)]
+    tail = torch.zeros(stop - max(start, 0) - len(body), dtype=audio.dtype, device=audio.device)  # past the end
+    samples = torch.cat([reflected, body, tail])  # ((count - 1) * HOP_LENGTH + N_FFT,)
+    spectrum = torch.stft(samples, N_FFT, HOP_LENGTH, window=_hann_window(audio.device), center=False,
+                          return_complex=True)  # fmt: skip
+    return torch.addcmul(spectrum.real.square(), spectrum.imag, spectrum.imag)  # (F, count)

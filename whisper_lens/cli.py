@@ -72,27 +72,74 @@ def cmd_names(args: argparse.Namespace) -> None:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> None:
-    """Transcribe audio files, a batch at a time; each file must fit in one window (30 s for official models)."""
-    from tqdm import tqdm
+    """Transcribe recordings of any length (batched): segments on stdout, subtitle files in --output-dir."""
+    from pathlib import Path
 
-    from .audio import load_windows
-    from .decoding import segments
     from .loading import load_model
+    from .writers import OutputFolder, formats, render
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    fmts = formats(args.output_format or "all") if args.output_format or args.output_dir else ()
+    temperatures = fallback_temperatures(args.temperature, args.temperature_increment_on_fallback)
+    heads = parse_heads(args.alignment_heads) if args.alignment_heads else None
+    timestamps = not args.no_timestamps and args.model not in SHIPPED  # the shipped toy never saw timestamps
+    folder = OutputFolder(args.output_dir or ".") if fmts else None
+    outputs = folder.plan([Path(a).stem for a in args.audio], fmts) if folder else [[] for _ in args.audio]
     model = load_model(args.model, **placement(args.device))
-    mels, _ = load_windows(args.audio, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
-    batches = range(0, len(mels), args.batch_size)
-    for start in tqdm(batches, desc="transcribing", unit="batch", disable=len(batches) < 2, file=sys.stderr):
-        results = model.generate(mels[start : start + args.batch_size], beam_size=args.beam_size,
-                                 language=args.language, timestamps=args.timestamps,
-                                 max_new_tokens=args.max_new_tokens)  # fmt: skip
-        for path, result in zip(args.audio[start : start + args.batch_size], results, strict=True):
-            print(f"{path} [{result.language}]: {result.text}")
-            if args.timestamps:
-                for begin, end, text in segments(result.tokens, model.tokenizer, model.dims.n_audio_ctx):
-                    print(f"  [{begin:6.2f} -> {end:6.2f}] {text}")
+    transcripts = model.transcribe(list(args.audio), language=args.language, task=args.task, temperature=temperatures,
+                                   condition_on_previous_text=not args.no_condition_on_previous_text,
+                                   initial_prompt=args.initial_prompt, timestamps=timestamps,
+                                   word_timestamps=args.word_timestamps,
+                                   word_timing=args.word_timing, alignment_heads=heads, beam_size=args.beam_size,
+                                   best_of=args.best_of, batch_size=args.batch_size,
+                                   progress=not args.no_progress)  # fmt: skip
+    for path, transcript, files in zip(args.audio, transcripts, outputs, strict=True):
+        print_transcript(path, transcript, args.word_timestamps)
+        for file in files:
+            folder.write(file, render(transcript, file.suffix[1:]))
+    if folder:
+        print(f"{', '.join(fmts)} files in {folder.folder}/", file=sys.stderr)
+
+
+def fallback_temperatures(start: float, step: float | None) -> tuple[float, ...]:
+    """openai-whisper's CLI rule: from ``start`` up to 1.0 by ``step`` (no fallback when ``step`` is None or 0)."""
+    if not 0 <= start <= 1 or (step is not None and not 0 <= step <= 1):
+        raise ValueError(f"--temperature and its increment must be between 0 and 1, got {start} and {step}")
+    if not step:
+        return (start,)
+    count = int((1.0 - start) / step + 1e-6) + 1
+    return tuple(round(start + k * step, 6) for k in range(count))
+
+
+def parse_heads(text: str) -> list[tuple[int, int]]:
+    """``--alignment-heads 1:0,2:5`` -> [(1, 0), (2, 5)]."""
+    try:
+        return [(int(layer), int(head)) for layer, head in (pair.split(":") for pair in text.split(","))]
+    except ValueError:
+        raise ValueError(f"--alignment-heads must be layer:head pairs like 1:0,2:5, got {text!r}") from None
+
+
+def print_transcript(path: str, t, words: bool) -> None:
+    """A recording's segments with their times, and the windows skipped as silence with their no-speech probability."""
+    from .writers import timestamp
+
+    silent = sum(w.no_speech for w in t.windows)
+    seconds = t.windows[-1].end if t.windows else 0.0
+    print(f"{path} [{t.language}, {seconds:.1f} s, {len(t.windows)} windows, {silent} without speech]"
+          + ("" if t.text.strip() else ": no speech"))  # fmt: skip
+    events = [(s.start, f"[{timestamp(s.start, '.')} --> {timestamp(s.end, '.')}] {s.text.strip()}") for s in t.segments
+              if s.text.strip()]  # fmt: skip
+    for w in t.windows:
+        if w.no_speech:
+            why = "silence" if w.result is None else f"no_speech_prob {w.result.no_speech_prob:.2f}"
+            events.append((w.start, f"[{timestamp(w.start, '.')} --> {timestamp(w.end, '.')}] (no speech: {why})"))
+    for _, line in sorted(events, key=lambda e: e[0]):
+        print(f"  {line}")
+    if words:
+        for s in t.segments:
+            for w in s.words:
+                print(f"    {w.start:8.2f} {w.end:8.2f}  {w.probability:.2f}  {w.word.strip()}")
 
 
 def cmd_train_toy(args: argparse.Namespace) -> None:
@@ -284,19 +331,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="*", help="glob patterns to filter names (e.g. 'decoder.*.resid_post')")
     p.set_defaults(func=cmd_names)
 
-    p = sub.add_parser("transcribe", help="transcribe audio files (one window each), greedy or beam search")
+    p = sub.add_parser("transcribe", help="transcribe recordings of any length (batched), with word timestamps")
     model_arg(p)
-    p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3)")
-    p.add_argument("--beam-size", type=int, default=None, help="beam search with N beams (default: greedy)")
+    p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3), any length")
     p.add_argument("--language", default=None, help="language code or name (default: detected per file)")
-    p.add_argument("--timestamps", action="store_true", help="also print segments with timestamps")
-    p.add_argument("--batch-size", type=int, default=8, help="files decoded together (default 8)")
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=None,
-        help="most tokens per file (default 224, or what a smaller context leaves)",
-    )
+    p.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
+    p.add_argument("--beam-size", type=int, default=None, help="beam search with N beams (default: greedy)")
+    p.add_argument("--best-of", type=int, default=None, help="samples drawn at each fallback temperature")
+    p.add_argument("--temperature", type=float, default=0.0, help="first temperature (default 0: greedy)")
+    p.add_argument("--temperature-increment-on-fallback", type=float, default=0.2,
+                   help="step up to 1.0 for windows that fail (0: no fallback; default 0.2)")  # fmt: skip
+    p.add_argument("--initial-prompt", default=None, help="text given as the prompt of the first window")
+    p.add_argument("--no-condition-on-previous-text", action="store_true",
+                   help="do not give each window the text so far as prompt")  # fmt: skip
+    p.add_argument("--no-timestamps", action="store_true",
+                   help="decode windows as text only, each one segment (automatic for the shipped toy, trained "
+                        "without timestamps)")  # fmt: skip
+    p.add_argument("--word-timestamps", action="store_true", help="time every word (DTW on the alignment heads)")
+    p.add_argument("--word-timing", choices=["pass", "decoding"], default="pass",
+                   help="pass: one decoder pass per window, openai-whisper's numbers (default); decoding: the "
+                        "patterns recorded while decoding")  # fmt: skip
+    p.add_argument("--alignment-heads", default=None, help="layer:head pairs (default: the model's), e.g. 1:0,2:5")
+    p.add_argument("--output-format", "-f", choices=["txt", "srt", "vtt", "tsv", "json", "all"], default=None,
+                   help="files to write (default: all when --output-dir is given, else none)")  # fmt: skip
+    p.add_argument("--output-dir", "-o", default=None, help="folder for the files (default: the current one)")
+    p.add_argument("--batch-size", type=int, default=8, help="recordings decoded together (default 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("demo", help="the whole study (default: the shipped toy model, offline), written to report/")

@@ -84,6 +84,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .audio import TIME_PRECISION
 from .inputs import check_audio_features, check_mel
 from .kernels import Kernels
 from .trace import IDLE, Edits, Recorder, Trace, TraceRequest
@@ -91,7 +92,6 @@ from .trace import IDLE, Edits, Recorder, Trace, TraceRequest
 if TYPE_CHECKING:
     from .model import DecoderCache, Whisper
 
-CHUNK_SECONDS = 30.0  # the audio window the encoder sees; timestamps step by CHUNK_SECONDS / n_audio_ctx
 DEFAULT_MAX_NEW = 224  # openai-whisper's sample_len for every official model (n_text_ctx // 2)
 CUDA_CHECK_EVERY = 8  # on CUDA, look at the "all finished" flag every 8 steps (on CPU, every step)
 
@@ -257,6 +257,11 @@ def per_clip(name: str, value: object, n_clips: int, single) -> tuple:
 def as_tokens(tok, x: str | Sequence[int], what: str) -> list[int]:
     """Token ids of a text (encoded as openai-whisper does, after a space) or of given ids, checked to be text."""
     ids = tok.encode(" " + x.strip()) if isinstance(x, str) else [int(t) for t in x]
+    if what == "prompt":  # a previous transcript, timestamps included (as openai-whisper's transcribe passes it)
+        bad = [t for t in ids if not 0 <= t < tok.n_vocab]
+        if bad:
+            raise ValueError(f"prompt token {bad[0]} is outside the vocabulary [0, {tok.n_vocab})")
+        return ids
     bad = [t for t in ids if not 0 <= t < tok.eot]
     if bad:
         raise ValueError(f"{what} token {bad[0]} is not a text token (text tokens are 0..{tok.eot - 1})")
@@ -324,7 +329,7 @@ def max_initial_index(model: Whisper, options: DecodingOptions) -> int | None:
     """The last timestamp index the first token may be (``max_initial_timestamp`` in 20 ms steps), or None."""
     if not options.timestamps or options.max_initial_timestamp is None:
         return None
-    return round(options.max_initial_timestamp / (CHUNK_SECONDS / model.dims.n_audio_ctx))
+    return round(options.max_initial_timestamp / TIME_PRECISION)
 
 
 # ----------------------------------------------------------------------------- logit filters
@@ -850,19 +855,24 @@ def generate(
     return finish(d, n_sel=i + 1)
 
 
-def segments(tokens: Sequence[int], tokenizer, n_audio_ctx: int = 1500) -> list[tuple[float, float, str]]:
+def segments(
+    tokens: Sequence[int], tokenizer, n_audio_ctx: int = 1500, duration: float | None = None
+) -> list[tuple[float, float, str]]:
     """Split timestamped tokens into (start s, end s, text) segments: text between a pair of timestamps.
 
-    A trailing lone timestamp (the model's "the rest continues later") closes no segment; text
-    after the last timestamp becomes a segment ending where the window ends.
+    A timestamp token counts 20 ms steps (``TIME_PRECISION``: one encoder position) from the start
+    of the window, whatever the window's length; the window holds ``n_audio_ctx`` positions
+    (30 s for the official models, 4 s for the shipped toy). A trailing lone timestamp (the
+    model's "the rest continues later") closes no segment; text after the last timestamp becomes
+    a segment ending where the audio ends: ``duration`` seconds, or the end of the window.
     """
-    precision = CHUNK_SECONDS / n_audio_ctx
+    end_of_audio = n_audio_ctx * TIME_PRECISION if duration is None else min(duration, n_audio_ctx * TIME_PRECISION)
     ts = tokenizer.timestamp_begin
     out: list[tuple[float, float, str]] = []
     start, text_ids = None, []
     for t in tokens:
         if t >= ts:
-            time = (t - ts) * precision
+            time = (t - ts) * TIME_PRECISION
             if start is None:
                 start = time
             else:
@@ -871,5 +881,5 @@ def segments(tokens: Sequence[int], tokenizer, n_audio_ctx: int = 1500) -> list[
         else:
             text_ids.append(t)
     if text_ids:
-        out.append((start or 0.0, CHUNK_SECONDS, tokenizer.decode(text_ids).strip()))
+        out.append((start or 0.0, end_of_audio, tokenizer.decode(text_ids).strip()))
     return out

@@ -531,3 +531,75 @@ def _write(fig, path: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+# ----------------------------------------------------------------------------- word timing (transcribe.py)
+
+WORDS_WIDTH = 12.0  # word_alignment: width; height 3 + max(2, 0.2 * rows) <= 30 in, at WORDS_DPI
+WORDS_DPI = 100
+
+
+def word_alignment(
+    mel,
+    matrix,
+    dtw_path,
+    tokens: Sequence[str],
+    words: Sequence[tuple[str, float, float]],
+    path: str | os.PathLike,
+    *,
+    title: str = "Word timing: the alignment heads' attention and its DTW path",
+) -> Path:
+    """How words were timed: the alignment heads' attention under the spectrogram, the DTW path and the words.
+
+    ``mel`` [n_mels, frames]: the window's log-mel (frames every 10 ms; only the first ``2 * P``
+    are drawn); ``matrix`` [rows, P]: the heads' standardised, filtered, averaged attention over
+    the P positions (20 ms each) that hold audio, row k the step predicting text token k and the
+    last row EOT (``alignment.Alignment.matrix``); ``dtw_path`` [2, steps]: (row, position)
+    pairs (``Alignment.path``); ``tokens`` names the rows; ``words``: (text, start s, end s) drawn
+    as spans over the spectrogram and boundaries across both panels. Get all of them for a
+    window of a transcript with ``transcribe.window_alignment``.
+
+    Size: 12 in wide, ``3 + max(2, 0.2 * rows)`` in high (capped at 30, rounded to whole pixels), at 100 dpi.
+    """
+    mel, matrix, dtw_path = _array(mel, "mel"), _array(matrix, "matrix"), _array(dtw_path, "dtw_path")
+    if matrix.ndim != 2 or 0 in matrix.shape:
+        raise ValueError(f"matrix must be a non-empty [rows, positions] array, got shape {matrix.shape}")
+    rows, positions = matrix.shape
+    if mel.ndim != 2 or mel.shape[1] < 2 * positions:
+        raise ValueError(f"mel must be [n_mels, frames] with at least {2 * positions} frames, got shape {mel.shape}")
+    if dtw_path.ndim != 2 or dtw_path.shape[0] != 2:
+        raise ValueError(f"dtw_path must be [2, steps] (rows, positions), got shape {dtw_path.shape}")
+    tokens = _labels(tokens, rows, "tokens", matrix.shape, None)
+    if not (np.all(np.isfinite(mel)) and np.all(np.isfinite(matrix))):
+        raise ValueError("mel and matrix must be finite")
+    path = _check_destination(path)
+    Figure, _ = _matplotlib()
+
+    seconds = positions * 0.02
+    matrix_height = max(2.0, 0.2 * rows)
+    fig = Figure(figsize=(WORDS_WIDTH, _whole_pixels(min(30.0, 3.0 + matrix_height), WORDS_DPI)), dpi=WORDS_DPI,
+                 layout="constrained")  # fmt: skip
+    ax_mel, ax_att = fig.subplots(2, 1, sharex=True, height_ratios=[2.0, matrix_height])
+    ax_mel.imshow(mel[:, : 2 * positions], origin="lower", aspect="auto", cmap="magma",
+                  extent=(0, seconds, 0, mel.shape[0]))  # fmt: skip
+    ax_mel.set_ylabel("mel bin")
+    im = ax_att.imshow(_max_pool(matrix, 200, 1000), aspect="auto", cmap="viridis", interpolation="nearest",
+                       extent=(0, seconds, rows - 0.5, -0.5))  # fmt: skip
+    fig.colorbar(im, ax=ax_att, label="standardised attention", pad=0.01)
+    ax_att.plot((dtw_path[1] + 0.5) * 0.02, dtw_path[0], color="white", linewidth=1.2, label="DTW path")
+    for i, (word, start, end) in enumerate(words):
+        for ax in (ax_mel, ax_att):
+            ax.axvline(start, color="white", linewidth=0.6, linestyle="--", alpha=0.7)
+        y = mel.shape[0] * (0.92 if i % 2 else 0.8)  # alternate heights, so neighbours do not overlap
+        ax_mel.text((start + end) / 2, y, _short(word.strip(), TICK_LABEL_CHARS), color="white", ha="center",
+                    fontsize=7, parse_math=False)  # fmt: skip
+    step = max(1, math.ceil(rows * 0.12 / matrix_height))
+    ticks = list(range(0, rows, step))
+    ax_att.set_yticks(ticks, [_short(tokens[t], TICK_LABEL_CHARS) for t in ticks], fontsize=7)
+    for label in ax_att.get_yticklabels():
+        label.set_parse_math(False)
+    ax_att.set_ylabel("text token (row predicting it)")
+    ax_att.set_xlabel("time in the window (s)")
+    ax_att.legend(loc="upper right", fontsize=7)
+    ax_mel.set_title(title, parse_math=False)
+    return _write(fig, path)
