@@ -81,7 +81,7 @@ BAD = [
     (["demo", "--out", "{file}"], "a-file"),
     (["demo", "--out", "{mine}"], "mine"),
     (["demo", "--out", "."], "current folder"),
-    (["demo", "--samples", "{mine}"], "--model and --samples"),
+    (["demo", "--samples", "{mine}"], "mine has no audio files"),
     (["demo", "--samples", "no-such-folder", "--model", "toy"], "no-such-folder"),
     (["demo", "--device", "tpu"], "tpu"),
     (["lens", "missing.wav", "--out", "lens-out"], "missing.wav"),
