@@ -30,7 +30,6 @@ written for another model is refused rather than trusted.
 
 from __future__ import annotations
 
-import json
 import mmap
 import struct
 import warnings
@@ -41,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .loading import CheckpointError
+from .loading import CheckpointError, read_json_object
 from .model import ModelDims
 
 FORMAT_VERSION = 6
@@ -283,12 +282,7 @@ def read_ct2_config(path: Path, dims: ModelDims) -> tuple[dict, list[tuple[int, 
     """config.json beside ``model.bin`` and its alignment heads, each id checked against the model's shape."""
     if not path.exists():
         return {}, None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must be a JSON object, got a {type(config).__name__}")
+    config = read_json_object(path)
     for key in ("suppress_ids", "suppress_ids_begin", "lang_ids"):
         ids = config.get(key) or []
         if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < dims.n_vocab for i in ids):

@@ -437,6 +437,17 @@ def alignment_heads_for(found: Found, dims: ModelDims) -> list[tuple[int, int]] 
     return list(tables.pop()) if len(tables) == 1 else None
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (a config), or a ``CheckpointError`` naming the file."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got a {type(config).__name__}")
+    return config
+
+
 def read_generation_heads(folder: Path, dims: ModelDims) -> list[tuple[int, int]] | None:
     """The ``alignment_heads`` of a hub folder's ``generation_config.json``, checked against ``dims``."""
     from .ct2 import alignment_heads_of
@@ -444,13 +455,7 @@ def read_generation_heads(folder: Path, dims: ModelDims) -> list[tuple[int, int]
     path = folder / "generation_config.json"
     if not path.is_file():
         return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got a {type(config).__name__}")
-    return alignment_heads_of(config.get("alignment_heads"), dims, path)
+    return alignment_heads_of(read_json_object(path).get("alignment_heads"), dims, path)
 
 
 # ----------------------------------------------------------------------------- readers
