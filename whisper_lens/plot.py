@@ -384,11 +384,7 @@ def cross_attention_over_mel(
     )
     ax_mel.set_xlim(0, end)
     fig.colorbar(im, cax=cax_att, label="attention weight")
-    step = max(1, math.ceil(n_tokens * 0.12 / pattern_height))  # about 0.12 in per token label
-    ticks = list(range(0, n_tokens, step))
-    ax_att.set_yticks(ticks, [_short(tokens[t], TICK_LABEL_CHARS) for t in ticks], fontsize=7)
-    for label in ax_att.get_yticklabels():
-        label.set_parse_math(False)
+    _token_ticks(ax_att, tokens, n_tokens, pattern_height)
     ax_att.set_ylabel("text token")
     ax_att.set_xlabel("time (s)")
     if shown < n_audio:
@@ -482,6 +478,15 @@ def _labels(labels, n: int, name: str, shape: tuple, default) -> list:
     if len(labels) != n:
         raise ValueError(f"{name} has {len(labels)} entries but the data has shape {shape} (need {n})")
     return labels
+
+
+def _token_ticks(ax, tokens, rows: int, height: float) -> None:
+    """Label the rows of a token-by-time picture ``height`` inches tall: about 0.12 in per label, text as is."""
+    step = max(1, math.ceil(rows * 0.12 / height))
+    ticks = list(range(0, rows, step))
+    ax.set_yticks(ticks, [_short(tokens[t], TICK_LABEL_CHARS) for t in ticks], fontsize=7)
+    for label in ax.get_yticklabels():
+        label.set_parse_math(False)
 
 
 def _short(text, limit: int) -> str:
@@ -593,11 +598,7 @@ def word_alignment(
         y = mel.shape[0] * (0.92 if i % 2 else 0.8)  # alternate heights, so neighbours do not overlap
         ax_mel.text((start + end) / 2, y, _short(word.strip(), TICK_LABEL_CHARS), color="white", ha="center",
                     fontsize=7, parse_math=False)  # fmt: skip
-    step = max(1, math.ceil(rows * 0.12 / matrix_height))
-    ticks = list(range(0, rows, step))
-    ax_att.set_yticks(ticks, [_short(tokens[t], TICK_LABEL_CHARS) for t in ticks], fontsize=7)
-    for label in ax_att.get_yticklabels():
-        label.set_parse_math(False)
+    _token_ticks(ax_att, tokens, rows, matrix_height)
     ax_att.set_ylabel("text token (row predicting it)")
     ax_att.set_xlabel("time in the window (s)")
     ax_att.legend(loc="upper right", fontsize=7)
