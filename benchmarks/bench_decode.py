@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import interleaved, table  # noqa: E402
+from whisper_lens.kernels import textbook  # noqa: E402
 from whisper_lens.loading import OFFICIAL, load_model, save_model  # noqa: E402
 
 NEW_TOKENS = 100
@@ -130,6 +131,10 @@ def measure(ref, ours, hf, batch: int, repeats: int, loop: bool) -> dict[str, fl
     def run_ours():
         decode_ours(ours, **audio)
 
+    def run_textbook():
+        with textbook():  # the same loop with F.linear and SDPA: whether kernels.py's fast paths pay here
+            decode_ours(ours, **audio)
+
     def run_openai():
         out = wd.decode(ref, xa if loop else mel, options)  # audio features of shape (B, S, D) skip its encoder
         assert all(len(r.tokens) == NEW_TOKENS for r in out)
@@ -141,7 +146,8 @@ def measure(ref, ours, hf, batch: int, repeats: int, loop: bool) -> dict[str, fl
                               cache_implementation="static", eos_token_id=tok.eot, pad_token_id=tok.eot)  # fmt: skip
         assert out.shape[1] in (NEW_TOKENS, len(prompt) + NEW_TOKENS), out.shape  # with or without the prompt
 
-    seconds = interleaved({"ours": run_ours, "openai": run_openai, "hf": run_hf}, repeats=repeats)
+    runs = {"ours": run_ours, "textbook": run_textbook, "openai": run_openai, "hf": run_hf}
+    seconds = interleaved(runs, repeats=repeats)
     return {k: batch * NEW_TOKENS / v for k, v in seconds.items()}
 
 
@@ -181,8 +187,8 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     bandwidth = copy_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    header = ["model", "batch", "timed", "ours tok/s", "openai-whisper tok/s", "transformers tok/s", "vs openai",
-              "vs hf", "bandwidth used"]  # fmt: skip
+    header = ["model", "batch", "timed", "ours tok/s", "ours textbook() tok/s", "openai-whisper tok/s",
+              "transformers tok/s", "vs openai", "vs hf", "bandwidth used"]  # fmt: skip
     rows = [header]
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -198,8 +204,8 @@ def main() -> None:
                     used = f"{weight_bytes * tps['ours'] / bandwidth:.0%}" if batch == 1 and loop else ""
                     ratios = [f"{tps['ours'] / tps['openai']:.2f}x", f"{tps['ours'] / tps['hf']:.2f}x"]
                     timed = "decoding loop" if loop else "with encoder"
-                    rows.append([name, str(batch), timed, *(f"{tps[k]:.0f}" for k in ("ours", "openai", "hf")),
-                                 *ratios, used])  # fmt: skip
+                    speeds = [f"{tps[k]:.0f}" for k in ("ours", "textbook", "openai", "hf")]
+                    rows.append([name, str(batch), timed, *speeds, *ratios, used])
                     print(table([header, rows[-1]]).splitlines()[-1], flush=True)
     print()
     print(table(rows))
