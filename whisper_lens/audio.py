@@ -26,6 +26,8 @@ import torch
 SAMPLE_RATE = 16000  # samples per second everything is resampled to
 N_FFT = 400  # STFT window: 25 ms
 HOP_LENGTH = 160  # STFT hop: 10 ms, so 100 frames per second
+# the file endings taken as audio when a folder is searched (formats libsndfile reads)
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".au", ".caf", ".w64")
 CHUNK_LENGTH = 30  # seconds of audio in one encoder input
 N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a chunk
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a chunk

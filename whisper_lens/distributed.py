@@ -50,15 +50,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .audio import HOP_LENGTH, SAMPLE_RATE, load_audio, load_windows
+from .audio import AUDIO_SUFFIXES, HOP_LENGTH, SAMPLE_RATE, load_audio, load_windows
 from .experiments import removal_sweep, summarize
 from .files import MARKER, atomic_write
 from .model import ModelDims, Whisper, activation_shapes
 from .trace import select_names
 
 # ----------------------------------------------------------------------------- clips
-
-AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".au", ".caf", ".w64")
 
 
 @dataclass(frozen=True)

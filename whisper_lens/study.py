@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import plot
-from .audio import HOP_LENGTH, SAMPLE_RATE, load_audio, load_windows
+from .audio import AUDIO_SUFFIXES, HOP_LENGTH, SAMPLE_RATE, load_audio, load_windows
 from .experiments import (
     attention_stats,
     cer,
@@ -57,7 +57,6 @@ from .model import Whisper
 from .trace import Edits
 
 SPEECH = Path(__file__).resolve().parent / "assets" / "speech"  # real speech shipped for official models
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 TRANSCRIBED = "hallucinated_in_transcribe"  # the hallucination rate a user of transcribe sees
 CROP_POSITIONS = 25  # attention pictures show the audio and 0.5 s (25 encoder positions) after it
 
@@ -132,7 +131,7 @@ def read_samples(folder: str | os.PathLike) -> tuple[list[Path], list[str] | Non
 
     With ``transcripts.json`` (``{file name: text}`` or ``{file name: {"text": text, ...}}``): the
     files it names, in its order, and their texts. Without it: every audio file in the folder
-    (wav, flac, ogg, mp3), sorted, and no references.
+    (``audio.AUDIO_SUFFIXES``), sorted, and no references.
     """
     folder = Path(folder)
     if not folder.is_dir():
