@@ -52,7 +52,7 @@ from torch import Tensor
 
 from .audio import AUDIO_SUFFIXES, HOP_LENGTH, SAMPLE_RATE, load_audio, load_windows
 from .experiments import removal_sweep, summarize
-from .files import MARKER, atomic_write
+from .files import MARKER, atomic_write, write_text
 from .model import ModelDims, Whisper, activation_shapes
 from .trace import select_names
 
@@ -291,11 +291,7 @@ def _temporary(rel: Path, contents: dict[str, str]) -> bool:
 
 
 def write_json(path: Path, obj) -> Path:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-
-    return atomic_write(path, write)
+    return write_text(path, json.dumps(obj))
 
 
 @contextlib.contextmanager

@@ -321,7 +321,7 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, dig
 
 def save_rows(rows: Sequence[dict], path) -> Path:
     """Write rows to ``.csv`` or ``.json`` (by suffix), atomically."""
-    from .files import atomic_write
+    from .files import atomic_write, write_text
 
     path = Path(path)
     if path.suffix not in (".csv", ".json"):
@@ -329,7 +329,7 @@ def save_rows(rows: Sequence[dict], path) -> Path:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder {path.parent} does not exist")
     if path.suffix == ".json":
-        atomic_write(path, lambda p: Path(p).write_text(json.dumps(list(rows), indent=1) + "\n"))
+        write_text(path, json.dumps(list(rows), indent=1) + "\n")
     else:
         columns = list(dict.fromkeys(c for r in rows for c in r))
 

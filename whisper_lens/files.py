@@ -73,6 +73,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     return path
 
 
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """``atomic_write`` of a UTF-8 text file (a report, a table, a JSON document)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def _new_file(path: Path) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
 
@@ -113,7 +118,7 @@ def _write_marker(folder: Path, command: str, files: list[str] | None) -> None:
         marker |= {"pid": os.getpid(), "host": socket.gethostname()}
     else:
         marker["files"] = files
-    atomic_write(folder / MARKER, lambda p: Path(p).write_text(json.dumps(marker, indent=1) + "\n"))
+    write_text(folder / MARKER, json.dumps(marker, indent=1) + "\n")
 
 
 def _entries(folder: Path) -> list[str]:

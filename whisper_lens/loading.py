@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .files import atomic_write
+from .files import atomic_write, write_text
 from .model import ModelDims, Whisper
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -591,7 +591,7 @@ def save_model(model: Whisper, folder: str | os.PathLike, tokenizer_file: str | 
     config = hf_config_from_dims(model.dims, sot=sot, eot=eot)
     state = {openai_to_hf(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     atomic_write(folder / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
-    atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
     if tokenizer_file is not None:
         src = Path(tokenizer_file)
         atomic_write(folder / src.name, lambda p: Path(p).write_bytes(src.read_bytes()))

@@ -43,7 +43,7 @@ from .experiments import (
     summarize,
     wer,
 )
-from .files import atomic_write, output_folder
+from .files import output_folder, write_text
 from .hallucination import (
     decision_summary,
     hallucination_rate,
@@ -61,11 +61,6 @@ TRANSCRIBED = "hallucinated_in_transcribe"  # the hallucination rate a user of t
 CROP_POSITIONS = 25  # attention pictures show the audio and 0.5 s (25 encoder positions) after it
 
 # ----------------------------------------------------------------------------- inputs and outputs
-
-
-def write_text(path: Path, text: str) -> Path:
-    atomic_write(path, lambda p: Path(p).write_text(text))
-    return path
 
 
 def token_label(tok, token: int) -> str:

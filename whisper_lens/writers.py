@@ -99,5 +99,5 @@ class OutputFolder:
         return [[self.folder / f"{stem}.{fmt}" for fmt in fmts] for stem in stems]
 
     def write(self, path: Path, text: str) -> None:
-        files.atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        files.write_text(path, text)
         files.mark_written(self.folder, [path.name], COMMAND)
