@@ -376,7 +376,10 @@ def test_token_logprobs_are_those_of_the_filtered_teacher_forced_logits(small, b
 
 @pytest.mark.parametrize("beam_size", [None, 3])
 def test_textbook_kernels_give_the_same_tokens_and_logits(small, beam_size):
-    """``kernels.textbook()`` (F.linear, SDPA) and the fast paths (packed oneDNN weights, cached attention)."""
+    """``kernels.textbook()`` (F.linear everywhere) and the fast paths (oneDNN, the packed unembedding) decode alike.
+
+    On these small widths oneDNN and MKL may sum in the same order and agree to the bit, so equality
+    is allowed; ``test_parity`` checks that the packed products are computed (and correct)."""
     from whisper_lens.kernels import textbook
 
     mel = varied_mel(8, seed=41)
@@ -387,7 +390,6 @@ def test_textbook_kernels_give_the_same_tokens_and_logits(small, beam_size):
     assert [r.tokens for r in fast] == [r.tokens for r in plain] == [r.tokens for r in untraced]
     for a, b in zip(fast, plain, strict=True):
         torch.testing.assert_close(a.trace["logits"], b.trace["logits"], atol=1e-5, rtol=0)
-    assert any(not torch.equal(a.trace["logits"], b.trace["logits"]) for a, b in zip(fast, plain, strict=True))
 
 
 def test_without_onednn_private_ops_the_tokens_are_the_same(small, monkeypatch):

@@ -4,16 +4,16 @@
 ``ops`` is a ``Kernels`` passed down the forward, and a decoding step attends through its
 ``KVCache``. What happens there is the business of this file alone:
 
-- ``linear``: x @ W^T + b laid out by the number of rows on the CPU. A decoding step multiplies
-  1 to 64 rows by each weight and its cost is reading W from memory; MKL reads W far below the
-  memory bandwidth when the product is written x @ W^T for so few rows, and up to several times
-  faster when written (W @ x^T)^T (for one row, split into one block of outputs per thread).
-  More than 64 rows (the encoder, a teacher-forced pass) run in oneDNN, 10-20 % faster than MKL.
-- ``Kernels.for_decoding``: the decoder's step weights copied once per ``generate`` call into
-  oneDNN's blocked ("packed") layout, faster again for 2 to 64 rows. The copies belong to that
-  call's ``Kernels``; nothing is stored on the model.
-- ``KVCache``: a decoding step's keys and values, the values stored transposed so that a
-  step's few queries read both in storage order (``attend_cached``).
+- ``linear``: x @ W^T + b. More than 64 rows (the encoder, a teacher-forced pass) run in
+  oneDNN, 2-10 % faster than MKL there; a decoding step's 1 to 64 rows are bound by reading W
+  from memory and run as ``F.linear``, which reads it as fast as any layout tried.
+- ``Kernels.for_decoding``: the unembedding (the token embedding matrix, most of a step's
+  bytes) copied once per ``generate`` call into oneDNN's blocked ("packed") layout for the
+  call's 2 to 64 rows: 1.3x-1.6x ``F.linear``'s speed there. Packing the step's small
+  projections does not pay (0.75x-0.9x), so they are left alone. The copy belongs to that call's
+  ``Kernels``; nothing is stored on the model.
+- ``KVCache``: a decoding step's keys and values, stored contiguous (B, H, S, Dh), which the
+  fused attention kernel reads at full speed (1.3x a transposed view).
 - ``textbook()``: a context manager under which every product is ``F.linear`` and every
   attention ``scaled_dot_product_attention``: what to step through in a debugger. It is a
   context variable, so it holds for the thread (or asyncio task) that entered it.
@@ -22,14 +22,15 @@ All of it computes the same numbers as the textbook ops up to float rounding (te
 oneDNN's linear product is a private torch op (the one torch.compile's CPU backend emits): it is
 used only after a check that runs it once on this build and compares it with ``F.linear``
 (``onednn_available``); where the check fails, the public ops run. Figures for each path:
-``benchmarks/bench_products.py``.
+``benchmarks/bench_products.py``. The layouts that once won on a machine with twice this
+one's memory bandwidth (one row split into a block per thread, (W @ x^T)^T, values stored
+transposed) lost to the plain ops here and are gone; ``benchmarks/README.md`` has the history.
 """
 
 from __future__ import annotations
 
 import contextvars
 import functools
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -98,34 +99,18 @@ def onednn_pack(weight: Tensor, rows: int) -> Tensor:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ W^T + b for x (..., in) and W (out, in), as ``F.linear``, laid out for the CPU by the number of rows.
+    """x @ W^T + b for x (..., in) and W (out, in), as ``F.linear``: more than ``STEP_ROWS`` rows in oneDNN.
 
-    One row is a matrix-vector product that MKL keeps on one core whatever the layout, so W is
-    viewed (no copy) as n blocks of output features, a batch of n products for n threads; where
-    ``out`` does not split (an odd vocabulary) the row is padded with a zero row instead. 2 to 64
-    rows run as (W @ x^T)^T. More than 64 rows run in oneDNN unless autograd needs the product.
-    Other inputs (not fp32, not on the CPU) take ``F.linear``.
+    Many rows (the encoder, a teacher-forced pass) are compute-bound, and oneDNN's product is
+    10-20 % faster there than MKL's; a few rows are bound by reading W, and ``F.linear`` reads
+    it as fast as anything. oneDNN is used only for fp32 CPU inputs, without autograd, after
+    ``onednn_available``'s check.
     """
-    out_features, in_features = weight.shape
-    rows = x.numel() // in_features
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[-1] != in_features or rows == 0:
+    rows = x.numel() // max(weight.shape[1], 1)
+    if rows <= STEP_ROWS or x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[-1] != weight.shape[1]:
         return F.linear(x, weight, bias)
-    if rows > STEP_ROWS:
-        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-        return F.linear(x, weight, bias) if grad or not onednn_available() else onednn_linear(x, weight, bias)
-    n = math.gcd(out_features, torch.get_num_threads())
-    if rows == 1 and n > 1 and weight.is_contiguous():
-        w = weight.view(n, out_features // n, in_features)  # (n, out/n, in)
-        xt = x.reshape(1, in_features).T.expand(n, in_features, 1)  # (n, in, 1)
-        b = None if bias is None else bias.view(n, out_features // n, 1)  # (n, out/n, 1)
-        y = torch.bmm(w, xt) if b is None else torch.baddbmm(b, w, xt)  # (n, out/n, 1)
-    else:
-        x2 = x.reshape(rows, in_features)  # (rows, in)
-        if rows == 1:
-            x2 = F.pad(x2, (0, 0, 0, 1))  # (2, in)
-        y = weight @ x2.T if bias is None else torch.addmm(bias[:, None], weight, x2.T)  # (out, rows or 2)
-    y = y.reshape(out_features, -1)[:, :rows].T.contiguous()  # (rows, out)
-    return y.view(*x.shape[:-1], out_features)  # (..., out)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    return F.linear(x, weight, bias) if grad or not onednn_available() else onednn_linear(x, weight, bias)
 
 
 class Kernels:
@@ -146,20 +131,16 @@ class Kernels:
     def for_decoding(cls, decoder: TextDecoder, rows: int) -> Kernels:
         """Kernels for a loop of ``rows``-row decoding steps of ``decoder`` (a ``TextDecoder``).
 
-        Packs the step's projections (not the audio's keys/values, computed once before the
-        steps) and the unembedding, when they are fp32 on the CPU, 2 to 64 rows, autograd off
-        and oneDNN available; else nothing is packed.
+        Packs the unembedding (the token embedding matrix, the step's one big product) when it
+        is fp32 on the CPU, for 2 to 64 rows, autograd off and oneDNN available; else nothing
+        is packed. The step's other products are small enough that packing them does not pay.
         """
         W = decoder.token_embedding.weight
         if not (1 < rows <= STEP_ROWS and W.device.type == "cpu" and W.dtype == torch.float32):
             return cls()
         if torch.is_grad_enabled() or is_textbook() or not onednn_available():
             return cls()
-        audio = ("cross_attn.key", "cross_attn.value")
-        layers = [m for name, m in decoder.named_modules() if isinstance(m, nn.Linear) and not name.endswith(audio)]
-        packed = {m: onednn_pack(m.weight, rows) for m in layers}
-        packed[decoder.token_embedding] = onednn_pack(W, rows)
-        return cls(packed, rows)
+        return cls({decoder.token_embedding: onednn_pack(W, rows)}, rows)
 
     def linear(self, x: Tensor, layer: nn.Module) -> Tensor:
         """x @ W^T + b with the ``layer``'s weight and bias (an ``nn.Linear``, or the embedding as the unembedding)."""
@@ -176,77 +157,52 @@ DEFAULT = Kernels()
 """The kernels of a plain forward: ``linear`` for every product, nothing packed."""
 
 
-def attend_cached(q: Tensor, k: Tensor, vt: Tensor, mask: Tensor | None) -> Tensor:
-    """softmax(q k^T / sqrt(Dh)) v for a decoding step: queries q (B, H, T, Dh) over cached keys
-    k (B, H, S, Dh) and values stored transposed, vt (B, H, Dh, S); returns (B, H, T, Dh).
-
-    Written as k q^T and vt p^T, each product streams its big operand (S rows of k, Dh rows of
-    vt) in storage order: for one query on the CPU, 1.4x-1.9x the rate of the fused kernel. The
-    scale and the mask ride in the first product (``baddbmm``: bias + alpha k q^T) on (B*H)-batched
-    views. ``mask`` (B or 1, 1, T, S) bool: True where a query may look.
-    """
-    B, H, T, Dh = q.shape
-    S = k.shape[2]
-    if mask is None:
-        bias = q.new_zeros(())  # ()
-    else:
-        bias = torch.where(mask.mT, 0.0, float("-inf")).to(q.dtype)  # (B or 1, 1, S, T)
-        bias = bias.expand(B, H, S, T).reshape(B * H, S, T) if mask.shape[0] > 1 else bias[0]  # (BH or 1, S, T)
-    scores = torch.baddbmm(bias, k.reshape(B * H, S, Dh), q.reshape(B * H, T, Dh).mT, alpha=Dh**-0.5).mT  # (BH, T, S)
-    p = scores.softmax(dim=-1, dtype=torch.float32 if q.element_size() < 4 else None).to(q.dtype)  # (BH, T, S)
-    z = torch.bmm(vt.reshape(B * H, Dh, S), p.mT)  # (BH, Dh, T)
-    return z.view(B, H, Dh, T).mT  # (B, H, T, Dh)
-
-
 class KVCache:
     """The keys and values one attention layer attends over while decoding, in buffers of a fixed size.
 
     Self-attention: an empty cache of ``length`` positions (``KVCache.empty``); each step writes
     its keys and values at its positions (``write``) and its queries attend over all of it under
     a mask. Cross-attention: the audio's keys and values, computed once (``KVCache.holding``).
-    Keys are stored (B, H, S, Dh), values transposed, (B, H, Dh, S): a step's queries read both
-    in storage order (``attend_cached``). ``keys()`` / ``values()`` are the plain (B, H, S, Dh) views.
+    Both are stored (B, H, S, Dh), contiguous: the layout the fused attention kernel reads fastest
+    (a transposed or strided view sends it down its slower written-out path).
     """
 
-    def __init__(self, k: Tensor, vt: Tensor) -> None:
+    def __init__(self, k: Tensor, v: Tensor) -> None:
         self.k = k  # (B, H, S, Dh)
-        self.vt = vt  # (B, H, Dh, S)
+        self.v = v  # (B, H, S, Dh)
         self.rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1): row b writes into row b
 
     @classmethod
     def empty(cls, batch: int, heads: int, length: int, head_dim: int, like: Tensor) -> KVCache:
         """A cache of ``length`` positions of zeros (finite: masked positions get weight 0, and 0 * NaN is NaN)."""
         k = like.new_zeros(batch, heads, length, head_dim)  # (B, H, S, Dh)
-        vt = like.new_zeros(batch, heads, head_dim, length)  # (B, H, Dh, S)
-        return cls(k, vt)
+        return cls(k, torch.zeros_like(k))
 
     @classmethod
     def holding(cls, k: Tensor, v: Tensor) -> KVCache:
         """A cache holding the keys and values k, v (B, S, H, Dh) (the audio's, for cross-attention)."""
-        return cls(k.transpose(1, 2).contiguous(), v.permute(0, 2, 3, 1).contiguous())
+        return cls(k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())
 
     def write(self, pos: Tensor, k: Tensor, v: Tensor) -> None:
         """Store k, v (B, T, H, Dh) at positions ``pos`` (B, T), or (1, T) when every row is at the same ones."""
         self.k[self.rows, :, pos] = k  # k[b, :, pos[b, t]] = k[b, t]
-        self.vt[self.rows, :, :, pos] = v
+        self.v[self.rows, :, pos] = v
 
     def keys(self) -> Tensor:
         return self.k  # (B, H, S, Dh)
 
     def values(self) -> Tensor:
-        return self.vt.mT  # (B, H, S, Dh), a view
+        return self.v  # (B, H, S, Dh)
 
     def attend(self, q: Tensor, mask: Tensor | None) -> Tensor:
         """softmax(q k^T / sqrt(Dh)) v for queries q (B, H, T, Dh) over the cache: (B, H, T, Dh)."""
-        if _TEXTBOOK.get():
-            return F.scaled_dot_product_attention(q, self.keys(), self.values(), attn_mask=mask)  # (B, H, T, Dh)
-        return attend_cached(q, self.k, self.vt, mask)  # (B, H, T, Dh)
+        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask)  # (B, H, T, Dh)
 
     def repeat_rows(self, n: int) -> KVCache:
         """Each row repeated ``n`` times in place (row b becomes rows b*n .. b*n + n-1): a clip's beams."""
-        return KVCache(self.k.repeat_interleave(n, dim=0), self.vt.repeat_interleave(n, dim=0))
+        return KVCache(self.k.repeat_interleave(n, dim=0), self.v.repeat_interleave(n, dim=0))
 
     def take_rows(self, rows: Tensor, upto: int) -> None:
         """Row b takes the first ``upto`` positions of row ``rows[b]`` (beam search: a beam's history follows it)."""
         self.k[:, :, :upto] = self.k[:, :, :upto].index_select(0, rows)
-        self.vt[..., :upto] = self.vt[..., :upto].index_select(0, rows)
+        self.v[:, :, :upto] = self.v[:, :, :upto].index_select(0, rows)
