@@ -155,6 +155,28 @@ def test_batch_of_eight_equals_one_at_a_time(small, beam_size, timestamps):
         assert abs(alone.avg_logprob - together[i].avg_logprob) < 1e-5
 
 
+@pytest.mark.parametrize("beam_size", [None, 3])
+def test_rows_that_are_done_leave_the_batch_without_changing_a_result(small, beam_size, monkeypatch):
+    """On the CPU an untraced call drops finished rows from its cache; a traced call keeps every row (fixed
+    shapes). Both give the same tokens, scores and per-token log-probabilities, and the drop happens."""
+    from whisper_lens.model import DecoderCache
+
+    mel = varied_mel(8, seed=23)
+    kept = []
+    take_rows = DecoderCache.take_rows
+    monkeypatch.setattr(DecoderCache, "take_rows", lambda self, rows: kept.append(len(rows)) or take_rows(self, rows))
+    dropping = small.generate(mel, beam_size=beam_size, max_new_tokens=20)
+    assert kept and kept == sorted(kept, reverse=True) and kept[-1] < 8 * (beam_size or 1)  # the batch shrank
+    kept.clear()
+    fixed = small.generate(mel, beam_size=beam_size, max_new_tokens=20, trace=["logits"])
+    assert not kept  # traced: every row of every step
+    assert len({len(r.tokens) for r in fixed}) > 2  # rows finish at different steps
+    for a, b in zip(dropping, fixed, strict=True):
+        assert a.tokens == b.tokens
+        assert abs(a.sum_logprob - b.sum_logprob) < 1e-5
+        torch.testing.assert_close(torch.tensor(a.token_logprobs), torch.tensor(b.token_logprobs), atol=1e-5, rtol=0)
+
+
 def initial_tokens(model, result, timestamps: bool) -> list[int]:
     tok = model.tokenizer
     seq = list(tok.sot_sequence_for(result.language, "transcribe"))

@@ -62,7 +62,8 @@ its own positions (the prompt first, padded at the end to the longest), and the 
 query see only its own row's positions so far. A row (or a clip's group of beams) that has
 finished stops changing, so decoding clips together gives each the tokens it gets alone. All of
 this state belongs to one call (``Decoding``), so threads may share a model. On the CPU, the
-decoder's step weights are used in oneDNN's packed layout, copied for the call (``Kernels``).
+unembedding is used in oneDNN's packed layout, copied for the call (``Kernels``), and rows that
+are done leave the cache (``drop_done_rows``), so a batch costs what its unfinished rows read.
 
 With ``trace=`` the activations of each step are recorded and, at the end, stitched along the
 positions of the chosen sequence (following a beam's ancestry back through the reorderings), so
@@ -513,7 +514,7 @@ class Decoding:
     plan: Plan
     options: DecodingOptions
     rec: Recorder  # the call's recorder: names to keep, edits, and the trace of what is computed once
-    ops: Kernels  # the products of a step (on the CPU, the decoder's weights packed for N rows)
+    ops: Kernels  # the products of a step (on the CPU, the unembedding packed for N rows)
     cache: DecoderCache  # per layer: the N rows' self-attention keys/values, the audio's
     search: Search
     start: Tensor  # (N, 1), or (1, 1) when every prompt has one length: each row's first sampled position
@@ -522,6 +523,7 @@ class Decoding:
     steps: list[Trace]  # when tracing: the prompts' pass, then each step's
     generator: torch.Generator | None  # sampling with a seed
     vocab: Tensor  # (V,) arange(V) on the device, for the filters
+    live: Tensor | None = None  # (L,) the rows the cache holds and a step computes (None: all N, fixed shapes)
 
     @property
     def tracing(self) -> bool:
@@ -563,9 +565,22 @@ def prefill(model: Whisper, plan: Plan, options: DecodingOptions, xa: Tensor, re
     search = new_search(limit, G, options.capacity, beams=options.beam_size is not None)
     gen = None if options.seed is None else torch.Generator(device=dev).manual_seed(options.seed)
     clips = Clips(languages, language_probs, no_speech.tolist())
+    live = torch.arange(G * K, device=dev) if drops_done_rows(options, rec, dev) else None
     return Decoding(model, plan, options, rec, ops, cache, search, start, last, clips,
                     steps=[r.trace] if rec.keep else [], generator=gen,
-                    vocab=torch.arange(model.dims.n_vocab, device=dev))  # fmt: skip
+                    vocab=torch.arange(model.dims.n_vocab, device=dev), live=live)  # fmt: skip
+
+
+def drops_done_rows(options: DecodingOptions, rec: Recorder, device: torch.device) -> bool:
+    """Whether steps leave out the rows that are done: on the CPU, untraced, uncompiled.
+
+    A done row's token and score no longer change, but in a fixed-shape batch it is still
+    computed, and its share of a step's reads (its audio keys/values, 17.6 MiB per clip for tiny)
+    is wasted. On the CPU, where the host sees every step anyway, the cache drops such rows as
+    they finish. On CUDA the shapes stay fixed (no host sync, capturable steps), and a trace needs
+    every row of every step.
+    """
+    return device.type == "cpu" and not options.compile and not rec.active
 
 
 def all_positions(tokens: Tensor) -> Tensor:
@@ -605,6 +620,10 @@ def select(d: Decoding, i: int) -> None:
         select_greedy(s, filtered, i, tok.eot, o.temperature, d.generator)
     else:
         src = select_beams(s, filtered, i, tok.eot, o.beam_size, o.capacity)
+        if d.live is not None:  # the cache holds live rows only; a beam's source is a live row of its clip
+            where = torch.full_like(src, -1)
+            where[d.live] = torch.arange(len(d.live), device=src.device)
+            src = where[src[d.live]]  # (L,) cache rows
         for c in d.cache.attn:  # each beam's self-attention history follows it
             c.take_rows(src, upto=max(map(len, d.plan.prompts)) + i)
     stop_at_limits(s, i)
@@ -620,8 +639,21 @@ def step(d: Decoding, i: int, forward) -> None:
         d.last = r("logits", d.model.decoder(tokens, r.child("decoder"), d.ops, cache=d.cache, pos=pos))[:, 0]
         if d.tracing:
             d.steps.append(r.trace)
+    elif d.live is not None:
+        drop_done_rows(d)
+        rows = d.live  # (L,)
+        d.last[rows] = forward(tokens[rows], pos[rows] if len(pos) > 1 else pos)[:, 0]  # (L, V) into (N, V)
     else:
         d.last = forward(tokens, pos)[:, 0]  # (N, V)
+
+
+def drop_done_rows(d: Decoding) -> None:
+    """Rows that are done leave the cache (a clip's beams finish together); their logits stay as they were."""
+    keep = ~d.search.done[d.live]  # (L,)
+    if bool(keep.all()):
+        return
+    d.live = d.live[keep]
+    d.cache = d.cache.take_rows(keep.nonzero()[:, 0])
 
 
 def step_function(d: Decoding):

@@ -202,6 +202,10 @@ class KVCache:
         """Each row repeated ``n`` times in place (row b becomes rows b*n .. b*n + n-1): a clip's beams."""
         return KVCache(self.k.repeat_interleave(n, dim=0), self.v.repeat_interleave(n, dim=0))
 
+    def select_rows(self, rows: Tensor) -> KVCache:
+        """A new cache of the rows ``rows`` (L,) of this one, in that order (copies)."""
+        return KVCache(self.k.index_select(0, rows), self.v.index_select(0, rows))
+
     def take_rows(self, rows: Tensor, upto: int) -> None:
         """Row b takes the first ``upto`` positions of row ``rows[b]`` (beam search: a beam's history follows it)."""
         self.k[:, :, :upto] = self.k[:, :, :upto].index_select(0, rows)

@@ -237,6 +237,10 @@ class DecoderCache:
         """Each row repeated ``n`` times (row b becomes rows b*n .. b*n + n-1): every beam starts as its clip."""
         return DecoderCache([c.repeat_rows(n) for c in self.attn], [c.repeat_rows(n) for c in self.cross_attn])
 
+    def take_rows(self, rows: Tensor) -> DecoderCache:
+        """A cache of only the rows ``rows`` (L,), in that order: rows that are done leave a generation."""
+        return DecoderCache([c.select_rows(rows) for c in self.attn], [c.select_rows(rows) for c in self.cross_attn])
+
 
 class TextDecoder(nn.Module):
     """Tokens (B, T) and audio features (B, S, D) -> logits (B, T, V)."""
