@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from whisper_lens import experiments
 from whisper_lens.experiments import (
     attention_stats,
     cer,
@@ -100,7 +101,7 @@ def test_repetition_metrics_by_hand():
         hallucination_metrics("x", [1], 0)
 
 
-def test_sweep_with_nothing_removed_equals_plain_generate(byte_model):  # noqa: F811
+def test_sweep_with_nothing_removed_equals_plain_generate(byte_model, monkeypatch):  # noqa: F811
     mel, _ = _inputs(byte_model, batch=3, seed=7)
     plain = byte_model.generate(mel, max_new_tokens=5)
     refs = ["x y z"] * 3
@@ -114,6 +115,13 @@ def test_sweep_with_nothing_removed_equals_plain_generate(byte_model):  # noqa: 
     default = removal_sweep(byte_model, mel, "encoder", references=refs, max_new_tokens=5, seconds=[1.0] * 3)
     assert [r["removed"] for r in default] == [k for k in range(4) for _ in range(3)]
     assert [r["text"] for r in default[:3]] == [p.text.strip() for p in plain]
+    monkeypatch.setattr(experiments, "SWEEP_ROWS", 6)  # the four settings' 12 clips in batches of 6, not one of 12
+    chunked = removal_sweep(byte_model, mel, "encoder", references=refs, max_new_tokens=5, seconds=[1.0] * 3)
+    assert [(r["removed"], r["text"], r["n_tokens"]) for r in chunked] == [
+        (r["removed"], r["text"], r["n_tokens"]) for r in default
+    ]
+    # other batch shapes sum in another order: scores agree to float rounding
+    assert [r["avg_logprob"] for r in chunked] == pytest.approx([r["avg_logprob"] for r in default], rel=1e-6)
     # the last k encoder blocks come from one recorded pass, other sets run the encoder: both equal skipping
     for removed, rows_k in [([2], default[3:6]), ([0, 1, 2], default[9:12])]:
         skip = byte_model.generate(mel, max_new_tokens=5, edits=Edits().skip("encoder", removed))

@@ -187,7 +187,7 @@ def removal_sweep(
     text_normalizer(normalize)  # a bad choice fails before any decoding
     require_tokenizer(model)
     encodings = _encodings(model, mel, stack, removals)
-    outputs = [_decode_removed(model, mel, stack, removed, encodings, max_new_tokens) for removed in removals]
+    outputs = _decode_all(model, mel, stack, removals, encodings, max_new_tokens)
     if references is None:
         full = outputs[removals.index([])] if [] in removals else model.generate(mel, max_new_tokens=max_new_tokens)
         references = [r.text.strip() for r in full]
@@ -227,15 +227,37 @@ def _encodings(model, mel, stack: str, removals: Sequence[Sequence[int]]) -> dic
         return {k: model.encoder.ln_post(trace[name]) for k, name in names.items()}  # each (B, S, D)
 
 
+SWEEP_ROWS = 32  # an encoder sweep decodes several settings in one batch of up to this many clips
+
+
+def _decode_all(model, mel, stack: str, removals: list[list[int]], encodings: dict, max_new_tokens: int | None):
+    """Each removal's results, one list of ``DecodingResult`` per removal.
+
+    An encoder sweep's removals of the last k blocks all run the same decoder, over different audio
+    features: their clips are stacked and decoded together, up to ``SWEEP_ROWS`` clips per call.
+    Rows of a batch are independent, so each clip gets the tokens it gets alone, and a step reads
+    the decoder's weights once for all settings instead of once per setting.
+    """
+    L, B = model.dims.n_audio_layer, mel.shape[0]
+    tails = [r for r in removals if stack == "encoder" and r == list(range(L - len(r), L))]
+    per_call = max(1, SWEEP_ROWS // B)
+    found = {}
+    for j in range(0, len(tails), per_call):
+        group = tails[j : j + per_call]
+        xa = torch.cat([encodings[L - len(r)] for r in group])  # (len(group) * B, S, D)
+        results = model.generate(audio_features=xa, max_new_tokens=max_new_tokens)
+        found |= {len(r): results[n * B : (n + 1) * B] for n, r in enumerate(group)}
+    return [found[len(r)] if r in tails else _decode_removed(model, mel, stack, r, encodings, max_new_tokens)
+            for r in removals]  # fmt: skip
+
+
 def _decode_removed(model, mel, stack: str, removed: list[int], encodings: dict, max_new_tokens: int | None):
-    """``generate`` with ``removed`` blocks of ``stack`` skipped, from shared audio features where there are some."""
-    L = model.dims.n_audio_layer
+    """``generate`` with ``removed`` blocks of ``stack`` skipped: a decoder setting from the shared audio features,
+    an encoder setting other than a removal of the last k blocks from the mel."""
     edits = Edits().skip(stack, removed) if removed else None
     if stack == "decoder":
-        return model.generate(audio_features=encodings[L], edits=edits, max_new_tokens=max_new_tokens)
-    kept = L - len(removed)
-    if removed == list(range(kept, L)):
-        return model.generate(audio_features=encodings[kept], max_new_tokens=max_new_tokens)
+        xa = encodings[model.dims.n_audio_layer]  # (B, S, D)
+        return model.generate(audio_features=xa, edits=edits, max_new_tokens=max_new_tokens)
     return model.generate(mel, edits=edits, max_new_tokens=max_new_tokens)
 
 
