@@ -153,6 +153,29 @@ def test_cached_attention_equals_the_fused_kernel(T):
             torch.testing.assert_close(cache.attend(q, mask), want, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("T", [1, 3])
+def test_a_cache_shared_by_beams_attends_as_its_copies(T):
+    """A clip's beams share its audio keys/values (``shared_by``): attention, keys, values and dropping whole
+    clips (``select_rows``) are those of the cache copied once per beam (``repeat_rows``)."""
+    from whisper_lens.kernels import KVCache
+
+    g = torch.Generator().manual_seed(30 + T)
+    B, n, H, S, Dh = 3, 4, 2, 40, 8
+    k, v = torch.randn(B, S, H, Dh, generator=g), torch.randn(B, S, H, Dh, generator=g)
+    q = torch.randn(B * n, H, T, Dh, generator=g)
+    shared, copied = KVCache.holding(k, v).shared_by(n), KVCache.holding(k, v).repeat_rows(n)
+    assert shared.k.shape[0] == B and copied.k.shape[0] == B * n
+    torch.testing.assert_close(shared.attend(q, None), copied.attend(q, None), atol=1e-6, rtol=1e-5)
+    assert torch.equal(shared.keys(), copied.keys()) and torch.equal(shared.values(), copied.values())
+    rows = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11])  # clips 0 and 2 go on, clip 1 is done
+    kept_shared, kept_copied = shared.select_rows(rows), copied.select_rows(rows)
+    assert kept_shared.k.shape[0] == 2
+    torch.testing.assert_close(kept_shared.attend(q[rows], None), kept_copied.attend(q[rows], None), atol=1e-6,
+                               rtol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="without a mask"):
+        shared.attend(q, torch.ones(1, 1, T, S, dtype=torch.bool))
+
+
 def test_cache_writes_each_row_at_its_positions():
     from whisper_lens.kernels import KVCache
 

@@ -158,19 +158,24 @@ DEFAULT = Kernels()
 
 
 class KVCache:
-    """The keys and values one attention layer attends over while decoding, in buffers of a fixed size.
+    """The keys and values an attention layer attends over, and the operations on them.
 
-    Self-attention: an empty cache of ``length`` positions (``KVCache.empty``); each step writes
-    its keys and values at its positions (``write``) and its queries attend over all of it under
-    a mask. Cross-attention: the audio's keys and values, computed once (``KVCache.holding``).
-    Both are stored (B, H, S, Dh), contiguous: the layout the fused attention kernel reads fastest
-    (a transposed or strided view sends it down its slower written-out path).
+    Decoding, self-attention: an empty cache of ``length`` positions (``KVCache.empty``); each step
+    writes its keys and values at its positions (``write``) and its queries attend over all of it
+    under a mask. Cross-attention: the audio's keys and values, computed once (``KVCache.holding``).
+    A teacher-forced pass wraps the keys and values it has just computed. Decoding stores them
+    (B, H, S, Dh) contiguous: the layout the fused attention kernel reads fastest (a transposed or
+    strided view sends it down its slower written-out path).
+
+    ``group``: how many consecutive query rows share each cache row. A clip's beams attend over
+    the same audio, so its keys and values are stored once and its ``group`` beams' queries attend
+    to them together: beam search reads the audio once per clip, not once per beam.
     """
 
-    def __init__(self, k: Tensor, v: Tensor) -> None:
-        self.k = k  # (B, H, S, Dh)
+    def __init__(self, k: Tensor, v: Tensor, group: int = 1) -> None:
+        self.k = k  # (B, H, S, Dh), B = query rows / group
         self.v = v  # (B, H, S, Dh)
-        self.rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1): row b writes into row b
+        self.group = group
 
     @classmethod
     def empty(cls, batch: int, heads: int, length: int, head_dim: int, like: Tensor) -> KVCache:
@@ -185,26 +190,44 @@ class KVCache:
 
     def write(self, pos: Tensor, k: Tensor, v: Tensor) -> None:
         """Store k, v (B, T, H, Dh) at positions ``pos`` (B, T), or (1, T) when every row is at the same ones."""
-        self.k[self.rows, :, pos] = k  # k[b, :, pos[b, t]] = k[b, t]
-        self.v[self.rows, :, pos] = v
+        rows = torch.arange(self.k.shape[0], device=self.k.device)[:, None]  # (B, 1): row b writes into row b
+        self.k[rows, :, pos] = k  # k[b, :, pos[b, t]] = k[b, t]
+        self.v[rows, :, pos] = v
 
     def keys(self) -> Tensor:
-        return self.k  # (B, H, S, Dh)
+        """The keys, one row per query row (B * group, H, S, Dh): a copy when rows are shared."""
+        return self.k if self.group == 1 else self.k.repeat_interleave(self.group, dim=0)
 
     def values(self) -> Tensor:
-        return self.v  # (B, H, S, Dh)
+        """The values, one row per query row (B * group, H, S, Dh): a copy when rows are shared."""
+        return self.v if self.group == 1 else self.v.repeat_interleave(self.group, dim=0)
 
     def attend(self, q: Tensor, mask: Tensor | None) -> Tensor:
-        """softmax(q k^T / sqrt(Dh)) v for queries q (B, H, T, Dh) over the cache: (B, H, T, Dh)."""
-        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask)  # (B, H, T, Dh)
+        """softmax(q k^T / sqrt(Dh)) v for queries q (B * group, H, T, Dh) over the cache: (B * group, H, T, Dh)."""
+        if self.group == 1:
+            return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask)  # (B, H, T, Dh)
+        if mask is not None:
+            raise ValueError("a cache shared by several query rows attends without a mask")
+        N, H, T, Dh = q.shape
+        B, n = N // self.group, self.group
+        q = q.view(B, n, H, T, Dh).transpose(1, 2).reshape(B, H, n * T, Dh)  # a cache row's n rows as n*T queries
+        z = F.scaled_dot_product_attention(q, self.k, self.v)  # (B, H, n*T, Dh)
+        return z.view(B, H, n, T, Dh).transpose(1, 2).reshape(N, H, T, Dh)  # (B*n, H, T, Dh)
 
     def repeat_rows(self, n: int) -> KVCache:
-        """Each row repeated ``n`` times in place (row b becomes rows b*n .. b*n + n-1): a clip's beams."""
+        """Each row repeated ``n`` times (row b becomes rows b*n .. b*n + n-1): a clip's beams, copied."""
         return KVCache(self.k.repeat_interleave(n, dim=0), self.v.repeat_interleave(n, dim=0))
 
+    def shared_by(self, n: int) -> KVCache:
+        """The same keys and values, each row serving ``n`` consecutive query rows (a clip's beams); no copy."""
+        return KVCache(self.k, self.v, group=self.group * n)
+
     def select_rows(self, rows: Tensor) -> KVCache:
-        """A new cache of the rows ``rows`` (L,) of this one, in that order (copies)."""
-        return KVCache(self.k.index_select(0, rows), self.v.index_select(0, rows))
+        """A new cache of the query rows ``rows`` (L,), in that order (copies). Shared rows go whole: ``rows``
+        holds every row of a group or none, in order."""
+        if self.group > 1:
+            rows = rows[:: self.group] // self.group  # (L / group,) the cache rows of those groups
+        return KVCache(self.k.index_select(0, rows), self.v.index_select(0, rows), self.group)
 
     def take_rows(self, rows: Tensor, upto: int) -> None:
         """Row b takes the first ``upto`` positions of row ``rows[b]`` (beam search: a beam's history follows it)."""

@@ -13,14 +13,14 @@ point: the recorder (``trace.py``) applies edits there and keeps the value if it
 with no trace and no edits it returns ``x`` unchanged. Module and parameter names are OpenAI's
 state-dict keys, so an OpenAI checkpoint loads as is.
 
-Attention is in ``Attention.forward``: the fused ``scaled_dot_product_attention``, or, where a
-layer's ``scores`` or ``pattern`` is asked for, softmax(q k^T / sqrt(Dh)) written out (the same
-numbers up to float rounding, ~1e-7). Every projection is ``ops.linear(x, layer)``: x @ W^T + b,
-computed by the ``Kernels`` passed down (``kernels.py``: layouts that are faster on the CPU, the
-same numbers). Inside ``with whisper_lens.kernels.textbook():`` every product is plain
-``F.linear`` and every attention SDPA, for stepping through in a debugger. While decoding, keys and
-values live in a ``KVCache`` made per ``generate`` call (``decoding.py``); nothing is stored on
-the modules.
+Attention is in ``Attention.forward``: the fused ``scaled_dot_product_attention`` over the keys
+and values held in a ``KVCache`` (``attend``), or, where a layer's ``scores`` or ``pattern`` is
+asked for, softmax(q k^T / sqrt(Dh)) written out (the same numbers up to float rounding, ~1e-7).
+Every projection is ``ops.linear(x, layer)``: x @ W^T + b, computed by the ``Kernels`` passed
+down (``kernels.py``: what is faster on the CPU, the same numbers). Inside ``with
+whisper_lens.kernels.textbook():`` every product is plain ``F.linear``, for stepping through in a
+debugger. While decoding, keys and values live in a ``KVCache`` made per ``generate`` call
+(``decoding.py``); nothing is stored on the modules.
 """
 
 from __future__ import annotations
@@ -112,21 +112,17 @@ class Attention(nn.Module):
         Decoding: the keys and values are in ``cache``. With ``pos`` (B, T), self-attention
         first writes this step's own keys and values into it at those positions; without, the
         cache already holds what is attended over (cross-attention: the audio's, computed once).
+        Either way the attention itself is ``KVCache.attend``: SDPA over the keys and values.
         """
         q = rec("q", self.heads(ops.linear(x, self.query))).transpose(1, 2)  # (B, H, T, Dh)
-        if cache is None:
-            k, v = self.kv(x if xa is None else xa, rec, ops)  # (B, S, H, Dh)
-            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, Dh)
-        else:
-            if pos is not None:
-                cache.write(pos, *self.kv(x, rec, ops))
-            k, v = cache.keys(), cache.values()  # (B, H, S, Dh)
+        if cache is None:  # teacher-forced: the keys and values of the whole sequence, computed here
+            cache = KVCache(*(t.transpose(1, 2) for t in self.kv(x if xa is None else xa, rec, ops)))  # (B, H, S, Dh)
+        elif pos is not None:  # a decoding step's self-attention: its own keys and values join the cache first
+            cache.write(pos, *self.kv(x, rec, ops))
         if rec.wants("scores") or rec.wants("pattern"):  # asked for: the attention written out
-            z = self.pattern(q, k, mask, rec) @ v  # (B, H, T, Dh)
-        elif cache is not None:  # the same, reading the cache in its storage order
-            z = cache.attend(q, mask)  # (B, H, T, Dh)
+            z = self.pattern(q, cache.keys(), mask, rec) @ cache.values()  # (B, H, T, Dh)
         else:  # the fused kernel: the same numbers up to rounding, no T x S matrix in memory
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
+            z = cache.attend(q, mask)  # (B, H, T, Dh)
         z = rec("z", z.transpose(1, 2))  # (B, T, H, Dh)
         return ops.linear(z.flatten(2), self.out)  # (B, T, D)
 
@@ -234,8 +230,9 @@ class DecoderCache:
     cross_attn: list[KVCache]  # the audio's, computed once
 
     def repeat_rows(self, n: int) -> DecoderCache:
-        """Each row repeated ``n`` times (row b becomes rows b*n .. b*n + n-1): every beam starts as its clip."""
-        return DecoderCache([c.repeat_rows(n) for c in self.attn], [c.repeat_rows(n) for c in self.cross_attn])
+        """Each row repeated ``n`` times (row b becomes rows b*n .. b*n + n-1): every beam starts as its clip.
+        Self-attention histories are copied (beams diverge); the audio's keys and values are shared."""
+        return DecoderCache([c.repeat_rows(n) for c in self.attn], [c.shared_by(n) for c in self.cross_attn])
 
     def take_rows(self, rows: Tensor) -> DecoderCache:
         """A cache of only the rows ``rows`` (L,), in that order: rows that are done leave a generation."""
