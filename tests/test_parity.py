@@ -80,23 +80,6 @@ def test_textbook_products_give_the_same_logits_and_trace(tmp_path):
     assert fast.logits.abs().max() > 1.0
 
 
-@pytest.mark.parametrize("out_features", [384, 51865])
-@pytest.mark.parametrize("lead", [(1,), (1, 1), (2, 1), (8, 1), (5, 3), (64,), (65,), (3, 40)])
-def test_linear_equals_f_linear(lead, out_features):
-    """``kernels.linear`` (F.linear up to 64 rows, oneDNN above) is x @ W^T + b."""
-    from whisper_lens.kernels import linear
-
-    g = torch.Generator().manual_seed(out_features + len(lead))
-    x = torch.randn(*lead, 96, generator=g)
-    w = torch.randn(out_features, 96, generator=g) / 10
-    b = torch.randn(out_features, generator=g)
-    for bias in (b, None):
-        got = linear(x, w, bias)
-        want = (x.double() @ w.double().T + (0 if bias is None else bias.double())).float()
-        assert got.shape == (*lead, out_features) and got.is_contiguous()
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
-
-
 @pytest.mark.parametrize("rows", [1, 2, 8, 40, 64, 65])
 def test_decoding_kernels_pack_per_call_and_compute_the_same_products(rows):
     """``Kernels.for_decoding`` packs the unembedding for 2-64 rows into an object of its own: every product
@@ -191,23 +174,3 @@ def test_cache_writes_each_row_at_its_positions():
     assert torch.equal(cache.keys()[:, :, 5], k[:, 1]) and torch.equal(cache.values()[:, :, 0], v[:, 0])
     cache.take_rows(torch.tensor([1, 1]), upto=6)  # beam search: row 0 takes row 1's history
     assert torch.equal(cache.keys()[0], cache.keys()[1]) and torch.equal(cache.values()[0], cache.values()[1])
-
-
-def test_linear_gradients_and_other_dtypes():
-    """Autograd flows through ``kernels.linear``: many rows fall back to F.linear when it is needed
-    (oneDNN's product has no gradient); fp64 (not the fp32 fast path) is exactly F.linear."""
-    from whisper_lens.kernels import linear
-
-    for rows in (1, 100):
-        x = torch.randn(1, rows, 32, requires_grad=True)
-        w = torch.randn(64, 32, requires_grad=True)
-        b = torch.randn(64, requires_grad=True)
-        linear(x, w, b).square().sum().backward()
-        grads = [t.grad.clone() for t in (x, w, b)]
-        for t in (x, w, b):
-            t.grad = None
-        torch.nn.functional.linear(x, w, b).square().sum().backward()
-        for got, t in zip(grads, (x, w, b), strict=True):
-            torch.testing.assert_close(got, t.grad, atol=1e-5, rtol=1e-5)
-    x64, w64 = x.detach().double(), w.detach().double()
-    assert torch.equal(linear(x64, w64), torch.nn.functional.linear(x64, w64))

@@ -4,9 +4,7 @@
 ``ops`` is a ``Kernels`` passed down the forward, and a decoding step attends through its
 ``KVCache``. What happens there is the business of this file alone:
 
-- ``linear``: x @ W^T + b. More than 64 rows (the encoder, a teacher-forced pass) run in
-  oneDNN, 2-10 % faster than MKL there; a decoding step's 1 to 64 rows are bound by reading W
-  from memory and run as ``F.linear``, which reads it as fast as any layout tried.
+- ``Kernels.linear``: x @ W^T + b, ``F.linear`` unless the product has a packed weight.
 - ``Kernels.for_decoding``: the unembedding (the token embedding matrix, most of a step's
   bytes) copied once per ``generate`` call into oneDNN's blocked ("packed") layout for the
   call's 2 to 64 rows: 1.3x-1.6x ``F.linear``'s speed there. Packing the step's small
@@ -21,10 +19,11 @@
 All of it computes the same numbers as the textbook ops up to float rounding (tests/test_parity.py).
 oneDNN's linear product is a private torch op (the one torch.compile's CPU backend emits): it is
 used only after a check that runs it once on this build and compares it with ``F.linear``
-(``onednn_available``); where the check fails, the public ops run. Figures for each path:
+(``onednn_available``); where the check fails, the public ops run. Figures for each choice:
 ``benchmarks/bench_products.py``. The layouts that once won on a machine with twice this
 one's memory bandwidth (one row split into a block per thread, (W @ x^T)^T, values stored
-transposed) lost to the plain ops here and are gone; ``benchmarks/README.md`` has the history.
+transposed, oneDNN for the encoder's many-row products) lost to the plain ops on this one
+and are gone; ``benchmarks/README.md`` has the history.
 """
 
 from __future__ import annotations
@@ -98,29 +97,13 @@ def onednn_pack(weight: Tensor, rows: int) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ W^T + b for x (..., in) and W (out, in), as ``F.linear``: more than ``STEP_ROWS`` rows in oneDNN.
-
-    Many rows (the encoder, a teacher-forced pass) are compute-bound, and oneDNN's product is
-    10-20 % faster there than MKL's; a few rows are bound by reading W, and ``F.linear`` reads
-    it as fast as anything. oneDNN is used only for fp32 CPU inputs, without autograd, after
-    ``onednn_available``'s check.
-    """
-    rows = x.numel() // max(weight.shape[1], 1)
-    if rows <= STEP_ROWS or x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[-1] != weight.shape[1]:
-        return F.linear(x, weight, bias)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    return F.linear(x, weight, bias) if grad or not onednn_available() else onednn_linear(x, weight, bias)
-
-
 class Kernels:
     """How one forward pass or one ``generate`` call computes its products; passed down the forward as ``ops``.
 
-    ``Kernels()`` (``DEFAULT``) runs ``linear``. ``Kernels.for_decoding(decoder, rows)`` also
-    holds oneDNN's packed copies of the decoder's step weights for ``rows``-row products, made
-    from the weights as they are when the call starts (a weight edited between two calls is
-    always the one used) and dropped with the object. Under ``textbook()`` every product is
-    ``F.linear``.
+    ``Kernels()`` (``DEFAULT``) runs ``F.linear``. ``Kernels.for_decoding(decoder, rows)`` also
+    holds oneDNN's packed copy of the unembedding for ``rows``-row products, made from the weight
+    as it is when the call starts (a weight edited between two calls is always the one used) and
+    dropped with the object. Under ``textbook()`` every product is ``F.linear``.
     """
 
     def __init__(self, packed: dict[nn.Module, Tensor] | None = None, rows: int = 0) -> None:
@@ -150,7 +133,7 @@ class Kernels:
         packed = self.packed.get(layer)
         if packed is not None and x.dtype == torch.float32 and x.numel() == self.rows * weight.shape[1]:
             return onednn_linear(x, packed, bias)
-        return linear(x, weight, bias)
+        return F.linear(x, weight, bias)
 
 
 DEFAULT = Kernels()
