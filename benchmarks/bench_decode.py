@@ -23,6 +23,7 @@ as STREAM counts it) and the fraction of it our loop reaches.
     python benchmarks/bench_decode.py            # tiny and base, batch 1 and 8 (a few minutes)
     python benchmarks/bench_decode.py --quick    # tiny only, one repeat (under a minute)
     python benchmarks/bench_decode.py --loop-only    # the decoding loop only, not "with encoder"
+    python benchmarks/bench_decode.py --loop-only --beam 5   # beam search, batch 1 (openai-whisper's only)
     python benchmarks/bench_decode.py --profile base   # where our batch-8 loop's time goes, op by op
 """
 
@@ -103,15 +104,17 @@ def inputs(ours, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         return mel, ours.encoder(mel)
 
 
-def decode_ours(ours, **audio) -> None:
-    """Our greedy loop for exactly NEW_TOKENS tokens (EOT suppressed) from ``mel=`` or ``audio_features=``."""
+def decode_ours(ours, beam: int | None = None, **audio) -> None:
+    """Our loop (greedy, or ``beam`` beams) for exactly NEW_TOKENS tokens (EOT suppressed) from ``mel=`` or
+    ``audio_features=``."""
     eot = ours.tokenizer.eot
-    out = ours.generate(**audio, language="en", max_new_tokens=NEW_TOKENS, suppress_tokens=[-1, eot])
+    out = ours.generate(**audio, language="en", max_new_tokens=NEW_TOKENS, suppress_tokens=[-1, eot], beam_size=beam)
     assert all(len(r.tokens) == NEW_TOKENS for r in out)
 
 
-def measure(ref, ours, hf, batch: int, repeats: int, loop: bool) -> dict[str, float]:
-    """Tokens per second of the three implementations decoding the same batch (interleaved).
+def measure(ref, ours, hf, batch: int, repeats: int, loop: bool, beam: int | None = None) -> dict[str, float]:
+    """Tokens per second (clips x tokens of the result) of the three implementations decoding the same batch,
+    interleaved; greedy, or beam search with ``beam`` beams.
 
     ``loop``: decode from the same precomputed encoder output (each implementation's documented way
     to skip its encoder), so the figure is the decoding loop's own; otherwise from the log-mel.
@@ -123,17 +126,17 @@ def measure(ref, ours, hf, batch: int, repeats: int, loop: bool) -> dict[str, fl
     prompt = [*tok.sot_sequence_for("en", "transcribe"), tok.no_timestamps]
     mel, xa = inputs(ours, batch)  # (B, 80, 3000), (B, S, D)
     options = wd.DecodingOptions(language="en", without_timestamps=True, sample_len=NEW_TOKENS,
-                                 suppress_tokens=[-1, tok.eot], fp16=False)  # fmt: skip
+                                 suppress_tokens=[-1, tok.eot], fp16=False, beam_size=beam)  # fmt: skip
     start = torch.tensor([prompt] * batch)
     audio = {"audio_features": xa} if loop else {"mel": mel}
     hf_audio = {"encoder_outputs": BaseModelOutput(last_hidden_state=xa)} if loop else {"input_features": mel}
 
     def run_ours():
-        decode_ours(ours, **audio)
+        decode_ours(ours, beam, **audio)
 
     def run_textbook():
-        with textbook():  # the same loop with F.linear and SDPA: whether kernels.py's fast paths pay here
-            decode_ours(ours, **audio)
+        with textbook():  # the same loop with F.linear everywhere: whether kernels.py's packed product pays here
+            decode_ours(ours, beam, **audio)
 
     def run_openai():
         out = wd.decode(ref, xa if loop else mel, options)  # audio features of shape (B, S, D) skip its encoder
@@ -142,11 +145,13 @@ def measure(ref, ours, hf, batch: int, repeats: int, loop: bool) -> dict[str, fl
     def run_hf():
         with torch.no_grad():
             out = hf.generate(**hf_audio, decoder_input_ids=start, max_new_tokens=NEW_TOKENS,
-                              min_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1,
+                              min_new_tokens=NEW_TOKENS, do_sample=False, num_beams=beam or 1,
                               cache_implementation="static", eos_token_id=tok.eot, pad_token_id=tok.eot)  # fmt: skip
         assert out.shape[1] in (NEW_TOKENS, len(prompt) + NEW_TOKENS), out.shape  # with or without the prompt
 
-    runs = {"ours": run_ours, "textbook": run_textbook, "openai": run_openai, "hf": run_hf}
+    runs = {"ours": run_ours, "textbook": run_textbook, "openai": run_openai}
+    if beam is None or not loop:  # transformers' Whisper generate does not take encoder outputs with beams
+        runs["hf"] = run_hf
     seconds = interleaved(runs, repeats=repeats)
     return {k: batch * NEW_TOKENS / v for k, v in seconds.items()}
 
@@ -177,6 +182,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per implementation (default 3)")
     parser.add_argument("--profile", choices=["tiny", "base"], help="profile our batch-8 loop on this shape instead")
     parser.add_argument("--loop-only", action="store_true", help="only the decoding loop (what the targets are on)")
+    parser.add_argument("--beam", type=int, default=None, help="beam search with this many beams instead of greedy")
     args = parser.parse_args()
     if args.profile:
         return profile(args.profile)
@@ -198,13 +204,15 @@ def main() -> None:
             cross_bytes = 2 * d.n_text_layer * d.n_audio_ctx * d.n_text_state * 4  # fp32 keys and values, per clip
             print(f"{name}: {weight_bytes / 2**20:.0f} MiB of weights read per step, plus "
                   f"{cross_bytes / 2**20:.1f} MiB of cross-attention keys/values per clip")  # fmt: skip
-            for batch in (1, 8):
+            for batch in (1,) if args.beam else (1, 8):  # openai-whisper's beam search runs one clip at a time
                 for loop in (True,) if args.loop_only else (True, False):
-                    tps = measure(ref, ours, hf, batch, repeats, loop)
-                    used = f"{weight_bytes * tps['ours'] / bandwidth:.0%}" if batch == 1 and loop else ""
-                    ratios = [f"{tps['ours'] / tps['openai']:.2f}x", f"{tps['ours'] / tps['hf']:.2f}x"]
+                    tps = measure(ref, ours, hf, batch, repeats, loop, args.beam)
+                    greedy_loop = batch == 1 and loop and args.beam is None
+                    used = f"{weight_bytes * tps['ours'] / bandwidth:.0%}" if greedy_loop else ""
+                    ratios = [f"{tps['ours'] / tps[k]:.2f}x" if k in tps else "n/a" for k in ("openai", "hf")]
                     timed = "decoding loop" if loop else "with encoder"
-                    speeds = [f"{tps[k]:.0f}" for k in ("ours", "textbook", "openai", "hf")]
+                    timed += f", {args.beam} beams" if args.beam else ""
+                    speeds = [f"{tps[k]:.0f}" if k in tps else "n/a" for k in ("ours", "textbook", "openai", "hf")]
                     rows.append([name, str(batch), timed, *speeds, *ratios, used])
                     print(table([header, rows[-1]]).splitlines()[-1], flush=True)
     print()
