@@ -7,8 +7,8 @@
 - ``Kernels.linear``: x @ W^T + b, ``F.linear`` unless the product has a packed weight.
 - ``Kernels.for_decoding``: the unembedding (the token embedding matrix, most of a step's
   bytes) copied once per ``generate`` call into oneDNN's blocked ("packed") layout for the
-  call's 2 to 64 rows: 1.3x-1.6x ``F.linear``'s speed there. Packing the step's small
-  projections does not pay (0.75x-0.9x), so they are left alone. The copy belongs to that call's
+  call's 4 to 64 rows: 1.3x-1.6x ``F.linear``'s speed there (at 2 rows it does not pay).
+  Packing the step's small projections does not pay (0.75x-0.9x), so they are left alone. The copy belongs to that call's
   ``Kernels``; nothing is stored on the model.
 - ``KVCache``: a decoding step's keys and values, stored contiguous (B, H, S, Dh), which the
   fused attention kernel reads at full speed (1.3x a transposed view).
@@ -41,7 +41,8 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from .model import TextDecoder
 
-STEP_ROWS = 64  # the most rows a decoding step multiplies (batch x beams): fewer are memory-bound, more compute-bound
+STEP_ROWS = 64  # the most rows of a decoding step whose products are bound by reading the weight
+PACK_FROM = 4  # fewer rows read the unembedding as fast with F.linear as packed (and packing it costs 30 ms)
 
 _TEXTBOOK = contextvars.ContextVar("whisper_lens_textbook", default=False)
 
@@ -115,11 +116,11 @@ class Kernels:
         """Kernels for a loop of ``rows``-row decoding steps of ``decoder`` (a ``TextDecoder``).
 
         Packs the unembedding (the token embedding matrix, the step's one big product) when it
-        is fp32 on the CPU, for 2 to 64 rows, autograd off and oneDNN available; else nothing
+        is fp32 on the CPU, for 4 to 64 rows, autograd off and oneDNN available; else nothing
         is packed. The step's other products are small enough that packing them does not pay.
         """
         W = decoder.token_embedding.weight
-        if not (1 < rows <= STEP_ROWS and W.device.type == "cpu" and W.dtype == torch.float32):
+        if not (PACK_FROM <= rows <= STEP_ROWS and W.device.type == "cpu" and W.dtype == torch.float32):
             return cls()
         if torch.is_grad_enabled() or is_textbook() or not onednn_available():
             return cls()
