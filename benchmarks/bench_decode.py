@@ -24,7 +24,7 @@ as STREAM counts it) and the fraction of it our loop reaches.
     python benchmarks/bench_decode.py --quick    # tiny only, one repeat (under a minute)
     python benchmarks/bench_decode.py --loop-only    # the decoding loop only, not "with encoder"
     python benchmarks/bench_decode.py --loop-only --beam 5   # beam search, batch 1 (openai-whisper's only)
-    python benchmarks/bench_decode.py --profile base   # where our batch-8 loop's time goes, op by op
+    python benchmarks/bench_decode.py --profile base [--batch 1]   # where our loop's time goes, op by op
 """
 
 from __future__ import annotations
@@ -180,12 +180,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny only, one repeat: under a minute")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per implementation (default 3)")
-    parser.add_argument("--profile", choices=["tiny", "base"], help="profile our batch-8 loop on this shape instead")
+    parser.add_argument("--profile", choices=["tiny", "base"], help="profile our loop on this shape instead")
+    parser.add_argument("--batch", type=int, default=8, help="the batch --profile decodes (default 8)")
     parser.add_argument("--loop-only", action="store_true", help="only the decoding loop (what the targets are on)")
     parser.add_argument("--beam", type=int, default=None, help="beam search with this many beams instead of greedy")
     args = parser.parse_args()
     if args.profile:
-        return profile(args.profile)
+        return profile(args.profile, args.batch)
     import transformers
 
     transformers.logging.set_verbosity_error()

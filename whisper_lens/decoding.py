@@ -642,7 +642,11 @@ def step(d: Decoding, i: int, forward) -> None:
     elif d.live is not None:
         drop_done_rows(d)
         rows = d.live  # (L,)
-        d.last[rows] = forward(tokens[rows], pos[rows] if len(pos) > 1 else pos)[:, 0]  # (L, V) into (N, V)
+        logits = forward(tokens[rows], pos[rows] if len(pos) > 1 else pos)[:, 0]  # (L, V)
+        if len(rows) == len(d.last):  # no row done yet
+            d.last = logits
+        else:
+            d.last[rows] = logits  # into (N, V); a done row's stay as they were
     else:
         d.last = forward(tokens, pos)[:, 0]  # (N, V)
 

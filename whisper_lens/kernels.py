@@ -8,8 +8,8 @@
 - ``Kernels.for_decoding``: the unembedding (the token embedding matrix, most of a step's
   bytes) copied once per ``generate`` call into oneDNN's blocked ("packed") layout for the
   call's 4 to 64 rows: 1.3x-1.6x ``F.linear``'s speed there (at 2 rows it does not pay).
-  Packing the step's small projections does not pay (0.75x-0.9x), so they are left alone. The copy belongs to that call's
-  ``Kernels``; nothing is stored on the model.
+  Packing the step's small projections does not pay (0.75x-0.9x), so they are left alone. The
+  copy belongs to that call's ``Kernels``; nothing is stored on the model.
 - ``KVCache``: a decoding step's keys and values, stored contiguous (B, H, S, Dh), which the
   fused attention kernel reads at full speed (1.3x a transposed view).
 - ``textbook()``: a context manager under which every product is ``F.linear`` and every
