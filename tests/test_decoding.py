@@ -177,6 +177,41 @@ def test_rows_that_are_done_leave_the_batch_without_changing_a_result(small, bea
         torch.testing.assert_close(torch.tensor(a.token_logprobs), torch.tensor(b.token_logprobs), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("beam_size", [None, 2])
+def test_clips_at_different_decoder_depths_decode_as_each_alone(small, beam_size):
+    """``decoder_blocks`` per clip (deepest first) gives each clip the tokens of ``Edits().skip`` of the blocks
+    past its depth, decoded alone; 0 blocks is the embedding read out through ``ln``."""
+    from whisper_lens import Edits
+
+    L = SMALL.n_text_layer
+    mel = varied_mel(6, seed=24)
+    depths = [3, 3, 2, 1, 1, 0]
+    together = small.generate(mel, beam_size=beam_size, max_new_tokens=15, decoder_blocks=depths)
+    assert len({tuple(r.tokens) for r in together}) > 3  # the depths answer differently
+    for i, d in enumerate(depths):
+        edits = Edits().skip("decoder", list(range(d, L))) if d < L else None
+        alone = small.generate(mel[i], beam_size=beam_size, max_new_tokens=15, edits=edits)[0]
+        assert together[i].tokens == alone.tokens, f"clip {i}, depth {d}"
+        assert together[i].sum_logprob == pytest.approx(alone.sum_logprob, rel=1e-6, abs=1e-5)
+    same = small.generate(mel[:2], beam_size=beam_size, max_new_tokens=15, decoder_blocks=2)  # one depth for all
+    assert [r.tokens for r in same] == [r.tokens for r in small.generate(mel[:2], beam_size=beam_size,
+                                        max_new_tokens=15, edits=Edits().skip("decoder", [2]))]  # fmt: skip
+
+
+def test_decoder_blocks_bad_input(small):
+    mel = varied_mel(3, seed=25)
+    with pytest.raises(ValueError, match="must not increase from clip to clip"):
+        small.generate(mel, decoder_blocks=[1, 2, 0])
+    with pytest.raises(ValueError, match="ints from 0 to 3"):
+        small.generate(mel, decoder_blocks=[4, 2, 0])
+    with pytest.raises(ValueError, match="ints from 0 to 3"):
+        small.generate(mel, decoder_blocks=True)
+    with pytest.raises(ValueError, match="has 2 entries for 3 clips"):
+        small.generate(mel, decoder_blocks=[2, 1])
+    with pytest.raises(ValueError, match="cannot be traced"):
+        small.generate(mel, decoder_blocks=[2, 2, 1], trace=["logits"])
+
+
 def initial_tokens(model, result, timestamps: bool) -> list[int]:
     tok = model.tokenizer
     seq = list(tok.sot_sequence_for(result.language, "transcribe"))

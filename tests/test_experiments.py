@@ -116,6 +116,9 @@ def test_sweep_with_nothing_removed_equals_plain_generate(byte_model, monkeypatc
     assert [r["removed"] for r in default] == [k for k in range(4) for _ in range(3)]
     assert [r["text"] for r in default[:3]] == [p.text.strip() for p in plain]
     monkeypatch.setattr(experiments, "SWEEP_ROWS", 6)  # the four settings' 12 clips in batches of 6, not one of 12
+    split = removal_sweep(byte_model, mel, "decoder", references=refs, removals=[[], [2], [0, 1, 2]],
+                          max_new_tokens=5, seconds=[1.0] * 3)  # fmt: skip
+    assert [r["text"] for r in split] == [r["text"] for r in rows]
     chunked = removal_sweep(byte_model, mel, "encoder", references=refs, max_new_tokens=5, seconds=[1.0] * 3)
     assert [(r["removed"], r["text"], r["n_tokens"]) for r in chunked] == [
         (r["removed"], r["text"], r["n_tokens"]) for r in default

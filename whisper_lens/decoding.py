@@ -150,6 +150,7 @@ class DecodingOptions:
     suppress_blank: bool = True
     max_initial_timestamp: float | None = 1.0
     compile: bool = False
+    decoder_blocks: int | Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("beam_size", "max_new_tokens", "seed"):
@@ -198,6 +199,7 @@ class Plan:
     blank: tuple[int, ...]  # forbidden at the first step (empty when suppress_blank is off)
     timestamps: bool
     max_initial_index: int | None  # last timestamp index allowed first, or None for any
+    depth: tuple[int, ...] | None = None  # per clip: decoder blocks run (None: all), never increasing
 
 
 def make_plan(model: Whisper, options: DecodingOptions, n_clips: int) -> Plan:
@@ -231,7 +233,23 @@ def make_plan(model: Whisper, options: DecodingOptions, n_clips: int) -> Plan:
         blank=tuple(tok.encode(" ") + [tok.eot]) if options.suppress_blank else (),
         timestamps=options.timestamps,
         max_initial_index=max_initial_index(model, options),
+        depth=clip_depths(model, options.decoder_blocks, n_clips),
     )
+
+
+def clip_depths(model: Whisper, blocks: int | Sequence[int] | None, n_clips: int) -> tuple[int, ...] | None:
+    """``decoder_blocks`` checked: per clip, how many of the first decoder blocks run (None: every block)."""
+    if blocks is None:
+        return None
+    L = model.dims.n_text_layer
+    depth = per_clip("decoder_blocks", blocks, n_clips, single=lambda x: isinstance(x, numbers.Integral))
+    for d in depth:
+        if not isinstance(d, numbers.Integral) or isinstance(d, bool) or not 0 <= d <= L:
+            raise ValueError(f"decoder_blocks must be ints from 0 to {L} (the decoder's blocks), got {d!r}")
+    if list(depth) != sorted(depth, reverse=True):
+        raise ValueError(f"decoder_blocks must not increase from clip to clip (order the clips deepest first), "
+                         f"got {list(depth)}")  # fmt: skip
+    return tuple(int(d) for d in depth)
 
 
 def is_single_prompt(x: object) -> bool:
@@ -550,7 +568,8 @@ def prefill(model: Whisper, plan: Plan, options: DecodingOptions, xa: Tensor, re
     lengths = [len(p) for p in plan.prompts]
     length = max(n + m for n, m in zip(lengths, plan.max_new, strict=True))  # the call's longest sequence
     ops = Kernels() if options.compile else Kernels.for_decoding(model.decoder, G * K)
-    cache = model.decoder.new_cache(xa, length, rec.child("decoder"), ops)  # audio k/v (G, H, S, Dh) per layer
+    rows = None if plan.depth is None else [sum(d > i for d in plan.depth) for i in range(model.dims.n_text_layer)]
+    cache = model.decoder.new_cache(xa, length, rec.child("decoder"), ops, rows)  # audio k/v (G, H, S, Dh) per layer
     languages, language_probs, prompts = identify_languages(model, plan, cache, ops, rec.edits)
     r = pass_recorder(rec)
     tokens = torch.tensor(prompts, device=dev)  # (G, T0): each prompt padded at its end to the longest
@@ -624,8 +643,8 @@ def select(d: Decoding, i: int) -> None:
             where = torch.full_like(src, -1)
             where[d.live] = torch.arange(len(d.live), device=src.device)
             src = where[src[d.live]]  # (L,) cache rows
-        for c in d.cache.attn:  # each beam's self-attention history follows it
-            c.take_rows(src, upto=max(map(len, d.plan.prompts)) + i)
+        for c in d.cache.attn:  # each beam's self-attention history follows it (within the rows the layer runs)
+            c.take_rows(src[: len(c.k)], upto=max(map(len, d.plan.prompts)) + i)
     stop_at_limits(s, i)
 
 
@@ -845,6 +864,7 @@ def generate(
     suppress_blank: bool = True,
     max_initial_timestamp: float | None = 1.0,
     compile: bool = False,
+    decoder_blocks: int | Sequence[int] | None = None,
 ) -> list[DecodingResult]:
     """Decode a batch of 30 s log-mel windows ``mel`` [B, n_mels, 2 * n_audio_ctx] (or one [n_mels, frames]).
 
@@ -863,15 +883,21 @@ def generate(
         per clip (None: no prompt for that clip). prefix: forced start of the transcript.
     suppress_tokens: ids or "1,2,3"; "-1" adds the non-speech symbols. suppress_blank: no blank first token.
     max_initial_timestamp: latest first timestamp in seconds (None: any). compile: torch.compile the step.
+    decoder_blocks: run only the first n decoder blocks (the rest skipped, as ``Edits().skip``), for
+        every clip, or one n per clip, never increasing from clip to clip: clips at different depths
+        decode in one batch (a block runs on the clips that use it). Not with ``trace``.
     Returns one ``DecodingResult`` per clip.
     """
     options = DecodingOptions(
         beam_size=beam_size, patience=patience, length_penalty=length_penalty, temperature=temperature, seed=seed,
         max_new_tokens=max_new_tokens, language=language, task=task, timestamps=timestamps, prompt=prompt,
         prefix=prefix, suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
-        max_initial_timestamp=max_initial_timestamp, compile=compile,
+        max_initial_timestamp=max_initial_timestamp, compile=compile, decoder_blocks=decoder_blocks,
     )  # fmt: skip
     rec = model.recorder(trace, edits)
+    if decoder_blocks is not None and rec.keep:
+        raise ValueError("decoder_blocks cannot be traced (clips at different depths): trace each depth in its own "
+                         "call, with Edits().skip")  # fmt: skip
     check_step_edits(model, edits)
     audio = checked_audio(model, mel, audio_features, rec)  # (G, n_mels, frames) or (G, S, D)
     plan = make_plan(model, options, n_clips=audio.shape[0])

@@ -155,8 +155,9 @@ def removal_sweep(
 ) -> list[dict]:
     """Decode every clip with blocks of ``stack`` removed; one row per (removal, clip).
 
-    ``removals``: the block sets to remove; default the last k blocks for k = 0..L. All clips of a
-    removal are decoded in one batch (the same edit for the whole batch). Error rates are against
+    ``removals``: the block sets to remove; default the last k blocks for k = 0..L. Removals of the
+    last k blocks decode in batches of several settings (up to ``SWEEP_ROWS`` clips; ``_decode_all``),
+    any other block set in one batch of its own with ``Edits().skip``. Error rates are against
     ``references`` or, when none are given, against the full model's own transcripts, after
     ``normalize`` (see ``text_normalizer``). Rows: stack, removed (how many blocks), blocks_removed,
     clip, text, wer, cer, avg_logprob, no_speech_prob, n_tokens and ``hallucination_metrics``.
@@ -227,34 +228,40 @@ def _encodings(model, mel, stack: str, removals: Sequence[Sequence[int]]) -> dic
         return {k: model.encoder.ln_post(trace[name]) for k, name in names.items()}  # each (B, S, D)
 
 
-SWEEP_ROWS = 32  # an encoder sweep decodes several settings in one batch of up to this many clips
+SWEEP_ROWS = 32  # a sweep decodes several settings in one batch of up to this many clips
 
 
 def _decode_all(model, mel, stack: str, removals: list[list[int]], encodings: dict, max_new_tokens: int | None):
     """Each removal's results, one list of ``DecodingResult`` per removal.
 
-    An encoder sweep's removals of the last k blocks all run the same decoder, over different audio
-    features: their clips are stacked and decoded together, up to ``SWEEP_ROWS`` clips per call.
-    Rows of a batch are independent, so each clip gets the tokens it gets alone, and a step reads
-    the decoder's weights once for all settings instead of once per setting.
+    Removals of the last k blocks decode together, up to ``SWEEP_ROWS`` clips per call: an encoder
+    sweep's run the same decoder over different audio features (stacked), a decoder sweep's the
+    same audio features at different decoder depths (``generate(decoder_blocks=...)``, deepest
+    first). Rows of a batch are independent, so each clip gets the tokens it gets alone, and a step
+    reads the decoder's weights once for all settings instead of once per setting.
     """
-    L, B = model.dims.n_audio_layer, mel.shape[0]
-    tails = [r for r in removals if stack == "encoder" and r == list(range(L - len(r), L))]
+    L, B = model.dims.n_audio_layer if stack == "encoder" else model.dims.n_text_layer, mel.shape[0]
+    tails = sorted({len(r) for r in removals if r == list(range(L - len(r), L))})  # k, shallowest removal first
     per_call = max(1, SWEEP_ROWS // B)
     found = {}
     for j in range(0, len(tails), per_call):
         group = tails[j : j + per_call]
-        xa = torch.cat([encodings[L - len(r)] for r in group])  # (len(group) * B, S, D)
-        results = model.generate(audio_features=xa, max_new_tokens=max_new_tokens)
-        found |= {len(r): results[n * B : (n + 1) * B] for n, r in enumerate(group)}
-    return [found[len(r)] if r in tails else _decode_removed(model, mel, stack, r, encodings, max_new_tokens)
-            for r in removals]  # fmt: skip
+        if stack == "encoder":
+            xa = torch.cat([encodings[L - k] for k in group])  # (len(group) * B, S, D)
+            results = model.generate(audio_features=xa, max_new_tokens=max_new_tokens)
+        else:
+            xa = encodings[model.dims.n_audio_layer].repeat(len(group), 1, 1)  # (len(group) * B, S, D)
+            depths = [L - k for k in group for _ in range(B)]
+            results = model.generate(audio_features=xa, decoder_blocks=depths, max_new_tokens=max_new_tokens)
+        found |= {k: results[n * B : (n + 1) * B] for n, k in enumerate(group)}
+    return [found[len(r)] if len(r) in found and r == list(range(L - len(r), L))
+            else _decode_removed(model, mel, stack, r, encodings, max_new_tokens) for r in removals]  # fmt: skip
 
 
 def _decode_removed(model, mel, stack: str, removed: list[int], encodings: dict, max_new_tokens: int | None):
-    """``generate`` with ``removed`` blocks of ``stack`` skipped: a decoder setting from the shared audio features,
-    an encoder setting other than a removal of the last k blocks from the mel."""
-    edits = Edits().skip(stack, removed) if removed else None
+    """``generate`` with ``removed`` blocks of ``stack`` skipped, for a set that is not the last k blocks:
+    a decoder setting from the shared audio features, an encoder setting from the mel."""
+    edits = Edits().skip(stack, removed)
     if stack == "decoder":
         xa = encodings[model.dims.n_audio_layer]  # (B, S, D)
         return model.generate(audio_features=xa, edits=edits, max_new_tokens=max_new_tokens)

@@ -112,7 +112,6 @@ class Attention(nn.Module):
         Decoding: the keys and values are in ``cache``. With ``pos`` (B, T), self-attention
         first writes this step's own keys and values into it at those positions; without, the
         cache already holds what is attended over (cross-attention: the audio's, computed once).
-        Either way the attention itself is ``KVCache.attend``: SDPA over the keys and values.
         """
         q = rec("q", self.heads(ops.linear(x, self.query))).transpose(1, 2)  # (B, H, T, Dh)
         if cache is None:  # teacher-forced: the keys and values of the whole sequence, computed here
@@ -153,6 +152,12 @@ class Context:
     attn_cache: KVCache | None = None  # decoding: this layer's self-attention keys and values so far
     cross_cache: KVCache | None = None  # decoding: this layer's keys and values of the audio
     pos: Tensor | None = None  # decoding: positions (B or 1, T) of the step's tokens
+    rows: int | None = None  # decoding at per-clip depths: only the first `rows` rows run this block
+
+    def first(self, n: int) -> Context:
+        """The context of the first ``n`` rows of a decoding step (a mask or positions given per row are cut)."""
+        return Context(self.mask[:n] if len(self.mask) > 1 else self.mask, self.xa, self.attn_cache,
+                       self.cross_cache, self.pos[:n] if len(self.pos) > 1 else self.pos)  # fmt: skip
 
 
 class ResidualBlock(nn.Module):
@@ -187,8 +192,10 @@ def run_blocks(blocks: nn.ModuleList, x: Tensor, rec: Recorder, ops: Kernels, co
     for i, (block, ctx) in enumerate(zip(blocks, contexts, strict=True)):
         brec = rec.child(f"blocks.{i}")
         x = brec("resid_pre", x)  # (B, T, D)
-        if not rec.skips(f"blocks.{i}"):  # Edits.skip: the residual passes through
-            x = block(x, brec, ops, ctx)  # (B, T, D)
+        n = len(x) if ctx.rows is None else ctx.rows  # per-clip depths: only the first n rows run this block
+        if n and not rec.skips(f"blocks.{i}"):  # Edits.skip: the residual passes through
+            y = block(x[:n], brec, ops, ctx if n == len(x) else ctx.first(n))  # (n, T, D)
+            x = y if n == len(x) else torch.cat([y, x[n:]])  # (B, T, D): the other rows pass through
         x = brec("resid_post", x)  # (B, T, D)
     return x
 
@@ -235,8 +242,11 @@ class DecoderCache:
         return DecoderCache([c.repeat_rows(n) for c in self.attn], [c.shared_by(n) for c in self.cross_attn])
 
     def take_rows(self, rows: Tensor) -> DecoderCache:
-        """A cache of only the rows ``rows`` (L,), in that order: rows that are done leave a generation."""
-        return DecoderCache([c.select_rows(rows) for c in self.attn], [c.select_rows(rows) for c in self.cross_attn])
+        """A cache of only the rows ``rows`` (L,), ascending: rows that are done leave a generation. A layer
+        whose cache holds only the first n rows (per-clip depths) keeps those of ``rows`` below n."""
+        attn = [c.select_rows(rows[rows < len(c.k)]) for c in self.attn]
+        cross = [c.select_rows(rows[rows < len(c.k) * c.group]) for c in self.cross_attn]
+        return DecoderCache(attn, cross)
 
 
 class TextDecoder(nn.Module):
@@ -249,16 +259,18 @@ class TextDecoder(nn.Module):
         self.blocks = nn.ModuleList([ResidualBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)])
         self.ln = LayerNorm(n_state)
 
-    def new_cache(self, xa: Tensor, length: int, rec: Recorder = IDLE, ops: Kernels = DEFAULT) -> DecoderCache:
+    def new_cache(self, xa: Tensor, length: int, rec: Recorder = IDLE, ops: Kernels = DEFAULT,
+                  rows: list[int] | None = None) -> DecoderCache:  # fmt: skip
         """Empty self-attention caches of ``length`` positions for ``xa``'s batch, and the keys and values
-        of the audio ``xa`` (B, S, D) for every layer's cross-attention, computed once."""
+        of the audio ``xa`` (B, S, D) for every layer's cross-attention, computed once. ``rows``: per block,
+        how many rows (the first) run it (clips at different depths); its caches hold only those."""
         n_ctx, D = self.positional_embedding.shape
         if not 0 < length <= n_ctx:
             raise ValueError(f"cache length must be between 1 and n_text_ctx={n_ctx}, got {length}")
-        B, H = xa.shape[0], self.blocks[0].attn.n_head
-        attn = [KVCache.empty(B, H, length, D // H, like=self.positional_embedding) for _ in self.blocks]
-        cross = [KVCache.holding(*block.cross_attn.kv(xa, rec.child(f"blocks.{i}.cross_attn"), ops))
-                 for i, block in enumerate(self.blocks)]  # fmt: skip
+        H, rows = self.blocks[0].attn.n_head, rows or [len(xa)] * len(self.blocks)
+        attn = [KVCache.empty(n, H, length, D // H, like=self.positional_embedding) for n in rows]
+        cross = [KVCache.holding(*block.cross_attn.kv(xa[:n], rec.child(f"blocks.{i}.cross_attn"), ops))
+                 for i, (block, n) in enumerate(zip(self.blocks, rows, strict=True))]  # fmt: skip
         return DecoderCache(attn, cross)
 
     def forward(self, tokens: Tensor, rec: Recorder = IDLE, ops: Kernels = DEFAULT, *, xa: Tensor | None = None,
@@ -278,7 +290,7 @@ class TextDecoder(nn.Module):
         else:
             length = cache.attn[0].keys().shape[2]
             mask = (torch.arange(length, device=tokens.device) <= pos[..., None])[:, None]  # (B or 1, 1, T, length)
-            contexts = [Context(mask=mask, attn_cache=a, cross_cache=c, pos=pos)
+            contexts = [Context(mask=mask, attn_cache=a, cross_cache=c, pos=pos, rows=len(a.k))
                         for a, c in zip(cache.attn, cache.cross_attn, strict=True)]  # fmt: skip
         x = rec("embed", self.token_embedding(tokens) + self.positional_embedding[pos])  # (B, T, D)
         x = run_blocks(self.blocks, x, rec, ops, contexts)  # (B, T, D)
