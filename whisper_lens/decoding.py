@@ -73,6 +73,7 @@ final sequence run teacher-forced.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import zlib
@@ -438,16 +439,24 @@ def new_search(limit: Tensor, n_clips: int, capacity: int, beams: bool) -> Searc
     return s
 
 
-def select_greedy(s: Search, logits: Tensor, i: int, eot: int, temperature: float, gen) -> Tensor:
-    """Greedy or sampled choice for every row; a row that is done keeps writing EOT. Returns (N,) sources."""
-    logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+def select_greedy(s: Search, logits: Tensor, i: int, eot: int, temperature: float, gen,
+                  rows: Tensor | None = None) -> Tensor:  # fmt: skip
+    """Greedy or sampled choice for every row; a row that is done keeps writing EOT. Returns (N,) sources.
+
+    ``rows`` (L,): ``logits`` (L, V) are those rows' only, every other row being done (greedy).
+    """
+    logprobs = F.log_softmax(logits.float(), dim=-1)  # (N or L, V)
     if temperature == 0:
-        nxt = logits.argmax(dim=-1)  # (N,)
+        nxt = logits.argmax(dim=-1)  # (N or L,)
     else:
         probs = F.softmax(logits.float() / temperature, dim=-1)  # (N, V)
         nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]  # (N,)
+    lp = logprobs.gather(1, nxt[:, None])[:, 0]  # (N or L,)
+    if rows is not None:  # the done rows: EOT at log-probability 0, as below
+        nxt = torch.full_like(s.done_at, eot).index_copy_(0, rows, nxt)  # (N,)
+        lp = torch.zeros_like(s.sum_logprobs).index_copy_(0, rows, lp)  # (N,)
     active = ~s.done
-    lp = torch.where(active, logprobs.gather(1, nxt[:, None])[:, 0], 0.0)  # (N,)
+    lp = torch.where(active, lp, 0.0)  # (N,)
     s.sum_logprobs += lp
     nxt = torch.where(active, nxt, eot)
     ended = active & (nxt == eot)
@@ -633,11 +642,15 @@ def identify_languages(model: Whisper, plan: Plan, cache: DecoderCache, ops: Ker
 def select(d: Decoding, i: int) -> None:
     """Selection ``i``: filter the logits, choose every row's token, let beams take their histories."""
     s, o, tok = d.search, d.options, d.model.tokenizer
-    # the filters write in place: into a copy when the step's logits are kept in a trace
-    filtered = filter_logits(d.last.to(torch.float32, copy=d.tracing), s.tokens[:, :i], d.plan, tok, d.vocab)  # (N, V)
-    if o.beam_size is None:
+    if o.beam_size is None and o.temperature == 0 and d.live is not None and len(d.live) < len(d.last):
+        rows = d.live  # greedy with rows done: only the live rows are filtered and scored
+        filtered = filter_logits(d.last[rows].float(), s.tokens[rows, :i], d.plan, tok, d.vocab)  # (L, V)
+        select_greedy(s, filtered, i, tok.eot, 0.0, None, rows)
+    elif o.beam_size is None:  # the filters write in place: into a copy when the logits are kept in a trace
+        filtered = filter_logits(d.last.to(torch.float32, copy=d.tracing), s.tokens[:, :i], d.plan, tok, d.vocab)
         select_greedy(s, filtered, i, tok.eot, o.temperature, d.generator)
     else:
+        filtered = filter_logits(d.last.to(torch.float32, copy=d.tracing), s.tokens[:, :i], d.plan, tok, d.vocab)
         src = select_beams(s, filtered, i, tok.eot, o.beam_size, o.capacity)
         if d.live is not None:  # the cache holds live rows only; a beam's source is a live row of its clip
             where = torch.full_like(src, -1)
@@ -660,8 +673,10 @@ def step(d: Decoding, i: int, forward) -> None:
             d.steps.append(r.trace)
     elif d.live is not None:
         drop_done_rows(d)
-        rows = d.live  # (L,)
-        logits = forward(tokens[rows], pos[rows] if len(pos) > 1 else pos)[:, 0]  # (L, V)
+        rows, p = d.live, pos[d.live] if len(pos) > 1 else pos  # (L,), (L or 1, 1)
+        n = int(p.max()) + 1  # the positions written so far: no attention over the empty ones after them
+        cache = dataclasses.replace(d.cache, attn=[c.upto(n) for c in d.cache.attn])
+        logits = d.model.decoder(tokens[rows], IDLE, d.ops, cache=cache, pos=p)[:, 0]  # (L, V)
         if len(rows) == len(d.last):  # no row done yet
             d.last = logits
         else:
@@ -671,12 +686,15 @@ def step(d: Decoding, i: int, forward) -> None:
 
 
 def drop_done_rows(d: Decoding) -> None:
-    """Rows that are done leave the cache (a clip's beams finish together); their logits stay as they were."""
+    """Rows that are done leave the cache (a clip's beams finish together); their logits stay as they were.
+    Once half the rows have left, the unembedding is packed again for the rows left (packing costs ~30 ms)."""
     keep = ~d.search.done[d.live]  # (L,)
     if bool(keep.all()):
         return
     d.live = d.live[keep]
     d.cache = d.cache.take_rows(keep.nonzero()[:, 0])
+    if d.ops.rows and 2 * len(d.live) <= d.ops.rows:  # the unembedding packed again, for the rows left
+        d.ops = Kernels.for_decoding(d.model.decoder, len(d.live))
 
 
 def step_function(d: Decoding):

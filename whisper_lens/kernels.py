@@ -198,6 +198,10 @@ class KVCache:
         z = F.scaled_dot_product_attention(q, self.k, self.v)  # (B, H, n*T, Dh)
         return z.view(B, H, n, T, Dh).transpose(1, 2).reshape(N, H, T, Dh)  # (B*n, H, T, Dh)
 
+    def upto(self, n: int) -> KVCache:
+        """The same cache seen through its first ``n`` positions (views: writes go through)."""
+        return KVCache(self.k[:, :, :n], self.v[:, :, :n], self.group)
+
     def repeat_rows(self, n: int) -> KVCache:
         """Each row repeated ``n`` times (row b becomes rows b*n .. b*n + n-1): a clip's beams, copied."""
         return KVCache(self.k.repeat_interleave(n, dim=0), self.v.repeat_interleave(n, dim=0))
