@@ -645,12 +645,12 @@ def select(d: Decoding, i: int) -> None:
     if o.beam_size is None and o.temperature == 0 and d.live is not None and len(d.live) < len(d.last):
         rows = d.live  # greedy with rows done: only the live rows are filtered and scored
         filtered = filter_logits(d.last[rows].float(), s.tokens[rows, :i], d.plan, tok, d.vocab)  # (L, V)
-        select_greedy(s, filtered, i, tok.eot, 0.0, None, rows)
-    elif o.beam_size is None:  # the filters write in place: into a copy when the logits are kept in a trace
+    else:  # the filters write in place: into a copy when the step's logits are kept in a trace
+        rows = None
         filtered = filter_logits(d.last.to(torch.float32, copy=d.tracing), s.tokens[:, :i], d.plan, tok, d.vocab)
-        select_greedy(s, filtered, i, tok.eot, o.temperature, d.generator)
+    if o.beam_size is None:
+        select_greedy(s, filtered, i, tok.eot, o.temperature, d.generator, rows)
     else:
-        filtered = filter_logits(d.last.to(torch.float32, copy=d.tracing), s.tokens[:, :i], d.plan, tok, d.vocab)
         src = select_beams(s, filtered, i, tok.eot, o.beam_size, o.capacity)
         if d.live is not None:  # the cache holds live rows only; a beam's source is a live row of its clip
             where = torch.full_like(src, -1)

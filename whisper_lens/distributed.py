@@ -214,8 +214,10 @@ class Ranks:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
         try:
             yield Ranks(dist.get_rank(), dist.get_world_size())
-            dist.barrier()  # leave together: a rank tearing down its connections while a peer still uses them
-        finally:  # can abort the peer's process ("terminate called without an active exception")
+            # leave together: a rank that tears down its connections while a peer still uses them can abort
+            # the peer's process ("terminate called without an active exception")
+            dist.barrier()
+        finally:
             dist.destroy_process_group()
 
     def gather(self, obj) -> list:

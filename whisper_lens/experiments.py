@@ -220,7 +220,7 @@ def _encodings(model, mel, stack: str, removals: Sequence[Sequence[int]]) -> dic
     if stack == "decoder":
         kept = [L]
     else:
-        kept = sorted({L - len(r) for r in removals if list(r) == list(range(L - len(r), L))})
+        kept = sorted({L - len(r) for r in removals if removes_last(r, L)})
     names = {k: "encoder.embed" if k == 0 else f"encoder.blocks.{k - 1}.resid_post" for k in kept}
     sot = torch.full((mel.shape[0], 1), model.tokenizer.sot)  # (B, 1): the decoder's pass is not used
     with torch.no_grad():
@@ -241,7 +241,7 @@ def _decode_all(model, mel, stack: str, removals: list[list[int]], encodings: di
     reads the decoder's weights once for all settings instead of once per setting.
     """
     L, B = model.dims.n_audio_layer if stack == "encoder" else model.dims.n_text_layer, mel.shape[0]
-    tails = sorted({len(r) for r in removals if r == list(range(L - len(r), L))})  # k, shallowest removal first
+    tails = sorted({len(r) for r in removals if removes_last(r, L)})  # k, shallowest removal first
     per_call = max(1, SWEEP_ROWS // B)
     found = {}
     for j in range(0, len(tails), per_call):
@@ -254,8 +254,13 @@ def _decode_all(model, mel, stack: str, removals: list[list[int]], encodings: di
             depths = [L - k for k in group for _ in range(B)]
             results = model.generate(audio_features=xa, decoder_blocks=depths, max_new_tokens=max_new_tokens)
         found |= {k: results[n * B : (n + 1) * B] for n, k in enumerate(group)}
-    return [found[len(r)] if len(r) in found and r == list(range(L - len(r), L))
-            else _decode_removed(model, mel, stack, r, encodings, max_new_tokens) for r in removals]  # fmt: skip
+    return [found[len(r)] if removes_last(r, L) else _decode_removed(model, mel, stack, r, encodings, max_new_tokens)
+            for r in removals]  # fmt: skip
+
+
+def removes_last(removed: Sequence[int], L: int) -> bool:
+    """Is the sorted block set ``removed`` the last k of ``L`` blocks? (Such settings share encodings and batches.)"""
+    return list(removed) == list(range(L - len(removed), L))
 
 
 def _decode_removed(model, mel, stack: str, removed: list[int], encodings: dict, max_new_tokens: int | None):

@@ -138,7 +138,7 @@ class Kernels:
 
 
 DEFAULT = Kernels()
-"""The kernels of a plain forward: ``linear`` for every product, nothing packed."""
+"""The kernels of a plain forward: ``F.linear`` for every product, nothing packed."""
 
 
 class KVCache:
