@@ -4,8 +4,8 @@
    oneDNN for that many rows (``onednn_pack``): the unembedding (51865 x D) and a D x D projection
    at 1, 5, 8 and 40 rows, and an encoder-sized product (12000 rows) in oneDNN unpacked. ``kernels``
    packs only the unembedding (4 to 64 rows) and leaves everything else to ``F.linear``: the
-   speed-ups say where oneDNN pays on this machine (the encoder's products, within a few per
-   cent either way here, were 5 % slower end to end in oneDNN, so they run as ``F.linear``).
+   speed-ups say where oneDNN pays on this machine (the encoder-sized product's few per cent did
+   not make the encoder as a whole faster, so the encoder runs as ``F.linear``).
    Distinct copies of the weight (96 MiB in all) are cycled, so that, as in a step, each product
    reads its weight from memory: a small weight read again from the cache would time a case that
    never occurs.
