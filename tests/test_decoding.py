@@ -212,6 +212,72 @@ def test_decoder_blocks_bad_input(small):
         small.generate(mel, decoder_blocks=[2, 2, 1], trace=["logits"])
 
 
+@pytest.mark.parametrize("beam_size", [None, 2])
+def test_rows_of_one_clip_decode_as_each_alone_and_share_its_audio(small, beam_size, monkeypatch):
+    """``clips=``: rows decoding the same clip under settings given per row (depth, prompt) get the tokens and
+    scores of that clip decoded alone with those settings; the clip's audio is encoded once and each layer
+    holds its keys and values once, however many rows read them."""
+    from whisper_lens import Edits
+    from whisper_lens.kernels import KVCache
+
+    L = SMALL.n_text_layer
+    mel = varied_mel(3, seed=26)
+    clips, depths = [2, 0, 2, 1, 0, 2, 1], [3, 3, 3, 2, 2, 1, 0]
+    prompts = ["a b c", None, None, [100, 200], None, "x", None]
+    held, encoded = [], []
+    holding, encoder = KVCache.holding.__func__, type(small.encoder).forward
+    monkeypatch.setattr(KVCache, "holding", classmethod(lambda cls, *a: held.append(holding(cls, *a)) or held[-1]))
+    monkeypatch.setattr(
+        type(small.encoder),
+        "forward",
+        lambda self, m, *a: encoded.append(0 if m.is_meta else len(m)) or encoder(self, m, *a),
+    )
+    together = small.generate(mel, clips=clips, decoder_blocks=depths, prompt=prompts, beam_size=beam_size,
+                              max_new_tokens=15)  # fmt: skip
+    assert [n for n in encoded if n] == [3]  # each clip encoded once (0: the shapes, found on the meta device)
+    assert [c.rows for c in held] == [6, 5, 3]  # per layer, the rows that run it (depths > 0, > 1, > 2) ...
+    assert [c.k.shape[0] for c in held] == [3, 3, 2]  # ... read the audio of these clips, held once each
+    monkeypatch.undo()
+    assert len({tuple(r.tokens) for r in together}) > 4  # the settings answer differently
+    for i, (c, d, p) in enumerate(zip(clips, depths, prompts, strict=True)):
+        edits = Edits().skip("decoder", list(range(d, L))) if d < L else None
+        alone = small.generate(mel[c], beam_size=beam_size, max_new_tokens=15, edits=edits, prompt=p)[0]
+        assert together[i].tokens == alone.tokens, f"row {i}: clip {c}, depth {d}"
+        assert together[i].sum_logprob == pytest.approx(alone.sum_logprob, rel=1e-6, abs=1e-5)
+        assert together[i].no_speech_prob == pytest.approx(alone.no_speech_prob, abs=1e-6)
+
+
+def test_rows_of_one_clip_are_traced_as_each_alone(small):
+    """A traced call with ``clips=`` gives each row the trace of its clip decoded alone with its settings:
+    the encoder's names and the audio's keys and values are its clip's, the decoder's its own."""
+    mel = varied_mel(2, seed=28)
+    names = ["encoder.blocks.1.resid_post", "decoder.blocks.0.cross_attn.k", "decoder.blocks.1.cross_attn.pattern",
+             "decoder.blocks.2.attn.pattern", "logits"]  # fmt: skip
+    clips, prompts = [1, 0, 1], [None, None, "a b"]
+    together = small.generate(mel, clips=clips, prompt=prompts, max_new_tokens=8, trace=names)
+    for i, (c, p) in enumerate(zip(clips, prompts, strict=True)):
+        alone = small.generate(mel[c], prompt=p, max_new_tokens=8, trace=names)[0]
+        assert together[i].tokens == alone.tokens
+        for name in names:
+            torch.testing.assert_close(together[i].trace[name], alone.trace[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_clips_bad_input(small):
+    mel = varied_mel(3, seed=27)
+    with pytest.raises(ValueError, match="clips has 3, but the batch has 3 clips"):
+        small.generate(mel, clips=[0, 3])
+    with pytest.raises(ValueError, match="clips is empty"):
+        small.generate(mel, clips=[])
+    with pytest.raises(ValueError, match="ints >= 0"):
+        small.generate(mel, clips=[0, True])
+    with pytest.raises(ValueError, match="ints >= 0"):
+        small.generate(mel, clips=[-1])
+    with pytest.raises(TypeError, match="clips must be a list"):
+        small.generate(mel, clips=2)
+    with pytest.raises(ValueError, match="has 3 entries for 4 clips"):
+        small.generate(mel, clips=[0, 0, 1, 1], decoder_blocks=[3, 2, 1])
+
+
 def initial_tokens(model, result, timestamps: bool) -> list[int]:
     tok = model.tokenizer
     seq = list(tok.sot_sequence_for(result.language, "transcribe"))

@@ -147,7 +147,7 @@ def test_a_cache_shared_by_beams_attends_as_its_copies(T):
     k, v = torch.randn(B, S, H, Dh, generator=g), torch.randn(B, S, H, Dh, generator=g)
     q = torch.randn(B * n, H, T, Dh, generator=g)
     shared, copied = KVCache.holding(k, v).shared_by(n), KVCache.holding(k, v).repeat_rows(n)
-    assert shared.k.shape[0] == B and copied.k.shape[0] == B * n
+    assert shared.k.shape[0] == B and copied.k.shape[0] == B * n and shared.grid[0] is None  # no reordering
     torch.testing.assert_close(shared.attend(q, None), copied.attend(q, None), atol=1e-6, rtol=1e-5)
     assert torch.equal(shared.keys(), copied.keys()) and torch.equal(shared.values(), copied.values())
     rows = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11])  # clips 0 and 2 go on, clip 1 is done
@@ -157,6 +157,37 @@ def test_a_cache_shared_by_beams_attends_as_its_copies(T):
                                rtol=1e-5)  # fmt: skip
     with pytest.raises(ValueError, match="without a mask"):
         shared.attend(q, torch.ones(1, 1, T, S, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_rows_reading_clips_in_any_order_attend_as_their_own_copies(T):
+    """Query rows may read any clip, in any order and any number of times (``holding(k, v, owner)``, as
+    ``generate(clips=...)`` makes): each row's attention is SDPA over its clip's keys and values. Clips no
+    row reads are not held, and a clip leaves the cache when its last row does (``select_rows``)."""
+    import torch.nn.functional as F
+
+    from whisper_lens.kernels import KVCache
+
+    g = torch.Generator().manual_seed(40 + T)
+    C, H, S, Dh = 4, 2, 30, 8
+    k, v = torch.randn(C, S, H, Dh, generator=g), torch.randn(C, S, H, Dh, generator=g)
+    owner = torch.tensor([2, 0, 2, 3, 0, 2])  # clip 1 is read by no row; clip 2 by three
+    q = torch.randn(len(owner), H, T, Dh, generator=g)
+
+    def want(rows):
+        o = owner[rows]
+        return F.scaled_dot_product_attention(q[rows], k[o].transpose(1, 2), v[o].transpose(1, 2))
+
+    cache = KVCache.holding(k, v, owner)
+    assert cache.k.shape[0] == 3 and cache.rows == 6 and cache.grid[1] == 3  # clips 0, 2, 3; three slots each
+    assert torch.equal(cache.keys(), k[owner].transpose(1, 2)) and torch.equal(cache.values(), v[owner].transpose(1, 2))
+    torch.testing.assert_close(cache.attend(q, None), want(torch.arange(6)), atol=1e-6, rtol=1e-5)
+    rows = torch.tensor([0, 2, 3, 5])  # the rows of clip 0 are done: it leaves
+    kept = cache.select_rows(rows)
+    assert kept.k.shape[0] == 2 and kept.rows == 4 and torch.equal(kept.k, cache.k[[1, 2]])
+    torch.testing.assert_close(kept.attend(q[rows], None), want(rows), atol=1e-6, rtol=1e-5)
+    assert KVCache.holding(k, v, torch.arange(C)).owner is None  # one row per clip, in order: nothing shared
+    assert torch.equal(kept.select_rows(torch.tensor([2])).k, cache.k[[2]])  # only clip 3's row is left
 
 
 def test_cache_writes_each_row_at_its_positions():

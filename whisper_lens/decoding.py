@@ -56,7 +56,8 @@ How this implementation runs
 3. step: each row's new token through the decoder at its position.
 4. finish: the search comes to the host once; each clip's best sequence and its result.
 
-Beams are rows of the batch (``batch * beam_size`` rows). Clips may have prompts of different
+Beams are rows of the batch (``batch * beam_size`` rows). A clip's beams, and the rows of a clip
+decoded several times (``clips=``), share its audio keys and values. Clips may have prompts of different
 lengths (``prompt=`` and ``language=`` take one entry per clip): each row's tokens then sit at
 its own positions (the prompt first, padded at the end to the longest), and the mask lets each
 query see only its own row's positions so far. A row (or a clip's group of beams) that has
@@ -152,6 +153,7 @@ class DecodingOptions:
     max_initial_timestamp: float | None = 1.0
     compile: bool = False
     decoder_blocks: int | Sequence[int] | None = None
+    clips: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("beam_size", "max_new_tokens", "seed"):
@@ -173,11 +175,24 @@ class DecodingOptions:
             check_number("length_penalty (alpha)", self.length_penalty, low=0.0, high=1.0)
         if self.max_initial_timestamp is not None:
             check_number("max_initial_timestamp", self.max_initial_timestamp, low=0.0)
+        if self.clips is not None:
+            check_clips(self.clips)
 
     @property
     def capacity(self) -> int:
         """Beam search: how many finished sequences a clip collects before it stops (``beam_size * patience``)."""
         return round(self.beam_size * (self.patience or 1.0)) if self.beam_size else 0
+
+
+def check_clips(clips: object) -> None:
+    """``clips``: a non-empty list of clip indices (ints >= 0); their upper bound is checked against the batch."""
+    if not isinstance(clips, list | tuple | range):
+        raise TypeError(f"clips must be a list of clip indices (ints), got {type(clips).__name__}")
+    if not clips:
+        raise ValueError("clips is empty: give the index of at least one clip to decode")
+    bad = [c for c in clips if not isinstance(c, numbers.Integral) or isinstance(c, bool) or c < 0]
+    if bad:
+        raise ValueError(f"clips must be indices of clips in the batch (ints >= 0), got {bad[0]!r}")
 
 
 def check_number(name: str, value: object, low: float, high: float = math.inf, open_low: bool = False) -> None:
@@ -573,12 +588,13 @@ def pass_recorder(rec: Recorder) -> Recorder:
 
 def prefill(model: Whisper, plan: Plan, options: DecodingOptions, xa: Tensor, rec: Recorder) -> Decoding:
     """Everything before the first selection: caches, language identification, the prompts in one pass."""
-    G, K, dev = xa.shape[0], options.beam_size or 1, xa.device
+    G, K, dev = len(plan.prompts), options.beam_size or 1, xa.device
     lengths = [len(p) for p in plan.prompts]
     length = max(n + m for n, m in zip(lengths, plan.max_new, strict=True))  # the call's longest sequence
     ops = Kernels() if options.compile else Kernels.for_decoding(model.decoder, G * K)
     rows = None if plan.depth is None else [sum(d > i for d in plan.depth) for i in range(model.dims.n_text_layer)]
-    cache = model.decoder.new_cache(xa, length, rec.child("decoder"), ops, rows)  # audio k/v (G, H, S, Dh) per layer
+    clips = None if options.clips is None else torch.tensor(options.clips, device=dev)  # (G,): each row's clip
+    cache = model.decoder.new_cache(xa, length, rec.child("decoder"), ops, rows, clips)  # audio k/v once per clip
     languages, language_probs, prompts = identify_languages(model, plan, cache, ops, rec.edits)
     r = pass_recorder(rec)
     tokens = torch.tensor(prompts, device=dev)  # (G, T0): each prompt padded at its end to the longest
@@ -788,15 +804,15 @@ def traced_names(d: Decoding) -> list[str]:
 
 
 def stitch_trace(order: list[str], d: Decoding, g: int, rows: list[int], length: int) -> Trace:
-    """Clip ``g``'s trace: names computed once from the call's trace (row g), decoder names from the
-    prompts' pass (row g, its prompt's positions) then from step s at row ``rows[s - 1]``, joined along
+    """Clip ``g``'s trace: names computed once from the call's trace (its clip's row), decoder names from
+    the prompts' pass (row g, its prompt's positions) then from step s at row ``rows[s - 1]``, joined along
     positions; self-attention scores/patterns are cut to the final ``length`` keys."""
     once, prompts, steps = d.rec.trace, d.steps[0], d.steps[1:]
-    T0 = len(d.plan.prompts[g])
+    T0, c = len(d.plan.prompts[g]), g if d.options.clips is None else d.options.clips[g]
     out = Trace()
     for name in order:
-        if name in once:
-            out.put(name, once[name][g : g + 1])
+        if name in once:  # the encoder's and the audio's keys and values: one row per clip
+            out.put(name, once[name][c : c + 1])
             continue
         axis = 2 if name.endswith(("scores", "pattern")) else 1  # heads come before positions there
         parts = [prompts[name][g : g + 1].narrow(axis, 0, T0)] + [steps[s][name][r : r + 1] for s, r in enumerate(rows)]
@@ -883,6 +899,7 @@ def generate(
     max_initial_timestamp: float | None = 1.0,
     compile: bool = False,
     decoder_blocks: int | Sequence[int] | None = None,
+    clips: Sequence[int] | None = None,
 ) -> list[DecodingResult]:
     """Decode a batch of 30 s log-mel windows ``mel`` [B, n_mels, 2 * n_audio_ctx] (or one [n_mels, frames]).
 
@@ -904,22 +921,29 @@ def generate(
     decoder_blocks: run only the first n decoder blocks (the rest skipped, as ``Edits().skip``), for
         every clip, or one n per clip, never increasing from clip to clip: clips at different depths
         decode in one batch (a block runs on the clips that use it). Not with ``trace``.
-    Returns one ``DecodingResult`` per clip.
+    clips: decode these clips, one row each (default: every clip once, in order), e.g.
+        ``clips=[0, 1, 0, 1]`` decodes two clips twice, under settings given per row. Rows of one
+        clip share its audio: it is encoded once and its keys and values are computed and read once
+        per step, not once per row. The per-clip options above (language, prompt, decoder_blocks)
+        then take one entry per row, and one result is returned per row.
+    Returns one ``DecodingResult`` per clip (per row with ``clips``).
     """
     options = DecodingOptions(
         beam_size=beam_size, patience=patience, length_penalty=length_penalty, temperature=temperature, seed=seed,
         max_new_tokens=max_new_tokens, language=language, task=task, timestamps=timestamps, prompt=prompt,
         prefix=prefix, suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
-        max_initial_timestamp=max_initial_timestamp, compile=compile, decoder_blocks=decoder_blocks,
+        max_initial_timestamp=max_initial_timestamp, compile=compile, decoder_blocks=decoder_blocks, clips=clips,
     )  # fmt: skip
     rec = model.recorder(trace, edits)
     if decoder_blocks is not None and rec.keep:
         raise ValueError("decoder_blocks cannot be traced (clips at different depths): trace each depth in its own "
                          "call, with Edits().skip")  # fmt: skip
     check_step_edits(model, edits)
-    audio = checked_audio(model, mel, audio_features, rec)  # (G, n_mels, frames) or (G, S, D)
-    plan = make_plan(model, options, n_clips=audio.shape[0])
-    xa = model.encoder(audio, rec.child("encoder")) if mel is not None else audio  # (G, S, D)
+    audio = checked_audio(model, mel, audio_features, rec)  # (C, n_mels, frames) or (C, S, D)
+    if clips is not None and max(clips) >= len(audio):
+        raise ValueError(f"clips has {max(clips)}, but the batch has {len(audio)} clips (0-{len(audio) - 1})")
+    plan = make_plan(model, options, n_clips=audio.shape[0] if clips is None else len(clips))
+    xa = model.encoder(audio, rec.child("encoder")) if mel is not None else audio  # (C, S, D)
     d = prefill(model, plan, options, xa, rec)
     forward = step_function(d)
     check_every = 1 if xa.device.type == "cpu" else CUDA_CHECK_EVERY

@@ -28,7 +28,9 @@ and are gone; ``benchmarks/README.md`` has the history.
 
 from __future__ import annotations
 
+import collections
 import contextvars
+import copy
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -148,18 +150,27 @@ class KVCache:
     writes its keys and values at its positions (``write``) and its queries attend over all of it
     under a mask. Cross-attention: the audio's keys and values, computed once (``KVCache.holding``).
     A teacher-forced pass wraps the keys and values it has just computed. Decoding stores them
-    (B, H, S, Dh) contiguous: the layout the fused attention kernel reads fastest (a transposed or
+    (C, H, S, Dh) contiguous: the layout the fused attention kernel reads fastest (a transposed or
     strided view sends it down its slower written-out path).
 
-    ``group``: how many consecutive query rows share each cache row. A clip's beams attend over
-    the same audio, so its keys and values are stored once and its ``group`` beams' queries attend
-    to them together: beam search reads the audio once per clip, not once per beam.
+    ``owner``: the cache row each query row reads, when rows share one. A clip's beams, or the
+    rows decoding one clip under several settings, attend over the same audio: its keys and values
+    are stored once, and the queries of all the rows that read them attend in one go (as extra
+    query positions), so a step reads each clip's audio once, not once per row.
     """
 
-    def __init__(self, k: Tensor, v: Tensor, group: int = 1) -> None:
-        self.k = k  # (B, H, S, Dh), B = query rows / group
-        self.v = v  # (B, H, S, Dh)
-        self.group = group
+    def __init__(self, k: Tensor, v: Tensor, owner: Tensor | None = None) -> None:
+        self.k = k  # (C, H, S, Dh)
+        self.v = v  # (C, H, S, Dh)
+        if owner is not None and torch.equal(owner, torch.arange(len(k), device=owner.device)):
+            owner = None
+        self.owner = owner  # (N,) the cache row query row n reads; None: query row n reads row n
+        self.grid = None if owner is None else grid_of(owner, len(k))  # see ``grid_of``
+
+    @property
+    def rows(self) -> int:
+        """How many query rows attend over the cache."""
+        return len(self.k) if self.owner is None else len(self.owner)
 
     @classmethod
     def empty(cls, batch: int, heads: int, length: int, head_dim: int, like: Tensor) -> KVCache:
@@ -168,9 +179,15 @@ class KVCache:
         return cls(k, torch.zeros_like(k))
 
     @classmethod
-    def holding(cls, k: Tensor, v: Tensor) -> KVCache:
-        """A cache holding the keys and values k, v (B, S, H, Dh) (the audio's, for cross-attention)."""
-        return cls(k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())
+    def holding(cls, k: Tensor, v: Tensor, owner: Tensor | None = None) -> KVCache:
+        """A cache holding the keys and values k, v (C, S, H, Dh) (the audio's, for cross-attention), for
+        query rows that read rows ``owner`` (N,) of them (None: query row n reads row n). Rows of k and v
+        that no query row reads are left out."""
+        if owner is not None:
+            used, owner = owner.unique(return_inverse=True)  # (C',) the rows read; (N,) which each query row reads
+            if len(used) < len(k):
+                k, v = k.index_select(0, used), v.index_select(0, used)  # (C', S, H, Dh)
+        return cls(k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), owner)
 
     def write(self, pos: Tensor, k: Tensor, v: Tensor) -> None:
         """Store k, v (B, T, H, Dh) at positions ``pos`` (B, T), or (1, T) when every row is at the same ones."""
@@ -179,45 +196,70 @@ class KVCache:
         self.v[rows, :, pos] = v
 
     def keys(self) -> Tensor:
-        """The keys, one row per query row (B * group, H, S, Dh): a copy when rows are shared."""
-        return self.k if self.group == 1 else self.k.repeat_interleave(self.group, dim=0)
+        """The keys, one row per query row (N, H, S, Dh): a copy when rows are shared."""
+        return self.k if self.owner is None else self.k.index_select(0, self.owner)
 
     def values(self) -> Tensor:
-        """The values, one row per query row (B * group, H, S, Dh): a copy when rows are shared."""
-        return self.v if self.group == 1 else self.v.repeat_interleave(self.group, dim=0)
+        """The values, one row per query row (N, H, S, Dh): a copy when rows are shared."""
+        return self.v if self.owner is None else self.v.index_select(0, self.owner)
 
     def attend(self, q: Tensor, mask: Tensor | None) -> Tensor:
-        """softmax(q k^T / sqrt(Dh)) v for queries q (B * group, H, T, Dh) over the cache: (B * group, H, T, Dh)."""
-        if self.group == 1:
-            return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask)  # (B, H, T, Dh)
+        """softmax(q k^T / sqrt(Dh)) v for queries q (N, H, T, Dh) over the cache: (N, H, T, Dh)."""
+        if self.owner is None:
+            return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask)  # (N, H, T, Dh)
         if mask is not None:
             raise ValueError("a cache shared by several query rows attends without a mask")
-        N, H, T, Dh = q.shape
-        B, n = N // self.group, self.group
-        q = q.view(B, n, H, T, Dh).transpose(1, 2).reshape(B, H, n * T, Dh)  # a cache row's n rows as n*T queries
-        z = F.scaled_dot_product_attention(q, self.k, self.v)  # (B, H, n*T, Dh)
-        return z.view(B, H, n, T, Dh).transpose(1, 2).reshape(N, H, T, Dh)  # (B*n, H, T, Dh)
+        (_, H, T, Dh), C, (place, M) = q.shape, len(self.k), self.grid
+        if place is not None:  # rows into their cache row's slots; empty slots attend too, and are dropped
+            q = q.new_zeros(C * M, H, T, Dh).index_copy_(0, place, q)  # (C*M, H, T, Dh)
+        q = q.view(C, M, H, T, Dh).transpose(1, 2).reshape(C, H, M * T, Dh)  # a cache row's M rows as M*T queries
+        z = F.scaled_dot_product_attention(q, self.k, self.v)  # (C, H, M*T, Dh)
+        z = z.view(C, H, M, T, Dh).transpose(1, 2).reshape(C * M, H, T, Dh)  # (C*M, H, T, Dh)
+        return z if place is None else z.index_select(0, place)  # (N, H, T, Dh)
 
     def upto(self, n: int) -> KVCache:
         """The same cache seen through its first ``n`` positions (views: writes go through)."""
-        return KVCache(self.k[:, :, :n], self.v[:, :, :n], self.group)
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, :, :n], self.v[:, :, :n]
+        return view
 
     def repeat_rows(self, n: int) -> KVCache:
-        """Each row repeated ``n`` times (row b becomes rows b*n .. b*n + n-1): a clip's beams, copied."""
-        return KVCache(self.k.repeat_interleave(n, dim=0), self.v.repeat_interleave(n, dim=0))
+        """Each row repeated ``n`` times (row b becomes rows b*n .. b*n + n-1): a clip's beams' histories, copied."""
+        return KVCache(self.keys().repeat_interleave(n, dim=0), self.values().repeat_interleave(n, dim=0))
 
     def shared_by(self, n: int) -> KVCache:
-        """The same keys and values, each row serving ``n`` consecutive query rows (a clip's beams); no copy."""
-        return KVCache(self.k, self.v, group=self.group * n)
+        """The same keys and values, each query row becoming ``n`` consecutive ones (a clip's beams); no copy."""
+        owner = self.owner if self.owner is not None else torch.arange(len(self.k), device=self.k.device)
+        return KVCache(self.k, self.v, owner.repeat_interleave(n))
 
     def select_rows(self, rows: Tensor) -> KVCache:
-        """A new cache of the query rows ``rows`` (L,), in that order (copies). Shared rows go whole: ``rows``
-        holds every row of a group or none, in order."""
-        if self.group > 1:
-            rows = rows[:: self.group] // self.group  # (L / group,) the cache rows of those groups
-        return KVCache(self.k.index_select(0, rows), self.v.index_select(0, rows), self.group)
+        """A new cache of the query rows ``rows`` (L,), in that order (copies); a shared cache row that no
+        query row reads any more leaves it."""
+        if self.owner is None:
+            return KVCache(self.k.index_select(0, rows), self.v.index_select(0, rows))
+        used, owner = self.owner[rows].unique(return_inverse=True)  # (C',) cache rows still read; (L,) which
+        if len(used) == len(self.k):
+            return KVCache(self.k, self.v, owner)
+        return KVCache(self.k.index_select(0, used), self.v.index_select(0, used), owner)
 
     def take_rows(self, rows: Tensor, upto: int) -> None:
         """Row b takes the first ``upto`` positions of row ``rows[b]`` (beam search: a beam's history follows it)."""
         self.k[:, :, :upto] = self.k[:, :, :upto].index_select(0, rows)
         self.v[:, :, :upto] = self.v[:, :, :upto].index_select(0, rows)
+
+
+def grid_of(owner: Tensor, C: int) -> tuple[Tensor | None, int]:
+    """Where each query row goes when the rows sharing a cache row attend together: (place, M).
+
+    The queries are laid out on a grid of the ``C`` cache rows by M slots, M the most rows reading
+    one cache row; query row n goes to slot ``place[n]`` = owner * M + (how many rows before it
+    read the same cache row). ``place`` is None when that is every slot in order (a clip's beams).
+    """
+    rows = owner.tolist()
+    M = max(collections.Counter(rows).values(), default=1)
+    seen: collections.Counter = collections.Counter()
+    place = []
+    for c in rows:
+        place.append(c * M + seen[c])
+        seen[c] += 1
+    return (None, M) if place == list(range(C * M)) else (torch.tensor(place, device=owner.device), M)

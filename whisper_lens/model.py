@@ -244,9 +244,8 @@ class DecoderCache:
     def take_rows(self, rows: Tensor) -> DecoderCache:
         """A cache of only the rows ``rows`` (L,), ascending: rows that are done leave a generation. A layer
         whose cache holds only the first n rows (per-clip depths) keeps those of ``rows`` below n."""
-        attn = [c.select_rows(rows[rows < len(c.k)]) for c in self.attn]
-        cross = [c.select_rows(rows[rows < len(c.k) * c.group]) for c in self.cross_attn]
-        return DecoderCache(attn, cross)
+        kept = [[c.select_rows(rows[rows < c.rows]) for c in caches] for caches in (self.attn, self.cross_attn)]
+        return DecoderCache(*kept)
 
 
 class TextDecoder(nn.Module):
@@ -260,16 +259,17 @@ class TextDecoder(nn.Module):
         self.ln = LayerNorm(n_state)
 
     def new_cache(self, xa: Tensor, length: int, rec: Recorder = IDLE, ops: Kernels = DEFAULT,
-                  rows: list[int] | None = None) -> DecoderCache:  # fmt: skip
-        """Empty self-attention caches of ``length`` positions for ``xa``'s batch, and the keys and values
-        of the audio ``xa`` (B, S, D) for every layer's cross-attention, computed once. ``rows``: per block,
-        how many rows (the first) run it (clips at different depths); its caches hold only those."""
+                  rows: list[int] | None = None, clips: Tensor | None = None) -> DecoderCache:  # fmt: skip
+        """Empty self-attention caches of ``length`` positions and, computed once, every layer's keys and values
+        of the audio ``xa`` (C, S, D). ``clips`` (N,): the clip each row decodes (None: row n, clip n); rows of a
+        clip share its keys and values. ``rows``: per block, how many rows (the first) run it (per-clip depths)."""
         n_ctx, D = self.positional_embedding.shape
         if not 0 < length <= n_ctx:
             raise ValueError(f"cache length must be between 1 and n_text_ctx={n_ctx}, got {length}")
-        H, rows = self.blocks[0].attn.n_head, rows or [len(xa)] * len(self.blocks)
+        clips = torch.arange(len(xa), device=xa.device) if clips is None else clips  # (N,)
+        H, rows = self.blocks[0].attn.n_head, rows or [len(clips)] * len(self.blocks)
         attn = [KVCache.empty(n, H, length, D // H, like=self.positional_embedding) for n in rows]
-        cross = [KVCache.holding(*block.cross_attn.kv(xa[:n], rec.child(f"blocks.{i}.cross_attn"), ops))
+        cross = [KVCache.holding(*block.cross_attn.kv(xa, rec.child(f"blocks.{i}.cross_attn"), ops), clips[:n])
                  for i, (block, n) in enumerate(zip(self.blocks, rows, strict=True))]  # fmt: skip
         return DecoderCache(attn, cross)
 

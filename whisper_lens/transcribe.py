@@ -543,7 +543,7 @@ def decode_windows(model: Whisper, xa: Tensor, prompts: list[list[int]], languag
                               **common)  # fmt: skip
     n, out = opts.best_of or 1, []
     for i, (p, lang) in enumerate(zip(prompts, languages, strict=True)):
-        found = model.generate(audio_features=xa[i : i + 1].expand(n, -1, -1), prompt=p, language=lang,
+        found = model.generate(audio_features=xa[i : i + 1], clips=[0] * n, prompt=p, language=lang,
                                temperature=temperature, seed=seeds[i], **common)  # fmt: skip
         out.append(max(found, key=lambda r: rank_score(r.sum_logprob, len(r.tokens), opts.length_penalty)))
     return out
