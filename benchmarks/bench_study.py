@@ -5,7 +5,8 @@ shipped speech clips (``whisper_lens/assets/speech``, five LibriVox sentences, o
 last k blocks removed, greedy, up to 224 tokens, and score every transcript (WER and CER after
 Whisper's English normalisation, repetition, compression ratio).
 
-- whisper-lens: ``experiments.removal_sweep(model, mels, stack, references=...)``, two calls.
+- whisper-lens: ``experiments.removal_sweep(model, mels, ("encoder", "decoder"), references=...)``,
+  one call for both stacks.
 - transformers: the same weights written to a hub-layout folder (``loading.save_model``) and read
   by ``WhisperForConditionalGeneration`` (its default attention); the last k layers are removed from
   ``model.encoder.layers`` / ``model.decoder.layers`` and the clips decoded with ``generate``
@@ -15,8 +16,10 @@ Whisper's English normalisation, repetition, compression ratio).
 Both start from the same log-mel batch; the sweeps run round-robin in one process and the report
 is the ratio of their median times, wall-clock and CPU (the steadier one on a shared machine, with
 one thread). Settings that break the model decode to the 224-token cap, so most of the time is in
-long decoding loops at batch 5. whisper-lens' sweep also runs its encoder twice instead of ten
-times (``removal_sweep`` decodes from shared audio features); the rest is the decoding loop.
+long decoding loops. transformers runs the encoder ten times and decodes ten batches of 5 clips.
+whisper-lens runs the encoder once (every "last k blocks" setting's audio features come from one
+recorded pass) and decodes the 45 distinct (clip, setting) rows in one ``generate`` call: the full
+model's transcripts once for both stacks, each distinct audio's keys and values held once.
 
     python benchmarks/bench_study.py                          # 3 timed sweeps each, torch's threads
     python benchmarks/bench_study.py --threads 1 --repeats 1  # one thread, CPU time meaningful
@@ -52,10 +55,7 @@ def tiny_en_folder() -> Path:
 
 
 def sweep_ours(model, clips) -> list[dict]:
-    rows = []
-    for stack in STACKS:
-        rows += removal_sweep(model, clips.mels, stack, references=clips.references, seconds=clips.seconds)
-    return rows
+    return removal_sweep(model, clips.mels, STACKS, references=clips.references, seconds=clips.seconds)
 
 
 def sweep_transformers(hf, model, clips) -> list[dict]:

@@ -88,15 +88,14 @@ def test_sweep_rows_are_removal_sweep_rows_in_clip_order(model, one_process):
     """Batches through experiments.removal_sweep, rows ordered by stack, k, clip; the summary their means."""
     out, clips, result = one_process
     assert [c.id for c in clips] == ["a.wav", "b.wav", "more/c.wav", "more/d.wav"]
-    expected = []
-    for stack in ("encoder", "decoder"):
-        L = 4
-        for start in (0, 2):
-            batch = clips[start : start + 2]
-            mels, seconds = load_windows([c.path for c in batch], 80, 400)
-            found = removal_sweep(model, mels, stack, references=[c.reference for c in batch],
-                                  removals=[list(range(L - k, L)) for k in REMOVALS], seconds=seconds)  # fmt: skip
-            expected += [r | {"clip": batch[r["clip"]].id} for r in found]
+    expected, L = [], 4
+    for start in (0, 2):  # each batch's two stacks in one sweep
+        batch = clips[start : start + 2]
+        mels, seconds = load_windows([c.path for c in batch], 80, 400)
+        removals = dict.fromkeys(("encoder", "decoder"), [list(range(L - k, L)) for k in REMOVALS])
+        found = removal_sweep(model, mels, ["encoder", "decoder"], references=[c.reference for c in batch],
+                              removals=removals, seconds=seconds)  # fmt: skip
+        expected += [r | {"clip": batch[r["clip"]].id} for r in found]
     order = {c.id: i for i, c in enumerate(clips)}
     expected.sort(key=lambda r: (r["stack"] == "decoder", r["removed"], order[r["clip"]]))
     assert read_rows(out) == [{k: str(v) for k, v in r.items()} for r in expected]

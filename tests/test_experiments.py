@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,60 @@ def test_sweep_with_nothing_removed_equals_plain_generate(byte_model, monkeypatc
         removal_sweep(byte_model, mel, "encoder", removals=[[5]], references=refs)
     with pytest.raises(ValueError, match="reference transcript is empty"):
         removal_sweep(byte_model, mel, "encoder", references=["a", "", "b"])
+
+
+def test_a_sweep_of_both_stacks_equals_one_sweep_per_stack(byte_model, monkeypatch):  # noqa: F811
+    """``removal_sweep`` over both stacks decodes every 'last k blocks' setting in one ``generate`` call (the full
+    model once for both) and gives the rows of one sweep per stack: the same texts and tokens, scores to float
+    rounding. Cut into calls by ``SWEEP_ROWS`` or by the audio held (``SWEEP_AUDIO_BYTES``) it gives them too."""
+    mel, _ = _inputs(byte_model, batch=3, seed=8)
+    refs, secs = ["x y z"] * 3, [1.0] * 3
+    Le, Ld = byte_model.dims.n_audio_layer, byte_model.dims.n_text_layer
+    calls = []
+    generate = type(byte_model).generate
+    monkeypatch.setattr(type(byte_model), "generate",
+                        lambda self, *a, **k: calls.append(k.get("clips")) or generate(self, *a, **k))  # fmt: skip
+    both = removal_sweep(byte_model, mel, ("encoder", "decoder"), references=refs, max_new_tokens=5, seconds=secs)
+    assert len(calls) == 1 and len(calls[0]) == 3 * (Le + 1 + Ld)  # the full model's rows decode once
+    assert max(calls[0]) == 3 * (Le + 1) - 1  # the audio of each encoder depth, once per clip
+    apart = [r for s in ("encoder", "decoder") for r in removal_sweep(byte_model, mel, s, references=refs,
+                                                                         max_new_tokens=5, seconds=secs)]  # fmt: skip
+    key = ("stack", "removed", "clip", "text", "n_tokens", "wer")
+    assert len(both) == 3 * (Le + Ld + 2) and [[r[k] for k in key] for r in both] == [
+        [r[k] for k in key] for r in apart
+    ]
+    assert [r["avg_logprob"] for r in both] == pytest.approx([r["avg_logprob"] for r in apart], rel=1e-5)
+    for limit in ("SWEEP_ROWS", "SWEEP_AUDIO_BYTES"):
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setattr(experiments, limit, 6 if limit == "SWEEP_ROWS" else 1)
+            cut = removal_sweep(byte_model, mel, ["encoder", "decoder"], references=refs, max_new_tokens=5,
+                                seconds=secs)  # fmt: skip
+        pairs = Le + 1 + Ld  # distinct (encoder depth, decoder depth) settings
+        assert len(calls) == (math.ceil(pairs / 2) if limit == "SWEEP_ROWS" else pairs)  # 2 settings a call, or 1
+        assert [[r[k] for k in key] for r in cut] == [[r[k] for k in key] for r in both]
+    mixed = removal_sweep(byte_model, mel, ["decoder", "encoder"], references=refs, max_new_tokens=5, seconds=secs,
+                          removals={"decoder": [[1], [Ld - 1]], "encoder": [[0, 1]]})  # fmt: skip
+    assert [(r["stack"], r["blocks_removed"]) for r in mixed[::3]] == [("decoder", "1"), ("decoder", str(Ld - 1)),
+                                                                       ("encoder", "0 1")]  # fmt: skip
+    for stack, removed, rows in [("decoder", [1], mixed[:3]), ("decoder", [Ld - 1], mixed[3:6]),
+                                 ("encoder", [0, 1], mixed[6:])]:  # fmt: skip
+        skip = byte_model.generate(mel, max_new_tokens=5, edits=Edits().skip(stack, removed))
+        assert [r["text"] for r in rows] == [s.text.strip() for s in skip]
+
+
+def test_sweep_stacks_and_removals_bad_input(byte_model):  # noqa: F811
+    mel, _ = _inputs(byte_model, batch=2, seed=9)
+    refs = ["a b", "c d"]
+    for stack in (["encoder", "encoder"], "both", [], ("decoder", "text")):
+        with pytest.raises(ValueError, match="stack must be 'encoder', 'decoder' or a list of them"):
+            removal_sweep(byte_model, mel, stack, references=refs)
+    with pytest.raises(TypeError, match="removals must be a dict from stack to block sets"):
+        removal_sweep(byte_model, mel, ["encoder", "decoder"], references=refs, removals=[[1]])
+    with pytest.raises(ValueError, match=r"removals names stacks not swept: \['decoder'\]"):
+        removal_sweep(byte_model, mel, "encoder", references=refs, removals={"decoder": [[1]]})
+    with pytest.raises(IndexError, match=r"decoder blocks \[9\] out of range"):
+        removal_sweep(byte_model, mel, ["encoder", "decoder"], references=refs, removals={"decoder": [[9]]})
 
 
 def test_attention_stats_by_hand():

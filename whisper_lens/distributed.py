@@ -533,16 +533,14 @@ def _parts(folder: Path) -> Iterator[dict]:
 
 
 def _sweep_batch(model: Whisper, batch: list[Clip], plan: dict[str, list[int]], max_new_tokens: int | None) -> dict:
-    """One batch through ``removal_sweep`` for each stack: {"clips": {id: key}, "rows": [...]}."""
+    """One batch through ``removal_sweep``, every stack at once: {"clips": {id: key}, "rows": [...]}."""
     mels, seconds = load_windows([c.path for c in batch], model.dims.n_mels, 2 * model.dims.n_audio_ctx)
     refs = [c.reference for c in batch] if batch[0].reference is not None else None
-    rows = []
-    for stack, ks in plan.items():
-        L = model.dims.n_audio_layer if stack == "encoder" else model.dims.n_text_layer
-        removals = [list(range(L - k, L)) for k in ks]
-        found = removal_sweep(model, mels, stack, references=refs, removals=removals, seconds=seconds,
-                              max_new_tokens=max_new_tokens)  # fmt: skip
-        rows += [row | {"clip": batch[row["clip"]].id} for row in found]
+    depth = {"encoder": model.dims.n_audio_layer, "decoder": model.dims.n_text_layer}
+    removals = {stack: [list(range(depth[stack] - k, depth[stack])) for k in ks] for stack, ks in plan.items()}
+    found = removal_sweep(model, mels, list(plan), references=refs, removals=removals, seconds=seconds,
+                          max_new_tokens=max_new_tokens)  # fmt: skip
+    rows = [row | {"clip": batch[row["clip"]].id} for row in found]
     return {"clips": {c.id: c.key for c in batch}, "rows": rows}
 
 

@@ -145,39 +145,40 @@ def hallucination_metrics(text: str, tokens: Sequence[int], seconds: float) -> d
 def removal_sweep(
     model,
     mel,
-    stack: str,
+    stack: str | Sequence[str],
     *,
     references: Sequence[str] | None = None,
-    removals: Sequence[Sequence[int]] | None = None,
+    removals: Sequence[Sequence[int]] | dict[str, Sequence[Sequence[int]]] | None = None,
     seconds: Sequence[float] | None = None,
     max_new_tokens: int | None = None,
     normalize: str | None = "english",
 ) -> list[dict]:
-    """Decode every clip with blocks of ``stack`` removed; one row per (removal, clip).
+    """Decode every clip with blocks of ``stack`` removed; one row per (stack, removal, clip).
 
-    ``removals``: the block sets to remove; default the last k blocks for k = 0..L. Removals of the
-    last k blocks decode in batches of several settings (up to ``SWEEP_ROWS`` clips; ``_decode_all``),
-    any other block set in one batch of its own with ``Edits().skip``. Error rates are against
-    ``references`` or, when none are given, against the full model's own transcripts, after
-    ``normalize`` (see ``text_normalizer``). Rows: stack, removed (how many blocks), blocks_removed,
-    clip, text, wer, cer, avg_logprob, no_speech_prob, n_tokens and ``hallucination_metrics``.
+    ``stack``: "encoder", "decoder", or several, e.g. ("encoder", "decoder"): their settings then
+    decode together (below), and the rows come stack by stack. ``removals``: the block sets to
+    remove; default the last k blocks for k = 0..L; with several stacks, a dict from a stack to its
+    sets (a stack left out gets the default). Error rates are against ``references`` or, when none
+    are given, against the full model's own transcripts, after ``normalize`` (see
+    ``text_normalizer``). Rows: stack, removed (how many blocks), blocks_removed, clip, text, wer,
+    cer, avg_logprob, no_speech_prob, n_tokens and ``hallucination_metrics``.
 
-    The encoder runs as few times as the sweep allows: once for a decoder sweep (every setting
-    decodes from the same audio features), and once for every encoder removal that cuts the last
-    k blocks: the stream entering block L-k, recorded in one pass, is what the encoder gives with
-    those blocks skipped, once ``ln_post`` is applied. Other block sets run the encoder with
-    ``Edits().skip``. The transcripts are those of ``generate(mel, edits=Edits().skip(stack, blocks))``.
+    The transcripts are those of ``generate(mel, edits=Edits().skip(stack, blocks))``, computed
+    with as little work as that allows. The encoder runs once for every setting that removes the
+    last k blocks of either stack: the stream entering encoder block L-k, recorded in one pass, is
+    what the encoder gives with those blocks skipped, once ``ln_post`` is applied. Such settings
+    then decode together, up to ``SWEEP_ROWS`` clips per ``generate`` call (``_decode_all``), and
+    the full model's transcripts are decoded once for all stacks. Any other block set decodes in a
+    call of its own with ``Edits().skip``.
     """
-    if stack not in ("encoder", "decoder"):
-        raise ValueError(f"stack must be 'encoder' or 'decoder', got {stack!r}")
-    L = model.dims.n_audio_layer if stack == "encoder" else model.dims.n_text_layer
-    if removals is None:
-        removals = [list(range(L - k, L)) for k in range(L + 1)]
-    removals = [sorted({int(i) for i in r}) for r in removals]
-    for r in removals:
-        bad = [i for i in r if not 0 <= i < L]
-        if bad:
-            raise IndexError(f"{stack} blocks {bad} out of range: the {stack} has {L} blocks (0-{L - 1})")
+    stacks = check_stacks(stack)
+    if isinstance(removals, dict) and set(removals) - set(stacks):
+        raise ValueError(f"removals names stacks not swept: {sorted(set(removals) - set(stacks))} (sweeping {stacks})")
+    if len(stacks) > 1 and removals is not None and not isinstance(removals, dict):
+        raise TypeError(f"with several stacks, removals must be a dict from stack to block sets, got "
+                        f"{type(removals).__name__}")  # fmt: skip
+    per_stack = removals if isinstance(removals, dict) else dict.fromkeys(stacks, removals)
+    sets = {s: removal_sets(model, s, per_stack.get(s)) for s in stacks}
     mel = check_mel(mel, model.dims, model.device, model.dtype)  # (B, n_mels, frames)
     B = mel.shape[0]
     seconds = list(seconds) if seconds is not None else [30.0 * model.dims.n_audio_ctx / 1500] * B
@@ -187,10 +188,11 @@ def removal_sweep(
         raise ValueError("a reference transcript is empty: error rates need words to compare against")
     text_normalizer(normalize)  # a bad choice fails before any decoding
     require_tokenizer(model)
-    encodings = _encodings(model, mel, stack, removals)
-    outputs = _decode_all(model, mel, stack, removals, encodings, max_new_tokens)
+    wanted = [(s, r) for s in stacks for r in sets[s]]
+    outputs = _decode_all(model, mel, wanted, max_new_tokens)  # (stack, removed) -> results
     if references is None:
-        full = outputs[removals.index([])] if [] in removals else model.generate(mel, max_new_tokens=max_new_tokens)
+        full = outputs.get(("decoder", ())) or outputs.get(("encoder", ()))
+        full = full or model.generate(mel, max_new_tokens=max_new_tokens)
         references = [r.text.strip() for r in full]
         norm = text_normalizer(normalize)
         empty = [i for i, r in enumerate(references) if not norm(r).strip()]
@@ -198,10 +200,10 @@ def removal_sweep(
             raise ValueError(f"the full model writes no words for clip {empty[0]}, so there is nothing to compare the "
                              "removals with: give references, or leave the clip out")  # fmt: skip
     rows = []
-    for removed, results in zip(removals, outputs, strict=True):
-        for i, (res, ref) in enumerate(zip(results, references, strict=True)):
+    for stack_, removed in wanted:
+        for i, (res, ref) in enumerate(zip(outputs[stack_, removed], references, strict=True)):
             text = res.text.strip()
-            row = {"stack": stack, "removed": len(removed), "blocks_removed": " ".join(map(str, removed)),
+            row = {"stack": stack_, "removed": len(removed), "blocks_removed": " ".join(map(str, removed)),
                    "clip": i, "text": text, "wer": wer(ref, text, normalize), "cer": cer(ref, text, normalize),
                    "avg_logprob": res.avg_logprob, "no_speech_prob": res.no_speech_prob,
                    "n_tokens": len(res.tokens)}  # fmt: skip
@@ -209,53 +211,90 @@ def removal_sweep(
     return rows
 
 
-def _encodings(model, mel, stack: str, removals: Sequence[Sequence[int]]) -> dict:
-    """Audio features shared by the settings of a sweep, by the number of encoder blocks kept.
+def check_stacks(stack: str | Sequence[str]) -> tuple[str, ...]:
+    """``removal_sweep``'s ``stack`` as a tuple of distinct stack names."""
+    stacks = (stack,) if isinstance(stack, str) else tuple(stack) if isinstance(stack, list | tuple) else None
+    if not stacks or any(s not in ("encoder", "decoder") for s in stacks) or len(set(stacks)) < len(stacks):
+        raise ValueError(f"stack must be 'encoder', 'decoder' or a list of them (each once), got {stack!r}")
+    return stacks
 
-    A decoder sweep needs the full encoder's output only. An encoder sweep needs, for each removal
-    of the last k blocks, ``ln_post`` of the stream entering block L-k (``encoder.embed`` for k = L),
-    all recorded in one pass; other removals are left out and run the encoder themselves.
+
+def removal_sets(model, stack: str, removals: Sequence[Sequence[int]] | None) -> list[tuple[int, ...]]:
+    """One stack's block sets to remove, sorted and checked (default: the last k blocks, k = 0..L)."""
+    L = model.dims.n_audio_layer if stack == "encoder" else model.dims.n_text_layer
+    if removals is None:
+        removals = [range(L - k, L) for k in range(L + 1)]
+    sets = [tuple(sorted({int(i) for i in r})) for r in removals]
+    for r in sets:
+        bad = [i for i in r if not 0 <= i < L]
+        if bad:
+            raise IndexError(f"{stack} blocks {bad} out of range: the {stack} has {L} blocks (0-{L - 1})")
+    return sets
+
+
+SWEEP_ROWS = 64  # a sweep decodes several settings in one generate call of at most this many rows (clips x settings)
+SWEEP_AUDIO_BYTES = 2**31  # ... holding at most this many bytes of audio keys and values (or one setting's)
+
+
+def _decode_all(model, mel, wanted: list[tuple[str, tuple[int, ...]]], max_new_tokens: int | None) -> dict:
+    """Each setting's results (a list of ``DecodingResult``, one per clip), by (stack, blocks removed).
+
+    A setting that removes the last k blocks is a pair (encoder blocks kept, decoder blocks kept):
+    the encoder's ones pick the audio features (``_encodings``), the decoder's the decoding depth.
+    Settings that are the same pair (nothing removed, in either stack) decode once. The pairs
+    decode together, deepest first, up to ``SWEEP_ROWS`` rows per call: every distinct audio once
+    (``generate(clips=...)``: a clip's settings share its audio keys and values) and each row at its
+    depth (``decoder_blocks``). Rows of a batch are independent, so each clip gets the tokens it gets
+    alone, and a step reads the decoder's weights once for all settings instead of once per setting.
     """
-    L = model.dims.n_audio_layer
-    if stack == "decoder":
-        kept = [L]
-    else:
-        kept = sorted({L - len(r) for r in removals if removes_last(r, L)})
+    dims, B = model.dims, mel.shape[0]
+    pairs = {}  # (stack, removed) -> (encoder blocks kept, decoder blocks kept)
+    for stack, removed in wanted:
+        L = dims.n_audio_layer if stack == "encoder" else dims.n_text_layer
+        if removes_last(removed, L):
+            kept = L - len(removed)
+            pairs[stack, removed] = (kept, dims.n_text_layer) if stack == "encoder" else (dims.n_audio_layer, kept)
+    order = sorted(set(pairs.values()), key=lambda p: (-p[1], -p[0]))  # deepest decoder first
+    needed = {a for a, _ in order} | ({dims.n_audio_layer} if any(s == "decoder" for s, _ in wanted) else set())
+    encodings = _encodings(model, mel, sorted(needed)) if needed else {}
+    found = {}
+    held = 2 * dims.n_text_layer * dims.n_audio_ctx * dims.n_text_state * model.dtype.itemsize  # one clip's audio k/v
+    for group in _batches(order, B, per_clip=held):
+        audios = sorted({a for a, _ in group})
+        xa = torch.cat([encodings[a] for a in audios])  # (len(audios) * B, S, D): each distinct audio once
+        clips = [audios.index(a) * B + c for a, _ in group for c in range(B)]
+        depths = [d for _, d in group for _ in range(B)]
+        results = model.generate(audio_features=xa, clips=clips, decoder_blocks=depths, max_new_tokens=max_new_tokens)
+        found |= {pair: results[n * B : (n + 1) * B] for n, pair in enumerate(group)}
+    return {(stack, removed): found[pairs[stack, removed]] if (stack, removed) in pairs
+            else _decode_removed(model, mel, stack, list(removed), encodings, max_new_tokens)
+            for stack, removed in wanted}  # fmt: skip
+
+
+def _batches(order: list[tuple[int, int]], B: int, per_clip: int) -> list[list[tuple[int, int]]]:
+    """``order``'s settings cut into generate calls of at most ``SWEEP_ROWS`` rows holding at most
+    ``SWEEP_AUDIO_BYTES`` of audio keys and values (``per_clip`` bytes for each clip of each distinct audio)."""
+    batches: list[list[tuple[int, int]]] = []
+    rows, audios = 0, set()
+    for pair in order:
+        more = audios | {pair[0]}
+        if batches and rows + B <= SWEEP_ROWS and len(more) * B * per_clip <= SWEEP_AUDIO_BYTES:
+            batches[-1].append(pair)
+            rows, audios = rows + B, more
+        else:
+            batches.append([pair])
+            rows, audios = B, {pair[0]}
+    return batches
+
+
+def _encodings(model, mel, kept: list[int]) -> dict:
+    """Audio features by the number of encoder blocks kept: for k kept, ``ln_post`` of the stream entering
+    block k (``encoder.embed`` for 0), all recorded in one pass of the encoder."""
     names = {k: "encoder.embed" if k == 0 else f"encoder.blocks.{k - 1}.resid_post" for k in kept}
     sot = torch.full((mel.shape[0], 1), model.tokenizer.sot)  # (B, 1): the decoder's pass is not used
     with torch.no_grad():
         trace = model.run(mel, sot, trace=sorted(set(names.values()))).trace
         return {k: model.encoder.ln_post(trace[name]) for k, name in names.items()}  # each (B, S, D)
-
-
-SWEEP_ROWS = 32  # a sweep decodes several settings in one batch of up to this many clips
-
-
-def _decode_all(model, mel, stack: str, removals: list[list[int]], encodings: dict, max_new_tokens: int | None):
-    """Each removal's results, one list of ``DecodingResult`` per removal.
-
-    Removals of the last k blocks decode together, up to ``SWEEP_ROWS`` clips per call: an encoder
-    sweep's run the same decoder over different audio features (stacked), a decoder sweep's the
-    same audio features at different decoder depths (``generate(decoder_blocks=...)``, deepest
-    first). Rows of a batch are independent, so each clip gets the tokens it gets alone, and a step
-    reads the decoder's weights once for all settings instead of once per setting.
-    """
-    L, B = model.dims.n_audio_layer if stack == "encoder" else model.dims.n_text_layer, mel.shape[0]
-    tails = sorted({len(r) for r in removals if removes_last(r, L)})  # k, shallowest removal first
-    per_call = max(1, SWEEP_ROWS // B)
-    found = {}
-    for j in range(0, len(tails), per_call):
-        group = tails[j : j + per_call]
-        if stack == "encoder":
-            xa = torch.cat([encodings[L - k] for k in group])  # (len(group) * B, S, D)
-            results = model.generate(audio_features=xa, max_new_tokens=max_new_tokens)
-        else:
-            xa = encodings[model.dims.n_audio_layer].repeat(len(group), 1, 1)  # (len(group) * B, S, D)
-            depths = [L - k for k in group for _ in range(B)]
-            results = model.generate(audio_features=xa, decoder_blocks=depths, max_new_tokens=max_new_tokens)
-        found |= {k: results[n * B : (n + 1) * B] for n, k in enumerate(group)}
-    return [found[len(r)] if removes_last(r, L) else _decode_removed(model, mel, stack, r, encodings, max_new_tokens)
-            for r in removals]  # fmt: skip
 
 
 def removes_last(removed: Sequence[int], L: int) -> bool:
@@ -265,11 +304,11 @@ def removes_last(removed: Sequence[int], L: int) -> bool:
 
 def _decode_removed(model, mel, stack: str, removed: list[int], encodings: dict, max_new_tokens: int | None):
     """``generate`` with ``removed`` blocks of ``stack`` skipped, for a set that is not the last k blocks:
-    a decoder setting from the shared audio features, an encoder setting from the mel."""
+    a decoder setting from the full audio features (when a sweep has them), an encoder setting from the mel."""
     edits = Edits().skip(stack, removed)
-    if stack == "decoder":
-        xa = encodings[model.dims.n_audio_layer]  # (B, S, D)
-        return model.generate(audio_features=xa, edits=edits, max_new_tokens=max_new_tokens)
+    full = encodings.get(model.dims.n_audio_layer)
+    if stack == "decoder" and full is not None:
+        return model.generate(audio_features=full, edits=edits, max_new_tokens=max_new_tokens)
     return model.generate(mel, edits=edits, max_new_tokens=max_new_tokens)
 
 

@@ -241,13 +241,11 @@ def ablate_study(
     references: Sequence[str] | None = None,
     normalize: str | None = "english",
 ) -> list[dict]:
-    """Remove the last k blocks (k = 0..L) of each stack, decode all clips (one batch per k), measure; plot.
+    """Remove the last k blocks (k = 0..L) of each stack, decode all clips (the settings together), measure; plot.
 
     WER and CER are against ``references`` (default: the full model's transcripts) after ``normalize``.
     """
-    rows = []
-    for stack in stacks:
-        rows += removal_sweep(model, mels, stack, references=references, seconds=seconds, normalize=normalize)
+    rows = removal_sweep(model, mels, list(stacks), references=references, seconds=seconds, normalize=normalize)
     cols = ["wer", "cer", "compression_ratio", "max_repeats", "tokens_per_second", "empty"]
     summary = []
     for stack in stacks:
