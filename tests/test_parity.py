@@ -80,6 +80,20 @@ def test_textbook_products_give_the_same_logits_and_trace(tmp_path):
     assert fast.logits.abs().max() > 1.0
 
 
+def test_logits_at_some_positions_are_those_positions_of_all_logits(tmp_path):
+    """``TextDecoder.forward(at=...)`` (a prompt's pass unembeds only the positions it reads) gives those rows of
+    the logits of every position."""
+    model = load_model(save_openai(openai_model(TINY, seed=15), tmp_path / "tiny.pt"))
+    mel, tokens = random_mel(TINY, batch=3, seed=16), random_tokens(TINY, batch=3, length=9, seed=17)
+    at = torch.tensor([[0, 8], [3, 3], [5, 1]])  # (B, 2): per row, any positions, in any order
+    with torch.no_grad():
+        xa = model.encoder(mel)
+        every, some = model.decoder(tokens, xa=xa), model.decoder(tokens, xa=xa, at=at)  # (B, T, V), (B, 2, V)
+    assert some.shape == (3, 2, TINY.n_vocab)
+    torch.testing.assert_close(some, every[torch.arange(3)[:, None], at], atol=1e-5, rtol=0)
+    assert not torch.equal(some[0, 0], some[0, 1])
+
+
 @pytest.mark.parametrize("rows", [1, 2, 4, 8, 40, 64, 65])
 def test_decoding_kernels_pack_per_call_and_compute_the_same_products(rows):
     """``Kernels.for_decoding`` packs the unembedding for 4-64 rows into an object of its own: every product

@@ -67,8 +67,7 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Ten
     if channels % 2:
         raise ValueError(f"sinusoidal embedding needs an even width, got {channels}")
     half = channels // 2
-    log_step = math.log(max_timescale) / (half - 1)
-    inv_timescales = torch.exp(-log_step * torch.arange(half))  # (D/2,)
+    inv_timescales = torch.exp(-math.log(max_timescale) / (half - 1) * torch.arange(half))  # (D/2,)
     angles = torch.arange(length)[:, None] * inv_timescales[None, :]  # (S, D/2)
     return torch.cat([angles.sin(), angles.cos()], dim=1)  # (S, D)
 
@@ -274,18 +273,18 @@ class TextDecoder(nn.Module):
         return DecoderCache(attn, cross)
 
     def forward(self, tokens: Tensor, rec: Recorder = IDLE, ops: Kernels = DEFAULT, *, xa: Tensor | None = None,
-                cache: DecoderCache | None = None, pos: Tensor | None = None) -> Tensor:  # fmt: skip
+                cache: DecoderCache | None = None, pos: Tensor | None = None,
+                at: Tensor | None = None) -> Tensor:  # fmt: skip
         """Logits (B, T, V) of ``tokens`` (B, T), teacher-forced over the audio ``xa`` (B, S, D), or decoding.
 
         Teacher-forced: the tokens sit at positions 0..T-1, each attending to itself and the ones
         before. Decoding: they sit at positions ``pos`` (B, T), or (1, T) when every row is at the
         same ones; their keys and values are written into ``cache`` there, and each query attends
-        over the whole cache masked to positions <= its own (one fixed shape for every step).
+        over the cache masked to positions <= its own. ``at`` (B, P): only those positions' logits.
         """
         if cache is None:
-            T = tokens.shape[1]
-            pos = torch.arange(T, device=tokens.device)[None]  # (1, T)
-            mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()  # (T, T)
+            pos = torch.arange(tokens.shape[1], device=tokens.device)[None]  # (1, T)
+            mask = pos.mT >= pos  # (T, T): query i sees positions j <= i
             contexts = [Context(mask=mask, xa=xa)] * len(self.blocks)
         else:
             length = cache.attn[0].keys().shape[2]
@@ -295,7 +294,8 @@ class TextDecoder(nn.Module):
         x = rec("embed", self.token_embedding(tokens) + self.positional_embedding[pos])  # (B, T, D)
         x = run_blocks(self.blocks, x, rec, ops, contexts)  # (B, T, D)
         x = rec("ln", self.ln(x))  # (B, T, D)
-        return ops.linear(x, self.token_embedding).float()  # (B, T, V): the tied unembedding
+        x = x if at is None else x[torch.arange(len(x), device=x.device)[:, None], at]  # (B, P, D): the ones read
+        return ops.linear(x, self.token_embedding).float()  # (B, T or P, V): the tied unembedding
 
 
 @dataclass
