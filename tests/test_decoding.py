@@ -174,6 +174,9 @@ def test_rows_that_are_done_leave_the_batch_without_changing_a_result(small, bea
     for a, b in zip(dropping, fixed, strict=True):
         assert a.tokens == b.tokens
         assert a.sum_logprob == pytest.approx(b.sum_logprob, rel=1e-6, abs=1e-5)  # a sum of up to 20 terms of ~-9
+        assert a.no_speech_prob == pytest.approx(
+            b.no_speech_prob, abs=1e-6
+        )  # the prompt's logits at 2 positions, or all
         torch.testing.assert_close(torch.tensor(a.token_logprobs), torch.tensor(b.token_logprobs), atol=1e-5, rtol=0)
 
 

@@ -598,9 +598,12 @@ def prefill(model: Whisper, plan: Plan, options: DecodingOptions, xa: Tensor, re
     languages, language_probs, prompts = identify_languages(model, plan, cache, ops, rec.edits)
     r = pass_recorder(rec)
     tokens = torch.tensor(prompts, device=dev)  # (G, T0): each prompt padded at its end to the longest
-    logits = r("logits", model.decoder(tokens, r.child("decoder"), ops, cache=cache, pos=all_positions(tokens)))
-    no_speech = logits[range(G), plan.sot_index].softmax(dim=-1)[:, model.tokenizer.no_speech]  # (G,)
-    last = logits[range(G), [n - 1 for n in lengths]]  # (G, V): a prompt's last position predicts the first token
+    ends = [n - 1 for n in lengths]  # a prompt's last position predicts the first token
+    at = None if r.wants("logits") else torch.tensor([plan.sot_index, ends], device=dev).T  # (G, 2): only those read
+    logits = r("logits", model.decoder(tokens, r.child("decoder"), ops, cache=cache, pos=all_positions(tokens), at=at))
+    sot, end = (plan.sot_index, ends) if at is None else ([0] * G, [1] * G)  # where they are in (G, T0 or 2, V)
+    no_speech = logits[range(G), sot].softmax(dim=-1)[:, model.tokenizer.no_speech]  # (G,)
+    last = logits[range(G), end]  # (G, V)
     start = torch.tensor(lengths if len(set(lengths)) > 1 else lengths[:1], device=dev)[:, None]  # (G or 1, 1)
     if K > 1:  # every beam starts as its clip
         cache, last = cache.repeat_rows(K), last.repeat_interleave(K, dim=0)  # (N, ...)
