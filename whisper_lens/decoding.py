@@ -383,22 +383,22 @@ def filter_logits(logits: Tensor, sampled: Tensor, plan: Plan, tok, vocab: Tenso
     if not plan.timestamps:
         return logits
     ts = tok.timestamp_begin
-    is_ts_token = vocab >= ts  # (V,)
+    stamps, text = logits[:, ts:], logits[:, : tok.eot]  # views: (N, V - ts) timestamps, (N, eot) text tokens
     logits[:, tok.no_timestamps] = -math.inf
     if n >= 1:
         last_ts = sampled[:, -1] >= ts  # (N,)
         pen_ts = sampled[:, -2] >= ts if n >= 2 else torch.ones_like(last_ts)  # (N,)
         closes_pair = last_ts & pen_ts  # two timestamps in a row: text (or EOT) must follow
         opens_pair = last_ts & ~pen_ts  # a lone timestamp: another timestamp or EOT must follow
-        forbid = (closes_pair[:, None] & is_ts_token) | (opens_pair[:, None] & (vocab < tok.eot))  # (N, V)
         # timestamps never decrease; a new segment must be longer than zero
         where_ts = sampled >= ts  # (N, n)
         any_ts = where_ts.any(dim=1)  # (N,)
         last_idx = (where_ts * torch.arange(1, n + 1, device=sampled.device)).argmax(dim=1)  # (N,)
         last_value = sampled.gather(1, last_idx[:, None])[:, 0]  # (N,)
         bound = torch.where(opens_pair, last_value, last_value + 1)  # (N,) first allowed timestamp id
-        forbid |= any_ts[:, None] & is_ts_token & (vocab < bound[:, None])
-        logits.masked_fill_(forbid, -math.inf)
+        early = any_ts[:, None] & (vocab[ts:] < bound[:, None])  # (N, V - ts)
+        stamps.masked_fill_(closes_pair[:, None] | early, -math.inf)
+        text.masked_fill_(opens_pair[:, None], -math.inf)
     else:  # the first token is a timestamp, and not later than max_initial_timestamp
         logits[:, :ts] = -math.inf
         if plan.max_initial_index is not None:
@@ -407,7 +407,7 @@ def filter_logits(logits: Tensor, sampled: Tensor, plan: Plan, tok, vocab: Tenso
     logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
     ts_mass = logprobs[:, ts:].logsumexp(dim=-1)  # (N,)
     best_text = logprobs[:, :ts].max(dim=-1).values  # (N,)
-    logits.masked_fill_((ts_mass > best_text)[:, None] & ~is_ts_token, -math.inf)
+    logits[:, :ts].masked_fill_((ts_mass > best_text)[:, None], -math.inf)
     return logits
 
 
