@@ -9,9 +9,12 @@ faster-whisper with ``beam_size=1`` to match, no VAD), word timestamps off and o
 alignment heads for tiny.en. ours decodes the two recordings as one batch
 (``model.transcribe([a, b])``); openai-whisper and faster-whisper take them one after the other.
 
-Runs are interleaved round-robin in one process after a warm-up (numba compiles openai-whisper's
-DTW in it) and each cell is the median; the ratio is openai-whisper's time over ours. Each
-recording's text is compared with openai-whisper's.
+Ours and openai-whisper's runs are interleaved round-robin in one process after a warm-up (numba
+compiles openai-whisper's DTW in it) and each cell is the median; the ratio is openai-whisper's
+time over ours. faster-whisper is timed after both, for every configuration: once CTranslate2 has
+run in a process, torch's work in that process runs 1.4x-1.6x slower (ours and openai-whisper's
+alike), so interleaving it would measure the others on a slowed process. Each recording's text is
+compared with openai-whisper's.
 
     pip install -e '.[bench]'
     python benchmarks/bench_transcribe.py               # 2 threads, 3 repeats (a few minutes)
@@ -51,7 +54,8 @@ def recordings() -> list[np.ndarray]:
 
 
 def measure(words: bool, previous: bool, audios, ours, ref, fast, repeats: int) -> tuple[dict, dict]:
-    """Median seconds of each implementation transcribing both recordings, and the texts each gave.
+    """Median seconds of each implementation transcribing both recordings, and the texts each gave;
+    with ``fast`` None, ours and openai-whisper's only, else faster-whisper's only.
 
     ``previous``: condition on the previous text. Without it every window's prompt is empty, so
     ours decodes the two recordings' windows in one ``generate`` call even before ``generate``
@@ -78,8 +82,9 @@ def measure(words: bool, previous: bool, audios, ours, ref, fast, repeats: int) 
 
         return go
 
-    runs = {"ours": run_ours, "openai": run_openai, "float32": run_fast("float32"), "int8": run_fast("int8")}
-    return interleaved(runs, repeats=repeats), texts
+    if fast is None:
+        return interleaved({"ours": run_ours, "openai": run_openai}, repeats=repeats), texts
+    return interleaved({"float32": run_fast("float32"), "int8": run_fast("int8")}, repeats=repeats), texts
 
 
 def main() -> None:
@@ -103,24 +108,26 @@ def main() -> None:
         mask[layer, h] = True
     ref.register_buffer("alignment_heads", mask.to_sparse(), persistent=False)
     ref.eval()
-    fast = {ct: WhisperModel(str(folder), device="cpu", compute_type=ct, cpu_threads=args.threads)
-            for ct in ("float32", "int8")}  # fmt: skip
     audios = recordings()
     print(f"recordings: {', '.join(f'{len(a) / 16000:.1f} s' for a in audios)}; threads {args.threads}; "
           f"load average before: {os.getloadavg()[0]:.1f}")  # fmt: skip
 
     rows = [["word timestamps", "ours batched (s)", "openai-whisper (s)", "ratio", "faster-whisper fp32 (s)",
              "faster-whisper int8 (s)"]]  # fmt: skip
-    for words, previous in ((False, True), (True, True), (False, False)):
-        times, texts = measure(words, previous, audios, ours, ref, fast, args.repeats)
+    configs = ((False, True), (True, True), (False, False))
+    found = [measure(words, previous, audios, ours, ref, None, args.repeats) for words, previous in configs]
+    fast = {ct: WhisperModel(str(folder), device="cpu", compute_type=ct, cpu_threads=args.threads)
+            for ct in ("float32", "int8")}  # fmt: skip
+    for (words, previous), (times, texts) in zip(configs, found, strict=True):
+        fast_times, fast_texts = measure(words, previous, audios, ours, ref, fast, args.repeats)
         same = texts["ours"] == texts["openai"]
         label = ("on" if words else "off") + ("" if previous else ", no previous text")
         rows.append([label + ("" if same else " (texts differ!)"), f"{times['ours']:.2f}",
-                     f"{times['openai']:.2f}", f"{times['openai'] / times['ours']:.2f}x", f"{times['float32']:.2f}",
-                     f"{times['int8']:.2f}"])  # fmt: skip
+                     f"{times['openai']:.2f}", f"{times['openai'] / times['ours']:.2f}x",
+                     f"{fast_times['float32']:.2f}", f"{fast_times['int8']:.2f}"])  # fmt: skip
         for ct in ("float32", "int8"):
-            if texts[ct] != texts["openai"]:
-                print(f"faster-whisper {ct}: texts differ from openai-whisper's: {texts[ct]}")
+            if fast_texts[ct] != texts["openai"]:
+                print(f"faster-whisper {ct}: texts differ from openai-whisper's: {fast_texts[ct]}")
     print(table(rows))
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
