@@ -671,7 +671,7 @@ def removal_section(model: Whisper, clips: Clips, out: Path) -> tuple[list[str],
         "## 3. Layer removal",
         "",
         "The last k blocks of one stack are skipped (the residual passes through; the encoder's ln_post "
-        "stays). All samples are decoded in one batch per k.",
+        "stays). All samples and settings are decoded together, the full model once for both stacks.",
         "",
         "![removal](removal.png)",
         "",
