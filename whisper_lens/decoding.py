@@ -676,7 +676,7 @@ def select(d: Decoding, i: int) -> None:
             where[d.live] = torch.arange(len(d.live), device=src.device)
             src = where[src[d.live]]  # (L,) cache rows
         for c in d.cache.attn:  # each beam's self-attention history follows it (within the rows the layer runs)
-            c.take_rows(src[: len(c.k)], upto=max(map(len, d.plan.prompts)) + i)
+            c.take_rows(src[: c.rows], upto=max(map(len, d.plan.prompts)) + i)
     stop_at_limits(s, i)
 
 

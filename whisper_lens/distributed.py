@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .audio import AUDIO_SUFFIXES, HOP_LENGTH, SAMPLE_RATE, load_audio, load_windows
-from .experiments import removal_sweep, summarize
+from .experiments import n_blocks, removal_sweep, summarize
 from .files import MARKER, atomic_write, write_text
 from .model import ModelDims, Whisper, activation_shapes
 from .trace import select_names
@@ -536,8 +536,8 @@ def _sweep_batch(model: Whisper, batch: list[Clip], plan: dict[str, list[int]], 
     """One batch through ``removal_sweep``, every stack at once: {"clips": {id: key}, "rows": [...]}."""
     mels, seconds = load_windows([c.path for c in batch], model.dims.n_mels, 2 * model.dims.n_audio_ctx)
     refs = [c.reference for c in batch] if batch[0].reference is not None else None
-    depth = {"encoder": model.dims.n_audio_layer, "decoder": model.dims.n_text_layer}
-    removals = {stack: [list(range(depth[stack] - k, depth[stack])) for k in ks] for stack, ks in plan.items()}
+    L = {stack: n_blocks(model, stack) for stack in plan}
+    removals = {stack: [list(range(L[stack] - k, L[stack])) for k in ks] for stack, ks in plan.items()}
     found = removal_sweep(model, mels, list(plan), references=refs, removals=removals, seconds=seconds,
                           max_new_tokens=max_new_tokens)  # fmt: skip
     rows = [row | {"clip": batch[row["clip"]].id} for row in found]

@@ -219,9 +219,14 @@ def check_stacks(stack: str | Sequence[str]) -> tuple[str, ...]:
     return stacks
 
 
+def n_blocks(model, stack: str) -> int:
+    """How many blocks the ``stack`` ("encoder" or "decoder") of ``model`` has."""
+    return model.dims.n_audio_layer if stack == "encoder" else model.dims.n_text_layer
+
+
 def removal_sets(model, stack: str, removals: Sequence[Sequence[int]] | None) -> list[tuple[int, ...]]:
     """One stack's block sets to remove, sorted and checked (default: the last k blocks, k = 0..L)."""
-    L = model.dims.n_audio_layer if stack == "encoder" else model.dims.n_text_layer
+    L = n_blocks(model, stack)
     if removals is None:
         removals = [range(L - k, L) for k in range(L + 1)]
     sets = [tuple(sorted({int(i) for i in r})) for r in removals]
@@ -250,7 +255,7 @@ def _decode_all(model, mel, wanted: list[tuple[str, tuple[int, ...]]], max_new_t
     dims, B = model.dims, mel.shape[0]
     pairs = {}  # (stack, removed) -> (encoder blocks kept, decoder blocks kept)
     for stack, removed in wanted:
-        L = dims.n_audio_layer if stack == "encoder" else dims.n_text_layer
+        L = n_blocks(model, stack)
         if removes_last(removed, L):
             kept = L - len(removed)
             pairs[stack, removed] = (kept, dims.n_text_layer) if stack == "encoder" else (dims.n_audio_layer, kept)

@@ -289,7 +289,7 @@ class TextDecoder(nn.Module):
         else:
             length = cache.attn[0].keys().shape[2]
             mask = (torch.arange(length, device=tokens.device) <= pos[..., None])[:, None]  # (B or 1, 1, T, length)
-            contexts = [Context(mask=mask, attn_cache=a, cross_cache=c, pos=pos, rows=len(a.k))
+            contexts = [Context(mask=mask, attn_cache=a, cross_cache=c, pos=pos, rows=a.rows)
                         for a, c in zip(cache.attn, cache.cross_attn, strict=True)]  # fmt: skip
         x = rec("embed", self.token_embedding(tokens) + self.positional_embedding[pos])  # (B, T, D)
         x = run_blocks(self.blocks, x, rec, ops, contexts)  # (B, T, D)
