@@ -4,11 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# espeak-ng synthesizes the speech the shipped toy model was trained on (training, samples, some tests).
-if ! command -v espeak-ng >/dev/null 2>&1; then
+# espeak-ng synthesizes the speech the shipped toy model was trained on (training, samples, some tests);
+# chromium (Debian's, headless) runs the page tests through Playwright, which downloads no browser of its own.
+if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng chromium >/dev/null
 fi
 
 PIP="python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore"

@@ -1,0 +1,37 @@
+"""Headless Chromium for the page tests: Debian's ``chromium`` driven by Playwright (no browser download).
+
+``open_page(path)`` opens a self-contained HTML file from disk and collects every console error and
+page error, so a test can assert that a page loads cleanly, click in it and read its data back.
+"""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@contextmanager
+def open_page(path: Path, width: int = 1400, height: int = 900):
+    """Yield (page, errors): ``path`` loaded in headless Chromium; ``errors`` collects console and page errors."""
+    from playwright.sync_api import sync_playwright
+
+    if CHROMIUM is None:
+        raise RuntimeError("the page tests need Debian's chromium: run `bash setup.sh`")
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required", "--mute-audio"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(Path(path).resolve().as_uri())
+            page.wait_for_load_state("load")
+            yield page, errors
+        finally:
+            browser.close()
