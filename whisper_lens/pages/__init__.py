@@ -1,0 +1,1 @@
+"""Self-contained HTML pages: every script, style, picture and sound inlined, opened from disk with no server."""
