@@ -784,6 +784,7 @@ def test_a_crafted_checkpoint_is_refused_and_runs_no_code(tmp_path):
     torch.save({"model": Payload(pwned)}, runs / "zip.pt")
     for name in ("checkpoint.pt", "zip.pt"):
         os.replace(runs / name, runs / "checkpoint.pt")
+        files.mark_written(runs, ["checkpoint.pt"], "train-toy")  # crafted inside a runs folder train-toy wrote
         with pytest.raises(ValueError) as excinfo:
             train(tmp_path / "out", data_dir=tmp_path / "data", run_dir=runs, steps=10)
         check_error(excinfo, "checkpoint.pt", "nothing in it was run")
@@ -1654,3 +1655,92 @@ def test_study_commands_refuse_bad_arguments(tmp_path, capsys, args, names):
     for name in names:
         assert name in err, (name, err)
     assert not (tmp_path / "out").exists()
+
+
+# ============================================================================= round 2 (issue 27)
+# Each test names the case it covers; every one failed on the main of the day it was written.
+
+# ----- class 1: nothing the tool did not write is ever touched (one rule, files.check_can_write/check_replaceable)
+
+
+def test_train_toy_runs_folder_of_the_users_is_refused_untouched(tmp_path):
+    """`train-toy --runs u` with u/bytes.tiktoken of the user's: write_byte_vocab overwrote it."""
+    runs = tmp_path / "u"
+    runs.mkdir()
+    (runs / "bytes.tiktoken").write_text("MINE\n")
+    with pytest.raises(FileExistsError) as excinfo:
+        train(tmp_path / "tt", data_dir=tmp_path / "d", run_dir=runs, steps=1, n_train=8)
+    check_error(excinfo, "--runs", str(runs), "bytes.tiktoken")
+    assert (runs / "bytes.tiktoken").read_text() == "MINE\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u"]  # refused before any synthesis or output
+
+
+def test_train_toy_out_a_non_empty_folder_of_the_users_is_refused(tmp_path):
+    """`train-toy --out user/project` beside the user's data.csv: four model files and a marker landed there."""
+    project = tmp_path / "user" / "project"
+    project.mkdir(parents=True)
+    (project / "data.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(FileExistsError) as excinfo:
+        train(project, data_dir=tmp_path / "d", run_dir=tmp_path / "r", steps=1, n_train=8)
+    check_error(excinfo, "--out", str(project), "data.csv")
+    assert sorted(p.name for p in project.iterdir()) == ["data.csv"]
+
+
+def test_train_toy_data_and_runs_in_one_folder_of_the_users_is_refused(tmp_path, capsys):
+    """`--data` and `--runs` naming the same user folder: 38 MB of caches and a checkpoint were written into it."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    argv = ["train-toy", "--steps", "1", "--clips", "8", "--out", str(tmp_path / "tt"), "--data", str(mine),
+            "--runs", str(mine)]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("whisper-lens: error: --data") and str(mine) in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and tree(mine) == {"notes.txt": b"my notes"}
+
+
+def test_train_toy_may_rewrite_its_own_folders_but_not_a_file_edited_since(tmp_path):
+    """The marker records content hashes: train-toy's own runs folder passes, a vocabulary edited since does not."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    write_byte_vocab(runs / "bytes.tiktoken")
+    files.mark_written(runs, ["bytes.tiktoken"], "train-toy")
+    files.check_can_write(runs, ["bytes.tiktoken", "checkpoint.pt"], "train-toy", what="--runs")  # its own: fine
+    (runs / "bytes.tiktoken").write_text("edited\n")
+    with pytest.raises(FileExistsError) as excinfo:
+        train(tmp_path / "out", data_dir=tmp_path / "data", run_dir=runs, steps=1)
+    check_error(excinfo, "--runs", "bytes.tiktoken", "edited")
+    assert (runs / "bytes.tiktoken").read_text() == "edited\n"
+
+
+def test_a_transcript_the_user_edited_is_kept_and_named(tmp_path):
+    """A transcript written by an earlier run and edited by hand was replaced on the next run without a word."""
+    from whisper_lens.writers import OutputFolder
+
+    folder = OutputFolder(tmp_path / "subs")
+    [[srt, txt]] = folder.plan(["talk"], ("srt", "txt"))
+    folder.write(srt, "1\n00:00:00,000 --> 00:00:01,000\nhello\n\n")
+    folder.write(txt, "hello\n")
+    folder.plan(["talk"], ("srt", "txt"))  # unedited: the rerun may replace them
+    srt.write_text("1\n00:00:00,000 --> 00:00:01,000\nhello, corrected by hand\n\n")
+    with pytest.raises(FileExistsError) as excinfo:
+        OutputFolder(tmp_path / "subs").plan(["talk"], ("srt", "txt"))
+    check_error(excinfo, "talk.srt", "edited")
+    assert "corrected by hand" in srt.read_text()
+
+
+def test_a_full_disk_or_file_size_limit_names_the_file(tmp_path):
+    """`ulimit -f` gave "[Errno 27] File too large" without the file (after 4 of 5 subtitle files were written)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    target = tmp_path / "talk.json"
+    target.write_text("old")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))  # Python ignores SIGXFSZ: the write fails with EFBIG
+    try:
+        with pytest.raises(OSError) as excinfo:
+            files.write_text(target, "x" * 5000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    check_error(excinfo, str(target), "as it was")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["talk.json"]
