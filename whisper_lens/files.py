@@ -212,7 +212,7 @@ def check_can_write(
         except OSError as e:
             raise PermissionError(f"cannot read {what} {folder}: {e.strerror}") from None
         if held:
-            whose = f"the output of `whisper-lens {marker['command']}`" if marker else "files whisper-lens did not write"
+            whose = f"the output of `whisper-lens {marker['command']}`" if marker else "files it did not write"
             raise FileExistsError(
                 f"{what} {folder} is not empty and holds {whose} ({_some(held)}); `whisper-lens {command}` writes "
                 "only into a new or empty folder or one it wrote before: choose another folder, nothing was changed"
