@@ -715,9 +715,13 @@ def default_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, -signal.SIGINT)])
-def test_sigterm_or_ctrl_c_mid_run_leaves_no_half_written_folder(tmp_path, sig, code):
-    """SIGTERM exits with 143; after Ctrl-C the process ends by SIGINT (a shell's status 130), both cleaned up."""
+@pytest.mark.parametrize(
+    ("sig", "code", "named"),
+    [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, -signal.SIGINT, "SIGINT"), (signal.SIGHUP, 129, "SIGHUP")],
+)
+def test_sigterm_or_ctrl_c_mid_run_leaves_no_half_written_folder(tmp_path, sig, code, named):
+    """SIGTERM exits with 143, SIGHUP (a terminal closing; it left the hidden partial folder behind) with 129; after
+    Ctrl-C the process ends by SIGINT (a shell's status 130); all cleaned up, the signal named."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "whisper_lens", "demo", "--out", "report"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -730,7 +734,7 @@ def test_sigterm_or_ctrl_c_mid_run_leaves_no_half_written_folder(tmp_path, sig, 
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == code, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and named in err, err
     assert list(tmp_path.iterdir()) == []  # no report/, no hidden temporary folder
 
 
@@ -1744,3 +1748,30 @@ def test_a_full_disk_or_file_size_limit_names_the_file(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     check_error(excinfo, str(target), "as it was")
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["talk.json"]
+
+
+# ----- class 3: signals (SIGHUP: test_sigterm_or_ctrl_c_mid_run_leaves_no_half_written_folder above)
+
+
+def test_the_synthesis_pool_prints_no_traceback_under_the_clis_handlers(capfd):
+    """Every train-toy run that synthesised data printed 2-4 `Process ForkPoolWorker-N ... raise Terminated`
+    tracebacks: the pool's workers inherited the CLI's SIGTERM handler, and the pool ends them with SIGTERM.
+    Here a worker is busy when the pool is terminated, as synth.build's pool is when Ctrl-C or an error ends it."""
+    from multiprocessing import get_context
+
+    from whisper_lens.toy import synth
+
+    previous = {sig: signal.signal(sig, cli._terminate) for sig in cli.ENDING_SIGNALS}  # as `whisper-lens train-toy`
+    try:
+        pool = get_context("fork").Pool(2, initializer=synth._one_thread)  # synth.build's pool
+        busy = pool.apply_async(time.sleep, (60,))
+        time.sleep(1.0)
+        pool.terminate()
+        pool.join()
+        time.sleep(0.5)  # the workers' last words, if any, are written asynchronously
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Terminated" not in err, err
+    assert not busy.ready()
