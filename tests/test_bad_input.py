@@ -1775,3 +1775,171 @@ def test_the_synthesis_pool_prints_no_traceback_under_the_clis_handlers(capfd):
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Terminated" not in err, err
     assert not busy.ready()
+
+
+# ----- class 6: resume by content; an export's index names only its own shards, each checked by its checksum
+
+
+def test_a_clip_edited_in_place_is_swept_again(dataset_toy, clips_dir, tmp_path):
+    """Resume decided "done" by size and reference: a WAV edited in place (same size) kept its old rows."""
+    from whisper_lens.distributed import find_clips, sweep
+
+    out = tmp_path / "out"
+    sweep(dataset_toy, find_clips([clips_dir], dataset_toy), out, stack="encoder", removals=[0], progress=False)
+    audio, rate = soundfile.read(clips_dir / "sample2.wav", dtype="int16")
+    size = (clips_dir / "sample2.wav").stat().st_size
+    soundfile.write(clips_dir / "sample2.wav", (audio // 2).astype(np.int16), rate, subtype="PCM_16")  # quieter
+    assert (clips_dir / "sample2.wav").stat().st_size == size
+    done = sweep(dataset_toy, find_clips([clips_dir], dataset_toy), out, stack="encoder", removals=[0], progress=False)
+    assert done.new_clips == 1  # sample2 again, sample1 kept
+
+
+@pytest.mark.parametrize("content", ['{"clips": 5, "rows": []}', "[1, 2]", '{"clips": {"a.wav": "k"}, "rows": [3]}'])
+def test_a_sweep_part_that_is_not_one_is_named(dataset_toy, clips_dir, tmp_path, content):
+    """`{"clips": 5, "rows": []}` gave an AttributeError traceback; a list, "list indices must be integers"."""
+    from whisper_lens.distributed import find_clips, sweep
+
+    clips = find_clips([clips_dir], dataset_toy)
+    out = tmp_path / "out"
+    sweep(dataset_toy, clips, out, stack="encoder", removals=[0], progress=False)
+    bad = out / "parts" / "zz-bad.json"
+    bad.write_text(content)
+    with pytest.raises(ValueError) as excinfo:
+        sweep(dataset_toy, clips, out, stack="encoder", removals=[0], progress=False)
+    check_error(excinfo, str(bad), "move it away")
+    assert bad.read_text() == content
+
+
+def test_a_failed_sweep_leaves_out_as_it_was(dataset_toy, clips_dir, tmp_path, monkeypatch):
+    """A sweep that failed (`--max-new-tokens 0`) had already claimed --out: the corrected rerun was refused."""
+    from whisper_lens import distributed
+    from whisper_lens.distributed import find_clips, sweep
+
+    clips = find_clips([clips_dir], dataset_toy)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as excinfo:
+        sweep(dataset_toy, clips, out, stack="encoder", removals=[0], max_new_tokens=0, progress=False)
+    check_error(excinfo, "max_new_tokens", "0")
+    assert not out.exists()
+
+    def fail(*args, **kwargs):
+        raise ValueError("the first batch failed")
+
+    monkeypatch.setattr(distributed, "_sweep_batch", fail)  # any failure before a result: nothing is claimed
+    (tmp_path / "empty").mkdir()
+    for folder in (out, tmp_path / "empty"):
+        with pytest.raises(ValueError, match="first batch"):
+            sweep(dataset_toy, clips, folder, stack="encoder", removals=[0], progress=False)
+    assert not out.exists() and list((tmp_path / "empty").iterdir()) == []
+    monkeypatch.undo()
+    done = sweep(dataset_toy, clips, out, stack="encoder", removals=[0], max_new_tokens=8, progress=False)
+    assert done.new_clips == 2
+
+
+@pytest.fixture(scope="module")
+def one_export(tmp_path_factory):
+    """An export of the two samples (encoder.ln_post), made once; tests copy it before changing it."""
+    import shutil
+
+    from whisper_lens.distributed import export, find_clips
+
+    folder = tmp_path_factory.mktemp("export")
+    clips = folder / "clips"
+    clips.mkdir()
+    for name in ("sample1.wav", "sample2.wav"):
+        shutil.copy(SAMPLES / name, clips / name)
+    model = wl.load_model()
+    export(model, find_clips([clips], model), folder / "x", "encoder.ln_post", progress=False, shard_clips=1)
+    return folder / "x"
+
+
+@pytest.fixture
+def export_copy(one_export, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(one_export, tmp_path / "x"))
+
+
+def _edit_index(folder: Path, change) -> Path:
+    index = json.loads((folder / "index.json").read_text())
+    change(index)
+    (folder / "index.json").write_text(json.dumps(index))
+    return folder / "index.json"
+
+
+def test_a_shard_with_flipped_bytes_is_named_not_read(export_copy):
+    """Flipped bytes in a shard went undetected."""
+    from whisper_lens.distributed import load_activations
+
+    shard = sorted((export_copy / "shards").iterdir())[0]
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF  # a tensor's byte: the file still parses
+    shard.write_bytes(bytes(data))
+    acts = load_activations(export_copy)
+    with pytest.raises(ValueError) as excinfo:
+        [x for _, x in acts.tensors("encoder.ln_post")]
+    check_error(excinfo, str(shard), "checksum")
+
+
+def test_an_edited_index_entry_cannot_return_another_clips_tensor(export_copy):
+    """An edited index.json entry returned another clip's tensor."""
+    from whisper_lens.distributed import load_activations
+
+    def swap(index):
+        index["tensors"][0]["key"] = index["tensors"][1]["key"]
+        index["tensors"][0]["shard"] = index["tensors"][1]["shard"]
+
+    path = _edit_index(export_copy, swap)
+    with pytest.raises(ValueError) as excinfo:
+        load_activations(export_copy)
+    check_error(excinfo, str(path), "sample2.wav/encoder.ln_post")
+
+
+@pytest.mark.parametrize("shard", ["../../x.wav", "/etc/passwd", "shards/../../x.safetensors", "index.json"])
+def test_an_index_entry_outside_the_export_is_refused_unopened(export_copy, shard):
+    """An entry pointing at `../../x.wav` was opened outside the export."""
+    from whisper_lens.distributed import load_activations
+
+    def point(index):
+        index["tensors"][0]["shard"] = shard
+
+    path = _edit_index(export_copy, point)
+    with pytest.raises(ValueError) as excinfo:
+        load_activations(export_copy)
+    check_error(excinfo, str(path), shard, "inside the export")
+
+
+def test_a_truncated_shard_names_its_path(export_copy):
+    """A truncated shard gave safetensors' SafetensorError without the path (an export whose index has no
+    checksums, as version 1 wrote them, is still read: the error names the shard)."""
+    from whisper_lens.distributed import load_activations
+
+    _edit_index(export_copy, lambda index: index.pop("sha256", None))
+    shard = sorted((export_copy / "shards").iterdir())[0]
+    shard.write_bytes(shard.read_bytes()[:50])
+    acts = load_activations(export_copy)
+    with pytest.raises(ValueError) as excinfo:
+        [x for _, x in acts.tensors("encoder.ln_post")]
+    check_error(excinfo, str(shard))
+
+
+@pytest.mark.parametrize("field", ["tensors", "clips", "names"])
+def test_an_index_missing_a_field_is_one_line(export_copy, field):
+    """An index without "tensors" gave a bare `KeyError 'tensors'`."""
+    from whisper_lens.distributed import load_activations
+
+    path = _edit_index(export_copy, lambda index: index.pop(field))
+    with pytest.raises(ValueError) as excinfo:
+        load_activations(export_copy)
+    check_error(excinfo, str(path), field)
+
+
+def test_indexing_an_export_by_clip_alone_says_how(export_copy):
+    """`acts["sample1.wav"]` said "has no name None"."""
+    from whisper_lens.distributed import load_activations
+
+    acts = load_activations(export_copy)
+    with pytest.raises(TypeError) as excinfo:
+        acts["sample1.wav"]
+    check_error(excinfo, "acts[clip, name]", "sample1.wav")
+    assert acts["sample1.wav", "encoder.ln_post"].shape[-1] == acts.index["dims"]["n_audio_state"]
