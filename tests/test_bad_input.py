@@ -259,7 +259,7 @@ def test_file_that_is_not_a_checkpoint(tmp_path):
 
     text = tmp_path / "notes.pt"
     text.write_text("hello, I am text")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint") as excinfo:
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint") as excinfo:
         load_model(text)
     check_error(excinfo, str(text))
     other = tmp_path / "weights.pt"
@@ -1943,3 +1943,53 @@ def test_indexing_an_export_by_clip_alone_says_how(export_copy):
         acts["sample1.wav"]
     check_error(excinfo, "acts[clip, name]", "sample1.wav")
     assert acts["sample1.wav", "encoder.ln_post"].shape[-1] == acts.index["dims"]["n_audio_state"]
+
+
+# ----- class 7: loading messages
+
+
+@pytest.mark.parametrize("text", ["model: tiny\n", "(1, 2)\n", "cat dog\nfoo\n"])
+def test_a_text_file_as_model_is_not_called_unsafe_to_retry(tmp_path, text):
+    """A text file as --model got torch's advice to retry with weights_only=False (unsafe, and the wrong diagnosis)."""
+    from whisper_lens.loading import CheckpointError
+
+    path = tmp_path / "model.pt"
+    path.write_text(text)
+    with pytest.raises(CheckpointError) as excinfo:
+        wl.load_model(path)
+    check_error(excinfo, str(path), "not a PyTorch checkpoint")
+    assert "weights_only" not in str(excinfo.value) and "add_safe_globals" not in str(excinfo.value)
+
+
+def test_two_tokenizer_files_beside_the_weights_are_named(tmp_path):
+    """Two *.tiktoken files beside the weights left the model without a tokenizer and no reason."""
+    import shutil
+
+    from whisper_lens.loading import CheckpointError
+
+    folder = Path(shutil.copytree(SHIPPED["toy"], tmp_path / "toy", ignore=shutil.ignore_patterns("samples")))
+    shutil.copy(folder / "bytes.tiktoken", folder / "other.tiktoken")
+    with pytest.raises(CheckpointError) as excinfo:
+        wl.load_model(folder)
+    check_error(excinfo, str(folder), "bytes.tiktoken", "other.tiktoken", "tokenizer=")
+    assert wl.load_model(folder, tokenizer=folder / "bytes.tiktoken").tokenizer is not None
+
+
+def test_a_folder_with_both_layouts_is_named(small_ct2, tmp_path):
+    """A folder with both model.bin and model.safetensors gave "no 'num_mel_bins'"."""
+    from whisper_lens.loading import CheckpointError
+
+    folder = _ct2_copy(small_ct2, tmp_path / "both")
+    (folder / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError) as excinfo:
+        wl.load_model(folder)
+    check_error(excinfo, str(folder), "model.bin", "model.safetensors")
+
+
+@pytest.mark.parametrize("source", ["", "  "])
+def test_an_empty_model_name_does_not_read_the_current_folder(tmp_path, monkeypatch, source):
+    """`load_model('')` read the current folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as excinfo:
+        wl.load_model(source)
+    check_error(excinfo, "empty")
