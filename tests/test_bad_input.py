@@ -2034,3 +2034,21 @@ def test_samples_far_outside_full_scale_are_refused(tmp_path, peak):
         load_windows([path], 80, 400)
     check_error(excinfo, str(path), "[-1, 1]")
     assert load_windows([audio / peak * 1.2], 80, 400)[0].isfinite().all()  # resampling's overshoot above 1 is fine
+
+
+# ----- class 4: no silent NaN or inf (the weights, at load)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_named_at_load(tmp_path, bad):
+    """NaN weights decoded as 62 copies of token 0 (avg_logprob nan) or got "audio_features has NaN; check the
+    audio": the wrong culprit. A checkpoint with a non-finite weight is refused when loaded, naming the weight."""
+    from whisper_lens.loading import CheckpointError
+
+    model = wl.load_model()
+    with torch.no_grad():
+        model.decoder.blocks[1].mlp[0].weight[3, 5] = bad
+    save_model(model, tmp_path / "bad")
+    with pytest.raises(CheckpointError) as excinfo:
+        wl.load_model(tmp_path / "bad")
+    check_error(excinfo, str(tmp_path / "bad"), "decoder.blocks.1.mlp.0.weight", "NaN or infinite")

@@ -561,6 +561,9 @@ def build(dims: ModelDims, state: Mapping[str, Tensor], source: Path | str = "ch
             )
         if not state[k].is_floating_point():
             raise CheckpointError(f"{source}: {k} is stored as {state[k].dtype}, not as floating-point numbers")
+        if not torch.isfinite(state[k]).all():  # every output would be NaN, blamed on the audio
+            raise CheckpointError(f"{source}: the weight {k} holds NaN or infinite values (a corrupt or diverged "
+                                  "checkpoint)")  # fmt: skip
     model.load_state_dict(dict(state), strict=True, assign=True)
     return model
 
