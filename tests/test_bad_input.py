@@ -2052,3 +2052,63 @@ def test_non_finite_weights_are_named_at_load(tmp_path, bad):
     with pytest.raises(CheckpointError) as excinfo:
         wl.load_model(tmp_path / "bad")
     check_error(excinfo, str(tmp_path / "bad"), "decoder.blocks.1.mlp.0.weight", "NaN or infinite")
+
+
+# ----- class 8: properties of the export reader
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False) | st.text(max_size=12)
+    | st.sampled_from(["../../x.wav", "/etc/passwd", "shards/x.safetensors", "sample2.wav/encoder.ln_post"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)  # fmt: skip
+
+
+def _paths(obj, prefix=()):
+    """Every place in a JSON document: (path of keys/indices)."""
+    yield prefix
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        yield from _paths(v, (*prefix, k))
+
+
+@FUZZ
+@given(data=st.data())
+def test_export_reader_on_any_edited_index_or_shard(one_export, tmp_path_factory, data):
+    """Whatever is changed in an export (a value anywhere in index.json, bytes of a shard), reading it either
+    gives exactly the tensors exported, or raises whisper_lens' own one-line error; never another clip's tensor,
+    never a file outside the export."""
+    import shutil
+
+    from whisper_lens.distributed import load_activations
+
+    original = load_activations(one_export)
+    expected = {(c, n): x.clone() for c, n, x in original}
+    folder = Path(shutil.copytree(one_export, tmp_path_factory.mktemp("fuzz") / "x"))
+    if data.draw(st.booleans(), label="edit the index"):
+        index = json.loads((folder / "index.json").read_text())
+        where = data.draw(st.sampled_from(list(_paths(index))[1:]), label="where")
+        value = data.draw(JSON_VALUES, label="value")
+        parent = index
+        for k in where[:-1]:
+            parent = parent[k]
+        parent[where[-1]] = value
+        (folder / "index.json").write_text(json.dumps(index))
+    else:
+        shard = data.draw(st.sampled_from(sorted((folder / "shards").iterdir())), label="shard")
+        raw = bytearray(shard.read_bytes())
+        at = data.draw(st.integers(0, len(raw) - 1), label="at")
+        if data.draw(st.booleans(), label="truncate"):
+            raw = raw[:at]
+        else:
+            raw[at] ^= data.draw(st.integers(1, 255), label="xor")
+        shard.write_bytes(bytes(raw))
+
+    def read_all():
+        return {(c, n): x for c, n, x in load_activations(folder)}
+
+    if raises_whisper_lens_error(read_all) is None:
+        got = read_all()
+        for key, x in got.items():
+            assert key in expected and torch.equal(x, expected[key]), key
