@@ -2112,3 +2112,31 @@ def test_export_reader_on_any_edited_index_or_shard(one_export, tmp_path_factory
         got = read_all()
         for key, x in got.items():
             assert key in expected and torch.equal(x, expected[key]), key
+
+
+# ----- class 4: no silent NaN or inf (edits)
+
+
+def test_an_infinite_steering_vector_is_refused_when_built():
+    """An infinite vector in add() decoded 62 copies of token 0 (avg_logprob nan)."""
+    with pytest.raises(ValueError) as excinfo:
+        wl.Edits().add("decoder.blocks.1.resid_post", torch.full((192,), float("inf")))
+    check_error(excinfo, "decoder.blocks.1.resid_post", "infinite")
+
+
+@pytest.mark.parametrize(
+    "make, names",
+    [
+        (lambda e: e.apply("decoder.blocks.2.mlp_out", lambda x: x / 0.0), ["apply", "decoder.blocks.2.mlp_out"]),
+        (lambda e: e.apply("encoder.blocks.0.resid_post", lambda x: x * float("nan")), ["apply", "encoder.blocks.0"]),
+    ],
+)
+def test_an_edit_that_makes_nan_or_inf_is_named(toy, toy_inputs, make, names):
+    """An apply() returning NaN decoded 62 copies of token 0 (avg_logprob nan), with no error."""
+    mels, tokens = toy_inputs
+    for call in (lambda e: toy.run(mels, tokens, edits=e), lambda e: toy.generate(mels, edits=e)):
+        with pytest.raises(ValueError) as excinfo:
+            call(make(wl.Edits()))
+        check_error(excinfo, *names)
+    masked = wl.Edits().replace("decoder.blocks.0.attn.scores", torch.full((1, 4, 4, 4), float("-inf")).triu(1))
+    assert toy.run(mels, tokens, edits=masked).logits.isfinite().all()  # -inf in scores masks: allowed
