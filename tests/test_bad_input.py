@@ -2140,3 +2140,20 @@ def test_an_edit_that_makes_nan_or_inf_is_named(toy, toy_inputs, make, names):
         check_error(excinfo, *names)
     masked = wl.Edits().replace("decoder.blocks.0.attn.scores", torch.full((1, 4, 4, 4), float("-inf")).triu(1))
     assert toy.run(mels, tokens, edits=masked).logits.isfinite().all()  # -inf in scores masks: allowed
+
+
+# ----- class 7: audio cut short
+
+
+def test_a_wav_cut_short_is_named_not_decoded_shorter(tmp_path):
+    """A WAV with half its data cut decoded as 0.7 s with no warning."""
+    data = (SAMPLES / "sample1.wav").read_bytes()
+    half = tmp_path / "half.wav"
+    half.write_bytes(data[: len(data) // 2])
+    for call in (wl.load_audio, lambda p: load_windows([p], 80, 400)):
+        with pytest.raises(ValueError) as excinfo:
+            call(half)
+        check_error(excinfo, str(half), "cut short", "1.37 s")
+    padded = tmp_path / "odd.wav"  # a complete file with a chunk after the data still reads
+    soundfile.write(padded, np.zeros(1001, np.float32), 16000, subtype="PCM_16")
+    assert len(wl.load_audio(padded)) == 1001

@@ -49,6 +49,7 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     if isinstance(sr, bool) or not isinstance(sr, int) or not 0 < sr <= MAX_SAMPLE_RATE:
         raise ValueError(f"sr must be an integer sample rate from 1 to {MAX_SAMPLE_RATE} Hz, got {sr!r}")
     path = _regular_file(path)
+    check_complete_wav(path)
     try:
         with warnings.catch_warnings():
             # librosa warns before falling back from libsndfile to audioread; the outcome is
@@ -64,6 +65,32 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     if not np.isfinite(audio).all():
         raise ValueError(f"audio file {path} contains NaN or infinite samples")
     return audio
+
+
+def check_complete_wav(path: str) -> None:
+    """Refuse a WAV file whose data chunk announces more audio than the file holds (a copy or download cut
+    short): decoders read what is there and say nothing, so the recording would silently end early."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        size = f.seek(0, 2)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return
+    at, rate, align = 12, None, None
+    while at + 8 <= len(head):
+        chunk, length = head[at : at + 4], struct.unpack("<I", head[at + 4 : at + 8])[0]
+        if chunk == b"fmt " and at + 22 <= len(head):
+            rate, align = struct.unpack_from("<I", head, at + 12)[0], struct.unpack_from("<H", head, at + 20)[0]
+        if chunk == b"data":
+            held = size - (at + 8)
+            if length in (0, 0xFFFFFFFF) or length <= held or not rate or not align:  # 0 / ~0: a streamed WAV
+                return
+            said, got = length / (rate * align), held / (rate * align)
+            raise ValueError(f"{path} is cut short: its header announces {said:.2f} s of audio, the file holds only "
+                             f"{got:.2f} s (an interrupted copy or download?)")  # fmt: skip
+        at += 8 + length + (length & 1)
+    return
 
 
 def _regular_file(path: str | os.PathLike) -> str:
