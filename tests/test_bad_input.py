@@ -2157,3 +2157,14 @@ def test_a_wav_cut_short_is_named_not_decoded_shorter(tmp_path):
     padded = tmp_path / "odd.wav"  # a complete file with a chunk after the data still reads
     soundfile.write(padded, np.zeros(1001, np.float32), 16000, subtype="PCM_16")
     assert len(wl.load_audio(padded)) == 1001
+
+
+def test_a_c_decoders_warnings_stay_off_the_terminal(tmp_path, capfd):
+    """libmpg123's C warnings ("[src/libmpg123/id3.c:...] warning: ID3v2: ...") broke the one-line error."""
+    junk = tmp_path / "junk.mp3"
+    junk.write_bytes(b"ID3" + bytes(range(256)) * 20)
+    with pytest.raises(ValueError) as excinfo:
+        wl.load_audio(junk)
+    check_error(excinfo, str(junk))
+    captured = capfd.readouterr()
+    assert "libmpg123" not in captured.err and "warning" not in captured.err, captured.err

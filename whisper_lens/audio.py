@@ -14,6 +14,7 @@ own maximum, so putting a clip in a batch never changes its features.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import stat
@@ -55,7 +56,8 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
             # librosa warns before falling back from libsndfile to audioread; the outcome is
             # reported below either way.
             warnings.simplefilter("ignore")
-            audio, _ = librosa.load(path, sr=sr, mono=True, dtype=np.float32)
+            with native_stderr_quiet():  # libmpg123 and friends write warnings straight to fd 2
+                audio, _ = librosa.load(path, sr=sr, mono=True, dtype=np.float32)
     except librosa.util.exceptions.ParameterError as error:  # decoded, but librosa rejects the samples
         raise ValueError(f"audio in {path} is not usable: {error} (NaN or infinite samples?)") from None
     except Exception as error:
@@ -65,6 +67,31 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     if not np.isfinite(audio).all():
         raise ValueError(f"audio file {path} contains NaN or infinite samples")
     return audio
+
+
+@contextlib.contextmanager
+def native_stderr_quiet():
+    """Keep what C libraries (libmpg123's "warning: ID3v2: ...") write to file descriptor 2 off the terminal
+    while a file is decoded: the outcome is reported in one line, decoded or not. Python's own stderr is
+    untouched (sys.stderr writes go through the same descriptor, so the block must not print)."""
+    import sys
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2 (a daemon, an embedded interpreter): nothing to hide
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def check_complete_wav(path: str) -> None:
