@@ -2168,3 +2168,26 @@ def test_a_c_decoders_warnings_stay_off_the_terminal(tmp_path, capfd):
     check_error(excinfo, str(junk))
     captured = capfd.readouterr()
     assert "libmpg123" not in captured.err and "warning" not in captured.err, captured.err
+
+
+# ----- class 5: one model, one behaviour (its defaults travel with its files)
+
+
+def test_the_toys_decoding_defaults_travel_with_its_files(tmp_path):
+    """The CLI recognised the toy only by the literal name `toy`: loaded by path, it decoded with timestamps."""
+    import shutil
+
+    from whisper_lens.loading import CheckpointError
+    from whisper_lens.toy.train import TOY_DEFAULTS
+
+    by_name, by_path = wl.load_model("toy"), wl.load_model(str(SHIPPED["toy"]))
+    assert by_name.transcribe_defaults == by_path.transcribe_defaults == TOY_DEFAULTS
+    save_model(by_path, tmp_path / "copy")  # and a copy saved from it keeps them
+    assert wl.load_model(tmp_path / "copy").transcribe_defaults == TOY_DEFAULTS
+    folder = Path(shutil.copytree(tmp_path / "copy", tmp_path / "bad"))
+    config = json.loads((folder / "config.json").read_text())
+    config["whisper_lens_transcribe"] = {"timestamps": "no"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as excinfo:
+        wl.load_model(folder)
+    check_error(excinfo, str(folder / "config.json"), "whisper_lens_transcribe")

@@ -318,6 +318,7 @@ class Whisper(nn.Module):
                                    dims.n_text_layer)  # fmt: skip
         self.tokenizer = None  # a whisper_lens.Tokenizer, set by load_model
         self.alignment_heads = None  # [(layer, head), ...] of cross-attention that tracks time, set by load_model
+        self.transcribe_defaults: dict = {}  # how the model wants to be decoded when not told (its config's)
 
     generate = decoding.generate  # model.generate(mel, beam_size=..., ...): batched decoding, see decoding.py
     transcribe = transcribe.transcribe  # model.transcribe(audio, ...): long-form, batched, see transcribe.py
