@@ -476,7 +476,7 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 
 import whisper_lens as wl  # noqa: E402
 from whisper_lens import cli, files  # noqa: E402
-from whisper_lens.audio import load_windows  # noqa: E402
+from whisper_lens.audio import load_audio, load_windows  # noqa: E402
 from whisper_lens.files import MARKER, atomic_write, output_folder  # noqa: E402
 from whisper_lens.loading import SHIPPED, save_model  # noqa: E402
 from whisper_lens.toy.train import MODEL_FILES, fit, init_weights, train, write_byte_vocab  # noqa: E402
@@ -2191,3 +2191,29 @@ def test_the_toys_decoding_defaults_travel_with_its_files(tmp_path):
     with pytest.raises(CheckpointError) as excinfo:
         wl.load_model(folder)
     check_error(excinfo, str(folder / "config.json"), "whisper_lens_transcribe")
+
+
+# ----- class 2: bounded memory for traces of long recordings
+
+
+def test_a_long_trace_is_refused_with_the_size_it_would_need(toy_model, monkeypatch):
+    """`transcribe(path, trace=True)` kept every window's trace: 610 MB for 2 minutes of audio on the toy, no limit,
+    no warning. Past the limit it stops after the first window, saying how much the whole trace would need."""
+    one = load_audio(SAMPLES / "sample1.wav")
+    long = np.concatenate([one, np.zeros(16000 * 2, np.float32)] * 12)  # 40 s: 10 of the toy's windows
+    first = toy_model.transcribe(one, trace="encoder.*")  # encoder names: recorded once a window, fast
+    per_window = first.windows[0].trace.nbytes
+    monkeypatch.setenv("WHISPER_LENS_TRACE_LIMIT", str(3 * per_window))
+    calls = []
+    real = type(toy_model).generate
+    monkeypatch.setattr(type(toy_model), "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.raises(ValueError) as excinfo:
+        toy_model.transcribe(long, trace="encoder.*")
+    check_error(excinfo, "GB", "WHISPER_LENS_TRACE_LIMIT", "docs/long-recordings.md")
+    assert len(calls) <= 2  # stopped after the first window (one decoding, maybe one fallback), not at the end
+    monkeypatch.setenv("WHISPER_LENS_TRACE_LIMIT", "lots")
+    with pytest.raises(ValueError) as excinfo:
+        toy_model.transcribe(one, trace="encoder.*")
+    check_error(excinfo, "WHISPER_LENS_TRACE_LIMIT", "lots")
+    monkeypatch.delenv("WHISPER_LENS_TRACE_LIMIT")
+    assert toy_model.transcribe(one, trace="encoder.ln_post").windows[0].trace["encoder.ln_post"].shape[-1] == 192

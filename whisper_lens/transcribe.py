@@ -71,7 +71,7 @@ from .audio import HOP_LENGTH, SAMPLE_RATE, TIME_PRECISION, load_audio, mel_fram
 from .audio import _regular_file as regular_file
 from .decoding import DecodingResult, rank_score
 from .tokenizer import normalize_language
-from .trace import Edits, Trace, TraceRequest, select_names
+from .trace import Edits, Trace, TraceRequest, check_trace_budget, select_names
 
 if TYPE_CHECKING:
     from .model import Whisper
@@ -302,11 +302,23 @@ def run_streams(model: Whisper, items: list, opts: Options, batch_size: int, pro
                 advance(model, running, opts)
             bar.update(sum(min(s.seek, s.n_frames) - seek for s, seek in zip(running, before, strict=True))
                        / FRAMES_PER_SECOND)  # fmt: skip
+            if opts.encoder_trace or opts.decoder_trace:  # the traces are kept: refuse before they outgrow memory
+                budget([s for _, s in active], list(done.values()), 2 * model.dims.n_audio_ctx)
             for i, s in active:
                 if s.done:
                     done[i] = finish(model, s)
             active = [(i, s) for i, s in active if not s.done]
     return [done[i] for i in range(len(items))]
+
+
+def budget(active: list[Stream], done: list[Transcript], frames: int) -> None:
+    """Check the traces kept so far, and those the active recordings' remaining windows will add, against the limit."""
+    windows = [w for s in active for w in s.windows if w.trace is not None]
+    windows += [w for t in done for w in t.windows if w.trace is not None]
+    if windows:
+        kept = sum(w.trace.nbytes for w in windows)
+        left = sum(-(-max(0, s.n_frames - s.seek) // frames) for s in active)  # ceil: at least this many windows
+        check_trace_budget(kept, kept / len(windows), left)
 
 
 def finish(model: Whisper, s: Stream) -> Transcript:
