@@ -111,7 +111,7 @@ def _wav(pcm: np.ndarray, rate: int) -> bytes:
 
 def image_data_uri(a, cmap: str = "magma", vmin: float | None = None, vmax: float | None = None,
                    flip: bool = True) -> str:  # fmt: skip
-    """A 2-D array as a PNG data: URI, one pixel per value, coloured by ``cmap`` (first row at the bottom if ``flip``)."""
+    """A 2-D array as a PNG data: URI, one pixel per value, coloured by ``cmap`` (row 0 at the bottom if ``flip``)."""
     import matplotlib
     from matplotlib.image import imsave
 
