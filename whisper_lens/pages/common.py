@@ -5,7 +5,8 @@ are inlined, its numbers live in one JSON blob (``<script type="application/json
 that the page's script (and a test) reads back, and its sound and pictures are data: URIs.
 
 Arrays travel as ``encode_array`` dicts: quantised to 16 (or 8) bits over their own range, or kept as
-float16/float32, then zlib-compressed and base64-encoded. ``COMMON_JS`` holds ``wlDecode(spec)``, the
+float16/float32, stored as byte planes (all low bytes, then all high
+bytes), then zlib-compressed and base64-encoded. ``COMMON_JS`` holds ``wlDecode(spec)``, the
 browser side (``DecompressionStream``, built into Chromium, Firefox and Safari), which gives back a
 ``Float32Array``. A 16-bit quantisation of values in [lo, hi] is off by at most (hi - lo) / 131070:
 7.6e-6 for attention weights in [0, 1].
@@ -45,7 +46,8 @@ def encode_array(a, kind: str = "u16") -> dict:
         dtype, top = QUANTISED[kind]
         lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
         scale = (hi - lo) / top if hi > lo else 1.0
-        raw = np.rint((a - lo) / scale).astype(dtype).tobytes()
+        q = np.rint((a - lo) / scale).astype(dtype)
+        raw = q.view(np.uint8).reshape(-1, q.itemsize).T.tobytes()  # byte planes: the high bytes, mostly 0, pack
         spec |= {"lo": lo, "scale": scale}
     elif kind in FLOATS:
         raw = a.astype(FLOATS[kind]).tobytes()
@@ -60,7 +62,9 @@ def decode_array(spec: dict) -> np.ndarray:
     raw = zlib.decompress(base64.b64decode(spec["b64"]))
     kind = spec["kind"]
     if kind in QUANTISED:
-        q = np.frombuffer(raw, dtype=QUANTISED[kind][0]).astype(np.float64)
+        dtype = np.dtype(QUANTISED[kind][0])
+        planes = np.frombuffer(raw, dtype=np.uint8).reshape(dtype.itemsize, -1)  # (bytes, n)
+        q = np.ascontiguousarray(planes.T).view(dtype)[:, 0].astype(np.float64)
         a = spec["lo"] + q * spec["scale"]
     else:
         a = np.frombuffer(raw, dtype=FLOATS[kind])
@@ -180,9 +184,13 @@ async function wlDecode(spec) {
   const buf = await new Response(stream).arrayBuffer();
   let out;
   if (spec.kind === 'u16' || spec.kind === 'u8') {
-    const q = spec.kind === 'u16' ? new Uint16Array(buf) : new Uint8Array(buf);
-    out = new Float32Array(q.length);
-    for (let i = 0; i < q.length; i++) out[i] = spec.lo + q[i] * spec.scale;
+    const b = new Uint8Array(buf), n = spec.kind === 'u16' ? b.length / 2 : b.length;
+    out = new Float32Array(n);
+    if (spec.kind === 'u16') {  // byte planes: n low bytes, then n high bytes
+      for (let i = 0; i < n; i++) out[i] = spec.lo + (b[i] | (b[n + i] << 8)) * spec.scale;
+    } else {
+      for (let i = 0; i < n; i++) out[i] = spec.lo + b[i] * spec.scale;
+    }
   } else if (spec.kind === 'f32') {
     out = new Float32Array(buf);
   } else {  // f16
