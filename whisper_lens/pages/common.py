@@ -4,9 +4,9 @@ A page is one HTML file that opens from disk with no server and no internet: its
 are inlined, its numbers live in one JSON blob (``<script type="application/json" id="wl-data">``)
 that the page's script (and a test) reads back, and its sound and pictures are data: URIs.
 
-Arrays travel as ``encode_array`` dicts: quantised to 16 (or 8) bits over their own range, or kept as
-float16/float32, stored as byte planes (all low bytes, then all high
-bytes), then zlib-compressed and base64-encoded. ``COMMON_JS`` holds ``wlDecode(spec)``, the
+Arrays travel as ``encode_array`` dicts: quantised to 16 (or 8) bits over their own range (16 bits as
+byte planes: all low bytes, then all high bytes), or kept as float16/float32; then zlib-compressed and
+base64-encoded. ``COMMON_JS`` holds ``wlDecode(spec)``, the
 browser side (``DecompressionStream``, built into Chromium, Firefox and Safari), which gives back a
 ``Float32Array``. A 16-bit quantisation of values in [lo, hi] is off by at most (hi - lo) / 131070:
 7.6e-6 for attention weights in [0, 1].
@@ -130,11 +130,15 @@ def script_safe(text: str) -> str:
     return text.replace("</", "<\\/").replace("<!--", "<\\!--")
 
 
+GENERATOR = "whisper-lens"  # <meta name="generator">: how write_page knows a page it may replace
+
+
 def page(title: str, body: str, *, data: dict, css: str = "", js: str = "") -> str:
     """One self-contained HTML document: ``COMMON_CSS`` + ``css``, ``body``, the data blob, ``COMMON_JS`` + ``js``."""
     blob = script_safe(json.dumps(data, separators=(",", ":"), allow_nan=False))
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<meta name='generator' content='{GENERATOR}'>"
         f"<title>{html.escape(title)}</title>\n<style>{COMMON_CSS}{css}</style></head>\n<body>\n{body}\n"
         f"<script type='application/json' id='wl-data'>{blob}</script>\n"
         f"<script>{script_safe(COMMON_JS)}\n{script_safe(js)}</script>\n</body></html>\n"
@@ -142,10 +146,29 @@ def page(title: str, body: str, *, data: dict, css: str = "", js: str = "") -> s
 
 
 def write_page(path: str | os.PathLike, text: str) -> Path:
-    """Write a page atomically (``files.write_text``); the folder must exist."""
+    """Write a page atomically (``files.write_text``). The folder must exist; an existing file is replaced
+    only when it is a page whisper-lens wrote (its generator tag), never another file."""
     from ..files import write_text
 
-    return write_text(path, text)
+    return write_text(check_page_path(path), text)
+
+
+def check_page_path(path: str | os.PathLike) -> Path:
+    """``path`` if a page may be written there (an .html name, an existing folder, nothing foreign in the way)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"a page is an HTML file: give a path ending in .html, not {path}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
+    if path.exists() or path.is_symlink():
+        if not path.is_file() or f"<meta name='generator' content='{GENERATOR}'>" not in _head(path):
+            raise FileExistsError(f"{path} exists and is not a page whisper-lens wrote: not replacing it")
+    return path
+
+
+def _head(path: Path) -> str:
+    with open(path, "rb") as f:
+        return f.read(400).decode("utf-8", "replace")
 
 
 class Inline:

@@ -29,7 +29,7 @@ import torch
 
 from ..audio import HOP_LENGTH, SAMPLE_RATE, load_audio, load_windows
 from ..model import Whisper
-from .common import Inline, audio_data_uri, encode_array, image_data_uri, page, write_page
+from .common import Inline, audio_data_uri, check_page_path, encode_array, image_data_uri, page, write_page
 
 TOP_K = 5  # logit-lens predictions kept per layer and token
 AFTER_AUDIO = 25  # encoder positions (0.5 s) shown after the audio ends
@@ -171,11 +171,7 @@ def explorer_html(data: dict, title: str | None = None) -> str:
 
 def write_explorer(model: Whisper, audio, out: str | os.PathLike, *, name: str | None = None) -> Path:
     """Write the explorer page of one clip to ``out`` (an .html file; its folder must exist)."""
-    out = Path(out)
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise ValueError(f"the explorer is an HTML page: give a file ending in .html, not {out}")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {out}: the folder {out.parent} does not exist")
+    check_page_path(out)  # before the work
     return write_page(out, explorer_html(explorer_data(model, audio, name=name)))
 
 
