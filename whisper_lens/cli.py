@@ -60,7 +60,7 @@ def cmd_explore(args: argparse.Namespace) -> None:
 
     out = check_page_path(args.out or Path(args.audio).stem + "-explorer.html")  # refused before any work
     model = load_model(args.model, **placement(args.device))
-    print(f"explorer page written to {write_explorer(model, args.audio, out)}")
+    print(f"explorer page written to {write_explorer(model, args.audio, out, progress=not args.no_progress)}")
 
 
 def cmd_download(args: argparse.Namespace) -> None:

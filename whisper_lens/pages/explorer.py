@@ -57,8 +57,15 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
 
 
 @torch.no_grad()
-def explorer_data(model: Whisper, audio, *, name: str | None = None, top_k: int = TOP_K) -> dict:
-    """Everything the explorer page shows for one clip (a path or a 16 kHz array no longer than the window)."""
+def explorer_data(
+    model: Whisper, audio, *, name: str | None = None, top_k: int = TOP_K, progress: bool = False
+) -> dict:
+    """Everything the explorer page shows for one clip (a path or a 16 kHz array no longer than the window).
+
+    ``progress``: a bar over the four passes (decode, trace, word times, encoder lens) on stderr.
+    """
+    from tqdm import tqdm
+
     from ..alignment import align
     from ..lens import decoder_lens_from_trace, encoder_lens, lens_names
     from ..study import prompt_tokens
@@ -75,7 +82,10 @@ def explorer_data(model: Whisper, audio, *, name: str | None = None, top_k: int 
     if seconds <= 0:
         raise ValueError("the clip is empty: nothing to explore")
     mel = mels.to(model.device, model.dtype)
+    bar = tqdm(total=4, desc="explore", unit="pass", disable=not progress, postfix="decode")
     res = model.generate(mel)[0]
+    bar.update()
+    bar.set_postfix_str("trace")
     text = [t for t in res.tokens if t < tok.eot]
     prompt = prompt_tokens(model, res.language)
     seq = prompt + text  # fed positions; row len(prompt) - 1 + i predicts text[i], the last row predicts EOT
@@ -88,6 +98,8 @@ def explorer_data(model: Whisper, audio, *, name: str | None = None, top_k: int 
     cross = cross[:, :, first:].float()  # (L, H, R, S): R = len(text) + 1 rows, the last predicting EOT
     self_attn = torch.stack([run.trace[f"decoder.blocks.{i}.attn.pattern"][0] for i in range(L)]).float()  # (L,H,T,T)
     lens = decoder_lens_from_trace(model, run.trace, k=top_k)
+    bar.update()
+    bar.set_postfix_str("encoder lens")
     shown_ids = text + [tok.eot]
     lens_ids = lens.top_ids[:, 0, first:].cpu()  # (L+1, R, k)
     lens_probs = lens.top_probs[:, 0, first:].float().cpu()  # (L+1, R, k)
@@ -95,7 +107,11 @@ def explorer_data(model: Whisper, audio, *, name: str | None = None, top_k: int 
     enc = encoder_lens(model, mel, torch.tensor([seq + [tok.eot]]))[:, 0, first:].float().cpu()  # (L_enc+1, R)
     probs = torch.softmax(_readouts(model, run.trace, first), dim=-1)  # (L+1, R, V)
     final_prob = probs[:, torch.arange(len(shown_ids)), torch.tensor(shown_ids)].cpu()  # (L+1, R)
+    bar.update()
+    bar.set_postfix_str("word times")
     words = _words(model, mel, text, seconds, align) if text else []
+    bar.update()
+    bar.close()
     vocab_ids = sorted(set(lens_ids.flatten().tolist()) | set(seq) | set(shown_ids))
     labels = dict(zip(vocab_ids, token_texts(tok, vocab_ids), strict=True))
     shown_texts = token_texts(tok, shown_ids)
@@ -115,6 +131,7 @@ def explorer_data(model: Whisper, audio, *, name: str | None = None, top_k: int 
         },  # fmt: skip
         "tokens": [{"id": t, "text": s, "row": i} for i, (t, s) in enumerate(zip(shown_ids, shown_texts, strict=True))],
         "fed": fed_texts,
+        "fed_ids": seq,
         "first_row": first,
         "words": words,
         "alignment_heads": [list(h) for h in heads],
@@ -169,10 +186,11 @@ def explorer_html(data: dict, title: str | None = None) -> str:
     return page(title, EXPLORER_BODY, data=data, css=EXPLORER_CSS, js=EXPLORER_JS)
 
 
-def write_explorer(model: Whisper, audio, out: str | os.PathLike, *, name: str | None = None) -> Path:
+def write_explorer(model: Whisper, audio, out: str | os.PathLike, *, name: str | None = None,
+                   progress: bool = False) -> Path:  # fmt: skip
     """Write the explorer page of one clip to ``out`` (an .html file; its folder must exist)."""
     check_page_path(out)  # before the work
-    return write_page(out, explorer_html(explorer_data(model, audio, name=name)))
+    return write_page(out, explorer_html(explorer_data(model, audio, name=name, progress=progress)))
 
 
 def show(model: Whisper, audio, *, name: str | None = None, height: int = 900) -> Inline:
