@@ -86,6 +86,20 @@ def _regular_file(path: str | os.PathLike) -> str:
     return path
 
 
+MAX_PEAK = 2.0  # float samples are in [-1, 1]; a little above is resampling's overshoot, far above is not audio
+
+
+def check_peak(audio: np.ndarray | torch.Tensor, where: str) -> None:
+    """Refuse float samples far outside [-1, 1] (int16 values given as floats, a gain gone wrong): the spectrogram
+    would be all loudness and the encoder overflow (NaN) on them."""
+    x = torch.as_tensor(audio)
+    if x.numel() and x.is_floating_point():
+        peak = float(x.abs().max())
+        if peak > MAX_PEAK:
+            raise ValueError(f"{where} has samples up to {peak:.4g}, far outside [-1, 1]: float audio must be in "
+                             "[-1, 1] (16-bit integer samples? divide them by 32768)")  # fmt: skip
+
+
 def pad_or_trim(array: np.ndarray | torch.Tensor, length: int = N_SAMPLES, axis: int = -1):
     """Cut `array` to `length` along `axis`, or pad it with zeros at the end up to `length`.
 
@@ -93,7 +107,7 @@ def pad_or_trim(array: np.ndarray | torch.Tensor, length: int = N_SAMPLES, axis:
     N_SAMPLES (or, equivalently, mels to N_FRAMES). Works for numpy arrays and torch tensors
     and returns the same kind.
     """
-    if not isinstance(length, int) or length < 0:
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
         raise ValueError(f"length must be a non-negative integer, got {length!r}")
     if not isinstance(array, np.ndarray | torch.Tensor):
         raise TypeError(f"pad_or_trim takes a numpy array or torch tensor, got {type(array).__name__}")
@@ -329,6 +343,7 @@ def load_windows(audios, n_mels: int, frames: int) -> tuple[torch.Tensor, list[f
             raise ValueError(
                 f"audio {i} must be a 1-D 16 kHz waveform (or a path), got {got}; for stereo, average the channels"
             )
+        check_peak(audio, str(item) if isinstance(item, str | os.PathLike) else f"audio {i}")
         if len(audio) > frames * HOP_LENGTH:
             raise ValueError(
                 f"{item if isinstance(item, str | os.PathLike) else 'audio'} is {len(audio) / SAMPLE_RATE:.1f} s "
