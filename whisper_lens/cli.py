@@ -60,6 +60,24 @@ def placement(device: str) -> dict:
     return {"device": device, "dtype": torch.float16 if kind == "cuda" else torch.float32}
 
 
+def progress_arg(p: argparse.ArgumentParser) -> None:
+    """``--no-progress``: the one definition of the flag, on every command that runs a model."""
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_explore(args: argparse.Namespace) -> None:
+    """One clip as a self-contained HTML page: spectrogram and audio, tokens, attention, logit and encoder lens."""
+    from pathlib import Path
+
+    from .loading import load_model
+    from .pages.common import check_page_path
+    from .pages.explorer import write_explorer
+
+    out = check_page_path(args.out or Path(args.audio).stem + "-explorer.html")  # refused before any work
+    model = load_model(args.model, **placement(args.device))
+    print(f"explorer page written to {write_explorer(model, args.audio, out, progress=not args.no_progress)}")
+
+
 def cmd_download(args: argparse.Namespace) -> None:
     from .loading import download
 
@@ -260,7 +278,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     if args.model is None:  # the shipped model's products are too small to share between threads: one thread is
         torch.set_num_threads(1)  # as fast, and much faster when the other cores are busy
-    report = demo(args.out, model_name=args.model, samples=args.samples, **placement(args.device))
+    report = demo(
+        args.out, model_name=args.model, samples=args.samples, progress=not args.no_progress, **placement(args.device)
+    )
     print(f"report written to {report}")
 
 
@@ -276,7 +296,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             model = ranks.together(lambda: load_model(args.model, **placement(device)))
             clips = ranks.first(lambda: find_clips(args.audio, model, references=args.references))
             done = sweep(model, clips, args.out, stack=args.stack, removals=args.removals, batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens, ranks=ranks)  # fmt: skip
+                         max_new_tokens=args.max_new_tokens, ranks=ranks, progress=not args.no_progress)  # fmt: skip
     except RankFailed:  # another rank failed and said why
         raise SystemExit(2) from None
     if ranks.rank == 0:
@@ -302,7 +322,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             clips = ranks.first(lambda: find_clips(args.audio, model))
             done = export(model, clips, args.out, args.trace, dtype=dtype, positions=args.positions,
                           batch_size=args.batch_size, shard_clips=args.shard_clips,
-                          max_new_tokens=args.max_new_tokens, ranks=ranks)  # fmt: skip
+                          max_new_tokens=args.max_new_tokens, ranks=ranks, progress=not args.no_progress)  # fmt: skip
     except RankFailed:  # another rank failed and said why
         raise SystemExit(2) from None
     if ranks.rank == 0:
@@ -371,8 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="files to write (default: all when --output-dir is given, else none)")  # fmt: skip
     p.add_argument("--output-dir", "-o", default=None, help="folder for the files (default: the current one)")
     p.add_argument("--batch-size", type=int, default=8, help="recordings decoded together (default 8)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    progress_arg(p)
     p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("explore", help="one clip as a self-contained HTML page: where each token listened")
+    model_arg(p)
+    p.add_argument("audio", help="one audio file, no longer than the model's window (30 s for official models)")
+    p.add_argument("--out", default=None, help="the page to write (default: AUDIO's name + -explorer.html)")
+    progress_arg(p)
+    p.set_defaults(func=cmd_explore)
 
     p = sub.add_parser("demo", help="the whole study (default: the shipped toy model, offline), written to report/")
     p.add_argument("--out", default="report", help="output folder (default report)")
@@ -380,12 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "the shipped toy); official models are studied on the shipped real speech")  # fmt: skip
     samples_arg(p)
     p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16); default cpu")
+    progress_arg(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("lens", help="decoder and encoder logit lens of audio files (pictures + tables)")
     model_arg(p)
     p.add_argument("audio", nargs="+")
     p.add_argument("--out", default="lens-out", help="output folder (default lens-out)")
+    progress_arg(p)
     p.set_defaults(func=cmd_lens)
 
     p = sub.add_parser("ablate", help="remove the last k blocks of the encoder/decoder and measure WER")
@@ -400,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     samples_arg(p)
     normalize_arg(p)
     p.add_argument("--out", default="ablate-out", help="output folder (default ablate-out)")
+    progress_arg(p)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("hallucinate", help="hallucination on non-speech: rates, no-speech lens, head sweep, lens")
@@ -413,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "sweep (default: twice the longest unedited output plus 16)")  # fmt: skip
     normalize_arg(p)
     p.add_argument("--out", default="hallucinate-out", help="output folder (default hallucinate-out)")
+    progress_arg(p)
     p.set_defaults(func=cmd_hallucinate)
 
     p = sub.add_parser("attention", help="attention pictures and per-head statistics of audio files")
@@ -420,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("audio", nargs="+")
     p.add_argument("--layer", type=int, default=None, help="block to draw (default: the last)")
     p.add_argument("--out", default="attention-out", help="output folder (default attention-out)")
+    progress_arg(p)
     p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("sweep", help="layer removal over a dataset: resumable, one process or torchrun ranks",
@@ -436,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder; rerunning the command resumes in it")
     p.add_argument("--batch-size", type=int, default=8, help="clips decoded together (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per clip (default 224)")
+    progress_arg(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("export", help="activations of a dataset as safetensors shards + index (for SAEs)",
@@ -454,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="clips run together (default 8)")
     p.add_argument("--shard-clips", type=int, default=32, help="clips per shard file (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per transcript (decoder names)")
+    progress_arg(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train-toy", help="train the shipped toy model from scratch on espeak-ng speech (the recipe)")
