@@ -2217,3 +2217,34 @@ def test_a_long_trace_is_refused_with_the_size_it_would_need(toy_model, monkeypa
     check_error(excinfo, "WHISPER_LENS_TRACE_LIMIT", "lots")
     monkeypatch.delenv("WHISPER_LENS_TRACE_LIMIT")
     assert toy_model.transcribe(one, trace="encoder.ln_post").windows[0].trace["encoder.ln_post"].shape[-1] == 192
+
+
+@pytest.mark.parametrize("variant", ["16-bit", "8-bit", "96 kHz"])
+def test_transcribe_and_the_lens_agree_on_a_clip_of_one_window(tmp_path, variant):
+    """`transcribe` and `lens` disagreed on the same 1.4 s clip (8-bit and 96 kHz WAVs): transcribe padded the last
+    window's mel with zeros, the toy was trained on padded silence; loaded by path (or with the API's defaults) the
+    toy decoded with timestamps, its segment ending at 0.58 s instead of 1.36 s."""
+    import librosa
+
+    audio, _ = soundfile.read(SAMPLES / "sample1.wav", dtype="float32")
+    path = tmp_path / "clip.wav"
+    if variant == "96 kHz":
+        soundfile.write(path, librosa.resample(audio, orig_sr=16000, target_sr=96000), 96000, subtype="PCM_16")
+    else:
+        soundfile.write(path, audio, 16000, subtype="PCM_U8" if variant == "8-bit" else "PCM_16")
+    model = wl.load_model(str(SHIPPED["toy"]))  # by its path: the defaults come from its config, not its name
+    transcript = model.transcribe(path)
+    mel, _ = load_windows([path], model.dims.n_mels, 2 * model.dims.n_audio_ctx)  # what lens and generate see
+    result = model.generate(mel)[0]
+    assert [t for s in transcript.segments for t in s.tokens] == result.tokens
+    assert transcript.text.strip() == result.text.strip() and transcript.text.strip().startswith("my rice")
+    assert [(s.start, s.end) for s in transcript.segments] == [(0.0, 1.36)]
+
+
+def test_the_cli_decodes_the_toy_the_same_by_name_or_path(capsys):
+    """The CLI recognised the toy only by the literal name `toy`; by path it decoded with timestamps."""
+    outputs = []
+    for model in ("toy", str(SHIPPED["toy"])):
+        assert cli.main(["transcribe", str(SAMPLES / "sample2.wav"), "--model", model, "--no-progress"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and "every woman reads five balls" in outputs[0], outputs
