@@ -116,7 +116,8 @@ FIGURES = {
     "heads 32x20": lambda: plot.head_grid(
         {"self": rng.normal(size=(32, 20)) * 1e-3, "cross": rng.normal(size=(32, 20))}
     ),  # fmt: skip
-    "over mel 1": lambda: plot.cross_attention_over_mel(np.zeros((80, 2)), np.ones((1, 1)), ["a"]),
+    "over mel 1": lambda: plot.cross_attention_over_mel(np.zeros((80, 2)), np.ones((1, 1)), ["a"], vmax=0.5),
+    "grid 1 shared": lambda: plot.attention_grid(np.ones((1, 1, 1)), vmax=0.5, title="a title " * 5),
     "over mel 224, 30 s": lambda: plot.cross_attention_over_mel(
         rng.random((80, 3000)), rng.random((224, 1500)), tokens(224), seconds=30.0
     ),  # fmt: skip
@@ -207,15 +208,15 @@ def test_shared_colour_scale_is_applied_and_stated():
     own = plot.attention_grid(pattern)
     shared = plot.attention_grid(pattern, vmax=1.0)
     assert count_colour(pixels(own), VIRIDIS_TOP) > 1000 and count_colour(pixels(shared), VIRIDIS_TOP) == 0
-    labels = [ax.get_ylabel() for ax in shared.axes]
-    assert any("shared" in s and "0 to 1" in s for s in labels)
+    assert "(colour: 0 to 1, one scale for the pictures compared)" in shared.get_suptitle().replace("\n", " ")
+    assert "(colour: 0 to 0.1)" in own.get_suptitle()
     with pytest.raises(ValueError, match="vmax must be a positive number"):
         plot.cross_attention_over_mel(np.zeros((80, 4)), np.ones((1, 2)) / 2, ["a"], vmax=0.0)
 
 
 def test_long_transcripts_are_cropped_and_the_crop_is_stated():
     fig = plot.cross_attention_over_mel(np.zeros((80, 40)), np.ones((224, 20)) / 20, tokens(224))
-    assert "(first 48 of 224 tokens)" in fig.get_suptitle()
+    assert "(first 48 of 224 tokens, colour: 0 to 0.05)" in fig.get_suptitle()
     att = fig.axes[3]  # the attention panel: 48 rows
     assert att.get_ylim() == (47.5, -0.5)
 

@@ -240,7 +240,7 @@ def attention_grid(
     rows = math.ceil(n_heads / cols)
     y_room = CHAR_IN * (max(len(_short(s, TICK_LABEL_CHARS)) for s in query_labels) if query_labels else 5) + 0.5
     x_room = CHAR_IN * (max(len(_short(s, TICK_LABEL_CHARS)) for s in key_labels) if key_labels else 2) + 0.5
-    cell = max(2.4, 0.13 * min(n_query, 60)) if query_labels else 2.4  # tall enough for every row's label
+    cell = max(2.4, 0.14 * min(n_query, 60)) if query_labels else 2.4  # tall enough for every row's label
     width = cols * (2.8 + y_room) + 1.3
     height = rows * (cell + x_room + 0.35) + 0.5 + _title_lines(title, width) * 0.2
     fig = _figure(fig, width, height)
@@ -273,8 +273,8 @@ def attention_grid(
         if h + cols >= n_heads:  # nothing below it
             ax.set_xlabel("time (s)" if key_seconds else ("key token" if key_labels else "key position"), fontsize=FONT)
         _plain(ax)
-    fig.colorbar(im, ax=axes, label=vmax[1], shrink=0.9)
-    _suptitle(fig, title + (f" ({', '.join(notes)})" if notes else ""), width)
+    fig.colorbar(im, ax=axes, label="attention weight", shrink=0.9)
+    _suptitle(fig, f"{title} ({', '.join([*notes, vmax[1]])})", width)
     return _root(fig)
 
 
@@ -379,11 +379,12 @@ def cross_attention_over_mel(
         raise ValueError("mel and pattern must be finite")
     if seconds is not None and not (isinstance(seconds, int | float) and seconds > 0):
         raise ValueError(f"seconds (the audio's length) must be a positive number, got {seconds!r}")
-    note = ""
+    notes = []
     if n_tokens > max_tokens:
-        note = f" (first {max_tokens} of {n_tokens} tokens)"
+        notes.append(f"first {max_tokens} of {n_tokens} tokens")
         pattern, tokens, n_tokens = pattern[:max_tokens], list(tokens)[:max_tokens], max_tokens
     vmax = _check_vmax(vmax, pattern)
+    note = f" ({', '.join([*notes, vmax[1]])})"
 
     shown = n_audio if seconds is None else min(n_audio, math.ceil((seconds + CROP_MARGIN) / POSITION_SECONDS))
     pattern_height = max(1.5, 0.17 * n_tokens)
@@ -409,7 +410,7 @@ def cross_attention_over_mel(
         interpolation="nearest",
     )
     ax_mel.set_xlim(0, end)
-    fig.colorbar(im, cax=cax_att, label=vmax[1])
+    fig.colorbar(im, cax=cax_att, label="attention weight")
     _token_ticks(ax_att, tokens, "y", pattern_height)
     ax_att.set_ylabel("text token")
     ax_att.set_xlabel("time (s)")
@@ -609,13 +610,14 @@ def _plain(ax) -> None:
 
 
 def _check_vmax(vmax, a: np.ndarray) -> tuple[float, str]:
-    """(the colour scale's top, the colourbar's label): ``vmax`` given (shared with other pictures) or ``a``'s max."""
+    """(the colour scale's top, the scale in words for the title): ``vmax`` given (shared with the pictures
+    compared) or ``a``'s maximum."""
     if vmax is None:
         top = float(a.max()) or 1.0
-        return top, f"attention weight (0 to {top:.3g})"
+        return top, f"colour: 0 to {top:.3g}"
     if not (isinstance(vmax, int | float) and math.isfinite(vmax) and vmax > 0):
         raise ValueError(f"vmax must be a positive number, got {vmax!r}")
-    return float(vmax), f"attention weight (0 to {vmax:.3g}, a scale shared with the pictures compared)"
+    return float(vmax), f"colour: 0 to {vmax:.3g}, one scale for the pictures compared"
 
 
 def _array(x, name: str) -> np.ndarray:
@@ -638,9 +640,9 @@ def _labels(labels, n: int, name: str, shape: tuple, default) -> list:
 
 def _token_ticks(ax, tokens, axis: str, length_in: float) -> None:
     """Label the rows (``axis='y'``) or columns of a token picture ``length_in`` inches long with the tokens'
-    text; one label per token when they fit (0.16 in each), else every n-th."""
+    text; one label per token when they fit (0.14 in each), else every n-th."""
     n = len(tokens)
-    step = max(1, math.ceil(n * 0.16 / length_in))
+    step = max(1, math.ceil(n * 0.14 / length_in))
     ticks = list(range(0, n, step))
     labels = [_short(tokens[t], TICK_LABEL_CHARS) for t in ticks]
     if axis == "y":
