@@ -35,3 +35,21 @@ def open_page(path: Path, width: int = 1400, height: int = 900):
             yield page, errors
         finally:
             browser.close()
+
+
+def screenshot(page_path: Path, out: Path, click_token: int | None = None, width: int = 1400) -> Path:
+    """A full-page PNG of a page (after its data is decoded; an explorer page's token ``click_token`` selected)."""
+    with open_page(page_path, width=width) as (page, errors):
+        page.wait_for_function("!window.explorer || window.explorer.ready", timeout=60_000)
+        if click_token is not None:
+            page.click(f'#transcript .tok[data-token="{click_token}"]')
+        page.screenshot(path=str(out), full_page=True)
+        if errors:
+            raise RuntimeError(f"the page logged errors: {errors}")
+    return out
+
+
+if __name__ == "__main__":  # python -m tests.browser PAGE.html OUT.png [TOKEN]
+    import sys
+
+    print(screenshot(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None))
