@@ -1,8 +1,10 @@
 """The ``whisper-lens`` command. Each subcommand is one function ``cmd_<name>(args)``.
 
 Errors a user can cause (bad arguments, paths, names, shapes) are printed as one line,
-``whisper-lens: error: ...``, with exit code 2 and no traceback; Ctrl-C exits with 130 and
-SIGTERM with 143, after removing whatever the command had half-written. ``--model`` defaults to
+``whisper-lens: error: ...``, with exit code 2 and no traceback. A signal that ends a run (Ctrl-C,
+SIGTERM as ``timeout`` and schedulers send it, SIGHUP when the terminal closes) first removes
+whatever the command had half-written, then exits with 128 + its number (130, 143, 129) and one
+line naming it. ``--model`` defaults to
 the shipped toy model everywhere, so every command runs offline. Output folders (``--out``) are
 replaced only when they are new, empty, or a previous output of the same command (see
 ``whisper_lens.files``); anything else is refused before any work.
@@ -23,7 +25,14 @@ USER_ERRORS = (ValueError, KeyError, IndexError, TypeError, OSError)
 
 
 class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM, so that the command unwinds (and cleans up) as on Ctrl-C."""
+    """Raised in the main thread on SIGTERM or SIGHUP, so that the command unwinds (and cleans up) as on Ctrl-C."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # handled as Ctrl-C is (SIGINT: KeyboardInterrupt)
 
 
 class Parser(argparse.ArgumentParser):
@@ -493,27 +502,36 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    previous = {sig: signal.signal(sig, _terminate) for sig in ENDING_SIGNALS} if main_thread else {}
     try:
         args.func(args)
     except KeyboardInterrupt:
-        print("whisper-lens: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("whisper-lens: terminated", file=sys.stderr)
-        return 143
+        _say("whisper-lens: interrupted (SIGINT)")
+        return 128 + signal.SIGINT
+    except Terminated as e:
+        how = "hung up" if e.signum == signal.SIGHUP else "terminated"
+        _say(f"whisper-lens: {how} ({signal.Signals(e.signum).name})")
+        return 128 + e.signum
     except USER_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"whisper-lens: error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, always
         return 2
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
+def _say(line: str) -> None:
+    """One line on stderr, if there still is one (after SIGHUP the terminal may be gone)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def _terminate(signum: int, frame) -> None:
-    raise Terminated
+    raise Terminated(signum)
 
 
 def run() -> None:
