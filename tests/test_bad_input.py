@@ -2247,3 +2247,33 @@ def test_the_cli_decodes_the_toy_the_same_by_name_or_path(capsys):
         assert cli.main(["transcribe", str(SAMPLES / "sample2.wav"), "--model", model, "--no-progress"]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and "every woman reads five balls" in outputs[0], outputs
+
+
+# ----- class 4: no silent NaN or inf (while decoding)
+
+
+def test_nan_weights_in_memory_stop_decoding_naming_the_weight(toy_inputs):
+    """NaN weights: generate returned 62 copies of token 0 with avg_logprob nan, no error; transcribe said
+    "audio_features has NaN ...; check the audio" (an internal name, and the wrong culprit)."""
+    model = wl.load_model()
+    mels, _ = toy_inputs
+    with torch.no_grad():
+        model.decoder.blocks[2].mlp[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError) as excinfo:
+        model.generate(mels)
+    check_error(excinfo, "decoder.blocks.2.mlp.0.weight", "weights")
+    with torch.no_grad():
+        model.decoder.blocks[2].mlp[0].weight[0, 0] = 0.0
+        model.encoder.blocks[0].attn.query.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError) as excinfo:
+        model.generate(mels)
+    check_error(excinfo, "encoder.blocks.0.attn.query.weight", "encoder's output")
+
+
+def test_suppressing_every_token_is_refused(toy, toy_inputs):
+    """Suppressing every token decoded 62 copies of token 0, avg_logprob nan."""
+    mels, _ = toy_inputs
+    for bad in (list(range(toy.dims.n_vocab)), [1.5, 2]):
+        with pytest.raises(ValueError) as excinfo:
+            toy.generate(mels, suppress_tokens=bad)
+        check_error(excinfo, "suppress_tokens")
