@@ -454,19 +454,16 @@ def read_json_object(path: Path) -> dict:
 
 
 DEFAULTS_KEY = "whisper_lens_transcribe"  # in config.json: how a model wants to be decoded when not told
-DEFAULT_KINDS = {"timestamps": bool, "condition_on_previous_text": bool, "pad_with_silence": bool}  # a model's own
+DEFAULT_KINDS = {"timestamps": bool, "condition_on_previous_text": bool}  # the defaults a model may carry
 
 
 def read_transcribe_defaults(folder: Path) -> dict:
     """The decoding defaults a model carries in its ``config.json`` (``{}`` for Whisper's own models).
 
-    The shipped toy was trained without timestamps and without a previous-text prompt, on windows
-    padded with silence (``load_windows``), so its config says ``"whisper_lens_transcribe":
-    {"timestamps": false, "condition_on_previous_text": false, "pad_with_silence": true}``;
-    ``transcribe`` and the command line use these where the caller did not choose, so the toy
-    decodes the same whether it is loaded as ``"toy"`` or by its path, and a clip of one window
-    as the lens and ``generate`` on ``load_windows`` see it. (Whisper's own models pad the last
-    window's mel with zeros, as openai-whisper's ``transcribe`` does.)
+    The shipped toy was trained without timestamps and without a previous-text prompt, so its
+    config says ``"whisper_lens_transcribe": {"timestamps": false, "condition_on_previous_text":
+    false}``; ``transcribe`` and the command line use these where the caller did not choose, so the
+    toy decodes the same whether it is loaded as ``"toy"`` or by its path.
     """
     path = folder / "config.json"
     if not path.is_file():

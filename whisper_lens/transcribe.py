@@ -482,9 +482,7 @@ def advance(model: Whisper, streams: list[Stream], opts: Options) -> None:
     """Decode the next window of every stream and move each to where its next window starts."""
     W, n_mels = 2 * model.dims.n_audio_ctx, model.dims.n_mels
     sizes = [min(W, s.n_frames - s.seek) for s in streams]
-    silence = model.transcribe_defaults.get("pad_with_silence", False)  # past the end: silence's mel, not zeros
-    mels = [pad_or_trim(mel_frames(s.audio, s.seek, W if silence else n, n_mels, s.peak), W)
-            for s, n in zip(streams, sizes, strict=True)]  # fmt: skip
+    mels = [pad_or_trim(mel_frames(s.audio, s.seek, n, n_mels, s.peak), W) for s, n in zip(streams, sizes, strict=True)]
     flat = [opts.skip_silence and bool(m[:, :n].amax() == m[:, :n].amin()) for m, n in zip(mels, sizes, strict=True)]
     for s, n, f in zip(streams, sizes, flat, strict=True):
         if f:  # nothing above the floor: no sound to decode
