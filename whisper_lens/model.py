@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import decoding, transcribe
-from .inputs import check_mel, check_tokens
+from .inputs import check_tokens
 from .kernels import DEFAULT, Kernels, KVCache
 from .trace import IDLE, Edits, Recorder, Trace, TraceRequest, select_names
 
@@ -334,7 +334,8 @@ class Whisper(nn.Module):
         """Logits (B, T, V) of ``tokens`` (B, T) given the log-mel ``mel`` (B, n_mels, 2 * n_audio_ctx)."""
         return self.run(mel, tokens).logits
 
-    def run(self, mel: Tensor, tokens: Tensor, trace: TraceRequest = None, edits: Edits | None = None, *,
+    def run(self, mel: Tensor | None = None, tokens: Tensor | None = None, trace: TraceRequest = None,
+            edits: Edits | None = None, *, audio_features: Tensor | None = None,
             trace_device: torch.device | str | None = None, trace_dtype: torch.dtype | None = None) -> Run:  # fmt: skip
         """Teacher-forced forward that records the activations ``trace`` asks for and applies ``edits``.
 
@@ -342,11 +343,20 @@ class Whisper(nn.Module):
         (``["decoder.blocks.*.resid_post", "*.cross_attn.pattern"]``). ``trace_device`` /
         ``trace_dtype`` say where recorded tensors are kept (e.g. "cpu", torch.float16).
         Unbatched inputs (mel [n_mels, frames], tokens [T]) are given a batch of one.
+        ``audio_features`` [B, n_audio_ctx, n_audio_state] (the encoder's output, ``encoder.ln_post``)
+        instead of ``mel``: the decoder alone runs on them (trace=True then means every decoder name).
         """
-        mel = check_mel(mel, self.dims, self.device, self.dtype)  # (B, n_mels, 2S)
-        tokens = check_tokens(tokens, self.dims, len(mel), self.device)  # (B, T)
-        rec = self.recorder(trace, edits, trace_device=trace_device, trace_dtype=trace_dtype, tokens=tokens)
-        xa = self.encoder(mel, rec.child("encoder"))  # (B, S, D)
+        if tokens is None:
+            raise ValueError("run needs tokens [batch, T]")
+        if audio_features is not None and trace is True:
+            trace = ["decoder.*", "logits"]
+        rec = self.recorder(trace, edits, trace_device=trace_device, trace_dtype=trace_dtype)
+        xa = decoding.checked_audio(self, mel, audio_features, rec)  # (B, n_mels, 2S) or (B, S, D)
+        tokens = check_tokens(tokens, self.dims, len(xa), self.device)  # (B, T)
+        if edits is not None:  # the edits checked against the run's shapes
+            self.recorder(None, edits, tokens=tokens)
+        if mel is not None:
+            xa = self.encoder(xa, rec.child("encoder"))  # (B, S, D)
         logits = rec("logits", self.decoder(tokens, rec.child("decoder"), xa=xa))  # (B, T, V)
         return Run(logits, rec.trace if rec.trace is not None else Trace())
 

@@ -61,7 +61,8 @@ class Trace(Mapping[str, Tensor]):
     conveniences: glob selection (``trace.select("*.resid_post")``), stacking a per-layer
     name over layers (``trace.stack("decoder.blocks.*.resid_post")`` -> ``[L, ...]``), size
     (``nbytes``) and moving (``to``). ``device``/``dtype`` given at construction are where and
-    how tensors are stored while recording (e.g. fp16 on CPU for a large CUDA run).
+    how tensors are stored while recording (e.g. fp16 on CPU for a large CUDA run); the stored copy
+    stays on the autograd graph, so gradients taken with respect to it reach the run.
     """
 
     def __init__(
@@ -79,8 +80,8 @@ class Trace(Mapping[str, Tensor]):
 
     def put(self, name: str, x: Tensor) -> None:
         """Store ``x`` under ``name`` (moved to the storage device/dtype if one was set)."""
-        if self.device is not None or self.dtype is not None:
-            x = x.detach().to(device=self.device, dtype=self.dtype or x.dtype)
+        if self.device is not None or self.dtype is not None:  # a differentiable copy: gradients reach the run
+            x = x.to(device=self.device, dtype=self.dtype or x.dtype)
         self._tensors[name] = x
 
     def __getitem__(self, name: str) -> Tensor:
@@ -147,6 +148,7 @@ class _Op:
 
 _BLOCK = re.compile(r"^(encoder|decoder)\.blocks\.(\d+)$")
 _ATTN_Z = re.compile(r"^(encoder|decoder)\.blocks\.(\d+)\.(attn|cross_attn)\.z$")
+_PER_HEAD = re.compile(r"^(encoder|decoder)\.blocks\.(\d+)\.(attn|cross_attn)\.(q|k|v|z|scores|pattern)$")
 
 
 @dataclass
@@ -207,17 +209,23 @@ class Edits:
         mean = None if mean is None else _as_value(name, mean)
         return self._push(name, _Op(how, heads=tuple(chosen), mean=mean))
 
-    def replace(self, name: str, value: Tensor, positions: Sequence[int] | Tensor | None = None) -> Edits:
-        """Replace the activation at ``name`` (whole, or at ``positions``) by ``value``: patching.
+    def replace(self, name: str, value: Tensor, positions: Sequence[int] | Tensor | None = None,
+                heads: Sequence[int] | None = None) -> Edits:  # fmt: skip
+        """Replace the activation at ``name`` (whole, or at ``positions`` and/or ``heads``) by ``value``: patching.
 
         ``positions`` index the activation's position axis: dim 1, or dim 2 for ``scores`` and
-        ``pattern`` ([B, H, T, S]: the query positions).
+        ``pattern`` ([B, H, T, S]: the query positions). ``heads`` index the head axis of a per-head
+        name (``attn.q/k/v/z`` [B, T, H, Dh]: dim 2; ``scores``/``pattern``: dim 1); ``value`` then
+        has len(heads) there (``replace("decoder.blocks.2.cross_attn.z", clean_z[:, :, [3]], heads=[3])``).
         """
-        return self._push(name, _Op("replace", value=_as_value(name, value), positions=_as_positions(positions)))
+        op = _Op("replace", value=_as_value(name, value), positions=_as_positions(positions), heads=_as_heads(heads))
+        return self._push(name, op)
 
-    def add(self, name: str, vector: Tensor, positions: Sequence[int] | Tensor | None = None) -> Edits:
-        """Add ``vector`` (broadcast) to the activation at ``name``, everywhere or at ``positions``: steering."""
-        return self._push(name, _Op("add", value=_as_value(name, vector), positions=_as_positions(positions)))
+    def add(self, name: str, vector: Tensor, positions: Sequence[int] | Tensor | None = None,
+            heads: Sequence[int] | None = None) -> Edits:  # fmt: skip
+        """Add ``vector`` (broadcast) to the activation at ``name``, everywhere or at ``positions`` / ``heads``."""
+        op = _Op("add", value=_as_value(name, vector), positions=_as_positions(positions), heads=_as_heads(heads))
+        return self._push(name, op)
 
     def apply(self, name: str, fn: EditFn) -> Edits:
         """Replace the activation at ``name`` by ``fn(activation)`` (same shape, dtype and device)."""
@@ -262,8 +270,12 @@ class Edits:
             if name not in known:
                 raise KeyError(f"cannot edit {name!r}: no such activation; closest: {_closest(name, names)}")
             for op in ops:
-                if op.kind in ("zero", "mean"):
-                    h = n_heads[m[1]]  # type: ignore[index]
+                if op.heads:
+                    headed = _PER_HEAD.match(name)
+                    if not headed:
+                        raise ValueError(f"{op.kind} at {name!r} with heads=: heads exist only at a per-head name "
+                                         "(attn or cross_attn q, k, v, z, scores, pattern)")  # fmt: skip
+                    h = n_heads[headed[1]]
                     if max(op.heads) >= h:
                         raise ValueError(f"{name}: heads {list(op.heads)} out of range (the layer has {h} heads)")
                 if shapes is not None:
@@ -309,6 +321,17 @@ def _as_positions(positions: Sequence[int] | Tensor | None) -> Tensor | None:
     return torch.tensor(chosen, dtype=torch.long)
 
 
+def _as_heads(heads: Sequence[int] | None) -> tuple[int, ...]:
+    if heads is None:
+        return ()
+    chosen = _indices("heads", heads)
+    if not chosen:
+        raise ValueError("heads is empty: give None for every head")
+    if len(set(chosen)) < len(chosen):
+        raise ValueError(f"heads {chosen} name a head twice")
+    return tuple(chosen)
+
+
 def _as_value(name: str, value) -> Tensor:
     """A replacement or steering value as a real-valued tensor (numpy arrays and numbers are accepted)."""
     if not isinstance(value, Tensor):
@@ -327,6 +350,11 @@ def _as_value(name: str, value) -> Tensor:
 def _position_axis(name: str) -> int:
     """Where positions are along an activation: dim 2 for scores and patterns ([B, H, T, S]), else dim 1."""
     return 2 if name.endswith((".scores", ".pattern")) else 1
+
+
+def _head_axis(name: str) -> int:
+    """Where heads are along a per-head activation: dim 1 for scores and patterns ([B, H, T, S]), else dim 2."""
+    return 1 if name.endswith((".scores", ".pattern")) else 2
 
 
 def _check_layer(stack: str, i: int, n_layers: Mapping[str, int]) -> None:
@@ -349,6 +377,8 @@ def _check_fit(name: str, op: _Op, shape: tuple[int, ...]) -> None:
         target = list(shape)
         if op.positions is not None:
             target[axis] = len(op.positions)
+        if op.heads:
+            target[_head_axis(name)] = len(op.heads)
         _check_broadcast(name, op, tuple(op.value.shape), tuple(target))  # type: ignore[union-attr]
     if op.kind == "mean" and op.mean is not None and tuple(op.mean.shape) != (len(op.heads), shape[-1]):
         raise ValueError(f"{name}: mean has shape {tuple(op.mean.shape)}, want {(len(op.heads), shape[-1])}")
@@ -389,16 +419,30 @@ def _apply_op(name: str, op: _Op, x: Tensor) -> Tensor:
             )
         return y
     _check_fit(name, op, tuple(x.shape))  # again here: generate's steps have shapes the run could not know
-    axis = _position_axis(name)
     value = op.value.to(x)  # type: ignore[union-attr]
-    index = (slice(None),) * axis + (op.positions.to(x.device),) if op.positions is not None else ()
-    target = x[index] if op.positions is not None else x
+    index = _where(name, op, x)
+    target = x[index] if index else x
     new = value.expand_as(target) if op.kind == "replace" else target + value
-    if op.positions is None:
+    if not index:
         return new.clone() if op.kind == "replace" else new
     x = x.clone()
     x[index] = new
     return x
+
+
+def _where(name: str, op: _Op, x: Tensor) -> tuple:
+    """The index of the part of ``x`` an op acts on: positions and/or heads (adjacent axes), or () for all of it."""
+    parts = {}
+    if op.positions is not None:
+        parts[_position_axis(name)] = op.positions.to(x.device)
+    if op.heads:
+        parts[_head_axis(name)] = torch.tensor(op.heads, device=x.device)
+    if not parts:
+        return ()
+    axes = sorted(parts)
+    if len(axes) == 2:  # positions and heads: broadcast against each other, (first, 1) and (1, second)
+        parts[axes[0]], parts[axes[1]] = parts[axes[0]][:, None], parts[axes[1]][None, :]
+    return (slice(None),) * axes[0] + tuple(parts[a] for a in axes)
 
 
 # ----------------------------------------------------------------------------- recorder
