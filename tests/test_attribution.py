@@ -271,8 +271,7 @@ def test_attribution_patching_ranks_the_top_cells_as_patching(pair, patcher):
     model, *_, at, _, _ = pair
     positions = list(range(2, at + 1))
     real = patcher.sweep("decoder.blocks.*.cross_attn.z", positions=positions)
-    est = A.attribution_patch(model, None, None, None, "decoder.blocks.*.cross_attn.z", positions=positions,
-                              patcher=patcher)  # fmt: skip
+    est = patcher.attribute("decoder.blocks.*.cross_attn.z", positions=positions)
     assert est.dims == real.dims and est.coords == real.coords
     assert est.corrupt == pytest.approx(patcher.baseline["corrupt"], abs=1e-4)
     a, b = real.values.flatten() - real.corrupt, est.values.flatten() - est.corrupt
@@ -282,3 +281,14 @@ def test_attribution_patching_ranks_the_top_cells_as_patching(pair, patcher):
     top_real = [c for c, _ in real.top(3)]
     top_est = [c for c, _ in est.top(3)]
     assert top_real == top_est
+    model.requires_grad_(False)  # gradients reach the activations without the parameters'
+    try:
+        again = patcher.attribute("decoder.blocks.*.cross_attn.z", positions=positions)
+    finally:
+        model.requires_grad_(True)
+    torch.testing.assert_close(again.values, est.values)
+    # the function form encodes the pair itself; an encoder window's estimate from the same backward pass
+    _, mel, mel_c, tokens, _, young, man = pair
+    enc = A.attribution_patch(model, (mel, tokens), (mel_c, tokens), A.logit_diff(at, young, man),
+                              "encoder.blocks.2.resid_post", windows=[(100, 120), (0, 50)])  # fmt: skip
+    assert enc.dims == ("name", "window") and enc.values[0, 0] > enc.values[0, 1]

@@ -574,6 +574,42 @@ class Patcher:
         return Grid(values.view(*(len(plan.coords[d]) for d in plan.dims)), plan.dims, plan.coords,
                     self.baseline["clean"], self.baseline["corrupt"])  # fmt: skip
 
+    def attribute(self, names: str | Sequence[str], *, heads: Sequence[int] | None = None,
+                  positions: Sequence[int] | None = None, windows=None) -> Grid:  # fmt: skip
+        """The grid of ``sweep`` estimated by attribution patching: see ``attribution_patch``."""
+        plan = _plan(self.model, names, heads, positions, windows, self.tokens["clean"].shape[1])
+        clean_acts = self.activations("clean", plan.names)
+        tokens = self.tokens["corrupt"][:, : self.T]  # (1, T')
+        # the stacks' inputs become leaves that need gradients: the activations are on the graph even when
+        # the model's parameters do not require gradients
+        leaf = Edits().apply(f"{plan.stack}.embed", lambda x: x.detach().requires_grad_())
+        if plan.stack == "encoder":
+            leaf.apply("decoder.embed", lambda x: x.detach().requires_grad_())
+        with torch.enable_grad():
+            if plan.stack == "decoder":
+                xa = self.xa["corrupt"].detach().requires_grad_()  # (1, S, D)
+                run = self.model.run(tokens=tokens, trace=plan.names, edits=leaf, audio_features=xa)
+            else:
+                run = self.model.run(self.mel["corrupt"], tokens, trace=plan.names, edits=leaf)
+            logits = run.logits if self.metric.at is None else run.logits[:, self.metric.at]  # (1, P, V)
+            value = self.metric(logits)  # (1,)
+            acts = [run.trace[n] for n in plan.names]
+            grads = torch.autograd.grad(value.sum(), acts, allow_unused=True)
+        value = float(value.detach())
+        est = torch.full((len(plan.cells),), value)
+        effect = {}
+        for n, a, g in zip(plan.names, acts, grads, strict=True):
+            if g is None:  # the metric does not depend on it (positions after the metric's)
+                g = torch.zeros_like(a)
+            effect[n] = (g * (_pad(clean_acts[n], a) - a)).detach()[0]  # (T', [H,] Dh or D)
+        for i, cell in enumerate(plan.cells):
+            e = effect[cell.name]
+            pos = [q for q in cell.positions if q < e.shape[0]]
+            part = e[pos] if cell.head is None else e[pos, cell.head]
+            est[i] += float(part.sum())
+        return Grid(est.view(*(len(plan.coords[d]) for d in plan.dims)), plan.dims, plan.coords,
+                    self.baseline["clean"], value, method="attribution patching")  # fmt: skip
+
     def _patched(self, plan: _Plan, cells: list[_Cell], clean: dict[str, Tensor], block: int) -> Tensor:
         """The metric of the corrupt run with each row's cell patched, rows = cells (N,)."""
         stack, N = plan.stack, len(cells)
@@ -640,40 +676,19 @@ def patch(model: Whisper, clean: tuple[Tensor, Tensor], corrupt: tuple[Tensor, T
 def attribution_patch(model: Whisper, clean: tuple[Tensor, Tensor], corrupt: tuple[Tensor, Tensor],
                       metric: Metric | Callable[[Tensor], Tensor], names: str | Sequence[str], *,
                       heads: Sequence[int] | None = None, positions: Sequence[int] | None = None,
-                      windows=None, patcher: Patcher | None = None) -> Grid:  # fmt: skip
+                      windows=None) -> Grid:  # fmt: skip
     """The grid of ``patch`` estimated from one forward and one backward pass of the corrupt run.
 
     Each cell's metric is estimated to first order: corrupt metric + sum over the cell's slice of
     d(metric)/d(activation) * (clean - corrupt activation). Cheap (two passes for the whole grid),
     exact for a metric linear in the activation, and a ranking to check with ``patch`` where the
     model is far from linear (attention patterns that saturate, LayerNorm scales that move).
+    ``Patcher.attribute`` does the same for a pair already encoded.
     """
-    p = patcher or Patcher(model, clean, corrupt, metric)
-    plan = _plan(model, names, heads, positions, windows, p.tokens["clean"].shape[1])
-    clean_acts = p.activations("clean", plan.names)
-    tokens = p.tokens["corrupt"][:, : p.T]  # (1, T')
-    with torch.enable_grad():
-        if plan.stack == "decoder":
-            run = model.run(tokens=tokens, trace=plan.names, audio_features=p.xa["corrupt"])
-        else:
-            run = model.run(p.mel["corrupt"], tokens, trace=plan.names)
-        logits = run.logits if p.metric.at is None else run.logits[:, p.metric.at]  # (1, P, V)
-        value = p.metric(logits)  # (1,)
-        acts = [run.trace[n] for n in plan.names]
-        grads = torch.autograd.grad(value.sum(), acts, allow_unused=True)
-    est = torch.full((len(plan.cells),), float(value))
-    effect = {}
-    for n, a, g in zip(plan.names, acts, grads, strict=True):
-        if g is None:  # the metric does not depend on it (positions after the metric's)
-            g = torch.zeros_like(a)
-        effect[n] = (g * (_pad(clean_acts[n], a) - a)).detach()[0]  # (T', [H,] Dh or D)
-    for i, cell in enumerate(plan.cells):
-        e = effect[cell.name]
-        pos = [q for q in cell.positions if q < e.shape[0]]
-        part = e[pos] if cell.head is None else e[pos, cell.head]
-        est[i] += float(part.sum())
-    return Grid(est.view(*(len(plan.coords[d]) for d in plan.dims)), plan.dims, plan.coords,
-                p.baseline["clean"], float(value), method="attribution patching")  # fmt: skip
+    if isinstance(clean, tuple | list) and len(clean) == 2:  # a bad request fails before the clips are encoded
+        _plan(model, names, heads, positions, windows, torch.as_tensor(clean[1]).shape[-1])
+    p = Patcher(model, clean, corrupt, metric)
+    return p.attribute(names, heads=heads, positions=positions, windows=windows)
 
 
 def _pad(clean: Tensor, like: Tensor) -> Tensor:
