@@ -364,7 +364,7 @@ class Grid:
         names = [labels(r[:-1]) if labels else _short(r[:-1]) for r in rows]
         fig, ax = plt.subplots(figsize=(min(2 + 0.3 * v.shape[1], 14), 0.22 * len(names) + 1.5))
         lim = float(v.abs().max()) or 1.0
-        im = ax.imshow(v, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim, interpolation="nearest")
+        im = ax.imshow(v.detach().numpy(), aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim, interpolation="nearest")
         ax.set_yticks(range(len(names)), names, fontsize=7)
         last = self.coords[self.dims[-1]]
         ax.set_xticks(range(len(last)), [str(x) for x in last], fontsize=7, rotation=90)
