@@ -292,3 +292,19 @@ def test_attribution_patching_ranks_the_top_cells_as_patching(pair, patcher):
     enc = A.attribution_patch(model, (mel, tokens), (mel_c, tokens), A.logit_diff(at, young, man),
                               "encoder.blocks.2.resid_post", windows=[(100, 120), (0, 50)])  # fmt: skip
     assert enc.dims == ("name", "window") and enc.values[0, 0] > enc.values[0, 1]
+
+
+def test_local_window_per_head(small_model):
+    model = small_model
+    mel, tokens = random_mel(SMALL, batch=1, seed=10), random_tokens(SMALL, batch=1, length=3, seed=11)
+    name = "encoder.blocks.1.attn.pattern"
+    base = model.run(mel, tokens, trace=[name]).trace[name]  # (1, H, S, S)
+    got = model.run(mel, tokens, trace=[name], edits=wl.Edits().local_window(3, layers=[1], heads=[0, 2])).trace[name]
+    S = SMALL.n_audio_ctx
+    far = (torch.arange(S)[:, None] - torch.arange(S)[None, :]).abs() > 3  # (S, S)
+    assert torch.all(got[:, [0, 2]][..., far] == 0) and torch.all(got[:, [0, 2]][..., ~far] > 0)
+    torch.testing.assert_close(got[:, [1, 3]], base[:, [1, 3]], atol=1e-6, rtol=0)  # the other heads as before
+    whole = model.run(mel, tokens, trace=[name], edits=wl.Edits().local_window(3, layers=[1])).trace[name]
+    assert torch.all(whole[..., far] == 0)
+    with pytest.raises(ValueError, match="out of range"):
+        model.run(mel, tokens, edits=wl.Edits().local_window(3, heads=[SMALL.n_audio_head]))

@@ -216,16 +216,22 @@ class AudioEncoder(nn.Module):
         x = F.gelu(self.conv2(x.transpose(1, 2)))  # (B, D, S)
         x = rec("conv2", x.transpose(1, 2))  # (B, S, D)
         x = rec("embed", (x + self.positional_embedding).to(x.dtype))  # (B, S, D)
-        windows = [rec.window(i) for i in range(len(self.blocks))]  # Edits.local_window, per block
-        contexts = [Context(mask=None if k is None else local_mask(x.shape[1], k, x.device)) for k in windows]
+        windows = [rec.window(i) for i in range(len(self.blocks))]  # Edits.local_window: (k, heads) per block
+        H = self.blocks[0].attn.n_head
+        contexts = [Context(mask=None if w is None else local_mask(x.shape[1], *w, H, x.device)) for w in windows]
         x = run_blocks(self.blocks, x, rec, ops, contexts)  # (B, S, D)
         return rec("ln_post", self.ln_post(x))  # (B, S, D)
 
 
-def local_mask(n: int, k: int, device: torch.device) -> Tensor:
-    """(n, n) bool: position i may attend to j when |i - j| <= k."""
+def local_mask(n: int, k: int, heads: tuple[int, ...] | None, n_head: int, device: torch.device) -> Tensor:
+    """(n, n) bool: position i may attend to j when |i - j| <= k; with ``heads``, (1, H, n, n): only those heads."""
     idx = torch.arange(n, device=device)  # (n,)
-    return (idx[:, None] - idx[None, :]).abs() <= k  # (n, n)
+    near = (idx[:, None] - idx[None, :]).abs() <= k  # (n, n)
+    if heads is None:
+        return near
+    mask = torch.ones(1, n_head, n, n, dtype=torch.bool, device=device)  # (1, H, n, n): the others see everything
+    mask[:, list(heads)] = near
+    return mask
 
 
 @dataclass

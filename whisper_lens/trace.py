@@ -175,6 +175,7 @@ class Edits:
     skipped: set[str] = field(default_factory=set)
     window: int | None = None
     window_layers: tuple[int, ...] | None = None
+    window_heads: tuple[int, ...] | None = None
 
     def _push(self, name: str, op: _Op) -> Edits:
         if not isinstance(name, str):
@@ -233,10 +234,12 @@ class Edits:
             raise TypeError(f"apply wants a callable, got {type(fn).__name__}")
         return self._push(name, _Op("apply", fn=fn))
 
-    def local_window(self, k: int, layers: Sequence[int] | None = None) -> Edits:
-        """Restrict encoder self-attention (all blocks, or ``layers``) to frames within +/- ``k`` of the query."""
+    def local_window(self, k: int, layers: Sequence[int] | None = None, heads: Sequence[int] | None = None) -> Edits:
+        """Restrict encoder self-attention (all blocks, or ``layers``; all heads, or ``heads`` of each) to frames
+        within +/- ``k`` of the query; the other heads keep attending everywhere."""
         (self.window,) = _indices("local window k (frames)", [k])
         self.window_layers = None if layers is None else tuple(_indices("layers", layers))
+        self.window_heads = _as_heads(heads) or None
         return self
 
     def __bool__(self) -> bool:
@@ -262,6 +265,10 @@ class Edits:
         if self.window_layers is not None:
             for i in self.window_layers:
                 _check_layer("encoder", i, n_layers)
+        if self.window_heads is not None and max(self.window_heads) >= n_heads["encoder"]:
+            h = n_heads["encoder"]
+            raise ValueError(f"local_window: heads {list(self.window_heads)} out of range (the encoder's layers have "
+                             f"{h} heads, 0-{h - 1})")  # fmt: skip
         known = set(names)
         for name, ops in self.ops.items():
             m = _ATTN_Z.match(name)
@@ -284,10 +291,11 @@ class Edits:
     def skips(self, block: str) -> bool:
         return block in self.skipped
 
-    def window_for(self, layer: int) -> int | None:
+    def window_for(self, layer: int) -> tuple[int, tuple[int, ...] | None] | None:
+        """(k, heads) of the local window at encoder block ``layer`` (heads None: every head), or None."""
         if self.window is None or (self.window_layers is not None and layer not in self.window_layers):
             return None
-        return self.window
+        return self.window, self.window_heads
 
     def edit(self, name: str, x: Tensor) -> Tensor:
         """Apply the edits registered at ``name`` to ``x`` (returns a new tensor; ``x`` is not modified)."""
@@ -491,7 +499,7 @@ class Recorder:
     def skips(self, block: str) -> bool:
         return self.edits is not None and self.edits.skips(self.prefix + block)
 
-    def window(self, layer: int) -> int | None:
+    def window(self, layer: int) -> tuple[int, tuple[int, ...] | None] | None:
         return None if self.edits is None else self.edits.window_for(layer)
 
 
