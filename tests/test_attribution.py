@@ -308,3 +308,33 @@ def test_local_window_per_head(small_model):
     assert torch.all(whole[..., far] == 0)
     with pytest.raises(ValueError, match="out of range"):
         model.run(mel, tokens, edits=wl.Edits().local_window(3, heads=[SMALL.n_audio_head]))
+
+
+# ----------------------------------------------------------------------------- edits while generating
+
+
+def test_generate_with_edits_at_positions_equals_the_teacher_forced_run(pair):
+    model, mel, mel_c, tokens, at, young, man = pair
+    prompt = [*model.tokenizer.sot_sequence_including_notimestamps]
+    plain = model.generate(mel)[0].tokens
+    other = model.run(mel_c, tokens, trace=["decoder.blocks.2.cross_attn.z", "encoder.blocks.1.resid_post"]).trace
+    P = len(prompt)
+    z = other["decoder.blocks.2.cross_attn.z"][:, [P + 1, P + 2]][:, :, [1, 4]]  # (1, 2, 2, Dh)
+    steer = 100 * model.decoder.token_embedding.weight[man]  # pushes ' man' at the positions it is added
+    edits = (wl.Edits()
+             .add("decoder.blocks.3.resid_post", steer, positions=[P + 5])
+             .replace("decoder.blocks.2.cross_attn.z", z, positions=[P + 1, P + 2], heads=[1, 4])
+             .replace("encoder.blocks.1.resid_post", other["encoder.blocks.1.resid_post"][:, 100:120],
+                      positions=range(100, 120)))  # fmt: skip
+    names = ["decoder.blocks.3.resid_post", "decoder.blocks.2.cross_attn.z", "decoder.blocks.0.mlp_out"]
+    result = model.generate(mel, edits=edits, trace=names)[0]
+    assert result.tokens != plain  # the edits change the transcript
+    assert result.tokens[6] == man  # the token the steered position predicts
+    full = torch.tensor([*prompt, *result.tokens])
+    run = model.run(mel, full, edits=edits, trace=names)
+    assert run.logits[0, P - 1 : -1].argmax(-1).tolist() == result.tokens
+    for name in names:  # the generated positions: every step saw the edits the run applies there
+        got, want = result.trace[name][:, : len(full) - 1], run.trace[name][:, : len(full) - 1]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="fits"):
+        model.generate(mel, edits=wl.Edits().add("decoder.blocks.3.resid_post", torch.zeros(1, 3, 384), positions=[4]))

@@ -297,6 +297,7 @@ class TextDecoder(nn.Module):
             mask = (torch.arange(length, device=tokens.device) <= pos[..., None])[:, None]  # (B or 1, 1, T, length)
             contexts = [Context(mask=mask, attn_cache=a, cross_cache=c, pos=pos, rows=a.rows)
                         for a, c in zip(cache.attn, cache.cross_attn, strict=True)]  # fmt: skip
+            rec = rec.positioned(pos)  # edits at positions act where these tokens sit
         x = rec("embed", self.token_embedding(tokens) + self.positional_embedding[pos])  # (B, T, D)
         x = run_blocks(self.blocks, x, rec, ops, contexts)  # (B, T, D)
         x = rec("ln", self.ln(x))  # (B, T, D)

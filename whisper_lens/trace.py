@@ -297,10 +297,14 @@ class Edits:
             return None
         return self.window, self.window_heads
 
-    def edit(self, name: str, x: Tensor) -> Tensor:
-        """Apply the edits registered at ``name`` to ``x`` (returns a new tensor; ``x`` is not modified)."""
+    def edit(self, name: str, x: Tensor, at: Tensor | None = None) -> Tensor:
+        """Apply the edits registered at ``name`` to ``x`` (returns a new tensor; ``x`` is not modified).
+
+        ``at`` (B or 1, T): the absolute token positions of ``x``'s positions, when they are not 0..T-1
+        (a decoding step): an edit at ``positions`` then acts where ``at`` holds one of them.
+        """
         for op in self.ops.get(name, ()):
-            x = _apply_op(name, op, x)
+            x = _apply_op(name, op, x) if at is None or op.positions is None else _apply_at(name, op, x, at)
         return x
 
 
@@ -438,6 +442,33 @@ def _apply_op(name: str, op: _Op, x: Tensor) -> Tensor:
     return x
 
 
+def _apply_at(name: str, op: _Op, x: Tensor, at: Tensor) -> Tensor:
+    """A replace or add at ``op.positions`` in a pass whose tokens sit at absolute positions ``at`` (B or 1, T):
+    row b's position t is edited when at[b, t] is one of them, with the value given for that position."""
+    if _position_axis(name) != 1:
+        raise ValueError(f"{op.kind} at {name!r} with positions: while decoding, positions are edited at names "
+                         "whose position axis is dim 1 (not scores or patterns)")  # fmt: skip
+    B, T = x.shape[:2]
+    hit = at.to(x.device)[..., None] == op.positions.to(x.device)  # (B or 1, T, P)
+    if not bool(hit.any()):
+        return x
+    heads = torch.tensor(op.heads, device=x.device) if op.heads else None
+    part = x if heads is None else x[:, :, heads]  # (B, T, [H',] ...)
+    target = [B, len(op.positions), *part.shape[2:]]
+    _check_broadcast(name, op, tuple(op.value.shape), tuple(target))  # type: ignore[union-attr]
+    value = op.value.to(x).expand(target)  # type: ignore[union-attr]  # (B, P, ...)
+    j = hit.int().argmax(dim=-1).expand(B, T)  # (B, T): which of the positions each one is
+    value = value[torch.arange(B, device=x.device)[:, None], j]  # (B, T, ...)
+    new = value if op.kind == "replace" else part + value
+    where = hit.any(dim=-1).expand(B, T).view(B, T, *[1] * (part.dim() - 2))  # (B, T, 1...)
+    new = torch.where(where, new, part)
+    if heads is None:
+        return new
+    x = x.clone()
+    x[:, :, heads] = new
+    return x
+
+
 def _where(name: str, op: _Op, x: Tensor) -> tuple:
     """The index of the part of ``x`` an op acts on: positions and/or heads (adjacent axes), or () for all of it."""
     parts = {}
@@ -464,21 +495,23 @@ class Recorder:
     at a point, so a module can take a slower path (explicit attention) only when it must.
     """
 
-    __slots__ = ("keep", "edits", "trace", "prefix", "active")
+    __slots__ = ("keep", "edits", "trace", "prefix", "active", "at")
 
-    def __init__(self, keep: frozenset[str], edits: Edits | None, trace: Trace | None, prefix: str = "") -> None:
+    def __init__(self, keep: frozenset[str], edits: Edits | None, trace: Trace | None, prefix: str = "",
+                 at: Tensor | None = None) -> None:  # fmt: skip
         self.keep = keep
         self.edits = edits if edits else None
         self.trace = trace
         self.prefix = prefix
         self.active = bool(keep) or self.edits is not None
+        self.at = at  # (B or 1, T): the absolute positions of a decoding pass's tokens; None: 0..T-1
 
     def __call__(self, point: str, x: Tensor) -> Tensor:
         if not self.active:
             return x
         name = self.prefix + point
         if self.edits is not None and name in self.edits.ops:
-            x = self.edits.edit(name, x)
+            x = self.edits.edit(name, x, self.at)
         if name in self.keep:
             self.trace.put(name, x)  # type: ignore[union-attr]
         return x
@@ -494,7 +527,11 @@ class Recorder:
         """The recorder for a sub-module named ``part`` (``rec.child("blocks.3")``)."""
         if not self.active:
             return self
-        return Recorder(self.keep, self.edits, self.trace, f"{self.prefix}{part}.")
+        return Recorder(self.keep, self.edits, self.trace, f"{self.prefix}{part}.", self.at)
+
+    def positioned(self, at: Tensor) -> Recorder:
+        """This recorder for a pass whose tokens sit at the absolute positions ``at`` (B or 1, T): decoding."""
+        return Recorder(self.keep, self.edits, self.trace, self.prefix, at) if self.active else self
 
     def skips(self, block: str) -> bool:
         return self.edits is not None and self.edits.skips(self.prefix + block)
