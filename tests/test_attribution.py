@@ -76,10 +76,10 @@ def test_components_sum_to_every_residual_point(pair):
     names = sorted({n for p in points for n in A.decompose_names(model, p)})
     with torch.no_grad():
         trace = model.run(mel, tokens, trace=names).trace
-    for point in points:
-        comps = A.decompose(model, trace, point)
-        x = trace[point]
-        assert float((comps.sum() - x).norm() / x.norm()) < 1e-5, point
+        for point in points:
+            comps = A.decompose(model, trace, point)
+            x = trace[point]
+            assert float((comps.sum() - x).norm() / x.norm()) < 1e-5, point
     comps = A.decompose(model, trace, f"decoder.blocks.{L - 1}.resid_post")
     H = model.dims.n_text_head
     assert len(comps.labels) == 1 + L * (2 * (H + 1) + 1) and comps.labels[:2] == ["embed", "L0.attn.H0"]
@@ -192,14 +192,14 @@ def test_a_converted_trace_keeps_the_graph(small_model):
 # ----------------------------------------------------------------------------- patching
 
 
-def naive(model, mel, mel_c, tokens, name, pos, head, metric):
-    """The same patch done alone: one run with Edits."""
-    clean = model.run(mel, tokens, trace=[name]).trace[name]
-    if head is None:
-        edits = wl.Edits().replace(name, clean[:, pos], positions=pos)
-    else:
-        edits = wl.Edits().replace(name, clean[:, pos][:, :, [head]], positions=pos, heads=[head])
-    return metric(model.run(mel_c, tokens, edits=edits).logits)
+def naive(model, clean, corrupt, tokens, name, pos, head, metric):
+    """The same patch done alone: one run with Edits. ``clean``: the clean run's trace; ``corrupt``: the corrupt
+    mel, or for a decoder patch its audio features (the encoder's output, which the patch does not change)."""
+    value = clean[name][:, pos] if head is None else clean[name][:, pos][:, :, [head]]
+    edits = wl.Edits().replace(name, value, positions=pos, heads=None if head is None else [head])
+    if name.startswith("encoder."):
+        return metric(model.run(corrupt, tokens, edits=edits).logits)
+    return metric(model.run(tokens=tokens, audio_features=corrupt, edits=edits).logits)
 
 
 def test_patched_cells_equal_patches_done_alone(pair, patcher):
@@ -214,20 +214,23 @@ def test_patched_cells_equal_patches_done_alone(pair, patcher):
     assert heads.coords["name"][2] == "decoder.blocks.2.cross_attn.z"
     # after the metric's position a patch cannot change it (the decoder is causal)
     assert torch.all(heads.values[..., 2] == patcher.baseline["corrupt"])
-    for layer, h, p in [(3, 3, at), (2, 1, at), (0, 3, at - 1), (3, 1, at + 1)]:
+    names = ["decoder.blocks.*.resid_pre", "decoder.blocks.2.attn_out", "decoder.blocks.1.mlp_out",
+             "decoder.blocks.3.resid_mid_cross", "decoder.blocks.*.cross_attn.z"]  # fmt: skip
+    clean = model.run(mel, tokens, trace=names).trace
+    xa_c = model.run(mel_c, tokens, trace=["encoder.ln_post"]).trace["encoder.ln_post"]
+    for layer, h, p in [(3, 3, at), (2, 1, at), (0, 3, at - 1)]:
         name = f"decoder.blocks.{layer}.cross_attn.z"
-        want = naive(model, mel, mel_c, tokens, name, [p], h, metric)
+        want = naive(model, clean, xa_c, tokens, name, [p], h, metric)
         cell = heads[name][[1, 3].index(h), [at - 1, at, at + 1].index(p)]
         assert float(cell) == pytest.approx(want, abs=1e-5 * scale), (name, h, p)
-    names = ["decoder.blocks.*.resid_pre", "decoder.blocks.2.attn_out", "decoder.blocks.1.mlp_out",
-             "decoder.blocks.3.resid_mid_cross"]  # fmt: skip
-    grid = patcher.sweep(names, positions=[at - 2, at])
+    grid = patcher.sweep(names[:-1], positions=[at - 2, at])
     assert grid.dims == ("name", "position") and grid.shape == (model.dims.n_text_layer + 3, 2)
-    for name in ["decoder.blocks.0.resid_pre", "decoder.blocks.3.resid_pre", "decoder.blocks.2.attn_out",
-                 "decoder.blocks.1.mlp_out", "decoder.blocks.3.resid_mid_cross"]:  # fmt: skip
-        for j, p in enumerate([at - 2, at]):
-            want = naive(model, mel, mel_c, tokens, name, [p], None, metric)
-            assert float(grid[name][j]) == pytest.approx(want, abs=1e-5 * scale), (name, p)
+    for name, j in [("decoder.blocks.0.resid_pre", 1), ("decoder.blocks.3.resid_pre", 0),
+                    ("decoder.blocks.2.attn_out", 1), ("decoder.blocks.1.mlp_out", 1),
+                    ("decoder.blocks.3.resid_mid_cross", 0)]:  # fmt: skip
+        p = [at - 2, at][j]
+        want = naive(model, clean, xa_c, tokens, name, [p], None, metric)
+        assert float(grid[name][j]) == pytest.approx(want, abs=1e-5 * scale), (name, p)
     assert float(grid["decoder.blocks.3.resid_mid_cross"][1]) == pytest.approx(patcher.baseline["clean"], abs=1e-4)
     fig = heads.plot()
     assert len(fig.axes) == 2  # the heatmap and its colour bar
@@ -241,8 +244,9 @@ def test_encoder_windows_equal_patches_done_alone(pair, patcher):
     grid = patcher.sweep(name, windows=windows)
     assert grid.dims == ("name", "window") and grid.coords["window"] == windows
     scale = max(1.0, abs(patcher.baseline["clean"] - patcher.baseline["corrupt"]))
+    clean = model.run(mel, tokens, trace=[name]).trace
     for j, (a, b) in enumerate(windows):
-        want = naive(model, mel, mel_c, tokens, name, list(range(a, b)), None, metric)
+        want = naive(model, clean, mel_c, tokens, name, list(range(a, b)), None, metric)
         assert float(grid[name][j]) == pytest.approx(want, abs=1e-5 * scale)
     assert grid.normalized()[0, 0] > 0.5 > abs(float(grid.normalized()[0, 1]))  # the word's frames carry it
 
