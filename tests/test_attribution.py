@@ -340,5 +340,12 @@ def test_generate_with_edits_at_positions_equals_the_teacher_forced_run(pair):
     for name in names:  # the generated positions: every step saw the edits the run applies there
         got, want = result.trace[name][:, : len(full) - 1], run.trace[name][:, : len(full) - 1]
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # the first k generated tokens, whatever the prompt's length: here positions P .. P + k - 1
+    first = wl.Edits().add("decoder.blocks.3.resid_post", steer, positions=wl.Edits.generated(6))
+    absolute = wl.Edits().add("decoder.blocks.3.resid_post", steer, positions=range(P, P + 6))
+    steered = model.generate(mel, edits=first, max_new_tokens=8)[0].tokens
+    assert steered == model.generate(mel, edits=absolute, max_new_tokens=8)[0].tokens != plain[:8]
+    with pytest.raises(ValueError, match="absolute positions"):
+        model.run(mel, tokens, edits=first)
     with pytest.raises(ValueError, match="fits"):
         model.generate(mel, edits=wl.Edits().add("decoder.blocks.3.resid_post", torch.zeros(1, 3, 384), positions=[4]))

@@ -519,7 +519,7 @@ class Patcher:
         if enc or not hasattr(self, "xa"):
             rec = self.model.recorder(enc, None)
             xa = self.model.encoder(self.mel[which], rec.child("encoder"))  # (1, S, D)
-            self.acts[which].update(rec.trace)
+            self.acts[which].update(rec.trace or {})
         else:
             xa = self.xa[which]
         dec = [n for n in names if n.startswith("decoder.")]

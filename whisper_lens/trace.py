@@ -12,6 +12,7 @@ Names are ``{stack}.blocks.{i}.{point}`` (the table: docs/contract.md). A reques
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import re
@@ -144,6 +145,14 @@ class _Op:
     fn: EditFn | None = None
     heads: tuple[int, ...] = ()
     mean: Tensor | None = None  # (H', Dh) means for mean-ablation, or None = mean of this run
+    generated: bool = False  # positions count from the first generated token (``Edits.generated``)
+
+
+@dataclass(frozen=True)
+class Generated:
+    """Token positions counted from the first generated token (0: the first): ``Edits.generated(k)``."""
+
+    offsets: tuple[int, ...]
 
 
 _BLOCK = re.compile(r"^(encoder|decoder)\.blocks\.(\d+)$")
@@ -219,14 +228,36 @@ class Edits:
         name (``attn.q/k/v/z`` [B, T, H, Dh]: dim 2; ``scores``/``pattern``: dim 1); ``value`` then
         has len(heads) there (``replace("decoder.blocks.2.cross_attn.z", clean_z[:, :, [3]], heads=[3])``).
         """
-        op = _Op("replace", value=_as_value(name, value), positions=_as_positions(positions), heads=_as_heads(heads))
+        op = _Op("replace", value=_as_value(name, value), positions=_as_positions(positions), heads=_as_heads(heads),
+                 generated=isinstance(positions, Generated))  # fmt: skip
         return self._push(name, op)
 
     def add(self, name: str, vector: Tensor, positions: Sequence[int] | Tensor | None = None,
             heads: Sequence[int] | None = None) -> Edits:  # fmt: skip
         """Add ``vector`` (broadcast) to the activation at ``name``, everywhere or at ``positions`` / ``heads``."""
-        op = _Op("add", value=_as_value(name, vector), positions=_as_positions(positions), heads=_as_heads(heads))
+        op = _Op("add", value=_as_value(name, vector), positions=_as_positions(positions), heads=_as_heads(heads),
+                 generated=isinstance(positions, Generated))  # fmt: skip
         return self._push(name, op)
+
+    @staticmethod
+    def generated(k: int) -> Generated:
+        """``positions=`` for ``generate``: the first ``k`` generated tokens, whatever the prompt's length
+        (``generate`` adds it; a ``run`` wants the absolute positions, prompt length + 0..k-1)."""
+        (k,) = _indices("generated tokens", [k])
+        if k == 0:
+            raise ValueError("Edits.generated(k): k must be at least 1")
+        return Generated(tuple(range(k)))
+
+    def after_prompt(self, length: int) -> Edits:
+        """A copy whose ``Edits.generated`` positions are absolute: the prompt's ``length`` added."""
+        ops = {name: [dataclasses.replace(op, positions=op.positions + length, generated=False) if op.generated
+                      else op for op in ops] for name, ops in self.ops.items()}  # fmt: skip
+        return dataclasses.replace(self, ops=ops)
+
+    @property
+    def counts_generated(self) -> bool:
+        """Does an edit name positions by ``Edits.generated``?"""
+        return any(op.generated for ops in self.ops.values() for op in ops)
 
     def apply(self, name: str, fn: EditFn) -> Edits:
         """Replace the activation at ``name`` by ``fn(activation)`` (same shape, dtype and device)."""
@@ -285,6 +316,9 @@ class Edits:
                     h = n_heads[headed[1]]
                     if max(op.heads) >= h:
                         raise ValueError(f"{name}: heads {list(op.heads)} out of range (the layer has {h} heads)")
+                if shapes is not None and op.generated:
+                    raise ValueError(f"{op.kind} at {name!r}: Edits.generated(k) counts from the first generated "
+                                     "token, so it applies in generate; run takes absolute positions")  # fmt: skip
                 if shapes is not None:
                     _check_fit(name, op, shapes[name])
 
@@ -324,9 +358,11 @@ def _indices(what: str, values: int | Sequence[int] | Tensor) -> list[int]:
     return out
 
 
-def _as_positions(positions: Sequence[int] | Tensor | None) -> Tensor | None:
+def _as_positions(positions: Sequence[int] | Tensor | Generated | None) -> Tensor | None:
     if positions is None:
         return None
+    if isinstance(positions, Generated):
+        return torch.tensor(positions.offsets, dtype=torch.long)
     chosen = _indices("positions", positions)
     if not chosen:
         raise ValueError("positions is empty: give None for every position")
