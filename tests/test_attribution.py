@@ -55,8 +55,6 @@ def test_run_on_audio_features_equals_the_full_run(pair):
     torch.testing.assert_close(dec.logits, full.logits, atol=1e-5, rtol=0)
     for name in full.trace.select("decoder.*"):
         torch.testing.assert_close(dec.trace[name], full.trace[name], atol=1e-5, rtol=0)
-    every = model.run(tokens=tokens, audio_features=xa, trace=True).trace  # every decoder name, none of the encoder
-    assert every.names() == [n for n in model.names() if not n.startswith("encoder.")]
     with pytest.raises(ValueError, match="either mel or audio_features"):
         model.run(mel, tokens, audio_features=xa)
     with pytest.raises(ValueError, match="skip the encoder"):
@@ -135,7 +133,7 @@ def test_dla_of_one_head_by_hand_on_a_random_model(small_model):
         z = run.trace[f"decoder.blocks.{layer}.{kind}.z"][0, 3, h].double()  # (Dh,)
         wo = getattr(model.decoder.blocks[layer], kind).out.weight.double()[:, h * Dh : (h + 1) * Dh]  # (D, Dh)
         r = wo @ z  # (D,): this head's write into the stream
-        want = float(((r - r.mean()) / sigma * g) @ u)
+        want = float((((r - r.mean()) / sigma * g) @ u).detach())
         got = float(att.values[att.labels.index(f"L{layer}.{kind}.H{h}"), 0, 3])
         assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
     mlp = run.trace["decoder.blocks.1.mlp_out"][0, 3].double()

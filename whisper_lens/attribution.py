@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .decoding.cache import DecoderCache, KVCache, new_cache
 from .inputs import check_mel, check_tokens
-from .kernels import DEFAULT, KVCache
-from .model import Attention, DecoderCache, Whisper
+from .model import Attention, Whisper
 from .trace import Edits, Recorder, Trace, _closest
 
 # ----------------------------------------------------------------------------- per-head results
@@ -542,18 +542,18 @@ class Patcher:
         ``shared``: ``xa`` is one clip's features (1, S, D), attended over by every row from one cache."""
         model, T = self.model, self.T
         tokens = self.tokens[which][:, :T].expand(rows, T)  # (N, T')
-        at = None if self.metric.at is None else torch.tensor([self.metric.at], device=tokens.device).expand(rows, -1)
         if shared:
             if which not in self.cross:  # the audio's keys and values, computed once per clip
-                self.cross[which] = model.decoder.new_cache(xa, T).cross_attn
+                self.cross[which] = new_cache(model.decoder, xa, T).cross_attn
             D, H = model.dims.n_text_state, model.dims.n_text_head
             cache = DecoderCache([KVCache.empty(rows, H, T, D // H, like=xa) for _ in self.cross[which]],
                                  [c.shared_by(rows) for c in self.cross[which]])  # fmt: skip
             pos = torch.arange(T, device=tokens.device)[None]  # (1, T')
-            logits = model.decoder(tokens, rec.child("decoder"), DEFAULT, cache=cache, pos=pos, at=at)
+            x, _ = model.decoder.stream(tokens, rec.child("decoder"), cache=cache, pos=pos)  # (N, T', D)
         else:
-            logits = model.decoder(tokens, rec.child("decoder"), DEFAULT, xa=xa, at=at)  # (N, P, V)
-        return self.metric(logits)  # (N,)
+            x, _ = model.decoder.stream(tokens, rec.child("decoder"), xa=xa)  # (N, T', D)
+        x = x if self.metric.at is None else x[:, self.metric.at]  # (N, P, D): only the positions read
+        return self.metric(model.decoder.unembed(x))  # (N,)
 
     def sweep(self, names: str | Sequence[str], *, heads: Sequence[int] | None = None,
               positions: Sequence[int] | None = None, windows=None) -> Grid:  # fmt: skip
@@ -626,7 +626,7 @@ class Patcher:
         if stack == "decoder":
             return self._decode("corrupt", self.xa["corrupt"], rec, rows=N)
         mel = self.mel["corrupt"].expand(N, -1, -1)  # (N, n_mels, 2S)
-        xa = self.model.encoder(mel, rec.child("encoder"), DEFAULT)  # (N, S, D)
+        xa = self.model.encoder(mel, rec.child("encoder"))  # (N, S, D)
         return self._decode("corrupt", xa, Recorder(frozenset(), None, None), rows=N, shared=False)
 
 
