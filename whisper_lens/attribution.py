@@ -507,16 +507,21 @@ class Patcher:
         self.T = T if at is None else max(at) + 1  # the tokens a patched run needs
         self.acts: dict[str, dict[str, Tensor]] = {"clean": {}, "corrupt": {}}
         self.cross: dict[str, list[KVCache]] = {}
+        self.xa: dict[str, Tensor] = {}
+        self.baseline: dict[str, float] = {}
         with torch.no_grad():
-            self.xa = {w: self._record(w, []) for w in ("clean", "corrupt")}  # (1, S, D) each: encoded once
-            self.baseline = {w: float(self._decode(w, self.xa[w], Recorder(frozenset(), None, None))[0])
-                             for w in ("clean", "corrupt")}  # fmt: skip
+            for w in ("clean", "corrupt"):  # each clip encoded once; its decoder's activations all kept (T' small)
+                self.xa[w] = self._record(w, [])  # (1, S, D)
+                run = model.run(tokens=self.tokens[w][:, : self.T], trace=["decoder.*"], audio_features=self.xa[w])
+                self.acts[w].update(run.trace)
+                logits = run.logits if self.metric.at is None else run.logits[:, self.metric.at]  # (1, P, V)
+                self.baseline[w] = float(self.metric(logits)[0])
 
     def _record(self, which: str, names: list[str]) -> Tensor:
         """Run a clip (the encoder only if it is not encoded yet or an encoder name is asked for) keeping ``names``;
         returns its audio features."""
         enc = [n for n in names if n.startswith("encoder.")]
-        if enc or not hasattr(self, "xa"):
+        if enc or which not in self.xa:
             rec = self.model.recorder(enc, None)
             xa = self.model.encoder(self.mel[which], rec.child("encoder"))  # (1, S, D)
             self.acts[which].update(rec.trace or {})
