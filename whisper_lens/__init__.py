@@ -6,6 +6,7 @@ from .distributed import load_activations
 from .heads import HeadRanking, find_alignment_heads
 from .loading import load_model
 from .model import ModelDims, Run, Whisper
+from .pages.explorer import show
 from .tokenizer import Tokenizer, load_tokenizer
 from .trace import Edits, Trace
 from .transcribe import Segment, Transcript, Window
@@ -30,4 +31,5 @@ __all__ = [
     "load_tokenizer",
     "log_mel_spectrogram",
     "pad_or_trim",
+    "show",
 ]
