@@ -203,12 +203,13 @@ class AudioEncoder(nn.Module):
         x = F.gelu(self.conv2(x.transpose(1, 2)))  # (B, D, S)
         x = rec("conv2", x.transpose(1, 2))  # (B, S, D)
         x = rec("embed", (x + self.positional_embedding).to(x.dtype))  # (B, S, D)
+        idx = torch.arange(x.shape[1], device=x.device)  # (S,): frame positions, for Edits.local_window
         for i, block in enumerate(self.blocks):
             brec = rec.child(f"blocks.{i}")
             x = brec("resid_pre", x)  # (B, S, D)
             if not rec.skips(f"blocks.{i}"):  # Edits.skip: the residual passes through
-                k, n = rec.window(i), x.shape[1]  # Edits.local_window: frame i sees the frames j with |i - j| <= k
-                mask = None if k is None else (torch.arange(n)[:, None] - torch.arange(n)).abs().to(x.device) <= k
+                k = rec.window(i)  # Edits.local_window: frame i sees the frames j with |i - j| <= k
+                mask = None if k is None else (idx[:, None] - idx).abs() <= k  # (S, S)
                 x, _ = block(x, brec, mask=mask)  # (B, S, D)
             x = brec("resid_post", x)  # (B, S, D)
         return rec("ln_post", self.ln_post(x))  # (B, S, D)
@@ -227,8 +228,7 @@ class TextDecoder(nn.Module):
     def forward(self, tokens: Tensor, rec: Recorder = IDLE, *, xa: Tensor | None = None, cache=None,
                 pos: Tensor | None = None) -> Tensor:  # fmt: skip
         """Logits (B, T, V) of ``tokens`` (B, T) over the audio features ``xa`` (B, S, D): ``stream``, unembedded."""
-        x, _ = self.stream(tokens, rec, xa=xa, cache=cache, pos=pos)  # (B, T, D)
-        return self.unembed(x)  # (B, T, V)
+        return self.unembed(self.stream(tokens, rec, xa=xa, cache=cache, pos=pos)[0])  # (B, T, V)
 
     def stream(self, tokens: Tensor, rec: Recorder = IDLE, *, xa: Tensor | None = None, cache=None,
                pos: Tensor | None = None) -> tuple[Tensor, list]:  # fmt: skip
@@ -282,7 +282,7 @@ class Whisper(nn.Module):
 
     def generate(self, mel: Tensor | None = None, **options) -> list:
         """Batched decoding (greedy, sampling, beam search): ``whisper_lens.decoding.generate`` has every option."""
-        from .decoding.loop import generate
+        from .decoding.loop import generate  # imported here: model.py needs nothing of decoding
 
         return generate(self, mel, **options)
 
