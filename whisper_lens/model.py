@@ -279,6 +279,7 @@ class Whisper(nn.Module):
                                    dims.n_text_layer)  # fmt: skip
         self.tokenizer = None  # a whisper_lens.Tokenizer, set by load_model
         self.alignment_heads = None  # [(layer, head), ...] of cross-attention that tracks time, set by load_model
+        self.transcribe_defaults: dict = {}  # how the model wants to be decoded when not told (its config's)
 
     def generate(self, mel: Tensor | None = None, **options) -> list:
         """Batched decoding (greedy, sampling, beam search): ``whisper_lens.decoding.generate`` has every option."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -154,6 +155,39 @@ def _storage_device(device) -> torch.device | None:
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise ValueError(f"trace_device={str(parsed)!r}: there are {torch.cuda.device_count()} CUDA devices here")
     return parsed
+
+
+TRACE_LIMIT_VARIABLE = "WHISPER_LENS_TRACE_LIMIT"  # bytes of traces one transcribe call may keep in memory
+DEFAULT_TRACE_LIMIT = 4 * 2**30
+
+
+def trace_limit() -> int:
+    """The most bytes of traces ``transcribe`` keeps in memory: $WHISPER_LENS_TRACE_LIMIT, else 4 GiB."""
+    text = os.environ.get(TRACE_LIMIT_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_TRACE_LIMIT
+    try:
+        value = int(float(text))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{TRACE_LIMIT_VARIABLE}={text!r}: give a number of bytes, such as 8e9")
+    return value
+
+
+def check_trace_budget(kept: int, per_window: float, windows_left: int) -> None:
+    """Refuse to go on when the traces kept so far plus the windows still to come would pass ``trace_limit()``.
+
+    ``kept``: bytes already held; ``per_window``: bytes one window's trace takes; ``windows_left``:
+    windows still to decode (at least). The error says how much the whole trace would need.
+    """
+    need, limit = kept + per_window * windows_left, trace_limit()
+    if need > limit:
+        raise ValueError(
+            f"the trace would need about {need / 1e9:.2f} GB ({per_window / 1e6:.1f} MB per window, "
+            f"{windows_left} windows to come), more than the {limit / 1e9:.2f} GB allowed: trace fewer names, "
+            f"trace the windows one at a time (docs/long-recordings.md), or raise {TRACE_LIMIT_VARIABLE}"
+        )
 
 
 # ----------------------------------------------------------------------------- edits
