@@ -203,13 +203,11 @@ class AudioEncoder(nn.Module):
         x = F.gelu(self.conv2(x.transpose(1, 2)))  # (B, D, S)
         x = rec("conv2", x.transpose(1, 2))  # (B, S, D)
         x = rec("embed", (x + self.positional_embedding).to(x.dtype))  # (B, S, D)
-        idx = torch.arange(x.shape[1], device=x.device)  # (S,): frame positions, for Edits.local_window
         for i, block in enumerate(self.blocks):
             brec = rec.child(f"blocks.{i}")
             x = brec("resid_pre", x)  # (B, S, D)
             if not rec.skips(f"blocks.{i}"):  # Edits.skip: the residual passes through
-                k = rec.window(i)  # Edits.local_window: frame i sees the frames j with |i - j| <= k
-                mask = None if k is None else (idx[:, None] - idx).abs() <= k  # (S, S)
+                mask = rec.window_mask(i, x.shape[1], block.attn.n_head, x.device)  # Edits.local_window, or None
                 x, _ = block(x, brec, mask=mask)  # (B, S, D)
             x = brec("resid_post", x)  # (B, S, D)
         return rec("ln_post", self.ln_post(x))  # (B, S, D)
@@ -245,6 +243,7 @@ class TextDecoder(nn.Module):
         else:
             mask = (torch.arange(cache.length, device=tokens.device) <= pos[..., None])[:, None]  # (B or 1, 1, T, S)
             caches = cache.layers()  # [(self-attention cache, cross-attention cache)] per block
+            rec = rec.positioned(pos)  # edits at positions act where these tokens sit
         x = rec("embed", self.token_embedding(tokens) + self.positional_embedding[pos])  # (B, T, D)
         for i, block in enumerate(self.blocks):
             brec = rec.child(f"blocks.{i}")

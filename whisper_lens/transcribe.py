@@ -409,6 +409,7 @@ def stack_edits(edits: Edits | None, stack: str) -> Edits | None:
         skipped={b for b in edits.skipped if b.startswith(mine)},
         window=edits.window if stack == "encoder" else None,
         window_layers=edits.window_layers if stack == "encoder" else None,
+        window_heads=edits.window_heads if stack == "encoder" else None,
     )
     return part if part else None
 

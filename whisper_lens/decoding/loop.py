@@ -268,6 +268,12 @@ def generate(
     if clips is not None and max(clips) >= len(audio):
         raise ValueError(f"clips has {max(clips)}, but the batch has {len(audio)} clips (0-{len(audio) - 1})")
     plan = make_plan(model, options, n_clips=audio.shape[0] if clips is None else len(clips))
+    if edits is not None and edits.counts_generated:  # Edits.generated(k): positions after the prompt
+        lengths = {len(p) for p in plan.prompts}
+        if len(lengths) > 1:
+            raise ValueError("Edits.generated(k) needs prompts of one length; with prompts of several lengths "
+                             "give absolute positions")  # fmt: skip
+        rec = model.recorder(trace, edits.after_prompt(lengths.pop()), encoder=mel is not None)
     xa = model.encoder(audio, rec.child("encoder")) if mel is not None else audio  # (C, S, D)
     if mel is not None and not bool(torch.isfinite(xa).all()):
         raise non_finite(model, edits, "the encoder's output")
