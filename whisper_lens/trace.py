@@ -42,6 +42,9 @@ def select_names(request: TraceRequest, names: Sequence[str]) -> frozenset[str]:
         return frozenset()
     if request is True:
         return frozenset(names)
+    if not isinstance(request, str | list | tuple | set | frozenset):
+        raise TypeError(f"trace= takes True, a name or glob pattern, or a list of them; got {type(request).__name__} "
+                        f"{request!r}")  # fmt: skip
     patterns = [request] if isinstance(request, str) else list(request)
     chosen: set[str] = set()
     for pattern in patterns:
@@ -72,7 +75,10 @@ class Trace(Mapping[str, Tensor]):
         dtype: torch.dtype | None = None,
     ) -> None:
         self._tensors: dict[str, Tensor] = {}
-        self.device = torch.device(device) if device is not None else None
+        self.device = _storage_device(device)
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"trace_dtype={dtype!r} would not hold activations: give a floating-point dtype "
+                             "(torch.float16, torch.bfloat16, torch.float32) or None")  # fmt: skip
         self.dtype = dtype
         for name, x in (tensors or {}).items():
             self.put(name, x)
@@ -112,6 +118,13 @@ class Trace(Mapping[str, Tensor]):
         hits = sorted(fnmatch.filter(self._tensors, pattern), key=_layer_order)
         if not hits:
             raise KeyError(f"no recorded name matches {pattern!r}")
+        shapes = {n: tuple(self._tensors[n].shape) for n in hits}
+        other = next((n for n in hits if shapes[n] != shapes[hits[0]]), None)
+        if other is not None:
+            first = f"{hits[0]} {list(shapes[hits[0]])}"
+            raise ValueError(f"stack({pattern!r}) matches tensors of different shapes ({first}, {other} "
+                             f"{list(shapes[other])}): give a pattern of one kind, such as "
+                             "'decoder.blocks.*.resid_post'")  # fmt: skip
         return torch.stack([self._tensors[n] for n in hits])
 
     @property
@@ -125,6 +138,22 @@ class Trace(Mapping[str, Tensor]):
         for n, x in self._tensors.items():
             out._tensors[n] = x.to(device=device, dtype=dtype if (dtype and x.is_floating_point()) else x.dtype)
         return out
+
+
+def _storage_device(device) -> torch.device | None:
+    """``trace_device`` as a torch.device this machine has (None: where the activations are computed)."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"trace_device={device!r} is not a torch device (use 'cpu' or 'cuda')") from None
+    here = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not here.get(parsed.type, False):
+        raise ValueError(f"trace_device={str(parsed)!r}: no {parsed.type} device is available here; use 'cpu'")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"trace_device={str(parsed)!r}: there are {torch.cuda.device_count()} CUDA devices here")
+    return parsed
 
 
 # ----------------------------------------------------------------------------- edits
@@ -278,10 +307,23 @@ class Edits:
         return self.window
 
     def edit(self, name: str, x: Tensor) -> Tensor:
-        """Apply the edits registered at ``name`` to ``x`` (returns a new tensor; ``x`` is not modified)."""
+        """Apply the edits registered at ``name`` to ``x`` (returns a new tensor; ``x`` is not modified).
+
+        An edit that turns finite values into NaN or infinities (an infinite steering vector, a function
+        that divides by zero) is stopped here, naming it: downstream it would only be a silent NaN."""
         for op in self.ops.get(name, ()):
-            x = _apply_op(name, op, x)
+            y = _apply_op(name, op, x)
+            if x.is_floating_point() and x.device.type != "meta" and _broken(name, y) and not _broken(name, x):
+                raise ValueError(f"the {op.kind} edit at {name!r} gave NaN or infinite values (from finite ones): "
+                                 "check its vector or function")  # fmt: skip
+            x = y
         return x
+
+
+def _broken(name: str, x: Tensor) -> bool:
+    """NaN anywhere, or an infinity outside attention scores (whose masked places are -inf by design)."""
+    scores = isinstance(name, str) and name.endswith(".scores")
+    return bool(x.isnan().any()) if scores else not bool(torch.isfinite(x).all())
 
 
 def _indices(what: str, values: int | Sequence[int] | Tensor) -> list[int]:
@@ -319,8 +361,8 @@ def _as_value(name: str, value) -> Tensor:
             raise TypeError(f"the value for {name!r} must be a tensor or array of numbers, got {got}") from None
     if value.dtype.is_complex or value.dtype == torch.bool:
         raise TypeError(f"the value for {name!r} must hold real numbers, got dtype {value.dtype}")
-    if value.dtype.is_floating_point and bool(value.isnan().any()):
-        raise ValueError(f"the value for {name!r} holds NaN")
+    if value.dtype.is_floating_point and _broken(name, value):  # -inf in scores masks a place: allowed
+        raise ValueError(f"the value for {name!r} holds NaN or infinite values")
     return value
 
 
@@ -422,8 +464,10 @@ class Recorder:
         self.active = bool(keep) or self.edits is not None
 
     def __call__(self, point: str, x: Tensor) -> Tensor:
-        if not self.active:
-            return x
+        return self.record(point, x) if self.active else x  # one line: a debugger's step leaves at once
+
+    def record(self, point: str, x: Tensor) -> Tensor:
+        """Apply the edits at ``point`` to ``x`` and keep the result if it was asked for."""
         name = self.prefix + point
         if self.edits is not None and name in self.edits.ops:
             x = self.edits.edit(name, x)
@@ -431,18 +475,14 @@ class Recorder:
             self.trace.put(name, x)  # type: ignore[union-attr]
         return x
 
-    def wants(self, point: str) -> bool:
-        """Is the value at ``point`` to be recorded or edited?"""
-        if not self.active:
-            return False
-        name = self.prefix + point
-        return name in self.keep or (self.edits is not None and name in self.edits.ops)
+    def wants(self, *points: str) -> bool:
+        """Is the value at any of ``points`` to be recorded or edited?"""
+        return self.active and any(self.prefix + p in self.keep or self.edits is not None
+                                   and self.prefix + p in self.edits.ops for p in points)  # fmt: skip
 
     def child(self, part: str) -> Recorder:
         """The recorder for a sub-module named ``part`` (``rec.child("blocks.3")``)."""
-        if not self.active:
-            return self
-        return Recorder(self.keep, self.edits, self.trace, f"{self.prefix}{part}.")
+        return Recorder(self.keep, self.edits, self.trace, f"{self.prefix}{part}.") if self.active else self
 
     def skips(self, block: str) -> bool:
         return self.edits is not None and self.edits.skips(self.prefix + block)
@@ -453,3 +493,25 @@ class Recorder:
 
 IDLE = Recorder(frozenset(), None, None)
 """The recorder of a plain forward: records nothing, edits nothing."""
+
+
+def new_recorder(trace: TraceRequest, edits: Edits | None, names: Sequence[str], n_layers: Mapping[str, int],
+                 n_heads: Mapping[str, int], shapes: Shapes | None = None, *, encoder: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Recorder:  # fmt: skip
+    """A recorder for one pass: the ``names`` the ``trace`` request asks for, and ``edits`` checked against the
+    model (``n_layers`` and ``n_heads`` per stack; ``shapes`` of the run, when known). Recorded tensors are
+    kept on ``device`` in ``dtype`` (None: as computed). ``encoder=False``: the pass starts from the audio
+    features, so an encoder name asked for is an error."""
+    keep = select_names(trace, names)
+    if edits is not None:
+        if not isinstance(edits, Edits):
+            raise TypeError(f"edits must be a whisper_lens.Edits, got {type(edits).__name__}")
+        edits.check(names, n_layers, n_heads, shapes)
+    if not encoder:
+        asked = [*keep, *(edits.ops if edits else ()), *(edits.skipped if edits else ())]
+        asked += ["encoder local_window"] if edits is not None and edits.window is not None else []
+        inside = sorted(n for n in asked if n.startswith("encoder"))
+        if inside:
+            raise ValueError(f"{inside[0]!r} is in the encoder, but audio_features skip the encoder: pass the mel "
+                             "to trace or edit the encoder")  # fmt: skip
+    return Recorder(keep, edits, Trace(device=device, dtype=dtype))
