@@ -116,12 +116,12 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
     fmts = formats(args.output_format or "all") if args.output_format or args.output_dir else ()
     temperatures = fallback_temperatures(args.temperature, args.temperature_increment_on_fallback)
     heads = parse_heads(args.alignment_heads) if args.alignment_heads else None
-    timestamps = not args.no_timestamps and args.model not in SHIPPED  # the shipped toy never saw timestamps
+    timestamps = False if args.no_timestamps else None  # None: the model's own default (the toy's: off)
     folder = OutputFolder(args.output_dir or ".") if fmts else None
     outputs = folder.plan([Path(a).stem for a in args.audio], fmts) if folder else [[] for _ in args.audio]
     model = load_model(args.model, **placement(args.device))
     transcripts = model.transcribe(list(args.audio), language=args.language, task=args.task, temperature=temperatures,
-                                   condition_on_previous_text=not args.no_condition_on_previous_text,
+                                   condition_on_previous_text=False if args.no_condition_on_previous_text else None,
                                    initial_prompt=args.initial_prompt, timestamps=timestamps,
                                    word_timestamps=args.word_timestamps,
                                    word_timing=args.word_timing, alignment_heads=heads, beam_size=args.beam_size,
