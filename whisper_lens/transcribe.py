@@ -387,12 +387,21 @@ def check_heads(model: Whisper, heads: Sequence[tuple[int, int]] | None) -> tupl
         raise ValueError("word timestamps need alignment heads and this model has none: pass alignment_heads= "
                          "(e.g. find_alignment_heads(model, clips).heads)")  # fmt: skip
     d = model.dims
+    if isinstance(heads, str) or not isinstance(heads, Sequence | np.ndarray | Tensor):
+        raise TypeError(f"alignment_heads={heads!r}: give a list of (layer, head) pairs of ints, such as [(2, 0)]")
     pairs = []
     for pair in heads:
-        layer, head = (int(x) for x in pair)
+        if isinstance(pair, str) or not isinstance(pair, Sequence | np.ndarray | Tensor) or len(pair) != 2:
+            raise ValueError(f"alignment_heads: {pair!r} is not a (layer, head) pair; give pairs of ints, such as "
+                             "[(2, 0)]")  # fmt: skip
+        values = [x.item() if isinstance(x, np.generic | Tensor) else x for x in pair]
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in values):  # 0.9 was truncated to 0
+            raise ValueError(f"alignment_heads: {tuple(values)} must be whole numbers (layer, head), such as (2, 0)")
+        layer, head = values
         if not (0 <= layer < d.n_text_layer and 0 <= head < d.n_text_head):
-            raise ValueError(f"alignment head {tuple(pair)} is outside this model's decoder "
-                             f"({d.n_text_layer} layers of {d.n_text_head} heads)")  # fmt: skip
+            raise ValueError(f"alignment_heads: {tuple(values)} is outside this model's decoder "
+                             f"({d.n_text_layer} layers of {d.n_text_head} heads: layer 0 to {d.n_text_layer - 1}, "
+                             f"head 0 to {d.n_text_head - 1})")  # fmt: skip
         pairs.append((layer, head))
     if not pairs:
         raise ValueError("alignment_heads is empty: word timestamps need at least one (layer, head)")
