@@ -90,7 +90,7 @@ from torch import Tensor
 from .audio import TIME_PRECISION
 from .inputs import check_audio_features, check_mel
 from .kernels import Kernels
-from .trace import IDLE, Edits, Recorder, Trace, TraceRequest
+from .trace import IDLE, Edits, Recorder, Trace, TraceRequest, spliced_names, spliced_shapes
 
 if TYPE_CHECKING:
     from .model import DecoderCache, Whisper
@@ -803,7 +803,7 @@ def traced_names(d: Decoding) -> list[str]:
     blocks += [f"decoder.blocks.{i}" for i in range(dims.n_text_layer)]
     skipped = tuple(f"{block}." for block in blocks if rec.skips(block))
     inside = [n for n in rec.keep if n.startswith(skipped) and not n.endswith(("resid_pre", "resid_post"))]
-    return [n for n in d.model.names() if n in rec.keep and n not in inside]
+    return [n for n in spliced_names(d.model.names(), rec.edits) if n in rec.keep and n not in inside]
 
 
 def stitch_trace(order: list[str], d: Decoding, g: int, rows: list[int], length: int) -> Trace:
@@ -830,7 +830,7 @@ def check_step_edits(model: Whisper, edits: Edits | None) -> None:
     """Decoder edits must act on each position alone: a step sees one position at a time."""
     if edits is None:
         return
-    step_shapes = model.shapes(batch=1, n_tokens=1)
+    step_shapes = spliced_shapes(model.shapes(batch=1, n_tokens=1), edits)
     for name, ops in edits.ops.items():
         if name.startswith("encoder.") or name.endswith(("cross_attn.k", "cross_attn.v")):
             continue  # computed once, not per step

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from . import decoding, transcribe
 from .inputs import check_mel, check_tokens
 from .kernels import DEFAULT, Kernels, KVCache
-from .trace import IDLE, Edits, Recorder, Trace, TraceRequest, select_names
+from .trace import IDLE, Edits, Recorder, Trace, TraceRequest, select_names, spliced_names, spliced_shapes
 
 
 @dataclass(frozen=True)
@@ -353,13 +353,13 @@ class Whisper(nn.Module):
     def recorder(self, trace: TraceRequest, edits: Edits | None, *, trace_device: torch.device | str | None = None,
                  trace_dtype: torch.dtype | None = None, tokens: Tensor | None = None) -> Recorder:  # fmt: skip
         """A recorder for one pass: resolves trace patterns against ``names()``, checks edits (on tokens' shapes)."""
-        names = self.names()
+        names = spliced_names(self.names(), edits)  # with any spliced SAE's latents
         keep = select_names(trace, names)
         if edits is not None:
             if not isinstance(edits, Edits):
                 raise TypeError(f"edits must be a whisper_lens.Edits, got {type(edits).__name__}")
             d = self.dims
-            shapes = None if tokens is None else activation_shapes(d, *tokens.shape)
+            shapes = None if tokens is None else spliced_shapes(activation_shapes(d, *tokens.shape), edits)
             edits.check(names, {"encoder": d.n_audio_layer, "decoder": d.n_text_layer},
                         {"encoder": d.n_audio_head, "decoder": d.n_text_head}, shapes)  # fmt: skip
         return Recorder(keep, edits, Trace(device=trace_device, dtype=trace_dtype))

@@ -103,3 +103,53 @@ class Batches:
 def batches(acts, name: str, batch_size: int, **options) -> Batches:
     """The rows of ``name`` in an export (``load_activations(folder)``) as shuffled batches: see ``Batches``."""
     return Batches(acts, name, batch_size, **options)
+
+
+# ----------------------------------------------------------------------------- the splice
+
+
+class Splice:
+    """An SAE at one point of the forward pass, as ``Edits.splice(name, sae, error)`` puts it there.
+
+    Called with the point's activation x ``[B, T, ...]`` (trailing axes flattened to the SAE's
+    ``d_in``) and ``latents_at``, the recorder's hook for ``{name}.sae.latents``, which edits and keeps
+    the latents. Returns x rebuilt from the (edited) latents::
+
+        z = encode(x);  z' = latents_at(z)
+        error=True:  x + (decode(z') - decode(z))   # = decode(z') + (x - decode(z)): x itself while z' is z
+        error=False: decode(z')
+
+    The SAE runs in its own dtype and device; its output is cast back to x's.
+    """
+
+    def __init__(self, sae, error: bool = True) -> None:
+        if not (callable(getattr(sae, "encode", None)) and callable(getattr(sae, "decode", None))):
+            raise TypeError(f"splice wants an SAE with encode and decode (a sae_lens.SAE), got {type(sae).__name__}")
+        cfg = getattr(sae, "cfg", None)
+        d_in, d_sae = getattr(cfg, "d_in", None), getattr(cfg, "d_sae", None)
+        if not isinstance(d_in, int) or not isinstance(d_sae, int):
+            raise TypeError("splice wants an SAE whose cfg gives d_in and d_sae (a sae_lens.SAE)")
+        if not isinstance(error, bool):
+            raise TypeError(f"error must be True or False, got {error!r}")
+        self.sae, self.error, self.d_in, self.d_sae = sae, error, d_in, d_sae
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        """The point's features must be the SAE's input: ``[B, T, d_in]`` (or trailing axes of that size)."""
+        width = math.prod(shape[2:])
+        if len(shape) < 3 or width != self.d_in:
+            raise ValueError(f"splice at {name!r}: the SAE reads {self.d_in} features, the activation is {list(shape)}")
+
+    def __call__(self, x: Tensor, latents_at) -> Tensor:
+        self.check("the point", tuple(x.shape))
+        h = x.flatten(2)  # (B, T, d_in)
+        param = next(iter(self.sae.parameters()), None) if hasattr(self.sae, "parameters") else None
+        inside = h if param is None else h.to(param.device, param.dtype)
+        z = self.sae.encode(inside)  # (B, T, d_sae)
+        edited = latents_at(z)  # (B, T, d_sae): the same tensor unless edited
+        if edited is z:
+            out = h if self.error else self.sae.decode(z).to(h)  # (B, T, d_in)
+        elif self.error:
+            out = h + (self.sae.decode(edited) - self.sae.decode(z)).to(h)
+        else:
+            out = self.sae.decode(edited).to(h)
+        return out.reshape(x.shape)

@@ -143,6 +143,8 @@ class _Op:
     fn: EditFn | None = None
     heads: tuple[int, ...] = ()
     mean: Tensor | None = None  # (H', Dh) means for mean-ablation, or None = mean of this run
+    features: tuple[int, ...] = ()  # clamp: indices along the last axis
+    splice: object | None = None  # a sae.Splice: the SAE and whether the error term is kept
 
 
 _BLOCK = re.compile(r"^(encoder|decoder)\.blocks\.(\d+)$")
@@ -225,6 +227,37 @@ class Edits:
             raise TypeError(f"apply wants a callable, got {type(fn).__name__}")
         return self._push(name, _Op("apply", fn=fn))
 
+    def clamp(self, name: str, features: int | Sequence[int], value: float = 0.0) -> Edits:
+        """Set ``features`` (indices along the last axis) of the activation at ``name`` to ``value``, everywhere.
+
+        Made for SAE latents (``"encoder.blocks.3.resid_post.sae.latents"``, after ``splice``) and
+        neurons (``mlp.post``): ``clamp(name, [7], 0.0)`` zeroes latent 7, ``clamp(name, [7], 20.0)``
+        holds it at 20. To add to a latent instead, ``add(name, vector)`` with a one-hot ``vector``.
+        """
+        chosen = torch.tensor(_indices("features", features), dtype=torch.long)
+        if not len(chosen):
+            raise ValueError(f"clamp at {name!r}: no features given")
+        value = float(_as_value(name, value))
+        return self._push(name, _Op("clamp", value=torch.tensor(value), features=tuple(chosen.tolist())))
+
+    def splice(self, name: str, sae, error: bool = True) -> Edits:
+        """Put a sparse autoencoder at ``name``: its latents are recorded and editable as ``{name}.sae.latents``.
+
+        The activation x becomes ``decode(z') + (x - decode(z))`` with ``z = encode(x)`` and ``z'`` the
+        latents after any edits at ``{name}.sae.latents`` (``clamp``, ``add``, ``replace``, ``apply``): with
+        the error term the model's outputs are unchanged until a latent is edited. ``error=False`` gives
+        ``decode(z')``, the SAE's reconstruction alone. ``sae``: a ``sae_lens.SAE`` (``SAE.load_from_disk``,
+        or ``whisper_lens.sae.train``'s result), or any module with ``encode``/``decode`` and ``cfg.d_in``,
+        ``cfg.d_sae``. Trace ``"*.sae.latents"`` to read the latents: ``[B, T, d_sae]``.
+        """
+        from .sae import Splice
+
+        if any(op.kind == "splice" for op in self.ops.get(name, ())):
+            raise ValueError(f"{name!r} already has an SAE spliced in")
+        if name.endswith((".scores", ".pattern")):
+            raise ValueError(f"cannot splice an SAE at {name!r}: heads come before positions there")
+        return self._push(name, _Op("splice", splice=Splice(sae, error)))
+
     def local_window(self, k: int, layers: Sequence[int] | None = None) -> Edits:
         """Restrict encoder self-attention (all blocks, or ``layers``) to frames within +/- ``k`` of the query."""
         (self.window,) = _indices("local window k (frames)", [k])
@@ -262,6 +295,8 @@ class Edits:
             if name not in known:
                 raise KeyError(f"cannot edit {name!r}: no such activation; closest: {_closest(name, names)}")
             for op in ops:
+                if op.kind == "splice" and shapes is not None:
+                    op.splice.check(name, shapes[name])  # type: ignore[union-attr]
                 if op.kind in ("zero", "mean"):
                     h = n_heads[m[1]]  # type: ignore[index]
                     if max(op.heads) >= h:
@@ -277,11 +312,39 @@ class Edits:
             return None
         return self.window
 
-    def edit(self, name: str, x: Tensor) -> Tensor:
-        """Apply the edits registered at ``name`` to ``x`` (returns a new tensor; ``x`` is not modified)."""
+    def edit(self, name: str, x: Tensor, at: Callable[[str, Tensor], Tensor] | None = None) -> Tensor:
+        """Apply the edits registered at ``name`` to ``x`` (returns a new tensor; ``x`` is not modified).
+
+        ``at(inner_name, value)``: how a splice's latents are edited and recorded (the recorder's ``at``).
+        """
         for op in self.ops.get(name, ()):
-            x = _apply_op(name, op, x)
+            if op.kind == "splice":
+                x = op.splice(x, lambda z, n=f"{name}.sae.latents": at(n, z) if at else self.edit(n, z))  # type: ignore[misc]
+            else:
+                x = _apply_op(name, op, x)
         return x
+
+    def spliced(self) -> dict[str, object]:
+        """The SAEs spliced in, by their latents' name: ``{"encoder.blocks.3.resid_post.sae.latents": Splice}``."""
+        return {f"{n}.sae.latents": op.splice for n, ops in self.ops.items() for op in ops if op.kind == "splice"}
+
+
+def spliced_names(names: Sequence[str], edits: Edits | None) -> list[str]:
+    """``names`` with each spliced SAE's ``{name}.sae.latents`` right after its ``name`` (what a trace can ask for)."""
+    inner = edits.spliced() if edits else {}
+    if not inner:
+        return list(names)
+    return [m for n in names for m in (n, f"{n}.sae.latents") if m == n or m in inner]
+
+
+def spliced_shapes(shapes: Shapes, edits: Edits | None) -> dict[str, tuple[int, ...]]:
+    """``shapes`` with each spliced SAE's latents, ``[B, T, d_sae]`` (B and T those of the point it reads)."""
+    out = dict(shapes)
+    for latents, splice in (edits.spliced() if edits else {}).items():
+        point = shapes.get(latents.removesuffix(".sae.latents"))
+        if point is not None:
+            out[latents] = (*point[:2], splice.d_sae)  # type: ignore[attr-defined]
+    return out
 
 
 def _indices(what: str, values: int | Sequence[int] | Tensor) -> list[int]:
@@ -338,6 +401,8 @@ def _check_layer(stack: str, i: int, n_layers: Mapping[str, int]) -> None:
 def _check_fit(name: str, op: _Op, shape: tuple[int, ...]) -> None:
     """Positions within the run's length and a value that fits, checked on shapes before any compute."""
     axis = _position_axis(name)
+    if op.kind == "clamp" and max(op.features) >= shape[-1]:
+        raise IndexError(f"clamp at {name!r}: feature {max(op.features)} is out of range, it has {shape[-1]}")
     if op.positions is not None:
         length = shape[axis]
         if int(op.positions.max()) >= length:
@@ -376,6 +441,10 @@ def _apply_op(name: str, op: _Op, x: Tensor) -> Tensor:
             mean = op.mean if op.mean is not None else x[:, :, heads].mean(dim=(0, 1))  # (H', Dh)
             _check_fit(name, op, tuple(x.shape))
             x[:, :, heads] = mean.to(x)
+        return x
+    if op.kind == "clamp":
+        x = x.clone()
+        x[..., list(op.features)] = op.value.to(x)  # type: ignore[union-attr]
         return x
     if op.kind == "apply":
         y = op.fn(x)  # type: ignore[misc]
@@ -424,9 +493,12 @@ class Recorder:
     def __call__(self, point: str, x: Tensor) -> Tensor:
         if not self.active:
             return x
-        name = self.prefix + point
+        return self.at(self.prefix + point, x)
+
+    def at(self, name: str, x: Tensor) -> Tensor:
+        """``__call__`` by full name: also how a spliced SAE's latents (``{name}.sae.latents``) are edited and kept."""
         if self.edits is not None and name in self.edits.ops:
-            x = self.edits.edit(name, x)
+            x = self.edits.edit(name, x, self.at)
         if name in self.keep:
             self.trace.put(name, x)  # type: ignore[union-attr]
         return x
