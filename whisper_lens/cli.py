@@ -297,6 +297,18 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"index: {done.index} (read it with whisper_lens.load_activations)")
 
 
+def cmd_sae_train(args: argparse.Namespace) -> None:
+    """Train a sparse autoencoder on one activation of an export with SAELens; resumable; SAELens's format."""
+    from .sae import train
+
+    done = train(args.export, args.name, args.out, architecture=args.architecture, width=args.width, k=args.k,
+                 sparsity=args.sparsity, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                 checkpoints=args.checkpoints, device=args.device)  # fmt: skip
+    resumed = "" if done.resumed_from is None else f", resumed after {done.resumed_from} rows"
+    print(f"{done.steps} steps{resumed}: {done.metrics}")
+    print(f"SAE in {done.out}/ (sae_lens.SAE.load_from_disk reads it; splice it with wl.Edits().splice)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="whisper-lens",
@@ -440,6 +452,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-clips", type=int, default=32, help="clips per shard file (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per transcript (decoder names)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sae", help="sparse autoencoders on an export's activations (SAELens: whisper-lens[sae])")
+    sae = p.add_subparsers(dest="sae_command", required=True, metavar="SAE_COMMAND")
+    p = sae.add_parser(
+        "train",
+        help="train an SAE on one activation of an export with SAELens's trainer",
+        description="Train with SAELens's SAETrainer on shuffled rows of EXPORT's NAME; OUT ends "
+        "up in SAELens's format (sae_lens.SAE.load_from_disk). Rerun to resume from its checkpoints.",
+    )
+    p.add_argument("export", help="a folder written by whisper-lens export")
+    p.add_argument("--name", required=True, help="the activation, e.g. encoder.blocks.3.resid_post")
+    p.add_argument("--out", required=True, help="output folder; rerunning the command resumes in it")
+    p.add_argument("--architecture", choices=["standard", "topk", "jumprelu"], default="topk")
+    p.add_argument("--width", type=int, default=None, help="latents (default 8 x the activation's width)")
+    p.add_argument("--k", type=int, default=32, help="active latents per row, topk (default 32)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="L1 (standard, default 5) or L0 (jumprelu, default 1) coefficient")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: one pass over the export)")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per step (default 4096)")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoints", type=int, default=4, help="checkpoints written on the way (default 4)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=cmd_sae_train)
 
     p = sub.add_parser("train-toy", help="train the shipped toy model from scratch on espeak-ng speech (the recipe)")
     p.add_argument("--out", default="weights/toy", help="where to save the model (default weights/toy)")

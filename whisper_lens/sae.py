@@ -18,8 +18,13 @@ average) and dead latents (latents active on no row of the measured rows).
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -103,6 +108,265 @@ class Batches:
 def batches(acts, name: str, batch_size: int, **options) -> Batches:
     """The rows of ``name`` in an export (``load_activations(folder)``) as shuffled batches: see ``Batches``."""
     return Batches(acts, name, batch_size, **options)
+
+
+# ----------------------------------------------------------------------------- training with SAELens
+
+ARCHITECTURES = ("standard", "topk", "jumprelu")
+COMMAND = "sae train"
+CHECKPOINTS = "checkpoints"  # SAELens's checkpoint folders, one per saved step: checkpoints/<samples seen>/
+FINAL = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")  # SAELens's names for a saved SAE
+METRICS = "metrics.json"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """How well an SAE reconstructs rows of the export, measured on the final (inference) SAE."""
+
+    fvu: float  # fraction of variance unexplained: sum |x - x_hat|^2 / sum |x - mean(x)|^2
+    l0: float  # latents active per row, on average
+    dead: int  # latents active on none of the measured rows
+    d_sae: int
+    rows: int  # rows measured
+
+    def __str__(self) -> str:
+        return f"FVU {self.fvu:.4f}, L0 {self.l0:.1f}, dead latents {self.dead} of {self.d_sae} (on {self.rows} rows)"
+
+
+@dataclass
+class Trained:
+    """What ``train`` returns: the SAE (a ``sae_lens`` inference SAE, loaded back from ``out``), where, how good."""
+
+    sae: object
+    out: Path
+    metrics: Metrics
+    steps: int  # training steps done in all (this run and the runs it resumed)
+    resumed_from: int | None  # samples already seen by the checkpoint this run resumed from, or None
+
+
+def train(
+    export: str | os.PathLike,
+    name: str,
+    out: str | os.PathLike,
+    *,
+    architecture: str = "topk",
+    width: int | None = None,
+    k: int = 32,
+    sparsity: float | None = None,
+    steps: int | None = None,
+    batch_size: int = 4096,
+    lr: float = 4e-4,
+    seed: int = 0,
+    checkpoints: int = 4,
+    buffer: int = 2**17,
+    device: str = "cpu",
+    eval_rows: int = 2**16,
+) -> Trained:
+    """Train an SAE on one activation of an export with SAELens's ``SAETrainer``; save it in SAELens's format.
+
+    - ``architecture``: "standard" (ReLU, L1 penalty ``sparsity``, default 5), "topk" (``k`` active
+      latents per row) or "jumprelu" (L0 penalty ``sparsity``, default 1); ``width``: latents (``d_sae``,
+      default 8 x the activation's width).
+    - ``steps`` of ``batch_size`` rows (default: one pass over the export), Adam at ``lr``. Rows come
+      from ``Batches`` (a new shuffle each epoch); inputs are scaled to norm sqrt(d_in) while training
+      (SAELens's ``expected_average_only_in``) and the scale is folded into the saved weights.
+    - ``out``: a new or empty folder, or one this command wrote with the same settings: then training
+      resumes from the last complete checkpoint in ``out/checkpoints`` (``checkpoints`` of them are
+      written), or returns the finished SAE. Finished, ``out`` holds SAELens's ``cfg.json``,
+      ``sae_weights.safetensors`` and ``sparsity.safetensors``, so ``sae_lens.SAE.load_from_disk(out)``
+      reads it, and ``metrics.json`` (FVU, L0, dead latents on ``eval_rows`` rows of the export).
+    """
+    from .distributed import load_activations
+
+    acts = load_activations(export)
+    rows = Batches(acts, name, batch_size, seed=seed, buffer=buffer, drop_last=True)  # checks name and batch_size
+    d_in = rows.width
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
+    width = 8 * d_in if width is None else width
+    for what, value in (("width", width), ("k", k), ("checkpoints", checkpoints + 1), ("eval_rows", eval_rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    if architecture == "topk" and k > width:
+        raise ValueError(f"k ({k}) must be at most the width ({width} latents)")
+    if sparsity is not None and not (isinstance(sparsity, int | float) and math.isfinite(sparsity) and sparsity >= 0):
+        raise ValueError(f"sparsity must be a finite number >= 0, got {sparsity!r}")
+    if len(rows) == 0:
+        raise ValueError(f"the export has {rows.rows} rows of {name}, fewer than one batch of {batch_size}")
+    steps = len(rows) if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    sparsity = {"standard": 5.0, "jumprelu": 1.0, "topk": None}[architecture] if sparsity is None else sparsity
+    settings = {"export": str(Path(export).resolve()), "name": name, "architecture": architecture, "width": width,
+                "k": k if architecture == "topk" else None, "sparsity": sparsity if architecture != "topk" else None,
+                "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "checkpoints": checkpoints,
+                "buffer": buffer}  # fmt: skip
+    folder = _claim(Path(out), settings)
+    if all((folder / f).is_file() for f in (*FINAL, METRICS)):
+        from sae_lens import SAE
+
+        metrics = Metrics(**json.loads((folder / METRICS).read_text()))
+        return Trained(SAE.load_from_disk(folder, device=device), folder, metrics, steps, None)
+    sae, trainer, resumed = _trainer(settings, d_in, device, folder, acts, rows)
+    start = trainer.n_training_steps
+    trainer.data_provider = _provider(acts, rows, start)
+    trainer.fit()
+    _save_final(trainer, folder)
+    from sae_lens import SAE
+
+    final = SAE.load_from_disk(folder, device=device)
+    metrics = measure(final, Batches(acts, name, min(eval_rows, 4096), seed=seed + 1, buffer=buffer), eval_rows)
+    from .files import write_text
+
+    write_text(folder / METRICS, json.dumps(asdict(metrics), indent=1))
+    return Trained(final, folder, metrics, trainer.n_training_steps, resumed)
+
+
+def _sae_lens():
+    try:
+        import sae_lens
+    except ImportError:
+        raise ImportError("training SAEs needs SAELens: pip install 'whisper-lens[sae]'") from None
+    return sae_lens
+
+
+def _trainer(settings: dict, d_in: int, device: str, folder: Path, acts, rows: Batches):
+    """SAELens's training SAE and trainer for ``settings``, resumed from the last complete checkpoint if any."""
+    sl = _sae_lens()
+    arch, width = settings["architecture"], settings["width"]
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    meta = SAEMetadata(hook_name=settings["name"], model_name=str(acts.index.get("model", {}).get("name")))
+    common = {"d_in": d_in, "d_sae": width, "device": device, "normalize_activations": "expected_average_only_in"}
+    if arch == "topk":
+        cfg = sl.TopKTrainingSAEConfig(**common, k=settings["k"], metadata=meta)
+        sae = sl.TopKTrainingSAE(cfg)
+    elif arch == "standard":
+        cfg = sl.StandardTrainingSAEConfig(**common, l1_coefficient=settings["sparsity"], metadata=meta)
+        sae = sl.StandardTrainingSAE(cfg)
+    else:
+        cfg = sl.JumpReLUTrainingSAEConfig(**common, l0_coefficient=settings["sparsity"], metadata=meta)
+        sae = sl.JumpReLUTrainingSAE(cfg)
+    steps, bs = settings["steps"], settings["batch_size"]
+    window = max(1, min(1000, steps // 4))
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * bs,
+        train_batch_size_samples=bs,
+        lr=settings["lr"],
+        lr_end=settings["lr"] / 10,  # the trainer asserts it is set; the constant schedule does not use it
+        lr_warm_up_steps=min(100, steps // 10),
+        device=device,
+        dead_feature_window=window,
+        feature_sampling_window=window,
+        n_checkpoints=settings["checkpoints"],
+        checkpoint_path=str(folder / CHECKPOINTS),
+        save_final_checkpoint=False,
+        n_batches_for_norm_estimate=1,
+    )
+    trainer = sl.SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(()), evaluator=None)
+    last = _last_checkpoint(folder / CHECKPOINTS)
+    if last is not None:
+        trainer.load_trainer_state(last)
+        sae.load_weights_from_checkpoint(last)
+        done = trainer.n_training_samples
+        trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= done]
+        return sae, trainer, done
+    # the input scale from rows of its own shuffle, so that the training batches do not depend on it
+    scale_rows = Batches(acts, rows.name, bs, seed=settings["seed"] - 1, buffer=rows.buffer)
+    trainer.activation_scaler.estimate_scaling_factor(d_in, iter(scale_rows), min(8, len(scale_rows)))
+    return sae, trainer, None
+
+
+def _provider(acts, rows: Batches, skip: int) -> Iterator[Tensor]:
+    """Training batches forever, a new shuffle each epoch (seed, seed + 1, ...), the first ``skip`` left out."""
+    per_epoch = len(rows)
+    epoch, skip = divmod(skip, per_epoch)
+    while True:
+        for x in Batches(acts, rows.name, rows.batch_size, seed=rows.seed + epoch, buffer=rows.buffer, drop_last=True):
+            if skip:
+                skip -= 1
+                continue
+            yield x
+        epoch += 1
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint with the most samples whose last file (the scaler, written last) is complete."""
+    found = sorted((int(p.name), p) for p in folder.glob("*") if p.name.isdigit()) if folder.is_dir() else []
+    for _, path in reversed(found):
+        try:
+            json.loads((path / "activation_scaler.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return path
+    return None
+
+
+def _save_final(trainer, folder: Path) -> None:
+    """SAELens's inference SAE and the feature sparsity, written beside and renamed into ``folder``."""
+    tmp = folder / f".final.whisper-lens-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.sae.save_inference_model(str(tmp))
+    from safetensors.torch import save_file
+
+    save_file({"sparsity": trainer.log_feature_sparsity}, str(tmp / FINAL[2]))
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in FINAL:
+        os.chmod(tmp / f, 0o666 & ~umask)  # safetensors writes 0600: the user's umask decides, as for every file
+        os.replace(tmp / f, folder / f)
+    tmp.rmdir()
+
+
+def _claim(out: Path, settings: dict) -> Path:
+    """``out`` for this run: absent, empty, or an earlier ``sae train`` with the same settings (then resumed)."""
+    from .distributed import _check_marker, _create_marker
+    from .files import MARKER
+
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and MARKER not in held:
+        raise FileExistsError(f"--out {out} holds {held[0]} and was not written by whisper-lens: give a new folder")
+    ours = {MARKER, CHECKPOINTS, METRICS, *FINAL}
+    strangers = [h for h in held if h not in ours and not h.startswith(".")]
+    if strangers:
+        raise FileExistsError(f"--out {out} holds {strangers[0]}, which whisper-lens {COMMAND} did not write")
+    out.mkdir(parents=True, exist_ok=True)
+    settings = json.loads(json.dumps(settings))
+    if MARKER not in held:
+        _create_marker(out / MARKER, {"tool": "whisper-lens", "command": COMMAND, "version": 1, "settings": settings})
+    _check_marker(out / MARKER, COMMAND, settings)
+    return out
+
+
+@torch.no_grad()
+def measure(sae, batches, rows: int = 2**16) -> Metrics:
+    """FVU, L0 and dead latents of ``sae`` on the first ``rows`` rows of ``batches`` (an iterable of [N, D])."""
+    param = next(iter(sae.parameters()))
+    d_sae = sae.cfg.d_sae
+    err = total = sq = 0.0
+    active, fired, seen = 0.0, torch.zeros(d_sae, dtype=torch.bool), 0
+    s1 = None
+    for x in batches:
+        x = x[: rows - seen].to(param.device, param.dtype).double()
+        z = sae.encode(x.to(param.dtype))  # (N, d_sae)
+        x_hat = sae.decode(z).double()  # (N, D)
+        err += float((x - x_hat).pow(2).sum())
+        s1 = x.sum(0) if s1 is None else s1 + x.sum(0)
+        sq += float(x.pow(2).sum())
+        active += float((z != 0).sum())
+        fired |= (z != 0).any(0).cpu()
+        seen += len(x)
+        if seen >= rows:
+            break
+    if not seen:
+        raise ValueError("no rows to measure the SAE on")
+    total = sq - float(s1.pow(2).sum()) / seen  # sum |x - mean|^2
+    return Metrics(err / total, active / seen, int((~fired).sum()), d_sae, seen)
 
 
 # ----------------------------------------------------------------------------- the splice
