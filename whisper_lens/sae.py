@@ -221,7 +221,7 @@ def train(
     from .files import write_text
 
     write_text(folder / METRICS, json.dumps(asdict(metrics), indent=1))
-    return Trained(final, folder, metrics, trainer.n_training_steps, resumed)
+    return Trained(final, folder, metrics, trainer.n_training_samples // batch_size, resumed)
 
 
 def _sae_lens():
@@ -272,6 +272,8 @@ def _trainer(settings: dict, d_in: int, device: str, folder: Path, acts, rows: B
         trainer.load_trainer_state(last)
         sae.load_weights_from_checkpoint(last)
         done = trainer.n_training_samples
+        # saved between a step and its count (fit adds 1 after checkpointing): the samples say how many ran
+        trainer.n_training_steps = done // bs
         trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= done]
         return sae, trainer, done
     # the input scale from rows of its own shuffle, so that the training batches do not depend on it
