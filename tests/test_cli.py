@@ -148,9 +148,22 @@ def test_a_rerun_replaces_its_own_output_and_keeps_nothing_stale(tmp_path, capsy
     marker = json.loads((tmp_path / "att" / ".whisper-lens.json").read_text())
     assert marker["command"] == "attention" and "clip0_attention.csv" in marker["files"]
     first = sorted(p.name for p in (tmp_path / "att").iterdir())
-    (tmp_path / "att" / "clip0_attention.csv").write_text("edited by hand")  # a file the tool wrote: replaceable
     assert cli.main(["attention", SAMPLE, "--out", "att"]) == 0
     assert sorted(p.name for p in (tmp_path / "att").iterdir()) == first
     assert (tmp_path / "att" / "clip0_attention.csv").read_text().startswith("name,")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["att"]  # no temporary or .old folder left
     capsys.readouterr()
+
+
+def test_a_file_of_its_output_the_user_edited_is_kept_and_named(tmp_path, capsys, monkeypatch):
+    """The marker recorded names, not contents: a lens CSV edited by hand was replaced without a word."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["attention", SAMPLE, "--out", "att"]) == 0
+    (tmp_path / "att" / "clip0_attention.csv").write_text("edited by hand")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "att").iterdir()}
+    capsys.readouterr()
+    assert cli.main(["attention", SAMPLE, "--out", "att"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "clip0_attention.csv" in err and "edited" in err, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "att").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["att"]

@@ -268,6 +268,45 @@ def log_mel_spectrogram(
     return features[0] if single else features
 
 
+def load_mel(audio, model=None, *, n_mels: int | None = None) -> torch.Tensor:
+    """Whisper's input for a clip: the log-mel of its first window, the audio padded with silence to the window.
+
+    audio: a path, or a 16 kHz waveform [N] (numpy or torch); or a list of them.
+    model: a loaded Whisper, whose mel bands and window it follows (``2 * dims.n_audio_ctx`` frames:
+        30 s for OpenAI's models, 4 s for the shipped toy). Without one: ``n_mels`` bands (default 80)
+        and Whisper's 30 s window.
+
+    Returns float32 [n_mels, frames] for one clip, [B, n_mels, frames] for a list: what ``model.run``
+    and ``model.generate`` take. As openai-whisper's ``log_mel_spectrogram(pad_or_trim(audio))``, the
+    audio is padded with zeros, or cut, to the window before the spectrogram; what lies past the
+    window is not read (a longer recording is ``model.transcribe``'s job).
+    """
+    if model is not None:
+        dims = getattr(model, "dims", None)
+        if dims is None or not hasattr(dims, "n_audio_ctx"):
+            raise TypeError(f"model must be a loaded Whisper (wl.load_model), got {type(model).__name__}")
+        if n_mels is not None and n_mels != dims.n_mels:
+            raise ValueError(f"n_mels={n_mels!r} but the model reads {dims.n_mels} mel bands; give one or the other")
+        n_mels, frames = dims.n_mels, 2 * dims.n_audio_ctx
+    else:
+        n_mels, frames = (80 if n_mels is None else n_mels), N_FRAMES
+    if isinstance(audio, list | tuple):
+        if not audio:
+            raise ValueError("load_mel was given an empty list of clips")
+        return torch.stack([_window_mel(item, n_mels, frames) for item in audio])  # (B, n_mels, frames)
+    return _window_mel(audio, n_mels, frames)  # (n_mels, frames)
+
+
+def _window_mel(audio, n_mels: int, frames: int) -> torch.Tensor:
+    """The log-mel [n_mels, frames] of one clip (a path or a 16 kHz waveform) padded or cut to ``frames``."""
+    waveform = load_audio(audio) if isinstance(audio, str | os.PathLike) else audio
+    is_array = isinstance(waveform, np.ndarray | torch.Tensor)
+    if not is_array or waveform.ndim != 1:
+        got = f"shape {tuple(waveform.shape)}" if is_array else type(audio).__name__
+        raise ValueError(f"load_mel takes a path or a 1-D 16 kHz waveform, got {got}; for stereo, average the channels")
+    return log_mel_spectrogram(pad_or_trim(waveform, frames * HOP_LENGTH), n_mels=n_mels)  # (n_mels, frames)
+
+
 def load_windows(audios, n_mels: int, frames: int) -> tuple[torch.Tensor, list[float]]:
     """Log-mels of audio files or 16 kHz arrays, padded to a window of ``frames``: ([B, n_mels, frames], seconds).
 

@@ -6,7 +6,7 @@ for the full name (``decoder.blocks.2.resid_mid``) and keeps the result if that 
 asked for. When nothing is asked for and nothing is edited, the call returns ``x`` at once,
 so an untraced forward pays one attribute check per point.
 
-Names are ``{stack}.blocks.{i}.{point}`` (see DESIGN.md for the table). A request is ``None``
+Names are ``{stack}.blocks.{i}.{point}`` (the table: docs/contract.md). A request is ``None``
 (record nothing), ``True`` (everything) or a list of glob patterns over names.
 """
 
