@@ -168,12 +168,15 @@ def feature_data(
 
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-    clips = find_clips([audio] if isinstance(audio, str | os.PathLike) else audio, model)
-    records, acts, n_features, kind = collect(model, clips, name, sae, batch_size=batch_size, progress=progress)
+    n_features, kind = feature_source(model, name, sae)[3:]  # bad names and features fail before any work
     chosen = list(range(n_features)) if features is None else [int(f) for f in features]
     bad = [f for f in chosen if not 0 <= f < n_features]
     if bad:
         raise IndexError(f"feature {bad[0]} is out of range: {name} has {n_features} {kind}s (0-{n_features - 1})")
+    if not chosen:
+        raise ValueError("no features chosen")
+    clips = find_clips([audio] if isinstance(audio, str | os.PathLike) else audio, model)
+    records, acts, _, _ = collect(model, clips, name, sae, batch_size=batch_size, progress=progress)
     return build(records, acts, chosen, name=name, kind=kind, top_k=top_k, title=title)
 
 
