@@ -410,5 +410,6 @@ $('sort').addEventListener('change', () => filter($('search').value));
 features.open = open;
 features.filter = t => { $('search').value = t; return filter(t); };
 filter('');
+features.readyAt = performance.now();  // ms from navigation to a usable page
 features.ready = true;
 """
