@@ -94,8 +94,9 @@ def page(clips: int, latents: int, real: int) -> None:
         n = math.ceil(seconds[j] / 0.02)
         a = g.exponential(1.0, (n, latents)).astype(np.float32) * (g.random((n, latents)) < 0.03)  # sparse
         words = [{"w": f"w{k}", "s": k * 0.3, "e": k * 0.3 + 0.25, "t": [k]} for k in range(int(seconds[j] / 0.3))]
+        mel = mels[j, :, : round(seconds[j] * 100)].numpy()
         records.append({"clip": f"{i:03d}-{files[j].name}", "seconds": round(seconds[j], 3), "text": "",
-                        "audio": audios[j], "mel": mels[j, :, : round(seconds[j] * 100)].numpy(), "words": words})  # fmt: skip
+                        "audio": audios[j], "mel": mel, "words": words})  # fmt: skip
         acts.append(a.astype(np.float16))
     start, cpu = time.perf_counter(), time.process_time()
     html = features_html(build(records, acts, list(range(latents)), name=NAME, kind="latent", top_k=8))
