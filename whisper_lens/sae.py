@@ -407,6 +407,11 @@ class Splice:
 
     def __call__(self, x: Tensor, latents_at) -> Tensor:
         self.check("the point", tuple(x.shape))
+        # gradients flow through the SAE only where they flow into it (attribution); its own weights stay out
+        with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
+            return self._splice(x, latents_at)
+
+    def _splice(self, x: Tensor, latents_at) -> Tensor:
         h = x.flatten(2)  # (B, T, d_in)
         param = next(iter(self.sae.parameters()), None) if hasattr(self.sae, "parameters") else None
         inside = h if param is None else h.to(param.device, param.dtype)
