@@ -41,8 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import interleaved, table  # noqa: E402
-from whisper_lens.kernels import textbook  # noqa: E402
 from whisper_lens.loading import OFFICIAL, load_model, save_model  # noqa: E402
+from whisper_lens.model import textbook  # noqa: E402
 
 NEW_TOKENS = 100
 
@@ -135,7 +135,7 @@ def measure(ref, ours, hf, batch: int, repeats: int, loop: bool, beam: int | Non
         decode_ours(ours, beam, **audio)
 
     def run_textbook():
-        with textbook():  # the same loop with F.linear everywhere: whether kernels.py's packed product pays here
+        with textbook():  # the same loop, F.linear unembedding: whether decoding/packed.py's product pays here
             decode_ours(ours, beam, **audio)
 
     def run_openai():

@@ -1,8 +1,8 @@
-"""The products kernels.py chooses, each against the plain one (CPU, fp32, random data).
+"""The products decoding chooses (decoding/packed.py, decoding/cache.py), each against the plain one (CPU, fp32).
 
 1. A linear product of a tiny / base decoding step, ``F.linear`` against the weight packed by
    oneDNN for that many rows (``onednn_pack``): the unembedding (51865 x D) and a D x D projection
-   at 1, 5, 8 and 40 rows, and an encoder-sized product (12000 rows) in oneDNN unpacked. ``kernels``
+   at 1, 5, 8 and 40 rows, and an encoder-sized product (12000 rows) in oneDNN unpacked. ``packed``
    packs only the unembedding (4 to 64 rows) and leaves everything else to ``F.linear``: the
    speed-ups say where oneDNN pays on this machine (the encoder-sized product's few per cent did
    not make the encoder as a whole faster, so the encoder runs as ``F.linear``).
@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from common import interleaved, table
 
-from whisper_lens.kernels import STEP_ROWS, KVCache, onednn_available, onednn_linear, onednn_pack
+from whisper_lens.decoding.cache import KVCache
+from whisper_lens.decoding.packed import STEP_ROWS, onednn_available, onednn_linear, onednn_pack
 
 VOCAB = 51865
 COLD_BYTES = 96 * 2**20  # distinct weights cycled per timing: three times a 32 MiB last-level cache

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -39,9 +40,14 @@ ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # handled as Ctrl-C is (SIGINT
 class Parser(argparse.ArgumentParser):
     """argparse with the command's one-line error format (argparse prints the usage and its own prefix)."""
 
+    argv: list[str] = []  # the command line being parsed (set by main), to explain what argparse cannot
+
     def error(self, message: str):
         command = self.prog.removeprefix("whisper-lens").strip()
         where = f"{command}: " if command else ""
+        dashed = [a for a in Parser.argv if a.startswith("-") and len(a) > 1 and os.path.exists(a)]
+        if dashed:  # a file named like a flag: argparse took it for one
+            message = f"{dashed[0]} is a file whose name starts with '-', read as a flag: write it ./{dashed[0]}"
         self.exit(2, f"whisper-lens: error: {where}{message} (see whisper-lens {command} --help)\n".replace("  ", " "))
 
 
@@ -111,12 +117,12 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
     fmts = formats(args.output_format or "all") if args.output_format or args.output_dir else ()
     temperatures = fallback_temperatures(args.temperature, args.temperature_increment_on_fallback)
     heads = parse_heads(args.alignment_heads) if args.alignment_heads else None
-    timestamps = not args.no_timestamps and args.model not in SHIPPED  # the shipped toy never saw timestamps
+    timestamps = False if args.no_timestamps else None  # None: the model's own default (the toy's: off)
     folder = OutputFolder(args.output_dir or ".") if fmts else None
     outputs = folder.plan([Path(a).stem for a in args.audio], fmts) if folder else [[] for _ in args.audio]
     model = load_model(args.model, **placement(args.device))
     transcripts = model.transcribe(list(args.audio), language=args.language, task=args.task, temperature=temperatures,
-                                   condition_on_previous_text=not args.no_condition_on_previous_text,
+                                   condition_on_previous_text=False if args.no_condition_on_previous_text else None,
                                    initial_prompt=args.initial_prompt, timestamps=timestamps,
                                    word_timestamps=args.word_timestamps,
                                    word_timing=args.word_timing, alignment_heads=heads, beam_size=args.beam_size,
@@ -586,8 +592,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def in_flags(message: str, parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """An error raised by the Python API, in the command's terms: ``beam_size=`` becomes ``--beam-size``."""
+    sub = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+    command = next((a for a in argv if a in sub), None)
+    for action in sub[command]._actions if command else []:
+        flags = [o for o in action.option_strings if o.startswith("--")]
+        if not flags or action.dest in ("help", "model"):
+            continue
+        message = re.sub(rf"(?<![\w.-]){action.dest}=", f"{flags[0]} ", message)
+        if "_" in action.dest:
+            message = re.sub(rf"(?<![\w.-]){action.dest}\b", flags[0], message)
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    Parser.argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
     previous = {sig: signal.signal(sig, _terminate) for sig in ENDING_SIGNALS} if main_thread else {}
     try:
@@ -601,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + e.signum
     except USER_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"whisper-lens: error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, always
+        message = in_flags(" ".join(str(message).split()), parser, Parser.argv)  # one line, in flag names
+        print(f"whisper-lens: error: {message}", file=sys.stderr)
         return 2
     finally:
         for sig, handler in previous.items():
