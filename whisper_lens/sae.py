@@ -35,8 +35,9 @@ from torch import Tensor
 class Batches:
     """One epoch of shuffled rows of one activation of an export: iterate for ``[batch, D]`` tensors.
 
-    How the shuffle works, in bounded memory. The clips are visited in a random order (a permutation
-    of the export's clips, drawn from ``seed``); their rows pour into a buffer of at most
+    How the shuffle works, in bounded memory. The clips are visited in a random order drawn from
+    ``seed`` (the shards in a random order, each shard's clips in a random order, so that each shard
+    is opened, and its checksum verified, once an epoch); their rows pour into a buffer of at most
     ``buffer + one clip`` rows. Whenever the buffer is full it is permuted and its first half leaves as
     batches; the second half stays to be mixed with the next clips. At the end what is left is permuted
     and leaves too, the last batch short unless ``drop_last``. So every row of every clip comes out
@@ -79,7 +80,13 @@ class Batches:
     def __iter__(self) -> Iterator[Tensor] | Iterator[tuple[Tensor, Tensor]]:
         g = torch.Generator().manual_seed(self.seed)
         n = len(self.acts.clips)
-        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        order = list(range(n))
+        if self.shuffle:  # shards in a random order, each one's clips in a random order: a shard is opened once
+            shards: dict[str, list[int]] = {}
+            for c in torch.randperm(n, generator=g).tolist():
+                shards.setdefault(self.acts.entries[self.acts.clips[c]["clip"], self.name]["shard"], []).append(c)
+            groups = list(shards.values())
+            order = [c for k in torch.randperm(len(groups), generator=g).tolist() for c in groups[k]]
         xs: list[Tensor] = []
         where: list[Tensor] = []
         held = 0
