@@ -239,9 +239,11 @@ class Rows:
     start: Tensor  # (N, 1) each row's first sampled position
 
 
-def speculate(d: Decoding, draft: Draft) -> tuple[int, Pace]:
+def speculate(d: Decoding, draft: Draft, guesses: int | None = None) -> tuple[int, Pace]:
     """Decode ``d`` (prefilled) greedily to the end with ``draft``'s proposals; return the selections made (for
-    ``decoding.finish``) and the measurements. The search state ends as the plain loop leaves it."""
+    ``decoding.finish``) and the measurements. The search state ends as the plain loop leaves it.
+
+    ``guesses``: propose that many tokens every round (tests), instead of what ``Pace`` chooses."""
     s, dev = d.search, d.last.device
     N = s.tokens.shape[0]
     start = d.start.expand(N, 1)  # (N, 1)
@@ -251,6 +253,7 @@ def speculate(d: Decoding, draft: Draft) -> tuple[int, Pace]:
     compact = dev.type == "cpu"  # on the CPU rows that are done leave the caches; on CUDA shapes stay fixed
     # selection 0: from the prompt's pass
     accept(d, rows, d.last[:, None], torch.empty(N, 0, dtype=torch.long, device=dev))
+    pace.passes, pace.emitted = 1, N  # the prompts' pass gave each row its first token
     while True:
         keep = ~s.done[rows.live]  # (L,)
         if not bool(keep.any()):
@@ -261,14 +264,14 @@ def speculate(d: Decoding, draft: Draft) -> tuple[int, Pace]:
             d.cache, dcache = d.cache.take_rows(idx), dcache.take_rows(idx)
         live = rows.live if compact else torch.arange(N, device=dev)
         room = int((s.limit[live] - rows.m[live]).max()) - 1  # tokens a row may still take after the next one
-        k = pace.next_k(room)
+        k = pace.next_k(room) if guesses is None else max(0, min(guesses, room))
         last = rows.start[live, 0] + rows.m[live] - 1  # (L,) each row's last chosen token's position
         t0 = now(dev)
-        guesses = propose(d, draft, dcache, rows, live, k)  # (L, k)
+        proposed = propose(d, draft, dcache, rows, live, k)  # (L, k)
         t1 = now(dev)
-        logits = verify(d, rows, live, guesses)  # (L, k + 1, V)
+        logits = verify(d, rows, live, proposed)  # (L, k + 1, V)
         t2 = now(dev)
-        accepted, emitted = accept(d, rows, logits, guesses, live)
+        accepted, emitted = accept(d, rows, logits, proposed, live)
         if k:  # the draft fed positions last .. last + k - 1; those after the accepted guesses hold wrong tokens
             rows.draft_next[live] = torch.minimum(last + k, last + 1 + accepted)
         pace.record(k, t1 - t0, t2 - t1, accepted, emitted)
@@ -388,9 +391,11 @@ def applies(options: DecodingOptions, rec: Recorder) -> bool:
 
 @torch.no_grad()
 def decode(model: Whisper, mel: Tensor | None = None, *, audio_features: Tensor | None = None,
-           draft: Draft | None = None, **options) -> tuple[list[DecodingResult], Pace]:  # fmt: skip
+           draft: Draft | None = None, guesses: int | None = None,
+           **options) -> tuple[list[DecodingResult], Pace]:  # fmt: skip
     """``model.generate(mel, **options)`` (greedy) decoded speculatively with ``draft`` (default: the bf16 copy);
-    returns the results and the call's measurements (``Pace``: acceptance, passes, tokens)."""
+    returns the results and the call's measurements (``Pace``: acceptance, passes, tokens). ``guesses``: a fixed
+    number of proposals per round (default: chosen from measurements)."""
     from . import decoding
 
     opts = decoding.DecodingOptions(**options)
@@ -403,5 +408,5 @@ def decode(model: Whisper, mel: Tensor | None = None, *, audio_features: Tensor 
     plan = decoding.make_plan(model, opts, n_clips=audio.shape[0] if opts.clips is None else len(opts.clips))
     xa = model.encoder(audio) if mel is not None else audio  # (C, S, D)
     d = decoding.prefill(model, plan, opts, xa, rec)
-    n_sel, pace = speculate(d, draft if draft is not None else draft_for(model))
+    n_sel, pace = speculate(d, draft if draft is not None else draft_for(model), guesses)
     return decoding.finish(d, n_sel), pace
