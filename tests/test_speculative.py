@@ -27,6 +27,7 @@ from .conftest import openai_model, save_openai
 whisper = pytest.importorskip("whisper")
 
 MULTI = os.path.join(os.path.dirname(whisper.__file__), "assets", "multilingual.tiktoken")
+KINDS = ["copy", "head"]
 SHIPPED = Path(__file__).resolve().parent.parent / "whisper_lens" / "assets" / "speech"
 # odd shapes: 5 heads of 8, three decoder blocks over a 24-position audio, a 40-token context
 ODD = ModelDims(n_mels=80, n_audio_ctx=24, n_audio_state=40, n_audio_head=5, n_audio_layer=1, n_vocab=51865,
@@ -63,16 +64,21 @@ def real_features(real_tiny_en, real_clips) -> torch.Tensor:
 @pytest.mark.parametrize("timestamps", [False, True])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_real_speech_gives_the_plain_loops_results(real_tiny_en, real_features, timestamps, batch):
-    """The bf16 draft of the real tiny.en, over every clip: results equal, and most guesses accepted."""
-    accepted = proposed = 0
+    """Both bf16 drafts of the real tiny.en (the decoder's copy, its head), over every clip: results equal, and
+    most guesses accepted."""
+    accepted, proposed = dict.fromkeys(KINDS, 0), dict.fromkeys(KINDS, 0)
     for first in range(0, len(real_features), batch):
         xa = real_features[first : first + batch]
         plain = real_tiny_en.generate(audio_features=xa, timestamps=timestamps)
-        spec, pace = sp.decode(real_tiny_en, audio_features=xa, timestamps=timestamps, guesses=4)
-        assert_same(plain, spec)
-        assert pace.emitted == sum(len(r.tokens) + 1 for r in plain)  # every token and each EOT
-        accepted, proposed = accepted + pace.accepted, proposed + pace.accepted + pace.rejected
-    assert accepted > 0.8 * proposed  # the bf16 copy agrees with fp32 nearly always (not needed for equality)
+        for kind in KINDS:
+            draft = sp.draft_for(real_tiny_en, kind)
+            spec, pace = sp.decode(real_tiny_en, audio_features=xa, timestamps=timestamps, draft=draft, guesses=4)
+            assert_same(plain, spec)
+            assert pace.emitted == sum(len(r.tokens) + 1 for r in plain)  # every token and each EOT
+            accepted[kind] += pace.accepted
+            proposed[kind] += pace.accepted + pace.rejected
+    for kind in KINDS:  # bf16 agrees with fp32 nearly always (not needed for equality: for the speed)
+        assert accepted[kind] > 0.8 * proposed[kind], kind
 
 
 def test_adaptive_pace_gives_the_plain_loops_results(real_tiny_en, real_features):
@@ -104,24 +110,30 @@ def odd_mel() -> torch.Tensor:
     return mel * torch.linspace(0.2, 3, 8)[:, None, None] + torch.linspace(-1, 1, 8)[:, None, None]
 
 
-def itself(model) -> sp.Draft:
-    """The fp32 decoder as its own draft: every guess is the fp32 token."""
-    return sp.Draft(model.decoder, torch.float32, sp.Draft.stamp(model.decoder))
+def itself(model, kind: str) -> sp.Draft:
+    """The fp32 decoder (or its unembedding) as its own draft: every guess is the fp32 token."""
+    if kind == "head":
+        return sp.Draft(None, torch.float32, (), head=model.decoder.token_embedding.weight)
+    return sp.Draft(model.decoder, torch.float32, ())
 
 
-def stranger(tmp_path) -> sp.Draft:
-    """The decoder of another random model of the same shape: its guesses are (almost) never the fp32 token."""
+def stranger(tmp_path, kind: str) -> sp.Draft:
+    """The decoder (or unembedding) of another random model of the same shape: its guesses are (almost) never
+    the fp32 token."""
     other = load_model(save_openai(openai_model(ODD, seed=99), tmp_path / "other.pt"), tokenizer=MULTI)
+    if kind == "head":
+        return sp.Draft(None, torch.float32, (), head=other.decoder.token_embedding.weight)
     return sp.Draft(other.decoder, torch.float32, ())
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("timestamps", [False, True])
 @pytest.mark.parametrize("guesses", [2, 3, 7])
-def test_a_draft_that_always_agrees(odd, odd_mel, timestamps, guesses):
+def test_a_draft_that_always_agrees(odd, odd_mel, timestamps, guesses, kind):
     """Every guess accepted: each pass emits k + 1 tokens, and rows end (EOT or max_new_tokens) inside proposals."""
     options = dict(timestamps=timestamps, max_new_tokens=17, language="en")
     plain = odd.generate(odd_mel, **options)
-    spec, pace = sp.decode(odd, odd_mel, draft=itself(odd), guesses=guesses, **options)
+    spec, pace = sp.decode(odd, odd_mel, draft=itself(odd, kind), guesses=guesses, **options)
     assert_same(plain, spec)
     assert pace.rejected == 0 and pace.accepted > 0
     lengths = [len(r.tokens) for r in plain]
@@ -131,30 +143,33 @@ def test_a_draft_that_always_agrees(odd, odd_mel, timestamps, guesses):
     assert any((e - 1) % (guesses + 1) for e in ends)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("timestamps", [False, True])
-def test_a_draft_that_always_disagrees(odd, odd_mel, timestamps, tmp_path):
+def test_a_draft_that_always_disagrees(odd, odd_mel, timestamps, kind, tmp_path):
     """A random-weight draft: guesses rejected, each pass emits the fp32 token alone; results equal."""
     options = dict(timestamps=timestamps, max_new_tokens=17, language="en")
     plain = odd.generate(odd_mel, **options)
-    spec, pace = sp.decode(odd, odd_mel, draft=stranger(tmp_path), guesses=3, **options)
+    spec, pace = sp.decode(odd, odd_mel, draft=stranger(tmp_path, kind), guesses=3, **options)
     assert_same(plain, spec)
     assert pace.accepted < 0.2 * (pace.accepted + pace.rejected)
 
 
-def test_batch_rows_decode_as_each_alone(odd, odd_mel):
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_rows_decode_as_each_alone(odd, odd_mel, kind):
     """Rows accept different counts in one batch; each row's result is the one it gets alone."""
-    options = dict(timestamps=True, max_new_tokens=17, language="en", guesses=3)
+    options = dict(timestamps=True, max_new_tokens=17, language="en", guesses=3, draft=sp.draft_for(odd, kind))
     together, _ = sp.decode(odd, odd_mel, **options)
     for i in range(len(odd_mel)):
         alone, _ = sp.decode(odd, odd_mel[i : i + 1], **options)
         assert_same(alone, together[i : i + 1])
 
 
-def test_prompts_of_different_lengths(odd, odd_mel):
+@pytest.mark.parametrize("kind", KINDS)
+def test_prompts_of_different_lengths(odd, odd_mel, kind):
     """Clips with prompts (previous text) of different lengths: each row at its own positions."""
     options = dict(prompt=["hello there", None, "a b c d e f", None], max_new_tokens=12, language="en")
     plain = odd.generate(odd_mel[:4], **options)
-    spec, _ = sp.decode(odd, odd_mel[:4], draft=itself(odd), guesses=5, **options)
+    spec, _ = sp.decode(odd, odd_mel[:4], draft=itself(odd, kind), guesses=5, **options)
     assert_same(plain, spec)
 
 
@@ -186,13 +201,13 @@ def test_filter_rows_equals_filter_logits_row_by_row(odd):
 def test_the_draft_is_made_once_kept_off_the_model_and_made_again_after_an_edit(odd):
     keys = set(odd.state_dict())
     attributes = set(vars(odd))
-    draft = sp.draft_for(odd)
-    assert sp.draft_for(odd) is draft
-    assert draft.decoder.token_embedding.weight.dtype == torch.bfloat16
+    draft, head = sp.draft_for(odd), sp.draft_for(odd, "head")
+    assert sp.draft_for(odd) is draft and sp.draft_for(odd, "head") is head
+    assert draft.decoder.token_embedding.weight.dtype == head.head.dtype == torch.bfloat16
     assert set(odd.state_dict()) == keys and set(vars(odd)) == attributes  # nothing set on the model
     with torch.no_grad():
         odd.decoder.blocks[0].mlp[0].weight.mul_(1.0)  # an in-place edit (same values, new version)
-    assert sp.draft_for(odd) is not draft
+    assert sp.draft_for(odd) is not draft and sp.draft_for(odd, "head") is not head
 
 
 def test_pace_switches_drafting_off_when_it_does_not_pay():

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import DEFAULT, KVCache
+from .kernels import DEFAULT, STEP_ROWS, Kernels, KVCache, is_textbook, onednn_available, onednn_linear, onednn_pack
 from .trace import IDLE
 
 if TYPE_CHECKING:
@@ -80,11 +80,26 @@ FIRST_GUESSES = 4  # the proposals of the first drafting round, before anything 
 
 @dataclass
 class Draft:
-    """A low-precision copy of a model's decoder, and the weight versions it was made from."""
+    """What proposes the guesses, made from a model's decoder, and the weight versions it was made from.
 
-    decoder: TextDecoder  # the same modules, weights in ``dtype``
+    Two kinds. ``decoder`` set ("copy"): a copy of the whole decoder in ``dtype``, with its own
+    cache; one fp32 pass over k + 1 positions verifies. ``head`` set ("head"): only the
+    unembedding in ``dtype`` (the step's one big product: 80 of tiny's 108 MiB); the guesses come
+    from the fp32 blocks' own final stream, step by step, and verifying them is one fp32
+    unembedding of the k + 1 streams. The head kind reads the blocks' weights at every position
+    but writes the fp32 cache as the plain loop does; the copy kind reads half the bytes per guess
+    but its small low-precision products cost more per call on a CPU.
+    """
+
+    decoder: TextDecoder | None  # "copy": the same modules, weights in ``dtype``
     dtype: torch.dtype
     made_from: tuple[tuple[int, int], ...]  # (data pointer, version) of each source parameter
+    head: Tensor | None = None  # "head": the unembedding (V, D) in ``dtype``
+    verifying: dict[int, Kernels] = field(default_factory=dict)  # rows -> kernels of the fp32 verification pass
+
+    @property
+    def kind(self) -> str:
+        return "copy" if self.decoder is not None else "head"
 
     @staticmethod
     def stamp(decoder: TextDecoder) -> tuple[tuple[int, int], ...]:
@@ -95,14 +110,50 @@ class Draft:
 _DRAFTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {dtype: Draft}
 
 
-def draft_for(model: Whisper, dtype: torch.dtype = torch.bfloat16) -> Draft:
-    """The ``dtype`` copy of ``model``'s decoder, made at first use and kept (outside the model) while it lives."""
+def draft_for(model: Whisper, kind: str = "copy", dtype: torch.dtype = torch.bfloat16) -> Draft:
+    """``model``'s draft of ``kind`` ("copy" or "head") in ``dtype``, made at first use and kept (outside the
+    model, while it lives); made again when the decoder's weights have changed."""
+    if kind not in ("copy", "head"):
+        raise ValueError(f"a draft is a 'copy' of the decoder or its 'head' (the unembedding), got {kind!r}")
     drafts = _DRAFTS.setdefault(model, {})
     stamp = Draft.stamp(model.decoder)
-    draft = drafts.get(dtype)
+    draft = drafts.get((kind, dtype))
     if draft is None or draft.made_from != stamp:
-        draft = drafts[dtype] = Draft(cast_copy(model.decoder, dtype), dtype, stamp)
+        if kind == "copy":
+            draft = Draft(cast_copy(model.decoder, dtype), dtype, stamp)
+        else:
+            draft = Draft(None, dtype, stamp, head=model.decoder.token_embedding.weight.detach().to(dtype))
+        drafts[(kind, dtype)] = draft
     return draft
+
+
+class AnyRows(Kernels):
+    """Kernels whose packed unembedding serves every product of at most ``rows`` rows, not only ``rows``.
+
+    A verification pass has L * (k + 1) rows, k changing from round to round. oneDNN's copy of
+    the unembedding packed for the most rows runs fewer at nearly the speed of a copy packed for
+    them, and 1.5x-2.7x ``F.linear``'s speed from 2 to 9 rows (F.linear's fp32 product of a few
+    rows does not reach the memory's speed); one copy per model and row bound is kept.
+    """
+
+    def linear(self, x: Tensor, layer: torch.nn.Module) -> Tensor:
+        packed = self.packed.get(layer)
+        weight = layer.weight
+        if packed is None or is_textbook() or x.dtype != torch.float32 or x.numel() > self.rows * weight.shape[1]:
+            return super().linear(x, layer)
+        return onednn_linear(x, packed, getattr(layer, "bias", None))
+
+
+def verifying_kernels(model: Whisper, draft: Draft, rows: int) -> Kernels:
+    """The kernels of a verification pass of at most ``rows`` rows: the fp32 unembedding packed for them (kept in
+    the draft, which is made again when the weights change), or plain ones where packing does not apply."""
+    W = model.decoder.token_embedding.weight
+    rows = min(rows, STEP_ROWS)
+    if not (W.device.type == "cpu" and W.dtype == torch.float32 and onednn_available() and not is_textbook()):
+        return DEFAULT
+    if rows not in draft.verifying:
+        draft.verifying[rows] = AnyRows({model.decoder.token_embedding: onednn_pack(W, rows)}, rows)
+    return draft.verifying[rows]
 
 
 def cast_copy(decoder: TextDecoder, dtype: torch.dtype) -> TextDecoder:
@@ -249,7 +300,8 @@ def speculate(d: Decoding, draft: Draft, guesses: int | None = None) -> tuple[in
     start = d.start.expand(N, 1)  # (N, 1)
     rows = Rows(torch.zeros(N, dtype=torch.long, device=dev), start[:, 0].clone(), torch.arange(N, device=dev), start)
     pace = Pace()
-    dcache = cast_cache(d.cache, draft.dtype)
+    dcache = cast_cache(d.cache, draft.dtype) if draft.kind == "copy" else None
+    ops = verifying_kernels(d.model, draft, N * (MAX_GUESSES + 1))
     compact = dev.type == "cpu"  # on the CPU rows that are done leave the caches; on CUDA shapes stay fixed
     # selection 0: from the prompt's pass
     accept(d, rows, d.last[:, None], torch.empty(N, 0, dtype=torch.long, device=dev))
@@ -261,16 +313,20 @@ def speculate(d: Decoding, draft: Draft, guesses: int | None = None) -> tuple[in
         if compact and not bool(keep.all()):
             idx = keep.nonzero()[:, 0]  # (L',)
             rows.live = rows.live[idx]
-            d.cache, dcache = d.cache.take_rows(idx), dcache.take_rows(idx)
+            d.cache = d.cache.take_rows(idx)
+            dcache = dcache.take_rows(idx) if dcache is not None else None
         live = rows.live if compact else torch.arange(N, device=dev)
         room = int((s.limit[live] - rows.m[live]).max()) - 1  # tokens a row may still take after the next one
         k = pace.next_k(room) if guesses is None else max(0, min(guesses, room))
         last = rows.start[live, 0] + rows.m[live] - 1  # (L,) each row's last chosen token's position
-        t0 = now(dev)
-        proposed = propose(d, draft, dcache, rows, live, k)  # (L, k)
-        t1 = now(dev)
-        logits = verify(d, rows, live, proposed)  # (L, k + 1, V)
-        t2 = now(dev)
+        if dcache is None:  # the head kind: guesses from the fp32 stream, verified by the fp32 unembedding
+            proposed, logits, (t0, t1, t2) = guess_from_streams(d, draft, rows, live, k, ops)  # (L, k), (L, k+1, V)
+        else:
+            t0 = now(dev)
+            proposed = propose(d, draft, dcache, rows, live, k)  # (L, k)
+            t1 = now(dev)
+            logits = verify(d, rows, live, proposed, ops)  # (L, k + 1, V)
+            t2 = now(dev)
         accepted, emitted = accept(d, rows, logits, proposed, live)
         if k:  # the draft fed positions last .. last + k - 1; those after the accepted guesses hold wrong tokens
             rows.draft_next[live] = torch.minimum(last + k, last + 1 + accepted)
@@ -329,7 +385,47 @@ def propose(d: Decoding, draft: Draft, dcache: DecoderCache, rows: Rows, live: T
     return guesses  # the draft fed positions up to last + k - 1 (the last guess is not fed)
 
 
-def verify(d: Decoding, rows: Rows, live: Tensor, guesses: Tensor) -> Tensor:
+class Streams(Kernels):
+    """Kernels whose 'unembedding' returns the final residual stream itself: ``decoder(...)`` then gives (L, T, D)."""
+
+    def __init__(self, decoder: TextDecoder) -> None:
+        super().__init__()
+        self.unembedding = decoder.token_embedding
+
+    def linear(self, x: Tensor, layer: torch.nn.Module) -> Tensor:
+        return x if layer is self.unembedding else super().linear(x, layer)
+
+
+def guess_from_streams(d: Decoding, draft: Draft, rows: Rows, live: Tensor, k: int, ops: Kernels) -> tuple:
+    """The head kind's round: the fp32 blocks fed the last chosen token and then each guess, one position per
+    pass (writing the fp32 cache as the plain loop does); a guess is the argmax of the low-precision head on
+    the stream, filtered; the fp32 logits (L, k + 1, V) are one unembedding of the k + 1 streams.
+    Returns (guesses (L, k), logits, (t0, t1, t2)): t1 - t0 the guessing, t2 - t1 the last pass and the check."""
+    dev, decoder = rows.m.device, d.model.decoder
+    end = d.cache.attn[0].keys().shape[2] - 1
+    m = rows.m[live]  # (L,)
+    last = rows.start[live, 0] + m - 1  # (L,)
+    tokens, pos = tokens_at(d, rows, live, last[:, None]), last[:, None]  # (L, 1)
+    streams, guesses = [], torch.empty(len(live), 0, dtype=torch.long, device=dev)
+    capture = Streams(decoder)
+    t0 = t1 = now(dev)
+    for j in range(k + 1):
+        if j == k:
+            t1 = now(dev)
+        cache = type(d.cache)([c.upto(int(pos.max()) + 1) for c in d.cache.attn], d.cache.cross_attn)
+        x = decoder(tokens, IDLE, capture, cache=cache, pos=pos)  # (L, 1, D): the final stream
+        streams.append(x)
+        if j < k:
+            logits = F.linear(x[:, 0].to(draft.dtype), draft.head).float()  # (L, V)
+            hist = history(d, rows, live, guesses)  # (L, W)
+            guess = filter_rows(logits, hist, m + j, d.plan, d.model.tokenizer, d.vocab).argmax(dim=-1)  # (L,)
+            guesses = torch.cat([guesses, guess[:, None]], dim=1)  # (L, j + 1)
+            tokens, pos = guess[:, None], (last + j + 1).clamp(max=end)[:, None]  # (L, 1)
+    logits = ops.linear(torch.cat(streams, dim=1), decoder.token_embedding).float()  # (L, k + 1, V)
+    return guesses, logits, (t0, t1, now(dev))
+
+
+def verify(d: Decoding, rows: Rows, live: Tensor, guesses: Tensor, ops: Kernels) -> Tensor:
     """One fp32 pass over each row's last chosen token and its guesses: the logits (L, k + 1, V) after each."""
     end = d.cache.attn[0].keys().shape[2] - 1
     m = rows.m[live]  # (L,)
@@ -338,7 +434,7 @@ def verify(d: Decoding, rows: Rows, live: Tensor, guesses: Tensor) -> Tensor:
     tokens = torch.cat([tokens_at(d, rows, live, last[:, None]), guesses], dim=1)  # (L, k + 1)
     n = int(pos.max()) + 1
     cache = type(d.cache)([c.upto(n) for c in d.cache.attn], d.cache.cross_attn)
-    return d.model.decoder(tokens, IDLE, DEFAULT, cache=cache, pos=pos)  # (L, k + 1, V)
+    return d.model.decoder(tokens, IDLE, ops, cache=cache, pos=pos)  # (L, k + 1, V)
 
 
 def accept(d: Decoding, rows: Rows, logits: Tensor, guesses: Tensor, live: Tensor | None = None) -> tuple:
