@@ -14,6 +14,7 @@ own maximum, so putting a clip in a batch never changes its features.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import stat
@@ -49,12 +50,14 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     if isinstance(sr, bool) or not isinstance(sr, int) or not 0 < sr <= MAX_SAMPLE_RATE:
         raise ValueError(f"sr must be an integer sample rate from 1 to {MAX_SAMPLE_RATE} Hz, got {sr!r}")
     path = _regular_file(path)
+    check_complete_wav(path)
     try:
         with warnings.catch_warnings():
             # librosa warns before falling back from libsndfile to audioread; the outcome is
             # reported below either way.
             warnings.simplefilter("ignore")
-            audio, _ = librosa.load(path, sr=sr, mono=True, dtype=np.float32)
+            with native_stderr_quiet():  # libmpg123 and friends write warnings straight to fd 2
+                audio, _ = librosa.load(path, sr=sr, mono=True, dtype=np.float32)
     except librosa.util.exceptions.ParameterError as error:  # decoded, but librosa rejects the samples
         raise ValueError(f"audio in {path} is not usable: {error} (NaN or infinite samples?)") from None
     except Exception as error:
@@ -64,6 +67,57 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     if not np.isfinite(audio).all():
         raise ValueError(f"audio file {path} contains NaN or infinite samples")
     return audio
+
+
+@contextlib.contextmanager
+def native_stderr_quiet():
+    """Keep what C libraries (libmpg123's "warning: ID3v2: ...") write to file descriptor 2 off the terminal
+    while a file is decoded: the outcome is reported in one line, decoded or not. Python's own stderr is
+    untouched (sys.stderr writes go through the same descriptor, so the block must not print)."""
+    import sys
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2 (a daemon, an embedded interpreter): nothing to hide
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def check_complete_wav(path: str) -> None:
+    """Refuse a WAV file whose data chunk announces more audio than the file holds (a copy or download cut
+    short): decoders read what is there and say nothing, so the recording would silently end early."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        size = f.seek(0, 2)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return
+    at, rate, align = 12, None, None
+    while at + 8 <= len(head):
+        chunk, length = head[at : at + 4], struct.unpack("<I", head[at + 4 : at + 8])[0]
+        if chunk == b"fmt " and at + 22 <= len(head):
+            rate, align = struct.unpack_from("<I", head, at + 12)[0], struct.unpack_from("<H", head, at + 20)[0]
+        if chunk == b"data":
+            held = size - (at + 8)
+            if length in (0, 0xFFFFFFFF) or length <= held or not rate or not align:  # 0 / ~0: a streamed WAV
+                return
+            said, got = length / (rate * align), held / (rate * align)
+            raise ValueError(f"{path} is cut short: its header announces {said:.2f} s of audio, the file holds only "
+                             f"{got:.2f} s (an interrupted copy or download?)")  # fmt: skip
+        at += 8 + length + (length & 1)
+    return
 
 
 def _regular_file(path: str | os.PathLike) -> str:
@@ -86,6 +140,20 @@ def _regular_file(path: str | os.PathLike) -> str:
     return path
 
 
+MAX_PEAK = 2.0  # float samples are in [-1, 1]; a little above is resampling's overshoot, far above is not audio
+
+
+def check_peak(audio: np.ndarray | torch.Tensor, where: str) -> None:
+    """Refuse float samples far outside [-1, 1] (int16 values given as floats, a gain gone wrong): the spectrogram
+    would be all loudness and the encoder overflow (NaN) on them."""
+    x = torch.as_tensor(audio)
+    if x.numel() and x.is_floating_point():
+        peak = float(x.abs().max())
+        if peak > MAX_PEAK:
+            raise ValueError(f"{where} has samples up to {peak:.4g}, far outside [-1, 1]: float audio must be in "
+                             "[-1, 1] (16-bit integer samples? divide them by 32768)")  # fmt: skip
+
+
 def pad_or_trim(array: np.ndarray | torch.Tensor, length: int = N_SAMPLES, axis: int = -1):
     """Cut `array` to `length` along `axis`, or pad it with zeros at the end up to `length`.
 
@@ -93,7 +161,7 @@ def pad_or_trim(array: np.ndarray | torch.Tensor, length: int = N_SAMPLES, axis:
     N_SAMPLES (or, equivalently, mels to N_FRAMES). Works for numpy arrays and torch tensors
     and returns the same kind.
     """
-    if not isinstance(length, int) or length < 0:
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
         raise ValueError(f"length must be a non-negative integer, got {length!r}")
     if not isinstance(array, np.ndarray | torch.Tensor):
         raise TypeError(f"pad_or_trim takes a numpy array or torch tensor, got {type(array).__name__}")
@@ -268,6 +336,45 @@ def log_mel_spectrogram(
     return features[0] if single else features
 
 
+def load_mel(audio, model=None, *, n_mels: int | None = None) -> torch.Tensor:
+    """Whisper's input for a clip: the log-mel of its first window, the audio padded with silence to the window.
+
+    audio: a path, or a 16 kHz waveform [N] (numpy or torch); or a list of them.
+    model: a loaded Whisper, whose mel bands and window it follows (``2 * dims.n_audio_ctx`` frames:
+        30 s for OpenAI's models, 4 s for the shipped toy). Without one: ``n_mels`` bands (default 80)
+        and Whisper's 30 s window.
+
+    Returns float32 [n_mels, frames] for one clip, [B, n_mels, frames] for a list: what ``model.run``
+    and ``model.generate`` take. As openai-whisper's ``log_mel_spectrogram(pad_or_trim(audio))``, the
+    audio is padded with zeros, or cut, to the window before the spectrogram; what lies past the
+    window is not read (a longer recording is ``model.transcribe``'s job).
+    """
+    if model is not None:
+        dims = getattr(model, "dims", None)
+        if dims is None or not hasattr(dims, "n_audio_ctx"):
+            raise TypeError(f"model must be a loaded Whisper (wl.load_model), got {type(model).__name__}")
+        if n_mels is not None and n_mels != dims.n_mels:
+            raise ValueError(f"n_mels={n_mels!r} but the model reads {dims.n_mels} mel bands; give one or the other")
+        n_mels, frames = dims.n_mels, 2 * dims.n_audio_ctx
+    else:
+        n_mels, frames = (80 if n_mels is None else n_mels), N_FRAMES
+    if isinstance(audio, list | tuple):
+        if not audio:
+            raise ValueError("load_mel was given an empty list of clips")
+        return torch.stack([_window_mel(item, n_mels, frames) for item in audio])  # (B, n_mels, frames)
+    return _window_mel(audio, n_mels, frames)  # (n_mels, frames)
+
+
+def _window_mel(audio, n_mels: int, frames: int) -> torch.Tensor:
+    """The log-mel [n_mels, frames] of one clip (a path or a 16 kHz waveform) padded or cut to ``frames``."""
+    waveform = load_audio(audio) if isinstance(audio, str | os.PathLike) else audio
+    is_array = isinstance(waveform, np.ndarray | torch.Tensor)
+    if not is_array or waveform.ndim != 1:
+        got = f"shape {tuple(waveform.shape)}" if is_array else type(audio).__name__
+        raise ValueError(f"load_mel takes a path or a 1-D 16 kHz waveform, got {got}; for stereo, average the channels")
+    return log_mel_spectrogram(pad_or_trim(waveform, frames * HOP_LENGTH), n_mels=n_mels)  # (n_mels, frames)
+
+
 def load_windows(audios, n_mels: int, frames: int) -> tuple[torch.Tensor, list[float]]:
     """Log-mels of audio files or 16 kHz arrays, padded to a window of ``frames``: ([B, n_mels, frames], seconds).
 
@@ -290,6 +397,7 @@ def load_windows(audios, n_mels: int, frames: int) -> tuple[torch.Tensor, list[f
             raise ValueError(
                 f"audio {i} must be a 1-D 16 kHz waveform (or a path), got {got}; for stereo, average the channels"
             )
+        check_peak(audio, str(item) if isinstance(item, str | os.PathLike) else f"audio {i}")
         if len(audio) > frames * HOP_LENGTH:
             raise ValueError(
                 f"{item if isinstance(item, str | os.PathLike) else 'audio'} is {len(audio) / SAMPLE_RATE:.1f} s "

@@ -1,8 +1,10 @@
 """The ``whisper-lens`` command. Each subcommand is one function ``cmd_<name>(args)``.
 
 Errors a user can cause (bad arguments, paths, names, shapes) are printed as one line,
-``whisper-lens: error: ...``, with exit code 2 and no traceback; Ctrl-C exits with 130 and
-SIGTERM with 143, after removing whatever the command had half-written. ``--model`` defaults to
+``whisper-lens: error: ...``, with exit code 2 and no traceback. A signal that ends a run (Ctrl-C,
+SIGTERM as ``timeout`` and schedulers send it, SIGHUP when the terminal closes) first removes
+whatever the command had half-written, then exits with 128 + its number (130, 143, 129) and one
+line naming it. ``--model`` defaults to
 the shipped toy model everywhere, so every command runs offline. Output folders (``--out``) are
 replaced only when they are new, empty, or a previous output of the same command (see
 ``whisper_lens.files``); anything else is refused before any work.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -23,15 +26,27 @@ USER_ERRORS = (ValueError, KeyError, IndexError, TypeError, OSError)
 
 
 class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM, so that the command unwinds (and cleans up) as on Ctrl-C."""
+    """Raised in the main thread on SIGTERM or SIGHUP, so that the command unwinds (and cleans up) as on Ctrl-C."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # handled as Ctrl-C is (SIGINT: KeyboardInterrupt)
 
 
 class Parser(argparse.ArgumentParser):
     """argparse with the command's one-line error format (argparse prints the usage and its own prefix)."""
 
+    argv: list[str] = []  # the command line being parsed (set by main), to explain what argparse cannot
+
     def error(self, message: str):
         command = self.prog.removeprefix("whisper-lens").strip()
         where = f"{command}: " if command else ""
+        dashed = [a for a in Parser.argv if a.startswith("-") and len(a) > 1 and os.path.exists(a)]
+        if dashed:  # a file named like a flag: argparse took it for one
+            message = f"{dashed[0]} is a file whose name starts with '-', read as a flag: write it ./{dashed[0]}"
         self.exit(2, f"whisper-lens: error: {where}{message} (see whisper-lens {command} --help)\n".replace("  ", " "))
 
 
@@ -43,6 +58,24 @@ def placement(device: str) -> dict:
 
     kind = check_device(device).type
     return {"device": device, "dtype": torch.float16 if kind == "cuda" else torch.float32}
+
+
+def progress_arg(p: argparse.ArgumentParser) -> None:
+    """``--no-progress``: the one definition of the flag, on every command that runs a model."""
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_explore(args: argparse.Namespace) -> None:
+    """One clip as a self-contained HTML page: spectrogram and audio, tokens, attention, logit and encoder lens."""
+    from pathlib import Path
+
+    from .loading import load_model
+    from .pages.common import check_page_path
+    from .pages.explorer import write_explorer
+
+    out = check_page_path(args.out or Path(args.audio).stem + "-explorer.html")  # refused before any work
+    model = load_model(args.model, **placement(args.device))
+    print(f"explorer page written to {write_explorer(model, args.audio, out, progress=not args.no_progress)}")
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -245,7 +278,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     if args.model is None:  # the shipped model's products are too small to share between threads: one thread is
         torch.set_num_threads(1)  # as fast, and much faster when the other cores are busy
-    report = demo(args.out, model_name=args.model, samples=args.samples, **placement(args.device))
+    report = demo(
+        args.out, model_name=args.model, samples=args.samples, progress=not args.no_progress, **placement(args.device)
+    )
     print(f"report written to {report}")
 
 
@@ -261,7 +296,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             model = ranks.together(lambda: load_model(args.model, **placement(device)))
             clips = ranks.first(lambda: find_clips(args.audio, model, references=args.references))
             done = sweep(model, clips, args.out, stack=args.stack, removals=args.removals, batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens, ranks=ranks)  # fmt: skip
+                         max_new_tokens=args.max_new_tokens, ranks=ranks, progress=not args.no_progress)  # fmt: skip
     except RankFailed:  # another rank failed and said why
         raise SystemExit(2) from None
     if ranks.rank == 0:
@@ -287,7 +322,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             clips = ranks.first(lambda: find_clips(args.audio, model))
             done = export(model, clips, args.out, args.trace, dtype=dtype, positions=args.positions,
                           batch_size=args.batch_size, shard_clips=args.shard_clips,
-                          max_new_tokens=args.max_new_tokens, ranks=ranks)  # fmt: skip
+                          max_new_tokens=args.max_new_tokens, ranks=ranks, progress=not args.no_progress)  # fmt: skip
     except RankFailed:  # another rank failed and said why
         raise SystemExit(2) from None
     if ranks.rank == 0:
@@ -356,8 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="files to write (default: all when --output-dir is given, else none)")  # fmt: skip
     p.add_argument("--output-dir", "-o", default=None, help="folder for the files (default: the current one)")
     p.add_argument("--batch-size", type=int, default=8, help="recordings decoded together (default 8)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    progress_arg(p)
     p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("explore", help="one clip as a self-contained HTML page: where each token listened")
+    model_arg(p)
+    p.add_argument("audio", help="one audio file, no longer than the model's window (30 s for official models)")
+    p.add_argument("--out", default=None, help="the page to write (default: AUDIO's name + -explorer.html)")
+    progress_arg(p)
+    p.set_defaults(func=cmd_explore)
 
     p = sub.add_parser("demo", help="the whole study (default: the shipped toy model, offline), written to report/")
     p.add_argument("--out", default="report", help="output folder (default report)")
@@ -365,12 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "the shipped toy); official models are studied on the shipped real speech")  # fmt: skip
     samples_arg(p)
     p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16); default cpu")
+    progress_arg(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("lens", help="decoder and encoder logit lens of audio files (pictures + tables)")
     model_arg(p)
     p.add_argument("audio", nargs="+")
     p.add_argument("--out", default="lens-out", help="output folder (default lens-out)")
+    progress_arg(p)
     p.set_defaults(func=cmd_lens)
 
     p = sub.add_parser("ablate", help="remove the last k blocks of the encoder/decoder and measure WER")
@@ -385,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     samples_arg(p)
     normalize_arg(p)
     p.add_argument("--out", default="ablate-out", help="output folder (default ablate-out)")
+    progress_arg(p)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("hallucinate", help="hallucination on non-speech: rates, no-speech lens, head sweep, lens")
@@ -398,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "sweep (default: twice the longest unedited output plus 16)")  # fmt: skip
     normalize_arg(p)
     p.add_argument("--out", default="hallucinate-out", help="output folder (default hallucinate-out)")
+    progress_arg(p)
     p.set_defaults(func=cmd_hallucinate)
 
     p = sub.add_parser("attention", help="attention pictures and per-head statistics of audio files")
@@ -405,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("audio", nargs="+")
     p.add_argument("--layer", type=int, default=None, help="block to draw (default: the last)")
     p.add_argument("--out", default="attention-out", help="output folder (default attention-out)")
+    progress_arg(p)
     p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("sweep", help="layer removal over a dataset: resumable, one process or torchrun ranks",
@@ -421,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder; rerunning the command resumes in it")
     p.add_argument("--batch-size", type=int, default=8, help="clips decoded together (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per clip (default 224)")
+    progress_arg(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("export", help="activations of a dataset as safetensors shards + index (for SAEs)",
@@ -439,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="clips run together (default 8)")
     p.add_argument("--shard-clips", type=int, default=32, help="clips per shard file (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per transcript (decoder names)")
+    progress_arg(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train-toy", help="train the shipped toy model from scratch on espeak-ng speech (the recipe)")
@@ -456,30 +505,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def in_flags(message: str, parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """An error raised by the Python API, in the command's terms: ``beam_size=`` becomes ``--beam-size``."""
+    sub = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+    command = next((a for a in argv if a in sub), None)
+    for action in sub[command]._actions if command else []:
+        flags = [o for o in action.option_strings if o.startswith("--")]
+        if not flags or action.dest in ("help", "model"):
+            continue
+        message = re.sub(rf"(?<![\w.-]){action.dest}=", f"{flags[0]} ", message)
+        if "_" in action.dest:
+            message = re.sub(rf"(?<![\w.-]){action.dest}\b", flags[0], message)
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    Parser.argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    previous = {sig: signal.signal(sig, _terminate) for sig in ENDING_SIGNALS} if main_thread else {}
     try:
         args.func(args)
     except KeyboardInterrupt:
-        print("whisper-lens: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("whisper-lens: terminated", file=sys.stderr)
-        return 143
+        _say("whisper-lens: interrupted (SIGINT)")
+        return 128 + signal.SIGINT
+    except Terminated as e:
+        how = "hung up" if e.signum == signal.SIGHUP else "terminated"
+        _say(f"whisper-lens: {how} ({signal.Signals(e.signum).name})")
+        return 128 + e.signum
     except USER_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"whisper-lens: error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, always
+        message = in_flags(" ".join(str(message).split()), parser, Parser.argv)  # one line, in flag names
+        print(f"whisper-lens: error: {message}", file=sys.stderr)
         return 2
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
+def _say(line: str) -> None:
+    """One line on stderr, if there still is one (after SIGHUP the terminal may be gone)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def _terminate(signum: int, frame) -> None:
-    raise Terminated
+    raise Terminated(signum)
 
 
 def run() -> None:

@@ -94,7 +94,7 @@ class OutputFolder:
             raise FileExistsError(f"--output-dir {self.folder} holds the output of `whisper-lens {marker['command']}`"
                                   ": choose another folder")  # fmt: skip
         names = [f"{stem}.{fmt}" for stem in stems for fmt in fmts]
-        files.check_can_write(self.folder, names, COMMAND)
+        files.check_can_write(self.folder, names, COMMAND, what="--output-dir", shared=True)
         self.folder.mkdir(parents=True, exist_ok=True)
         return [[self.folder / f"{stem}.{fmt}" for fmt in fmts] for stem in stems]
 
