@@ -53,6 +53,7 @@ everything else runs the plain loop.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 import weakref
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
     from .model import DecoderCache, TextDecoder, Whisper
     from .trace import Recorder
 
+LOG = logging.getLogger(__name__)
 MAX_GUESSES = 8  # the most tokens the draft proposes per round
 FIRST_GUESSES = 4  # the proposals of the first drafting round, before anything is measured
 
@@ -476,6 +478,87 @@ def accept(d: Decoding, rows: Rows, logits: Tensor, guesses: Tensor, live: Tenso
     return accepted, emitted
 
 
+# ----------------------------------------------------------------------------- which draft, measured here
+
+AGREEMENT = 0.95  # the agreement rate a calibration assumes (bf16 copies agree with fp32 at ~99 % on speech)
+_CHOICES: dict[tuple, str | None] = {}  # (device, dims, rows) -> the kind of draft that pays here, or None
+
+
+def choices() -> dict[tuple, str | None]:
+    """What the calibrations of this process chose: (device, dims, rows) -> "copy", "head" or None (plain)."""
+    return dict(_CHOICES)
+
+
+def chosen_draft(model: Whisper, rows: int) -> Draft | None:
+    """The draft that pays for ``rows`` rows of ``model`` on this machine, or None where none does.
+
+    Decided by timing, once per device, shape and row count in a process (``calibrate``), never
+    from the name of the machine; logged, and listed by ``choices()``. Either way the numbers are
+    the plain loop's: the choice only changes how many tokens a pass yields.
+    """
+    key = (str(model.device), model.dims, rows)
+    if key not in _CHOICES:
+        _CHOICES[key] = calibrate(model, rows)
+        LOG.info("speculative decoding on %s, %s, %d rows: %s", *key, _CHOICES[key] or "off (plain loop)")
+    kind = _CHOICES[key]
+    return None if kind is None else draft_for(model, kind)
+
+
+@torch.no_grad()
+def calibrate(model: Whisper, rows: int, k: int = 4, repeats: int = 3) -> str | None:
+    """Time a plain step, each kind's guess and an fp32 check of k + 1 positions on ``rows`` rows of silence-like
+    input; return the kind with the most expected tokens per second at agreement ``AGREEMENT``, if it beats
+    the plain step (best of ``repeats``)."""
+    decoder, dev = model.decoder, model.device
+    d = model.dims
+    xa = torch.zeros(rows, d.n_audio_ctx, d.n_audio_state, device=dev, dtype=model.dtype)  # (R, S, D)
+    length = 64 + k + 2
+    cache = decoder.new_cache(xa, min(length, d.n_text_ctx))
+    n = min(32, d.n_text_ctx - k - 2)  # attend over a typical number of positions
+    pos1 = torch.full((rows, 1), n, device=dev)  # (R, 1)
+    posk = (n + torch.arange(k + 1, device=dev)).expand(rows, k + 1)  # (R, k + 1)
+    tok1 = torch.zeros(rows, 1, dtype=torch.long, device=dev)
+    tokk = torch.zeros(rows, k + 1, dtype=torch.long, device=dev)
+    copy_draft, head_draft = draft_for(model, "copy"), draft_for(model, "head")
+    ops = verifying_kernels(model, head_draft, rows * (MAX_GUESSES + 1))
+    dcache = cast_cache(cache, copy_draft.dtype)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = now(dev)
+            fn()
+            times.append(now(dev) - t)
+        return min(times)
+
+    def head_guess():
+        x = decoder(tok1, IDLE, Streams(decoder), cache=cache, pos=pos1)  # (R, 1, D)
+        F.linear(x[:, 0].to(head_draft.dtype), head_draft.head).float().argmax(dim=-1)
+
+    plain = best(lambda: decoder(tok1, IDLE, ops, cache=cache, pos=pos1))
+    check = best(lambda: decoder(tokk, IDLE, ops, cache=cache, pos=posk))
+    streams = torch.zeros(rows, k + 1, d.n_text_state, device=dev)  # (R, k + 1, D)
+    unembed = best(lambda: ops.linear(streams, decoder.token_embedding))  # the check of the head kind
+    unembed1 = best(lambda: ops.linear(streams[:, :1], decoder.token_embedding))  # a plain step's unembedding
+    copy_s = best(lambda: copy_draft.decoder(tok1, IDLE, DEFAULT, cache=dcache, pos=pos1))
+    head_s = best(head_guess)
+    tokens = sum(AGREEMENT**i for i in range(k + 1))
+    rates = {None: 1 / plain, "copy": tokens / (k * copy_s + check),
+             "head": tokens / (k * head_s + plain - unembed1 + unembed)}  # fmt: skip
+    LOG.debug(
+        "calibration, %d rows: plain %.4f s, check %.4f, unembeddings %.4f / %.4f, copy guess %.4f, head guess %.4f",
+        rows,
+        plain,
+        check,
+        unembed,
+        unembed1,
+        copy_s,
+        head_s,
+    )
+    return max(rates, key=rates.get)
+
+
 # ----------------------------------------------------------------------------- entry
 
 
@@ -504,5 +587,8 @@ def decode(model: Whisper, mel: Tensor | None = None, *, audio_features: Tensor 
     plan = decoding.make_plan(model, opts, n_clips=audio.shape[0] if opts.clips is None else len(opts.clips))
     xa = model.encoder(audio) if mel is not None else audio  # (C, S, D)
     d = decoding.prefill(model, plan, opts, xa, rec)
-    n_sel, pace = speculate(d, draft if draft is not None else draft_for(model), guesses)
+    draft = draft if draft is not None else chosen_draft(model, len(d.search.tokens))
+    if draft is None:  # no draft pays here: the plain step, through the same loop (k = 0 every round)
+        draft, guesses = draft_for(model, "head"), 0
+    n_sel, pace = speculate(d, draft, guesses)
     return decoding.finish(d, n_sel), pace
