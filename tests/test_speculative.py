@@ -61,15 +61,23 @@ def real_features(real_tiny_en, real_clips) -> torch.Tensor:
         return real_tiny_en.encoder(mels)
 
 
+@pytest.fixture(scope="module")
+def plain_results(real_tiny_en, real_features) -> dict[bool, list]:
+    """The plain loop's results for every clip, one clip at a time, without and with timestamps (a batch of
+    clips gives each the tokens it gets alone: tests/test_decoding.py)."""
+    return {ts: [real_tiny_en.generate(audio_features=xa[None], timestamps=ts)[0] for xa in real_features]
+            for ts in (False, True)}  # fmt: skip
+
+
 @pytest.mark.parametrize("timestamps", [False, True])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_real_speech_gives_the_plain_loops_results(real_tiny_en, real_features, timestamps, batch):
+def test_real_speech_gives_the_plain_loops_results(real_tiny_en, real_features, plain_results, timestamps, batch):
     """Both bf16 drafts of the real tiny.en (the decoder's copy, its head), over every clip: results equal, and
     most guesses accepted."""
     accepted, proposed = dict.fromkeys(KINDS, 0), dict.fromkeys(KINDS, 0)
     for first in range(0, len(real_features), batch):
         xa = real_features[first : first + batch]
-        plain = real_tiny_en.generate(audio_features=xa, timestamps=timestamps)
+        plain = plain_results[timestamps][first : first + batch]
         for kind in KINDS:
             draft = sp.draft_for(real_tiny_en, kind)
             spec, pace = sp.decode(real_tiny_en, audio_features=xa, timestamps=timestamps, draft=draft, guesses=4)
@@ -227,3 +235,55 @@ def test_pace_switches_drafting_off_when_it_does_not_pay():
     assert disagrees.next_k(room=10) == 0
     costly = sp.Pace(rounds=5, draft_s=0.010, verify_s={0: 0.010, 4: 0.012}, accepted=30, rejected=10)
     assert costly.next_k(room=10) == 0
+
+
+@pytest.mark.parametrize("choice", [None, "copy", "head"])
+def test_every_choice_of_the_measured_fast_path_gives_the_same_numbers(odd, odd_mel, choice, monkeypatch):
+    """Whatever the one-off timing chose on this machine (a kind of draft, or none), the results are the same."""
+    monkeypatch.setitem(sp._CHOICES, ("cpu", odd.dims, 8), choice)
+    options = dict(timestamps=True, max_new_tokens=17, language="en")
+    spec, pace = sp.decode(odd, odd_mel, **options)
+    assert_same(odd.generate(odd_mel, **options), spec)
+    assert (pace.accepted + pace.rejected == 0) == (choice is None)  # none: plain steps, nothing guessed
+
+
+def test_calibration_names_a_kind_or_none(odd):
+    """The one-off timing returns one of the three answers (which one depends on the machine)."""
+    assert sp.calibrate(odd, rows=2, repeats=1) in (None, "copy", "head")
+
+
+# ----------------------------------------------------------------------------- generate and transcribe
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_speculative_gives_the_plain_loops_results(odd, odd_mel, kind, monkeypatch):
+    """``generate(speculative=True)`` with a draft chosen gives the plain loop's results; beam search keeps it."""
+    monkeypatch.setattr(sp, "chosen_draft", lambda model, rows: sp.draft_for(model, kind))
+    options = dict(timestamps=True, max_new_tokens=17, language="en")
+    assert_same(odd.generate(odd_mel, **options), odd.generate(odd_mel, speculative=True, **options))
+    beams = dict(options, beam_size=2)  # beam search keeps the plain loop
+    assert [r.tokens for r in odd.generate(odd_mel, speculative=True, **beams)] == [
+        r.tokens for r in odd.generate(odd_mel, **beams)]  # fmt: skip
+
+
+def test_transcribe_gives_the_same_segments_and_words(real_tiny_en, monkeypatch):
+    """Long-form transcription with word timestamps, its greedy passes speculative or not: the same segments
+    (text, times, tokens, log-probabilities) and the same words."""
+    monkeypatch.setattr(sp, "chosen_draft", lambda model, rows: sp.draft_for(model, "head"))
+    clips = [str(p) for p in sorted(SHIPPED.glob("*.flac"))[:2]]
+    plain = real_tiny_en.transcribe(clips, word_timestamps=True)
+    spec = real_tiny_en.transcribe(clips, word_timestamps=True, speculative=True)
+    for a, b in zip(plain, spec, strict=True):
+        assert b.text == a.text and len(b.segments) == len(a.segments) > 0
+        for x, y in zip(a.segments, b.segments, strict=True):
+            assert (y.start, y.end, y.text, y.tokens, y.temperature) == (
+                x.start,
+                x.end,
+                x.text,
+                x.tokens,
+                x.temperature,
+            )
+            assert math.isclose(y.avg_logprob, x.avg_logprob, rel_tol=1e-5, abs_tol=1e-5)
+            assert [(w.word, w.start, w.end) for w in y.words] == [(w.word, w.start, w.end) for w in x.words]
+            p, q = torch.tensor([w.probability for w in y.words]), torch.tensor([w.probability for w in x.words])
+            torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)

@@ -87,6 +87,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import speculative as speculation
 from .audio import TIME_PRECISION
 from .inputs import check_audio_features, check_mel
 from .kernels import Kernels
@@ -154,6 +155,7 @@ class DecodingOptions:
     compile: bool = False
     decoder_blocks: int | Sequence[int] | None = None
     clips: Sequence[int] | None = None
+    speculative: bool = False
 
     def __post_init__(self) -> None:
         for name in ("beam_size", "max_new_tokens", "seed"):
@@ -903,6 +905,7 @@ def generate(
     compile: bool = False,
     decoder_blocks: int | Sequence[int] | None = None,
     clips: Sequence[int] | None = None,
+    speculative: bool = False,
 ) -> list[DecodingResult]:
     """Decode a batch of 30 s log-mel windows ``mel`` [B, n_mels, 2 * n_audio_ctx] (or one [n_mels, frames]).
 
@@ -929,6 +932,9 @@ def generate(
         clip share its audio: it is encoded once and its keys and values are computed and read once
         per step, not once per row. The per-clip options above (language, prompt, decoder_blocks)
         then take one entry per row, and one result is returned per row.
+    speculative: greedy decoding (temperature 0, no beams, no trace or edits) with a bf16 draft's guesses
+        checked by the fp32 model, several tokens per fp32 pass where a one-off timing on this machine says
+        it pays (``speculative.py``); the results are the plain loop's (up to float rounding, ~1e-6).
     Returns one ``DecodingResult`` per clip (per row with ``clips``).
     """
     options = DecodingOptions(
@@ -936,6 +942,7 @@ def generate(
         max_new_tokens=max_new_tokens, language=language, task=task, timestamps=timestamps, prompt=prompt,
         prefix=prefix, suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
         max_initial_timestamp=max_initial_timestamp, compile=compile, decoder_blocks=decoder_blocks, clips=clips,
+        speculative=speculative,
     )  # fmt: skip
     rec = model.recorder(trace, edits)
     if decoder_blocks is not None and rec.keep:
@@ -948,6 +955,9 @@ def generate(
     plan = make_plan(model, options, n_clips=audio.shape[0] if clips is None else len(clips))
     xa = model.encoder(audio, rec.child("encoder")) if mel is not None else audio  # (C, S, D)
     d = prefill(model, plan, options, xa, rec)
+    draft = speculative_draft(d)
+    if draft is not None:  # several tokens per fp32 pass, the same results
+        return finish(d, n_sel=speculation.speculate(d, draft)[0])
     forward = step_function(d)
     check_every = 1 if xa.device.type == "cpu" else CUDA_CHECK_EVERY
     steps = d.search.tokens.shape[1]
@@ -960,6 +970,13 @@ def generate(
         if finished:  # the last step only recorded the final token's activations
             break
     return finish(d, n_sel=i + 1)
+
+
+def speculative_draft(d: Decoding) -> speculation.Draft | None:
+    """The draft that speculation uses for this call, or None: not asked for, not greedy, or not paying here."""
+    if not (d.options.speculative and speculation.applies(d.options, d.rec)):
+        return None
+    return speculation.chosen_draft(d.model, len(d.search.tokens))
 
 
 def segments(

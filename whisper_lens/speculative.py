@@ -231,6 +231,7 @@ class Pace:
     rounds: int = 0
     passes: int = 0  # fp32 passes
     emitted: int = 0  # tokens emitted by them (all rows)
+    drafted: int = 0  # draft passes (guesses per row), over all rounds
 
     def next_k(self, room: int) -> int:
         """Guesses for the next round, at most ``room`` (the most tokens a row may still take, minus one)."""
@@ -261,6 +262,7 @@ class Pace:
 
     def record(self, k: int, draft_s: float, verify_s: float, accepted: Tensor, emitted: Tensor) -> None:
         """One round's measurements: ``accepted`` (L,) guesses accepted per row, ``emitted`` (L,) tokens per row."""
+        self.drafted += k
         if k:
             self.draft_s = draft_s / k
             full = int((accepted == k).sum())
