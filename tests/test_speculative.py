@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from whisper_lens import load_model
-from whisper_lens import speculative as sp
 from whisper_lens.audio import load_windows
 from whisper_lens.decoding import filter_logits, make_plan
+from whisper_lens.decoding import speculative as sp
 from whisper_lens.model import ModelDims
 
 from .conftest import openai_model, save_openai

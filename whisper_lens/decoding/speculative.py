@@ -64,13 +64,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import DEFAULT, STEP_ROWS, Kernels, KVCache, is_textbook, onednn_available, onednn_linear, onednn_pack
-from .trace import IDLE
+from ..model import TEXTBOOK
+from ..trace import IDLE
+from .cache import DecoderCache, KVCache, new_cache
+from .packed import DEFAULT, STEP_ROWS, Kernels, onednn_available, onednn_linear, onednn_pack
 
 if TYPE_CHECKING:
-    from .decoding import Decoding, DecodingOptions, DecodingResult, Plan
-    from .model import DecoderCache, TextDecoder, Whisper
-    from .trace import Recorder
+    from ..model import TextDecoder, Whisper
+    from ..trace import Recorder
+    from .loop import Decoding
+    from .options import DecodingOptions, Plan
+    from .results import DecodingResult
 
 LOG = logging.getLogger(__name__)
 MAX_GUESSES = 8  # the most tokens the draft proposes per round
@@ -141,7 +145,7 @@ class AnyRows(Kernels):
     def linear(self, x: Tensor, layer: torch.nn.Module) -> Tensor:
         packed = self.packed.get(layer)
         weight = layer.weight
-        if packed is None or is_textbook() or x.dtype != torch.float32 or x.numel() > self.rows * weight.shape[1]:
+        if packed is None or TEXTBOOK.get() or x.dtype != torch.float32 or x.numel() > self.rows * weight.shape[1]:
             return super().linear(x, layer)
         return onednn_linear(x, packed, getattr(layer, "bias", None))
 
@@ -151,7 +155,7 @@ def verifying_kernels(model: Whisper, draft: Draft, rows: int) -> Kernels:
     the draft, which is made again when the weights change), or plain ones where packing does not apply."""
     W = model.decoder.token_embedding.weight
     rows = min(rows, STEP_ROWS)
-    if not (W.device.type == "cpu" and W.dtype == torch.float32 and onednn_available() and not is_textbook()):
+    if not (W.device.type == "cpu" and W.dtype == torch.float32 and onednn_available() and not TEXTBOOK.get()):
         return DEFAULT
     if rows not in draft.verifying:
         draft.verifying[rows] = AnyRows({model.decoder.token_embedding: onednn_pack(W, rows)}, rows)
@@ -168,14 +172,14 @@ def cast_cache(cache: DecoderCache, dtype: torch.dtype) -> DecoderCache:
     """A ``dtype`` copy of a decoding cache, in the same layouts (the audio's keys stay stored transposed)."""
     attn = [KVCache(c.k.to(dtype), c.v.to(dtype)) for c in cache.attn]
     cross = [KVCache(c.k.mT.to(dtype).mT, c.v.to(dtype), c.owner, c.audio) for c in cache.cross_attn]
-    return type(cache)(attn, cross)
+    return DecoderCache(attn, cross)
 
 
 # ----------------------------------------------------------------------------- the logit filters, per row
 
 
 def filter_rows(logits: Tensor, sampled: Tensor, n: Tensor, plan: Plan, tok, vocab: Tensor) -> Tensor:
-    """``decoding.filter_logits`` for rows that have each sampled their own number of tokens.
+    """``filters.filter_logits`` for rows that have each sampled their own number of tokens.
 
     ``logits`` (M, V); ``sampled`` (M, W): row r's tokens so far are ``sampled[r, :n[r]]``; ``n``
     (M,). Each row is filtered exactly as ``filter_logits`` filters it with those ``n[r]`` tokens;
@@ -296,7 +300,7 @@ class Rows:
 
 def speculate(d: Decoding, draft: Draft, guesses: int | None = None) -> tuple[int, Pace]:
     """Decode ``d`` (prefilled) greedily to the end with ``draft``'s proposals; return the selections made (for
-    ``decoding.finish``) and the measurements. The search state ends as the plain loop leaves it.
+    ``results.finish``) and the measurements. The search state ends as the plain loop leaves it.
 
     ``guesses``: propose that many tokens every round (tests), instead of what ``Pace`` chooses."""
     s, dev = d.search, d.last.device
@@ -369,7 +373,7 @@ def propose(d: Decoding, draft: Draft, dcache: DecoderCache, rows: Rows, live: T
     guesses = torch.empty(L, 0, dtype=torch.long, device=dev)
     if k == 0:
         return guesses
-    end = d.cache.attn[0].keys().shape[2] - 1
+    end = d.cache.length - 1
     m = rows.m[live]  # (L,)
     last = rows.start[live, 0] + m - 1  # (L,) the last chosen token's position
     lag = int((last - rows.draft_next[live]).max()) + 1  # positions to feed first: 1, or 2 after a full accept
@@ -378,9 +382,8 @@ def propose(d: Decoding, draft: Draft, dcache: DecoderCache, rows: Rows, live: T
     tokens = tokens_at(d, rows, live, pos)  # (L, lag)
     for j in range(k):
         n = int(pos.max()) + 1  # attend over the positions written so far only
-        cache = type(dcache)([c.upto(n) for c in dcache.attn], dcache.cross_attn)
-        at = torch.full((L, 1), pos.shape[1] - 1, device=dev)  # (L, 1): only the last position's logits
-        logits = draft.decoder(tokens, IDLE, DEFAULT, cache=cache, pos=pos, at=at)[:, 0]  # (L, V)
+        x = stream(draft.decoder, tokens, pos, dcache.upto(n))  # (L, T, D)
+        logits = draft.decoder.unembed(x[:, -1])  # (L, V): only the last position's logits
         hist = history(d, rows, live, guesses)  # (L, W)
         logits = filter_rows(logits, hist, m + j, d.plan, d.model.tokenizer, d.vocab)  # (L, V)
         guess = logits.argmax(dim=-1)  # (L,)
@@ -389,15 +392,14 @@ def propose(d: Decoding, draft: Draft, dcache: DecoderCache, rows: Rows, live: T
     return guesses  # the draft fed positions up to last + k - 1 (the last guess is not fed)
 
 
-class Streams(Kernels):
-    """Kernels whose 'unembedding' returns the final residual stream itself: ``decoder(...)`` then gives (L, T, D)."""
+def stream(decoder: TextDecoder, tokens: Tensor, pos: Tensor, cache: DecoderCache) -> Tensor:
+    """The decoder's final stream (L, T, D) of ``tokens`` (L, T) at positions ``pos``, writing their keys and values."""
+    return decoder.stream(tokens, IDLE, cache=cache, pos=pos)[0]  # (L, T, D)
 
-    def __init__(self, decoder: TextDecoder) -> None:
-        super().__init__()
-        self.unembedding = decoder.token_embedding
 
-    def linear(self, x: Tensor, layer: torch.nn.Module) -> Tensor:
-        return x if layer is self.unembedding else super().linear(x, layer)
+def unembed(decoder: TextDecoder, x: Tensor, ops: Kernels) -> Tensor:
+    """The fp32 logits (..., V) of the final stream ``x`` (..., D), by the packed product where there is one."""
+    return ops.linear(x, decoder.token_embedding).float() if ops.packed else decoder.unembed(x)  # (..., V)
 
 
 def guess_from_streams(d: Decoding, draft: Draft, rows: Rows, live: Tensor, k: int, ops: Kernels) -> tuple:
@@ -406,18 +408,16 @@ def guess_from_streams(d: Decoding, draft: Draft, rows: Rows, live: Tensor, k: i
     the stream, filtered; the fp32 logits (L, k + 1, V) are one unembedding of the k + 1 streams.
     Returns (guesses (L, k), logits, (t0, t1, t2)): t1 - t0 the guessing, t2 - t1 the last pass and the check."""
     dev, decoder = rows.m.device, d.model.decoder
-    end = d.cache.attn[0].keys().shape[2] - 1
+    end = d.cache.length - 1
     m = rows.m[live]  # (L,)
     last = rows.start[live, 0] + m - 1  # (L,)
     tokens, pos = tokens_at(d, rows, live, last[:, None]), last[:, None]  # (L, 1)
     streams, guesses = [], torch.empty(len(live), 0, dtype=torch.long, device=dev)
-    capture = Streams(decoder)
     t0 = t1 = now(dev)
     for j in range(k + 1):
         if j == k:
             t1 = now(dev)
-        cache = type(d.cache)([c.upto(int(pos.max()) + 1) for c in d.cache.attn], d.cache.cross_attn)
-        x = decoder(tokens, IDLE, capture, cache=cache, pos=pos)  # (L, 1, D): the final stream
+        x = stream(decoder, tokens, pos, d.cache.upto(int(pos.max()) + 1))  # (L, 1, D): the final stream
         streams.append(x)
         if j < k:
             logits = F.linear(x[:, 0].to(draft.dtype), draft.head).float()  # (L, V)
@@ -425,20 +425,19 @@ def guess_from_streams(d: Decoding, draft: Draft, rows: Rows, live: Tensor, k: i
             guess = filter_rows(logits, hist, m + j, d.plan, d.model.tokenizer, d.vocab).argmax(dim=-1)  # (L,)
             guesses = torch.cat([guesses, guess[:, None]], dim=1)  # (L, j + 1)
             tokens, pos = guess[:, None], (last + j + 1).clamp(max=end)[:, None]  # (L, 1)
-    logits = ops.linear(torch.cat(streams, dim=1), decoder.token_embedding).float()  # (L, k + 1, V)
+    logits = unembed(decoder, torch.cat(streams, dim=1), ops)  # (L, k + 1, V)
     return guesses, logits, (t0, t1, now(dev))
 
 
 def verify(d: Decoding, rows: Rows, live: Tensor, guesses: Tensor, ops: Kernels) -> Tensor:
     """One fp32 pass over each row's last chosen token and its guesses: the logits (L, k + 1, V) after each."""
-    end = d.cache.attn[0].keys().shape[2] - 1
+    end = d.cache.length - 1
     m = rows.m[live]  # (L,)
     last = rows.start[live, 0] + m - 1  # (L,)
     pos = positions(rows, live, last, guesses.shape[1] + 1, end)  # (L, k + 1)
     tokens = torch.cat([tokens_at(d, rows, live, last[:, None]), guesses], dim=1)  # (L, k + 1)
     n = int(pos.max()) + 1
-    cache = type(d.cache)([c.upto(n) for c in d.cache.attn], d.cache.cross_attn)
-    return d.model.decoder(tokens, IDLE, ops, cache=cache, pos=pos)  # (L, k + 1, V)
+    return unembed(d.model.decoder, stream(d.model.decoder, tokens, pos, d.cache.upto(n)), ops)  # (L, k + 1, V)
 
 
 def accept(d: Decoding, rows: Rows, logits: Tensor, guesses: Tensor, live: Tensor | None = None) -> tuple:
@@ -515,7 +514,7 @@ def calibrate(model: Whisper, rows: int, k: int = 4, repeats: int = 3) -> str | 
     d = model.dims
     xa = torch.zeros(rows, d.n_audio_ctx, d.n_audio_state, device=dev, dtype=model.dtype)  # (R, S, D)
     length = 64 + k + 2
-    cache = decoder.new_cache(xa, min(length, d.n_text_ctx))
+    cache = new_cache(decoder, xa, min(length, d.n_text_ctx))
     n = min(32, d.n_text_ctx - k - 2)  # attend over a typical number of positions
     pos1 = torch.full((rows, 1), n, device=dev)  # (R, 1)
     posk = (n + torch.arange(k + 1, device=dev)).expand(rows, k + 1)  # (R, k + 1)
@@ -535,29 +534,21 @@ def calibrate(model: Whisper, rows: int, k: int = 4, repeats: int = 3) -> str | 
         return min(times)
 
     def head_guess():
-        x = decoder(tok1, IDLE, Streams(decoder), cache=cache, pos=pos1)  # (R, 1, D)
+        x = stream(decoder, tok1, pos1, cache)  # (R, 1, D)
         F.linear(x[:, 0].to(head_draft.dtype), head_draft.head).float().argmax(dim=-1)
 
-    plain = best(lambda: decoder(tok1, IDLE, ops, cache=cache, pos=pos1))
-    check = best(lambda: decoder(tokk, IDLE, ops, cache=cache, pos=posk))
+    plain = best(lambda: unembed(decoder, stream(decoder, tok1, pos1, cache), ops))
+    check = best(lambda: unembed(decoder, stream(decoder, tokk, posk, cache), ops))
     streams = torch.zeros(rows, k + 1, d.n_text_state, device=dev)  # (R, k + 1, D)
-    unembed = best(lambda: ops.linear(streams, decoder.token_embedding))  # the check of the head kind
+    unembed_k = best(lambda: ops.linear(streams, decoder.token_embedding))  # the check of the head kind
     unembed1 = best(lambda: ops.linear(streams[:, :1], decoder.token_embedding))  # a plain step's unembedding
-    copy_s = best(lambda: copy_draft.decoder(tok1, IDLE, DEFAULT, cache=dcache, pos=pos1))
+    copy_s = best(lambda: copy_draft.decoder.unembed(stream(copy_draft.decoder, tok1, pos1, dcache)))
     head_s = best(head_guess)
     tokens = sum(AGREEMENT**i for i in range(k + 1))
     rates = {None: 1 / plain, "copy": tokens / (k * copy_s + check),
-             "head": tokens / (k * head_s + plain - unembed1 + unembed)}  # fmt: skip
-    LOG.debug(
-        "calibration, %d rows: plain %.4f s, check %.4f, unembeddings %.4f / %.4f, copy guess %.4f, head guess %.4f",
-        rows,
-        plain,
-        check,
-        unembed,
-        unembed1,
-        copy_s,
-        head_s,
-    )
+             "head": tokens / (k * head_s + plain - unembed1 + unembed_k)}  # fmt: skip
+    LOG.debug("calibration, %d rows: plain %.4f s, check %.4f, unembeddings %.4f / %.4f, copy guess %.4f, "
+              "head guess %.4f", rows, plain, check, unembed_k, unembed1, copy_s, head_s)  # fmt: skip
     return max(rates, key=rates.get)
 
 
@@ -577,20 +568,24 @@ def decode(model: Whisper, mel: Tensor | None = None, *, audio_features: Tensor 
     """``model.generate(mel, **options)`` (greedy) decoded speculatively with ``draft`` (default: the bf16 copy);
     returns the results and the call's measurements (``Pace``: acceptance, passes, tokens). ``guesses``: a fixed
     number of proposals per round (default: chosen from measurements)."""
-    from . import decoding
+    from .loop import checked_audio, prefill
+    from .options import DecodingOptions, make_plan
+    from .results import finish
 
-    opts = decoding.DecodingOptions(**options)
+    opts = DecodingOptions(**options)
+    if (mel is None) == (audio_features is None):
+        raise ValueError("give either mel or audio_features (the encoder's output), not both or neither")
     rec = model.recorder(None, None)
     if not applies(opts, rec):
         raise ValueError("speculative decoding is greedy only: no beam_size, temperature, compile or decoder_blocks")
-    audio = decoding.checked_audio(model, mel, audio_features, rec)  # (C, n_mels, frames) or (C, S, D)
+    audio = checked_audio(model, mel, audio_features)  # (C, n_mels, frames) or (C, S, D)
     if opts.clips is not None and max(opts.clips) >= len(audio):
         raise ValueError(f"clips has {max(opts.clips)}, but the batch has {len(audio)} clips (0-{len(audio) - 1})")
-    plan = decoding.make_plan(model, opts, n_clips=audio.shape[0] if opts.clips is None else len(opts.clips))
+    plan = make_plan(model, opts, n_clips=audio.shape[0] if opts.clips is None else len(opts.clips))
     xa = model.encoder(audio) if mel is not None else audio  # (C, S, D)
-    d = decoding.prefill(model, plan, opts, xa, rec)
+    d = prefill(model, plan, opts, xa, rec)
     draft = draft if draft is not None else chosen_draft(model, len(d.search.tokens))
     if draft is None:  # no draft pays here: the plain step, through the same loop (k = 0 every round)
         draft, guesses = draft_for(model, "head"), 0
     n_sel, pace = speculate(d, draft, guesses)
-    return decoding.finish(d, n_sel), pace
+    return finish(d, n_sel), pace
