@@ -18,12 +18,15 @@ plain loop's only by float rounding: k + 1 rows in a product instead of one (~1e
 
 The draft
 ---------
-The draft is the decoder itself with its weights cast to bfloat16 (``Draft``): the same network,
-so it almost always picks the fp32 token (on the shipped speech the bf16 copy agrees at every
-position of the fp32 transcript). It is made once per model and kept outside the model, in a
-weak map (nothing is set on the modules); a weight changed in place since it was made is
-noticed (``Tensor._version``) and the copy is made again. It has its own keys/values cache
-(bf16): the prompt's and the audio's are cast from the fp32 cache after the prompt's pass.
+Two kinds (``Draft``): a *copy* of the decoder with its weights cast to bfloat16, with its own
+keys/values cache (the prompt's and the audio's cast from the fp32 cache after the prompt's
+pass); or the *head*: the fp32 blocks themselves, run one position at a time as in the plain
+loop, with only the unembedding (the step's one big product) in bfloat16, so that the check is
+one fp32 unembedding of the k + 1 final streams. Both are the same network, so they almost
+always pick the fp32 token. A draft is made once per model and kept outside the model, in a weak
+map (nothing is set on the modules); a weight changed in place since it was made is noticed
+(``Tensor._version``) and the draft is made again. Which kind runs, or none, is decided by a
+one-off timing per device, shape and row count (``chosen_draft``, ``calibrate``), logged.
 
 Caches and positions
 --------------------
