@@ -163,6 +163,7 @@ class Options:
     encoder_trace: tuple[str, ...]  # encoder names asked for, recorded once per window
     decoder_trace: tuple[str, ...]  # decoder names asked for, recorded while decoding
     recorded: tuple[str, ...]  # every decoder name recorded while decoding (those asked for, and word timing's)
+    speculative: bool = False  # greedy passes: a bf16 draft's guesses checked by the fp32 model (generate's option)
 
 
 @dataclass
@@ -218,6 +219,7 @@ def transcribe(
     trace: TraceRequest = None,
     edits: Edits | None = None,
     progress: bool = False,
+    speculative: bool = False,
 ) -> Transcript | list[Transcript]:
     """Transcribe recordings of any length with openai-whisper's algorithm (see the module's docstring).
 
@@ -250,6 +252,8 @@ def transcribe(
         in every window (encoder names once per window, decoder names at every decoding step and
         in the word-timing pass).
     progress: show a progress bar over the audio (stderr).
+    speculative: the greedy (temperature 0) passes decode speculatively, as ``generate(speculative=True)``:
+        the same results.
     """
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer; load it with load_model(..., tokenizer=...)")
@@ -272,6 +276,7 @@ def transcribe(
         length_penalty=length_penalty, suppress_tokens=suppress_tokens, skip_silence=bool(skip_silence), seed=int(seed),
         encoder_edits=stack_edits(edits, "encoder"), decoder_edits=stack_edits(edits, "decoder"),
         encoder_trace=encoder_trace, decoder_trace=decoder_trace, recorded=tuple(dict.fromkeys(decoder_trace + timing)),
+        speculative=bool(speculative),
     )  # fmt: skip
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -570,7 +575,7 @@ def decode_windows(model: Whisper, xa: Tensor, prompts: list[list[int]], languag
     if temperature == 0:
         return model.generate(audio_features=xa, prompt=list(prompts), language=list(languages),
                               beam_size=opts.beam_size, patience=opts.patience, length_penalty=opts.length_penalty,
-                              **common)  # fmt: skip
+                              speculative=opts.speculative, **common)  # fmt: skip
     n, out = opts.best_of or 1, []
     for i, (p, lang) in enumerate(zip(prompts, languages, strict=True)):
         found = model.generate(audio_features=xa[i : i + 1], clips=[0] * n, prompt=p, language=lang,
