@@ -284,7 +284,7 @@ def generate(
     if mel is not None and not bool(torch.isfinite(xa).all()):
         raise non_finite(model, edits, "the encoder's output")
     d = prefill(model, plan, options, xa, rec)
-    broken = ~torch.isfinite(d.last).all()  # on the device: read once, at the end (no sync per step)
+    broken = not_finite(d.last)  # on the device: read once, at the end (no sync per step)
     draft = speculative_draft(d)
     if draft is not None:  # several tokens per fp32 pass, the same results
         if bool(broken):
@@ -294,7 +294,7 @@ def generate(
     steps = d.search.tokens.shape[1]
     for i in range(steps):
         if i:
-            broken |= ~torch.isfinite(d.last).all()
+            broken |= not_finite(d.last)
         select(d, i)
         finished = i + 1 == steps or ((i + 1) % check_every == 0 and bool(d.search.done.all()))
         if finished and not d.tracing:
@@ -305,6 +305,12 @@ def generate(
     if bool(broken):  # a token chosen from NaN logits is noise: no result rather than a silently wrong one
         raise non_finite(model, edits, "the decoder's logits")
     return finish(d, n_sel=i + 1)
+
+
+def not_finite(logits: Tensor) -> Tensor:
+    """() bool on the device: NaN or +inf in ``logits``. The filters write -inf into the logits of suppressed
+    tokens in place (and rows that are done keep theirs), so -inf is no sign of broken weights, edits or audio."""
+    return torch.isnan(logits).any() | torch.isposinf(logits).any()  # ()
 
 
 def non_finite(model: Whisper, edits: Edits | None, what: str) -> ValueError:
