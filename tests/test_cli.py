@@ -144,12 +144,12 @@ def test_names_lists_shapes_for_the_batch_and_tokens_asked(capsys):
 
 def test_a_rerun_replaces_its_own_output_and_keeps_nothing_stale(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["attention", SAMPLE, "--out", "att"]) == 0
+    assert cli.main(["attention", SAMPLE, "--model", "toy", "--out", "att"]) == 0
     marker = json.loads((tmp_path / "att" / ".whisper-lens.json").read_text())
     assert marker["command"] == "attention" and "clip0_attention.csv" in marker["files"]
     first = sorted(p.name for p in (tmp_path / "att").iterdir())
     (tmp_path / "att" / "clip0_attention.csv").write_text("edited by hand")  # a file the tool wrote: replaceable
-    assert cli.main(["attention", SAMPLE, "--out", "att"]) == 0
+    assert cli.main(["attention", SAMPLE, "--model", "toy", "--out", "att"]) == 0
     assert sorted(p.name for p in (tmp_path / "att").iterdir()) == first
     assert (tmp_path / "att" / "clip0_attention.csv").read_text().startswith("name,")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["att"]  # no temporary or .old folder left

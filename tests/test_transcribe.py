@@ -24,7 +24,7 @@ from whisper_lens.audio import N_SAMPLES, log_mel_spectrogram, mel_frames, mel_p
 from whisper_lens.decoding import segments
 from whisper_lens.files import MARKER
 from whisper_lens.loading import SHIPPED
-from whisper_lens.transcribe import Segment, Transcript, Window
+from whisper_lens.longform import Segment, Transcript, Window
 from whisper_lens.writers import FORMATS, OutputFolder, render
 
 from .conftest import DATA, real_tiny_en_folder
@@ -279,8 +279,8 @@ def test_picture_of_a_windows_word_timing(toy, tmp_path):
     pytest.importorskip("matplotlib")
     from PIL import Image
 
+    from whisper_lens.longform import window_alignment
     from whisper_lens.plot import word_alignment
-    from whisper_lens.transcribe import window_alignment
 
     sample = SAMPLES / "sample2.wav"
     heads = [(2, 0), (3, 1)]

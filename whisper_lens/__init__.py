@@ -5,10 +5,10 @@ from .audio import load_audio, log_mel_spectrogram, pad_or_trim
 from .distributed import load_activations
 from .heads import HeadRanking, find_alignment_heads
 from .loading import load_model
+from .longform import Segment, Transcript, Window, transcribe
 from .model import ModelDims, Run, Whisper
 from .tokenizer import Tokenizer, load_tokenizer
 from .trace import Edits, Trace
-from .transcribe import Segment, Transcript, Window
 
 __all__ = [
     "Edits",
@@ -29,4 +29,5 @@ __all__ = [
     "load_tokenizer",
     "log_mel_spectrogram",
     "pad_or_trim",
+    "transcribe",
 ]

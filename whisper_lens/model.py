@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import decoding, transcribe
+from . import decoding, longform
 from .inputs import check_mel, check_tokens
 from .kernels import DEFAULT, Kernels, KVCache
 from .trace import IDLE, Edits, Recorder, Trace, TraceRequest, select_names
@@ -320,7 +320,7 @@ class Whisper(nn.Module):
         self.alignment_heads = None  # [(layer, head), ...] of cross-attention that tracks time, set by load_model
 
     generate = decoding.generate  # model.generate(mel, beam_size=..., ...): batched decoding, see decoding.py
-    transcribe = transcribe.transcribe  # model.transcribe(audio, ...): long-form, batched, see transcribe.py
+    transcribe = longform.transcribe  # model.transcribe(audio, ...): long-form, batched, see longform.py
 
     @property
     def device(self) -> torch.device:
