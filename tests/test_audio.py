@@ -23,7 +23,7 @@ from whisper_lens.audio import (
     pad_or_trim,
 )
 
-TOLERANCE = 1e-4  # the parity target in DESIGN.md
+TOLERANCE = 1e-4  # the parity target in docs/contract.md
 
 
 def tone(freq: float, seconds: float, amplitude: float = 0.5) -> np.ndarray:

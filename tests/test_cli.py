@@ -68,10 +68,10 @@ BAD = [
     (["transcribe", "pipe.wav"], "pipe.wav"),
     (["transcribe", "text.wav"], "text.wav"),
     (["transcribe", "{sample}", "-o", "{file}"], "a-file"),
-    (["transcribe", "{sample}", "-o", "{mine}", "-f", "txt", "--word-timestamps"], "alignment_heads"),
+    (["transcribe", "{sample}", "-o", "{mine}", "-f", "txt", "--word-timestamps", "-m", "toy"], "--alignment-heads"),
     (["transcribe", "."], "directory"),
-    (["transcribe", "{sample}", "--beam-size", "0"], "beam_size"),
-    (["transcribe", "{sample}", "--beam-size", "-1"], "beam_size"),
+    (["transcribe", "{sample}", "--beam-size", "0"], "--beam-size"),
+    (["transcribe", "{sample}", "--beam-size", "-1"], "--beam-size"),
     (["transcribe", "{sample}", "--batch-size", "0"], "--batch-size"),
     (["transcribe", "{sample}", "--output-format", "docx"], "docx"),
     (["transcribe", "{sample}", "--language", "klingon"], "klingon"),
@@ -97,7 +97,7 @@ BAD = [
     (["attention", "{sample}", "--out", "{mine}"], "mine"),
     (["train-toy", "--steps", "0"], "steps"),
     (["train-toy", "--steps", "-3"], "steps"),
-    (["train-toy", "--batch-size", "0"], "batch_size"),
+    (["train-toy", "--batch-size", "0"], "--batch-size"),
     (["train-toy", "--clips", "0"], "--clips"),
     (["train-toy", "--lr", "0"], "lr"),
     (["train-toy", "--lr", "nan"], "nan"),
@@ -107,6 +107,8 @@ BAD = [
     (["train-toy", "--out", "{mine}"], "config.json"),
     (["train-toy", "--data", "{file}"], "a-file"),
     (["train-toy", "--runs", "{file}"], "a-file"),
+    (["train-toy", "--runs", "{mine}"], "--runs mine is not empty"),  # it overwrote the user's bytes.tiktoken
+    (["train-toy", "--data", "{mine}", "--runs", "{mine}"], "--data mine is not empty"),
 ]
 
 
@@ -148,9 +150,42 @@ def test_a_rerun_replaces_its_own_output_and_keeps_nothing_stale(tmp_path, capsy
     marker = json.loads((tmp_path / "att" / ".whisper-lens.json").read_text())
     assert marker["command"] == "attention" and "clip0_attention.csv" in marker["files"]
     first = sorted(p.name for p in (tmp_path / "att").iterdir())
-    (tmp_path / "att" / "clip0_attention.csv").write_text("edited by hand")  # a file the tool wrote: replaceable
     assert cli.main(["attention", SAMPLE, "--model", "toy", "--out", "att"]) == 0
     assert sorted(p.name for p in (tmp_path / "att").iterdir()) == first
     assert (tmp_path / "att" / "clip0_attention.csv").read_text().startswith("name,")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["att"]  # no temporary or .old folder left
     capsys.readouterr()
+
+
+def test_a_file_of_its_output_the_user_edited_is_kept_and_named(tmp_path, capsys, monkeypatch):
+    """The marker recorded names, not contents: a lens CSV edited by hand was replaced without a word."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["attention", SAMPLE, "--model", "toy", "--out", "att"]) == 0
+    (tmp_path / "att" / "clip0_attention.csv").write_text("edited by hand")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "att").iterdir()}
+    capsys.readouterr()
+    assert cli.main(["attention", SAMPLE, "--model", "toy", "--out", "att"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "clip0_attention.csv" in err and "edited" in err, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "att").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["att"]
+
+
+def test_a_file_named_like_a_flag_is_explained(tmp_path, capsys, monkeypatch):
+    """`transcribe -dash.wav` said "the following arguments are required: audio"."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(SAMPLE, tmp_path / "-dash.wav")
+    code, err = run_cli(["transcribe", "-dash.wav"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "-dash.wav" in err and "./-dash.wav" in err, err
+
+
+def test_errors_of_the_python_api_name_the_flags(capsys):
+    """The CLI suggested Python syntax (`alignment_heads=`, `beam_size=`) for a flag."""
+    for argv, flag, keyword in [
+        (["transcribe", SAMPLE, "--word-timestamps", "-m", "toy"], "--alignment-heads", "alignment_heads"),
+        (["transcribe", SAMPLE, "--beam-size", "5000", "-m", "toy"], "--beam-size 5000", "beam_size"),
+    ]:
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and flag in err and f"{keyword}=" not in err and err.count("\n") == 1, err

@@ -1,12 +1,13 @@
-"""whisper-lens: a hand-written Whisper for interpretability. See README.md and DESIGN.md."""
+"""whisper-lens: a hand-written Whisper for interpretability. See README.md, and docs/contract.md for the public API."""
 
 from .alignment import Word
-from .audio import load_audio, log_mel_spectrogram, pad_or_trim
+from .audio import load_audio, load_mel, log_mel_spectrogram, pad_or_trim
 from .distributed import load_activations
 from .heads import HeadRanking, find_alignment_heads
 from .loading import load_model
 from .longform import Segment, Transcript, Window, transcribe
 from .model import ModelDims, Run, Whisper
+from .pages.explorer import show
 from .tokenizer import Tokenizer, load_tokenizer
 from .trace import Edits, Trace
 
@@ -25,9 +26,11 @@ __all__ = [
     "find_alignment_heads",
     "load_activations",
     "load_audio",
+    "load_mel",
     "load_model",
     "load_tokenizer",
     "log_mel_spectrogram",
     "pad_or_trim",
+    "show",
     "transcribe",
 ]

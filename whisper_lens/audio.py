@@ -74,6 +74,32 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     return audio
 
 
+def probe_audio(path: str | os.PathLike) -> None:
+    """Fail (one line naming the file and the reason) unless ``path`` is a readable file holding audio.
+
+    Only the header is read (and, for PyAV's containers, the first packets): the check before any work.
+    """
+    path = _regular_file(path)
+    if _sndfile_reads(path):
+        return
+    try:
+        import av
+    except ImportError:
+        return  # load_audio says why later
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise ValueError(f"{path} holds no audio stream")
+            next(container.decode(container.streams.audio[0]))
+    except ValueError:
+        raise
+    except StopIteration:
+        raise ValueError(f"{path} holds an audio stream with no samples") from None
+    except Exception as error:
+        reason = str(error).strip() or type(error).__name__
+        raise ValueError(f"could not decode {path} as audio: {reason}") from None
+
+
 def _sndfile_reads(path: str) -> bool:
     """Whether libsndfile recognises the file (wav, flac, ogg, mp3 ...)."""
     import soundfile
@@ -132,6 +158,20 @@ def _regular_file(path: str | os.PathLike) -> str:
     return path
 
 
+MAX_PEAK = 2.0  # float samples are in [-1, 1]; a little above is resampling's overshoot, far above is not audio
+
+
+def check_peak(audio: np.ndarray | torch.Tensor, where: str) -> None:
+    """Refuse float samples far outside [-1, 1] (int16 values given as floats, a gain gone wrong): the spectrogram
+    would be all loudness and the encoder overflow (NaN) on them."""
+    x = torch.as_tensor(audio)
+    if x.numel() and x.is_floating_point():
+        peak = float(x.abs().max())
+        if peak > MAX_PEAK:
+            raise ValueError(f"{where} has samples up to {peak:.4g}, far outside [-1, 1]: float audio must be in "
+                             "[-1, 1] (16-bit integer samples? divide them by 32768)")  # fmt: skip
+
+
 def pad_or_trim(array: np.ndarray | torch.Tensor, length: int = N_SAMPLES, axis: int = -1):
     """Cut `array` to `length` along `axis`, or pad it with zeros at the end up to `length`.
 
@@ -139,7 +179,7 @@ def pad_or_trim(array: np.ndarray | torch.Tensor, length: int = N_SAMPLES, axis:
     N_SAMPLES (or, equivalently, mels to N_FRAMES). Works for numpy arrays and torch tensors
     and returns the same kind.
     """
-    if not isinstance(length, int) or length < 0:
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
         raise ValueError(f"length must be a non-negative integer, got {length!r}")
     if not isinstance(array, np.ndarray | torch.Tensor):
         raise TypeError(f"pad_or_trim takes a numpy array or torch tensor, got {type(array).__name__}")
@@ -314,6 +354,45 @@ def log_mel_spectrogram(
     return features[0] if single else features
 
 
+def load_mel(audio, model=None, *, n_mels: int | None = None) -> torch.Tensor:
+    """Whisper's input for a clip: the log-mel of its first window, the audio padded with silence to the window.
+
+    audio: a path, or a 16 kHz waveform [N] (numpy or torch); or a list of them.
+    model: a loaded Whisper, whose mel bands and window it follows (``2 * dims.n_audio_ctx`` frames:
+        30 s for OpenAI's models, 4 s for the shipped toy). Without one: ``n_mels`` bands (default 80)
+        and Whisper's 30 s window.
+
+    Returns float32 [n_mels, frames] for one clip, [B, n_mels, frames] for a list: what ``model.run``
+    and ``model.generate`` take. As openai-whisper's ``log_mel_spectrogram(pad_or_trim(audio))``, the
+    audio is padded with zeros, or cut, to the window before the spectrogram; what lies past the
+    window is not read (a longer recording is ``model.transcribe``'s job).
+    """
+    if model is not None:
+        dims = getattr(model, "dims", None)
+        if dims is None or not hasattr(dims, "n_audio_ctx"):
+            raise TypeError(f"model must be a loaded Whisper (wl.load_model), got {type(model).__name__}")
+        if n_mels is not None and n_mels != dims.n_mels:
+            raise ValueError(f"n_mels={n_mels!r} but the model reads {dims.n_mels} mel bands; give one or the other")
+        n_mels, frames = dims.n_mels, 2 * dims.n_audio_ctx
+    else:
+        n_mels, frames = (80 if n_mels is None else n_mels), N_FRAMES
+    if isinstance(audio, list | tuple):
+        if not audio:
+            raise ValueError("load_mel was given an empty list of clips")
+        return torch.stack([_window_mel(item, n_mels, frames) for item in audio])  # (B, n_mels, frames)
+    return _window_mel(audio, n_mels, frames)  # (n_mels, frames)
+
+
+def _window_mel(audio, n_mels: int, frames: int) -> torch.Tensor:
+    """The log-mel [n_mels, frames] of one clip (a path or a 16 kHz waveform) padded or cut to ``frames``."""
+    waveform = load_audio(audio) if isinstance(audio, str | os.PathLike) else audio
+    is_array = isinstance(waveform, np.ndarray | torch.Tensor)
+    if not is_array or waveform.ndim != 1:
+        got = f"shape {tuple(waveform.shape)}" if is_array else type(audio).__name__
+        raise ValueError(f"load_mel takes a path or a 1-D 16 kHz waveform, got {got}; for stereo, average the channels")
+    return log_mel_spectrogram(pad_or_trim(waveform, frames * HOP_LENGTH), n_mels=n_mels)  # (n_mels, frames)
+
+
 def load_windows(audios, n_mels: int, frames: int) -> tuple[torch.Tensor, list[float]]:
     """Log-mels of audio files or 16 kHz arrays, padded to a window of ``frames``: ([B, n_mels, frames], seconds).
 
@@ -336,6 +415,7 @@ def load_windows(audios, n_mels: int, frames: int) -> tuple[torch.Tensor, list[f
             raise ValueError(
                 f"audio {i} must be a 1-D 16 kHz waveform (or a path), got {got}; for stereo, average the channels"
             )
+        check_peak(audio, str(item) if isinstance(item, str | os.PathLike) else f"audio {i}")
         if len(audio) > frames * HOP_LENGTH:
             raise ValueError(
                 f"{item if isinstance(item, str | os.PathLike) else 'audio'} is {len(audio) / SAMPLE_RATE:.1f} s "

@@ -1,8 +1,10 @@
 """The ``whisper-lens`` command. Each subcommand is one function ``cmd_<name>(args)``.
 
 Errors a user can cause (bad arguments, paths, names, shapes) are printed as one line,
-``whisper-lens: error: ...``, with exit code 2 and no traceback; Ctrl-C exits with 130 and
-SIGTERM with 143, after removing whatever the command had half-written. ``--model`` defaults to
+``whisper-lens: error: ...``, with exit code 2 and no traceback. A signal that ends a run (Ctrl-C,
+SIGTERM as ``timeout`` and schedulers send it, SIGHUP when the terminal closes) first removes
+whatever the command had half-written, then exits with 128 + its number (130, 143, 129) and one
+line naming it. ``--model`` defaults to
 the shipped toy model everywhere, so every command runs offline. Output folders (``--out``) are
 replaced only when they are new, empty, or a previous output of the same command (see
 ``whisper_lens.files``); anything else is refused before any work.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -25,15 +28,27 @@ USER_ERRORS = (ValueError, KeyError, IndexError, TypeError, OSError)
 
 
 class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM, so that the command unwinds (and cleans up) as on Ctrl-C."""
+    """Raised in the main thread on SIGTERM or SIGHUP, so that the command unwinds (and cleans up) as on Ctrl-C."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # handled as Ctrl-C is (SIGINT: KeyboardInterrupt)
 
 
 class Parser(argparse.ArgumentParser):
     """argparse with the command's one-line error format (argparse prints the usage and its own prefix)."""
 
+    argv: list[str] = []  # the command line being parsed (set by main), to explain what argparse cannot
+
     def error(self, message: str):
         command = self.prog.removeprefix("whisper-lens").strip()
         where = f"{command}: " if command else ""
+        dashed = [a for a in Parser.argv if a.startswith("-") and len(a) > 1 and os.path.exists(a)]
+        if dashed:  # a file named like a flag: argparse took it for one
+            message = f"{dashed[0]} is a file whose name starts with '-', read as a flag: write it ./{dashed[0]}"
         self.exit(2, f"whisper-lens: error: {where}{message} (see whisper-lens {command} --help)\n".replace("  ", " "))
 
 
@@ -45,6 +60,24 @@ def placement(device: str) -> dict:
 
     kind = check_device(device).type
     return {"device": device, "dtype": torch.float16 if kind == "cuda" else torch.float32}
+
+
+def progress_arg(p: argparse.ArgumentParser) -> None:
+    """``--no-progress``: the one definition of the flag, on every command that runs a model."""
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_explore(args: argparse.Namespace) -> None:
+    """One clip as a self-contained HTML page: spectrogram and audio, tokens, attention, logit and encoder lens."""
+    from pathlib import Path
+
+    from .loading import load_model
+    from .pages.common import check_page_path
+    from .pages.explorer import write_explorer
+
+    out = check_page_path(args.out or Path(args.audio).stem + "-explorer.html")  # refused before any work
+    model = load_model(args.model, **placement(args.device))
+    print(f"explorer page written to {write_explorer(model, args.audio, out, progress=not args.no_progress)}")
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -77,9 +110,11 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
     """Transcribe recordings of any length (batched): openai-whisper's command, its flags, its files."""
     import torch
 
+    from .audio import probe_audio
     from .loading import load_model
     from .longform import transcribe
-    from .options import TRANSCRIBE
+    from .options import TRANSCRIBE, checked
+    from .tokenizer import normalize_language
     from .writers import Layout, OutputFolder, formats, render
 
     layout = Layout(args.max_line_width, args.max_line_count, args.max_words_per_line, args.highlight_words)
@@ -87,15 +122,21 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
         if value and not args.word_timestamps:  # openai-whisper's rule: these lay out words
             raise ValueError(f"--{name} requires --word_timestamps True")
     temperatures = fallback_temperatures(args.temperature, args.temperature_increment_on_fallback)
+    options = {o.name: getattr(args, o.name) for o in TRANSCRIBE if o.cli}
+    checked(options)  # every option refused here, before any work
+    heads = parse_heads(args.alignment_heads) if args.alignment_heads else None
+    if options["language"] is not None:
+        normalize_language(options["language"])
+    for path in args.audio:  # every input read far enough to know it is audio
+        probe_audio(path)
+    device = placement(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = OutputFolder(args.output_dir, overwrite=args.overwrite)
     fmts = formats(args.output_format)
     outputs = folder.plan([os.path.splitext(os.path.basename(a))[0] for a in args.audio], fmts)
     name = real_model(args.model)
-    model = load_model(name, download_root=args.model_dir, local_files_only=args.local_files_only,
-                       **placement(args.device))  # fmt: skip
-    options = {o.name: getattr(args, o.name) for o in TRANSCRIBE if o.cli}
+    model = load_model(name, download_root=args.model_dir, local_files_only=args.local_files_only, **device)
     if name in SHIPPED:
         options["without_timestamps"] = True  # the shipped toy never saw timestamps
     if not model.tokenizer.multilingual and options["language"] not in (None, "en", "English"):
@@ -103,7 +144,6 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
         options["language"] = "en"
     if options["fp16"] and torch.device(args.device).type == "cpu":
         options["fp16"] = None  # openai-whisper's command warns and runs fp32: the CPU's only choice here
-    heads = parse_heads(args.alignment_heads) if args.alignment_heads else None
     transcripts = transcribe(model, list(args.audio), temperature=temperatures, alignment_heads=heads,
                              progress=not args.no_progress and args.verbose is False and not args.quiet,
                              **options)  # fmt: skip
@@ -268,7 +308,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     if args.model is None:  # the shipped model's products are too small to share between threads: one thread is
         torch.set_num_threads(1)  # as fast, and much faster when the other cores are busy
-    report = demo(args.out, model_name=args.model, samples=args.samples, **placement(args.device))
+    report = demo(
+        args.out, model_name=args.model, samples=args.samples, progress=not args.no_progress, **placement(args.device)
+    )
     print(f"report written to {report}")
 
 
@@ -284,7 +326,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             model = ranks.together(lambda: load_model(args.model, **placement(device)))
             clips = ranks.first(lambda: find_clips(args.audio, model, references=args.references))
             done = sweep(model, clips, args.out, stack=args.stack, removals=args.removals, batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens, ranks=ranks)  # fmt: skip
+                         max_new_tokens=args.max_new_tokens, ranks=ranks, progress=not args.no_progress)  # fmt: skip
     except RankFailed:  # another rank failed and said why
         raise SystemExit(2) from None
     if ranks.rank == 0:
@@ -310,7 +352,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             clips = ranks.first(lambda: find_clips(args.audio, model))
             done = export(model, clips, args.out, args.trace, dtype=dtype, positions=args.positions,
                           batch_size=args.batch_size, shard_clips=args.shard_clips,
-                          max_new_tokens=args.max_new_tokens, ranks=ranks)  # fmt: skip
+                          max_new_tokens=args.max_new_tokens, ranks=ranks, progress=not args.no_progress)  # fmt: skip
     except RankFailed:  # another rank failed and said why
         raise SystemExit(2) from None
     if ranks.rank == 0:
@@ -328,8 +370,8 @@ def str2bool(text: str) -> bool:
 
 
 def spellings(name: str) -> list[str]:
-    """A flag under openai-whisper's spelling (--beam_size) and the usual one (--beam-size)."""
-    return list(dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"]))
+    """A flag under the usual spelling (--beam-size) and openai-whisper's (--beam_size)."""
+    return list(dict.fromkeys([f"--{name.replace('_', '-')}", f"--{name}"]))
 
 
 def add_option(p: argparse.ArgumentParser, o) -> None:
@@ -411,13 +453,13 @@ def transcribe_args(p: argparse.ArgumentParser) -> None:
         help="(with --word_timestamps True, no effect with --max_line_width) the most words in a line",
     )
     p.add_argument("--threads", type=optional(int), default=0, help="torch's CPU threads (default 0: torch's choice)")
-    common_args(p)
 
 
 def common_args(p: argparse.ArgumentParser) -> None:
-    """--quiet and --no-progress, on every command."""
+    """--quiet and --no-progress, on every command (those without a progress bar take --no-progress and ignore it)."""
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if "--no-progress" not in p._option_string_actions:
+        progress_arg(p)
 
 
 def model_arg(p: argparse.ArgumentParser, device: bool = True, real: bool = False) -> None:
@@ -467,7 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "recordings. See docs/openai-whisper.md.")  # fmt: skip
     transcribe_args(p)
     p.set_defaults(func=cmd_transcribe)
-    transcribe = p
+
+    p = sub.add_parser("explore", help="one clip as a self-contained HTML page: where each token listened")
+    model_arg(p)
+    p.add_argument("audio", help="one audio file, no longer than the model's window (30 s for official models)")
+    p.add_argument("--out", default=None, help="the page to write (default: AUDIO's name + -explorer.html)")
+    progress_arg(p)
+    p.set_defaults(func=cmd_explore)
 
     p = sub.add_parser("demo", help="the whole study (default: the shipped toy model, offline), written to report/")
     p.add_argument("--out", default="report", help="output folder (default report)")
@@ -475,12 +523,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "the shipped toy); official models are studied on the shipped real speech")  # fmt: skip
     samples_arg(p)
     p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16); default cpu")
+    progress_arg(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("lens", help="decoder and encoder logit lens of audio files (pictures + tables)")
     model_arg(p, real=True)
     p.add_argument("audio", nargs="+")
     p.add_argument("--out", default="lens-out", help="output folder (default lens-out)")
+    progress_arg(p)
     p.set_defaults(func=cmd_lens)
 
     p = sub.add_parser("ablate", help="remove the last k blocks of the encoder/decoder and measure WER")
@@ -495,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     samples_arg(p)
     normalize_arg(p)
     p.add_argument("--out", default="ablate-out", help="output folder (default ablate-out)")
+    progress_arg(p)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("hallucinate", help="hallucination on non-speech: rates, no-speech lens, head sweep, lens")
@@ -508,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "sweep (default: twice the longest unedited output plus 16)")  # fmt: skip
     normalize_arg(p)
     p.add_argument("--out", default="hallucinate-out", help="output folder (default hallucinate-out)")
+    progress_arg(p)
     p.set_defaults(func=cmd_hallucinate)
 
     p = sub.add_parser("attention", help="attention pictures and per-head statistics of audio files")
@@ -515,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("audio", nargs="+")
     p.add_argument("--layer", type=int, default=None, help="block to draw (default: the last)")
     p.add_argument("--out", default="attention-out", help="output folder (default attention-out)")
+    progress_arg(p)
     p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("sweep", help="layer removal over a dataset: resumable, one process or torchrun ranks",
@@ -531,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder; rerunning the command resumes in it")
     p.add_argument("--batch-size", type=int, default=8, help="clips decoded together (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per clip (default 224)")
+    progress_arg(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("export", help="activations of a dataset as safetensors shards + index (for SAEs)",
@@ -550,6 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="clips run together (default 8)")
     p.add_argument("--shard-clips", type=int, default=32, help="clips per shard file (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per transcript (decoder names)")
+    progress_arg(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train-toy", help="train the shipped toy model from scratch on espeak-ng speech (the recipe)")
@@ -565,8 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_toy)
 
     for p in sub.choices.values():
-        if p is not transcribe:
-            common_args(p)
+        common_args(p)
     return parser
 
 
@@ -607,13 +661,28 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+def in_flags(message: str, parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """An error raised by the Python API, in the command's terms: ``beam_size=`` becomes ``--beam-size``."""
+    sub = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+    command = next((a for a in argv if a in sub), None)
+    for action in sub[command]._actions if command else []:
+        flags = [o for o in action.option_strings if o.startswith("--")]
+        if not flags or action.dest in ("help", "model"):
+            continue
+        message = re.sub(rf"(?<![\w.-]){action.dest}=", f"{flags[0]} ", message)
+        if "_" in action.dest:
+            message = re.sub(rf"(?<![\w.-]){action.dest}\b", flags[0], message)
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = split_list_options(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    Parser.argv = split_list_options(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(Parser.argv)
     if args.no_progress or args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # every progress bar of the command (tqdm reads it)
     main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    previous = {sig: signal.signal(sig, _terminate) for sig in ENDING_SIGNALS} if main_thread else {}
     quiet = open(os.devnull, "w") if args.quiet else None  # noqa: SIM115
     try:
         if quiet:
@@ -622,25 +691,35 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.func(args)
     except KeyboardInterrupt:
-        print("whisper-lens: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("whisper-lens: terminated", file=sys.stderr)
-        return 143
+        _say("whisper-lens: interrupted (SIGINT)")
+        return 128 + signal.SIGINT
+    except Terminated as e:
+        how = "hung up" if e.signum == signal.SIGHUP else "terminated"
+        _say(f"whisper-lens: {how} ({signal.Signals(e.signum).name})")
+        return 128 + e.signum
     except USER_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"whisper-lens: error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, always
+        message = in_flags(" ".join(str(message).split()), parser, Parser.argv)  # one line, in flag names
+        print(f"whisper-lens: error: {message}", file=sys.stderr)
         return 2
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if quiet:
             quiet.close()
     return 0
 
 
+def _say(line: str) -> None:
+    """One line on stderr, if there still is one (after SIGHUP the terminal may be gone)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def _terminate(signum: int, frame) -> None:
-    raise Terminated
+    raise Terminated(signum)
 
 
 def run() -> None:

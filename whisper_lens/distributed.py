@@ -23,8 +23,14 @@ Resuming. ``--out`` holds the state: ``.whisper-lens.json`` (the command and its
 first), then what finished batches produced, each file written under a temporary name and renamed
 into place: ``parts/*.json`` (a sweep's rows) or ``shards/*.safetensors`` (an export's tensors). A
 rerun with the same settings does only the clips without results; a clip keeps its results while its
-path in the dataset, its size in bytes and its reference transcript are unchanged. A folder that holds
-another study, or anything the tool did not write, is refused before any work; nothing is deleted.
+path in the dataset, its content (a SHA-256 of the file's bytes) and its reference transcript are
+unchanged. A folder that holds another study, or anything the tool did not write, is refused before any
+work; nothing is deleted. A run that fails before any result leaves ``--out`` as it was (a new folder is
+removed again), so the corrected rerun is not taken for another study.
+
+Reading an export. ``index.json`` names every tensor's shard, which must be a file under ``shards/``
+of the export, with the SHA-256 of each shard: a shard is checked against it when first opened, so a
+changed, truncated or swapped shard is named, never read as another clip's data.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from torch import Tensor
 
 from .audio import AUDIO_SUFFIXES, HOP_LENGTH, SAMPLE_RATE, load_audio, load_windows
 from .experiments import n_blocks, removal_sweep, summarize
-from .files import MARKER, atomic_write, write_text
+from .files import MARKER, atomic_write, content_hash, write_text
 from .model import ModelDims, Whisper, activation_shapes
 from .trace import select_names
 
@@ -68,12 +74,13 @@ class Clip:
     size: int  # bytes
     seconds: float
     reference: str | None = None  # the transcript error rates are measured against
+    digest: str = ""  # SHA-256 of the file's bytes (hex), as find_clips read it
 
     @property
     def key(self) -> str:
-        """What must not change for a finished result to be reused: the file's size and its reference."""
+        """What must not change for a finished result to be reused: the file's content and its reference."""
         ref = "-" if self.reference is None else hashlib.sha256(self.reference.encode()).hexdigest()[:16]
-        return f"{self.size}:{ref}"
+        return f"{self.digest[:32] or self.size}:{ref}"
 
 
 def find_clips(inputs: Sequence[str | os.PathLike], model: Whisper, references=None) -> list[Clip]:
@@ -94,7 +101,8 @@ def find_clips(inputs: Sequence[str | os.PathLike], model: Whisper, references=N
     sizes, seconds = zip(*(_check_clip(f, window) for f in files), strict=True)
     refs = _references(references, ids) if references is not None else [None] * len(ids)
     paths = [os.path.abspath(f) for f in files]
-    clips = [Clip(*fields) for fields in zip(ids, paths, sizes, seconds, refs, strict=True)]
+    digests = [content_hash(Path(f)) for f in paths]  # a clip edited in place (same size) is another clip
+    clips = [Clip(*fields) for fields in zip(ids, paths, sizes, seconds, refs, digests, strict=True)]
     return sorted(clips, key=lambda c: c.id)
 
 
@@ -310,6 +318,7 @@ def claim(out: str | os.PathLike, command: str, settings: dict, contents: dict[s
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
     marker = out / MARKER
+    existed = out.exists()
     held = sorted(out.iterdir()) if out.is_dir() else []
     if held and not marker.is_file():
         raise FileExistsError(
@@ -323,7 +332,8 @@ def claim(out: str | os.PathLike, command: str, settings: dict, contents: dict[s
     if not os.access(out, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write into --out {out}")
     settings = json.loads(json.dumps(settings))  # as it reads back
-    if not marker.exists():
+    fresh = None if marker.exists() else not held  # True: out was new or empty, and this run claims it
+    if fresh is not None:
         _create_marker(marker, {"tool": "whisper-lens", "command": command, "version": 1, "settings": settings})
     _check_marker(marker, command, settings)
     strangers = [p for p in _entries(out) if not _ours(p.relative_to(out), contents)]
@@ -343,7 +353,25 @@ def claim(out: str | os.PathLike, command: str, settings: dict, contents: dict[s
         for p in _entries(out):
             if _temporary(p.relative_to(out), contents):
                 p.unlink()
-        yield out
+        try:
+            yield out
+        except BaseException:
+            if fresh:
+                _unclaim(out, existed)
+            raise
+
+
+def _unclaim(out: Path, existed: bool) -> None:
+    """After a run that claimed a new or empty ``out`` failed: if it wrote no result, leave ``out`` empty again."""
+    entries = _entries(out)
+    if any(p.is_file() and p.name != MARKER or p.is_symlink() for p in entries):
+        return  # results to resume from
+    for p in sorted(entries, key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            p.rmdir() if p.is_dir() else p.unlink()
+    if not existed:
+        with contextlib.suppress(OSError):
+            out.rmdir()
 
 
 def _create_marker(marker: Path, content: dict) -> None:
@@ -465,6 +493,7 @@ def sweep(
     ranks = ranks or Ranks.current()
     plan = removal_plan(model, stack, removals)
     _check_run(model, clips, batch_size, text=True)
+    _check_max_new_tokens(max_new_tokens)
     settings = {"model": model_settings(model), "removals": plan, "max_new_tokens": max_new_tokens}
     with contextlib.ExitStack() as held:
         todo = ranks.first(lambda: _start_sweep(held, out, settings, clips))
@@ -499,6 +528,12 @@ def _check_run(model: Whisper, clips: Sequence[Clip], batch_size: int, text: boo
         raise ValueError(f"batch size must be at least 1, got {batch_size!r}")
 
 
+def _check_max_new_tokens(max_new_tokens) -> None:
+    ok = max_new_tokens is None or isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool)
+    if not ok or max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens (--max-new-tokens) must be at least 1, got {max_new_tokens!r}")
+
+
 def _warm_up(model: Whisper, clips: Sequence[Clip]) -> None:
     """Read one clip: the first read imports the audio decoders (seconds), which the timed rate should not count."""
     load_windows([clips[0].path], model.dims.n_mels, 2 * model.dims.n_audio_ctx)
@@ -525,11 +560,27 @@ def _start_sweep(held: contextlib.ExitStack, out, settings: dict, clips: Sequenc
 
 
 def _parts(folder: Path) -> Iterator[dict]:
+    """Every part file's ``{"clips": {id: key}, "rows": [row, ...]}``, checked: one that is not is named."""
     for path in sorted(folder.glob("*.json")):
         try:
-            yield json.loads(path.read_text())
+            part = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read {path} ({e}): move it away to sweep its clips again") from None
+        if not _is_part(part):
+            raise ValueError(
+                f'{path} is not a sweep\'s part ({{"clips": {{clip: key}}, "rows": [...]}}): move it away to '
+                "sweep its clips again"
+            )
+        yield part
+
+
+def _is_part(part) -> bool:
+    if not isinstance(part, dict) or not isinstance(part.get("clips"), dict) or not isinstance(part.get("rows"), list):
+        return False
+    if not all(isinstance(c, str) and isinstance(k, str) for c, k in part["clips"].items()):
+        return False
+    fields = {"clip": str, "stack": str, "removed": int}
+    return all(isinstance(r, dict) and all(isinstance(r.get(f), t) for f, t in fields.items()) for r in part["rows"])
 
 
 def _sweep_batch(model: Whisper, batch: list[Clip], plan: dict[str, list[int]], max_new_tokens: int | None) -> dict:
@@ -643,6 +694,7 @@ def export(
     names = [n for n in model.names() if n in select_names(trace, model.names())]
     text = any(not n.startswith("encoder.") for n in names)
     _check_run(model, clips, batch_size, text=text)
+    _check_max_new_tokens(max_new_tokens)
     clips = [replace(c, reference=None) for c in clips]  # an export does not depend on the references
     dtype = model.dtype if dtype is None else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -786,15 +838,17 @@ def _write_index(out: Path, clips: Sequence[Clip], settings: dict, dims: ModelDi
             "one folder shared by every rank's machine)"
         )
     records = [found[c.id][0] for c in clips]
+    used = sorted({found[c.id][1] for c in clips})
+    checksums = {f"shards/{shard}": content_hash(out / "shards" / shard) for shard in used}
     tensors = []
     for c in clips:
         record, shard, shapes = found[c.id]
         for n in axes:
             tensors.append({"clip": c.id, "name": n, "shape": shapes[f"{c.id}/{n}"], "shard": f"shards/{shard}",
                             "key": f"{c.id}/{n}"})  # fmt: skip
-    index = {"format": FORMAT, "version": 1, "dims": asdict(dims), "window_seconds": 2 * dims.n_audio_ctx * HOP_LENGTH
+    index = {"format": FORMAT, "version": 2, "dims": asdict(dims), "window_seconds": 2 * dims.n_audio_ctx * HOP_LENGTH
              / SAMPLE_RATE, **{k: settings[k] for k in ("model", "dtype", "positions", "max_new_tokens")},
-             "names": names, "clips": records, "tensors": tensors}  # fmt: skip
+             "names": names, "clips": records, "tensors": tensors, "sha256": checksums}  # fmt: skip
     return write_json(out / "index.json", index)
 
 
@@ -824,24 +878,35 @@ class Activations:
             self.index = None
         if not isinstance(self.index, dict) or self.index.get("format") != FORMAT:
             raise ValueError(f"{path} is not a whisper-lens activation index")
+        self.path = path
+        problem = _index_problem(self.index, self.folder)
+        if problem:
+            raise ValueError(f"{path} is not a valid activation index: {problem} (export again into a new folder)")
         self.clips: list[dict] = self.index["clips"]
         self.names: list[str] = list(self.index["names"])
         self.axes: dict[str, list[str | None]] = {n: v["axes"] for n, v in self.index["names"].items()}
         self.entries = {(t["clip"], t["name"]): t for t in self.index["tensors"]}
+        self.checksums: dict[str, str] = self.index.get("sha256", {})  # version 1 exports have none
         self._open: OrderedDict = OrderedDict()  # a few open shards, most recently used last
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, key: tuple[str, str]) -> Tensor:
+        if not isinstance(key, tuple) or len(key) != 2:
+            raise TypeError(f"index an export as acts[clip, name] (two strings), got acts[{key!r}]")
         entry = self.entries.get(key)
         if entry is None:
-            clip, name = key if isinstance(key, tuple) and len(key) == 2 else (key, None)
+            clip, name = key
             listed = ", ".join(self.names[:4]) + (", ..." if len(self.names) > 4 else "")
             known = any(c["clip"] == clip for c in self.clips)
             what = f"name {name!r} (it has {listed})" if known else f"clip {clip!r}"
             raise KeyError(f"the export in {self.folder} has no {what}; index it as acts[clip, name]")
-        return self._shard(entry["shard"]).get_tensor(entry["key"])
+        shard = self._shard(entry["shard"])
+        try:
+            return shard.get_tensor(entry["key"])
+        except Exception as e:  # safetensors' own errors: say which shard and tensor
+            raise ValueError(f"cannot read {entry['key']} from {self.folder / entry['shard']} ({e})") from None
 
     def tensors(self, name: str) -> Iterator[tuple[str, Tensor]]:
         """``(clip, tensor)`` of one name for every clip, in the index's order."""
@@ -859,11 +924,49 @@ class Activations:
         from safetensors import safe_open
 
         if rel not in self._open:
-            self._open[rel] = safe_open(self.folder / rel, framework="pt")
+            path = self.folder / rel
+            if rel in self.checksums and content_hash(path) != self.checksums[rel]:
+                raise ValueError(
+                    f"shard {path} does not match the checksum in {self.path}: it changed since the export "
+                    "(export again into a new folder)"
+                )
+            try:
+                self._open[rel] = safe_open(path, framework="pt")
+            except Exception as e:  # truncated, not safetensors, unreadable
+                raise ValueError(f"cannot read shard {path} ({type(e).__name__}: {e})") from None
             if len(self._open) > 8:
                 self._open.popitem(last=False)
         self._open.move_to_end(rel)
         return self._open[rel]
+
+
+SHARD_NAME = re.compile(r"shards/[^/\\]+\.safetensors")
+
+
+def _index_problem(index: dict, folder: Path) -> str | None:
+    """What is wrong with an index's structure (None when nothing): fields, and shards only inside the export."""
+    clips, names, tensors, sums = (index.get(k) for k in ("clips", "names", "tensors", "sha256"))
+    if not isinstance(clips, list) or not all(isinstance(c, dict) and isinstance(c.get("clip"), str) for c in clips):
+        return "'clips' must be a list of {clip: ...} records"
+    if not isinstance(names, dict) or not all(isinstance(v, dict) and isinstance(v.get("axes"), list)
+                                              for v in names.values()):  # fmt: skip
+        return "'names' must map each name to its axes"
+    if not isinstance(tensors, list) or not all(isinstance(t, dict) for t in tensors):
+        return "'tensors' must be a list of entries"
+    if sums is not None and not (isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())):
+        return "'sha256' must map shards to their checksums"
+    inside = os.path.realpath(folder / "shards")
+    for t in tensors:
+        if not all(isinstance(t.get(k), str) for k in ("clip", "name", "shard", "key")):
+            return f"the entry {_short(t)} lacks clip, name, shard or key"
+        if t["key"] != f"{t['clip']}/{t['name']}":
+            return f"the entry of {t['clip']} {t['name']} names the tensor {t['key']!r}, another clip's or name's"
+        real = os.path.realpath(folder / t["shard"])
+        if not SHARD_NAME.fullmatch(t["shard"]) or os.path.dirname(real) != inside:
+            return f"the entry of {t['clip']} {t['name']} names {t['shard']!r}, not a shard inside the export"
+        if sums is not None and t["shard"] not in sums:
+            return f"the shard {t['shard']} has no checksum"
+    return None
 
 
 def load_activations(folder: str | os.PathLike) -> Activations:

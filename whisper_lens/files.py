@@ -9,10 +9,14 @@ Three rules, for every file and folder whisper-lens writes:
    (folders) and the kernel applies the umask, as for any file a program opens; ``tempfile``'s
    0600/0700 would make every report and model private whatever the user's umask says.
 3. **Nothing the tool did not write is deleted or overwritten.** A folder that whisper-lens wrote
-   holds a marker, ``.whisper-lens.json``, naming the command and the files it wrote. ``--out``
-   may name a folder that is absent, empty, or a previous output of the same command holding
-   only the files its marker lists; anything else is refused before any work starts, with one
-   line naming the folder.
+   holds a marker, ``.whisper-lens.json``, naming the command and the files it wrote with a
+   hash of each one's content. ``--out`` may name a folder that is absent, empty, or a previous
+   output of the same command holding only the files its marker lists; anything else is refused
+   before any work starts, with one line naming the folder. A file of its own that the user has
+   edited since (its content no longer has the hash the marker recorded) is the user's now: it
+   is kept, and the run is refused naming it. Every command applies this one rule, through
+   ``check_replaceable`` (a folder replaced as a whole) or ``check_can_write`` (named files
+   written into a folder).
 
 The switch from the old output to the new one happens under an exclusive lock on the parent
 folder (two runs finishing together take turns) with SIGINT/SIGTERM/SIGHUP held back until it
@@ -66,8 +70,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
         write(str(tmp))
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as e:
+        with signals_held():
+            tmp.unlink(missing_ok=True)
+        if e.errno is None or str(path) in str(e):
+            raise
+        # "File too large" (ulimit -f), "No space left on device": say which file, and that it is as it was
+        raise type(e)(e.errno, f"cannot write {path}: {e.strerror or e} ({path.name} is as it was)") from None
     except BaseException:
-        with _signals_held():
+        with signals_held():
             tmp.unlink(missing_ok=True)
         raise
     return path
@@ -111,14 +122,49 @@ def read_marker(folder: Path) -> dict | None:
     return marker if ok else None
 
 
-def _write_marker(folder: Path, command: str, files: list[str] | None) -> None:
-    """The marker: complete (``files`` listed) or in progress (``pid`` and ``host``, for the stale-folder sweep)."""
+def _write_marker(folder: Path, command: str, files: list[str] | None, hashes: dict | None = None) -> None:
+    """The marker: complete (``files`` listed, with each file's content hash) or in progress (``pid`` and
+    ``host``, for the stale-folder sweep). ``hashes``: those already known (of files not rewritten)."""
     marker: dict = {"tool": "whisper-lens", "command": command}
     if files is None:
         marker |= {"pid": os.getpid(), "host": socket.gethostname()}
     else:
+        known = hashes or {}
         marker["files"] = files
+        marker["sha256"] = {n: known.get(n) or content_hash(folder / n) for n in files if _is_file(folder / n)}
     write_text(folder / MARKER, json.dumps(marker, indent=1) + "\n")
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 of a file's bytes, as hex: what the marker records, to tell a file the user edited since."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def edited(folder: Path, marker: dict, names: list[str]) -> list[str]:
+    """Those of ``names`` whose content is no longer what the command wrote (the marker's hash); a marker of
+    an older version (no hashes) cannot tell, and a file it lists with no hash is taken as unedited."""
+    recorded = marker.get("sha256")
+    if not isinstance(recorded, dict):
+        return []
+    return [n for n in names if isinstance(recorded.get(n), str) and _is_file(folder / n)
+            and content_hash(folder / n) != recorded[n]]  # fmt: skip
+
+
+def _refuse_edited(folder: Path, names: list[str], what: str) -> None:
+    raise FileExistsError(
+        f"{what} {folder} holds {_some(names)}, written by whisper-lens but edited since; it is yours now and was "
+        "kept: move it out of the folder (or choose another folder) and run again, nothing was changed"
+    )
 
 
 def _entries(folder: Path) -> list[str]:
@@ -137,40 +183,66 @@ def _all_entries(folder: Path) -> list[str]:
     return sorted(found)
 
 
-def check_can_write(folder: str | os.PathLike, names: list[str], command: str) -> None:
+def check_can_write(
+    folder: str | os.PathLike, names: list[str], command: str, *, what: str = "folder", shared: bool = False
+) -> None:
     """Refuse, before any work, to overwrite a file in ``folder`` that ``command`` did not write there.
 
-    For commands that write a few named files into a folder that holds other things too
-    (``train-toy`` writes a model into ``weights/toy``, beside its samples): each of ``names``
-    that already exists must be listed in the folder's marker for ``command``.
+    For commands that write named files into a folder: each of ``names`` that already exists must
+    be listed in the folder's marker for ``command``, with the content it had when written (a file
+    the user edited since is kept and named). The folder itself must be absent, empty, or marked
+    by ``command`` (``train-toy`` writes a model into ``weights/toy``, beside its samples), unless
+    ``shared``: a folder of the user's where new files may land beside theirs (``transcribe``'s
+    ``--output-dir``, as openai-whisper's). ``what`` names the folder in the messages
+    (``--out``, ``--data``...).
     """
     folder = Path(folder)
     if not folder.exists():
         check_can_create(folder)
         return
     if not folder.is_dir():
-        raise NotADirectoryError(f"{folder} exists and is a file, not a folder")
+        raise NotADirectoryError(f"{what} {folder} exists and is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write in {folder}: no permission")
+        raise PermissionError(f"cannot write in {what} {folder}: no permission")
+    marker = read_marker(folder)
+    ours = marker is not None and marker["command"] == command
+    if not shared and not ours:
+        try:
+            held = sorted(os.listdir(folder))
+        except OSError as e:
+            raise PermissionError(f"cannot read {what} {folder}: {e.strerror}") from None
+        if held:
+            whose = f"the output of `whisper-lens {marker['command']}`" if marker else "files it did not write"
+            raise FileExistsError(
+                f"{what} {folder} is not empty and holds {whose} ({_some(held)}); `whisper-lens {command}` writes "
+                "only into a new or empty folder or one it wrote before: choose another folder, nothing was changed"
+            )
     existing = [n for n in names if os.path.lexists(folder / n)]
     if not existing:
         return
-    marker = read_marker(folder)
-    listed = set(marker.get("files") or []) if marker and marker["command"] == command else set()
+    listed = set(marker.get("files") or []) if ours else set()
     foreign = [n for n in existing if n not in listed]
     if foreign:
         raise FileExistsError(
-            f"{folder} already holds {', '.join(foreign)}, which `whisper-lens {command}` did not write there; "
+            f"{what} {folder} already holds {', '.join(foreign)}, which `whisper-lens {command}` did not write there; "
             "choose another folder (nothing was overwritten)"
         )
+    changed = edited(folder, marker, existing) if ours else []
+    if changed:
+        _refuse_edited(folder, changed, what)
 
 
 def mark_written(folder: str | os.PathLike, names: list[str], command: str) -> None:
-    """Add ``names`` to ``folder``'s marker for ``command`` (after writing them), so a rerun may replace them."""
+    """Add ``names`` to ``folder``'s marker for ``command`` (after writing them), so a rerun may replace them.
+
+    Their content hashes are recorded now; the others the marker lists keep theirs."""
     folder = Path(folder)
     marker = read_marker(folder)
-    listed = set(marker.get("files") or []) if marker and marker["command"] == command else set()
-    _write_marker(folder, command, sorted(listed | set(names)))
+    ours = marker is not None and marker["command"] == command
+    listed = set(marker.get("files") or []) if ours else set()
+    known = marker.get("sha256") if ours and isinstance(marker.get("sha256"), dict) else {}
+    known = {n: h for n, h in known.items() if n not in names and isinstance(h, str)}
+    _write_marker(folder, command, sorted(listed | set(names)), known)
 
 
 # ----------------------------------------------------------------------------- output folders
@@ -196,7 +268,7 @@ def output_folder(out: str | os.PathLike, command: str) -> Iterator[Path]:
         _write_marker(tmp, command, _entries(tmp))
         _switch(tmp, target, command)
     except BaseException:
-        with _signals_held():
+        with signals_held():
             _discard(tmp)
             _remove_empty(created)
         raise
@@ -204,7 +276,7 @@ def output_folder(out: str | os.PathLike, command: str) -> Iterator[Path]:
 
 def _start(target: Path, command: str) -> tuple[Path, list[Path]]:
     """Make the temporary folder (and ``target``'s missing parents), marked as in progress; no interrupt in between."""
-    with _signals_held():
+    with signals_held():
         created = _make_parents(target.parent)
         tmp = None
         try:
@@ -291,6 +363,9 @@ def check_replaceable(target: Path, command: str) -> list[str]:
             f"output folder {target} holds {_some(foreign)}, which whisper-lens did not write; move it out or "
             "choose another folder, nothing was changed"
         )
+    changed = edited(target, marker, found)
+    if changed:
+        _refuse_edited(target, changed, "output folder")
     return found
 
 
@@ -316,7 +391,7 @@ def _remove_empty(created: list[Path]) -> None:
 
 def _switch(tmp: Path, target: Path, command: str) -> None:
     """Put ``tmp`` in ``target``'s place; remove the previous output. Locked, with signals held back."""
-    with _locked(target.parent), _signals_held():
+    with _locked(target.parent), signals_held():
         previous = check_replaceable(target, command)  # again: another run may have finished meanwhile
         try:
             old = _put_in_place(tmp, target)
@@ -431,7 +506,7 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _signals_held() -> Iterator[None]:
+def signals_held() -> Iterator[None]:
     """Hold back SIGINT, SIGTERM and SIGHUP until the block is over; they are raised again after it.
 
     Python runs signal handlers in the main thread only, so from the main thread the handlers are

@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 def check_mel(mel: Tensor, dims: ModelDims, device: torch.device, dtype: torch.dtype) -> Tensor:
     """A log-mel [B, n_mels, 2 * n_audio_ctx] (or unbatched [n_mels, frames]), non-empty and finite."""
     mel = torch.as_tensor(mel)
+    if not mel.is_floating_point():
+        raise ValueError(f"mel must be a floating-point log-mel spectrogram, got {mel.dtype}: make one with "
+                         "whisper_lens.audio.log_mel_spectrogram (or load_windows)")  # fmt: skip
+    if mel.device.type == "meta":
+        raise ValueError("mel is on the meta device: it holds no values to run on")
     if mel.dim() == 2:
         mel = mel[None]
     frames = 2 * dims.n_audio_ctx
@@ -34,6 +39,8 @@ def check_mel(mel: Tensor, dims: ModelDims, device: torch.device, dtype: torch.d
 def check_tokens(tokens: Tensor, dims: ModelDims, batch: int, device: torch.device) -> Tensor:
     """Token ids [B, T] (or unbatched [T]) of the vocabulary, 1 to n_text_ctx of them, one row per clip."""
     tokens = torch.as_tensor(tokens)
+    if tokens.device.type == "meta":
+        raise ValueError("tokens are on the meta device: they hold no ids")
     if tokens.dim() == 1:
         tokens = tokens[None]
     if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
@@ -51,6 +58,8 @@ def check_tokens(tokens: Tensor, dims: ModelDims, batch: int, device: torch.devi
 def check_audio_features(xa: Tensor, dims: ModelDims, device: torch.device, dtype: torch.dtype) -> Tensor:
     """The encoder's output [B, n_audio_ctx, n_audio_state] (or unbatched), non-empty and finite."""
     xa = torch.as_tensor(xa)
+    if not xa.is_floating_point() or xa.device.type == "meta":
+        raise ValueError(f"audio_features must be the encoder's floating-point output, got {xa.dtype} on {xa.device}")
     if xa.dim() == 2:
         xa = xa[None]
     if xa.dim() != 3 or xa.shape[1:] != (dims.n_audio_ctx, dims.n_audio_state):

@@ -346,6 +346,10 @@ def resolve(source: str | os.PathLike | None, root: str | os.PathLike | None = N
         source = DEFAULT_MODEL
     if not isinstance(source, str | os.PathLike):
         raise TypeError(f"load_model wants a model name, hub id or path, got {type(source).__name__} {source!r}")
+    if not os.fspath(source).strip():  # Path("") is the current folder: never read it unasked
+        raise ValueError(
+            f"the model name or path is empty ({source!r}): give a name such as 'toy' or 'tiny.en', or a path"
+        )
     if isinstance(source, str) and source in SHIPPED:
         folder = SHIPPED[source]
         if not (folder / "config.json").exists():
@@ -512,6 +516,11 @@ def read_hf_folder(folder: Path) -> tuple[ModelDims, dict[str, Tensor]]:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
+    if (folder / "model.bin").is_file() and isinstance(config, dict) and "num_mel_bins" not in config:
+        raise CheckpointError(
+            f"{folder} holds both model.bin (CTranslate2) and model.safetensors, and its config.json is "
+            "CTranslate2's: keep one layout per folder (move model.safetensors, or model.bin, away)"
+        )
     dims = dims_from_hf_config(config, config_path)
     state = {}
     for key, x in read_safetensors(weights_path).items():
@@ -538,13 +547,21 @@ def read_openai_checkpoint(path: Path) -> tuple[ModelDims, dict[str, Tensor]]:
     Weights only (``torch.load(weights_only=True)``: no code in the file runs), memory-mapped when the
     file is in torch's zip format (every torch since 1.6 writes it), else read whole.
     """
+    zipped = zipfile.is_zipfile(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not zipped and not head.startswith(b"\x80"):  # torch's zip format, or a pickle of protocol 2 or later
+        shown = head[:24].decode("utf-8", "replace").split("\n")[0]
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with {shown!r}): give an OpenAI .pt "
+                              "file, a model folder, or a model name")  # fmt: skip
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as e:  # weights_only refused an object: say which, in one line
         reason = re.search(r"[^\n]*(?:GLOBAL|global)[^\n]*", str(e))
+        said = reason[0].split(". Please use")[0].strip() if reason else "it is not a pickle of tensors"
         raise CheckpointError(
             f"{path} holds Python objects, not only weights, and whisper_lens loads weights only "
-            f"(no code from a checkpoint runs): {reason[0].strip() if reason else str(e).splitlines()[0]}"
+            f"(no code from a checkpoint runs): {said}"
         ) from None
     except Exception as e:  # torch raises many kinds here (zip, pickle, runtime) for a file that is not a checkpoint
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -585,6 +602,9 @@ def build(dims: ModelDims, state: Mapping[str, Tensor], source: Path | str = "ch
             )
         if not state[k].is_floating_point():
             raise CheckpointError(f"{source}: {k} is stored as {state[k].dtype}, not as floating-point numbers")
+        if not torch.isfinite(state[k]).all():  # every output would be NaN, blamed on the audio
+            raise CheckpointError(f"{source}: the weight {k} holds NaN or infinite values (a corrupt or diverged "
+                                  "checkpoint)")  # fmt: skip
     model.load_state_dict(dict(state), strict=True, assign=True)
     return model
 
@@ -604,6 +624,11 @@ def _find_tokenizer(tokenizer, folder: Path, dims: ModelDims):
     ranks = sorted(folder.glob("*.tiktoken"))
     if len(ranks) == 1:
         return load_tokenizer(ranks[0], n_vocab=dims.n_vocab)
+    if len(ranks) > 1:
+        raise CheckpointError(
+            f"{folder} holds {len(ranks)} tokenizer files ({', '.join(r.name for r in ranks[:3])}): keep one beside "
+            "the weights, or choose one with tokenizer=PATH"
+        )
     beside = [folder / name for name in VOCABULARY_FILES if (folder / name).is_file()]
     if beside:
         try:

@@ -6,7 +6,7 @@ for the full name (``decoder.blocks.2.resid_mid``) and keeps the result if that 
 asked for. When nothing is asked for and nothing is edited, the call returns ``x`` at once,
 so an untraced forward pays one attribute check per point.
 
-Names are ``{stack}.blocks.{i}.{point}`` (see DESIGN.md for the table). A request is ``None``
+Names are ``{stack}.blocks.{i}.{point}`` (the table: docs/contract.md). A request is ``None``
 (record nothing), ``True`` (everything) or a list of glob patterns over names.
 """
 
@@ -42,6 +42,9 @@ def select_names(request: TraceRequest, names: Sequence[str]) -> frozenset[str]:
         return frozenset()
     if request is True:
         return frozenset(names)
+    if not isinstance(request, str | list | tuple | set | frozenset):
+        raise TypeError(f"trace= takes True, a name or glob pattern, or a list of them; got {type(request).__name__} "
+                        f"{request!r}")  # fmt: skip
     patterns = [request] if isinstance(request, str) else list(request)
     chosen: set[str] = set()
     for pattern in patterns:
@@ -72,7 +75,10 @@ class Trace(Mapping[str, Tensor]):
         dtype: torch.dtype | None = None,
     ) -> None:
         self._tensors: dict[str, Tensor] = {}
-        self.device = torch.device(device) if device is not None else None
+        self.device = _storage_device(device)
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"trace_dtype={dtype!r} would not hold activations: give a floating-point dtype "
+                             "(torch.float16, torch.bfloat16, torch.float32) or None")  # fmt: skip
         self.dtype = dtype
         for name, x in (tensors or {}).items():
             self.put(name, x)
@@ -112,6 +118,13 @@ class Trace(Mapping[str, Tensor]):
         hits = sorted(fnmatch.filter(self._tensors, pattern), key=_layer_order)
         if not hits:
             raise KeyError(f"no recorded name matches {pattern!r}")
+        shapes = {n: tuple(self._tensors[n].shape) for n in hits}
+        other = next((n for n in hits if shapes[n] != shapes[hits[0]]), None)
+        if other is not None:
+            first = f"{hits[0]} {list(shapes[hits[0]])}"
+            raise ValueError(f"stack({pattern!r}) matches tensors of different shapes ({first}, {other} "
+                             f"{list(shapes[other])}): give a pattern of one kind, such as "
+                             "'decoder.blocks.*.resid_post'")  # fmt: skip
         return torch.stack([self._tensors[n] for n in hits])
 
     @property
@@ -125,6 +138,22 @@ class Trace(Mapping[str, Tensor]):
         for n, x in self._tensors.items():
             out._tensors[n] = x.to(device=device, dtype=dtype if (dtype and x.is_floating_point()) else x.dtype)
         return out
+
+
+def _storage_device(device) -> torch.device | None:
+    """``trace_device`` as a torch.device this machine has (None: where the activations are computed)."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"trace_device={device!r} is not a torch device (use 'cpu' or 'cuda')") from None
+    here = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not here.get(parsed.type, False):
+        raise ValueError(f"trace_device={str(parsed)!r}: no {parsed.type} device is available here; use 'cpu'")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"trace_device={str(parsed)!r}: there are {torch.cuda.device_count()} CUDA devices here")
+    return parsed
 
 
 # ----------------------------------------------------------------------------- edits

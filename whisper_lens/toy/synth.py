@@ -190,9 +190,19 @@ def features(clip: Clip) -> np.ndarray | None:
 
 
 def _one_thread() -> None:
-    """Pool workers run one torch thread each: the pool is the parallelism (more would oversubscribe the cores)."""
+    """Pool workers run one torch thread each: the pool is the parallelism (more would oversubscribe the cores).
+
+    A worker does not inherit the command's signal handlers (forked, it would: the CLI's SIGTERM
+    handler raises in it, and the pool's own shutdown, which terminates its workers, printed a
+    traceback per worker). Ctrl-C is the parent's to handle; SIGTERM and SIGHUP end a worker quietly.
+    """
+    import signal
+
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     torch.set_num_threads(1)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..files import atomic_write, check_can_write, mark_written
+from ..files import atomic_write, check_can_write, mark_written, signals_held
 from ..loading import save_model
 from ..model import ModelDims, Whisper
 from ..tokenizer import Tokenizer, load_tokenizer
@@ -37,6 +37,8 @@ TOY_DIMS = ModelDims(
 )  # fmt: skip
 N_TRAIN = 16000  # training sentences of the shipped model
 MODEL_FILES = ["bytes.tiktoken", "config.json", "history.json", "model.safetensors"]  # what train writes into out
+RUN_FILES = ["bytes.tiktoken", "checkpoint.pt"]  # what train writes into run_dir (data_dir: the *.npz caches)
+COMMAND = "train-toy"  # the command the three folders' markers name
 
 
 def write_byte_vocab(path: str | os.PathLike) -> Path:
@@ -63,7 +65,12 @@ def prepare(data_dir: str | os.PathLike, n_train: int = N_TRAIN, n_heldout: int 
         raise FileNotFoundError("espeak-ng is not installed (apt install espeak-ng): the toy data is spoken with it")
     for name, clips in plans.items():
         path = paths[name]
-        out[name] = read_cache(path) if path.exists() else synth.build(clips, path)
+        if path.exists():
+            out[name] = read_cache(path)
+        else:
+            check_can_write(data_dir, [path.name], COMMAND, what="--data")
+            out[name] = synth.build(clips, path)
+            mark_written(data_dir, [path.name], COMMAND)
     return out
 
 
@@ -218,7 +225,9 @@ def fit(
         if checkpoint is not None and (step % 250 == 0 or step == steps):
             state = {"model": model.state_dict(), "ctc_head": ctc_head.state_dict(), "opt": opt.state_dict(),
                      "rng": g.get_state(), "step": step, "history": history, "dims": asdict(model.dims)}  # fmt: skip
-            atomic_write(checkpoint, lambda p, s=state: torch.save(s, p))
+            with signals_held():  # the checkpoint and its hash in the marker change together
+                atomic_write(checkpoint, lambda p, s=state: torch.save(s, p))
+                mark_written(checkpoint.parent, [checkpoint.name], COMMAND)
     bar.close()
     model.eval()
     return history
@@ -275,10 +284,11 @@ def check_training(out, data_dir, run_dir, *, n_train: int, steps: int, batch_si
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf:
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    for name, folder in (("data folder", data_dir), ("runs folder", run_dir)):
-        if Path(folder).exists() and not Path(folder).is_dir():
-            raise NotADirectoryError(f"{name} {folder} exists and is a file, not a folder")
-    check_can_write(out, MODEL_FILES, "train-toy")
+    # one rule for the three folders: absent, empty, or written by train-toy before (and the files it would
+    # replace unedited since); a folder of the user's is never written into
+    check_can_write(out, MODEL_FILES, COMMAND, what="--out")
+    check_can_write(data_dir, [], COMMAND, what="--data")
+    check_can_write(run_dir, RUN_FILES, COMMAND, what="--runs")
 
 
 def train(
@@ -298,8 +308,10 @@ def train(
     """Synthesize the data, train the toy model, save it (HF layout + tokenizer + loss history) to ``out``.
 
     Resumes from ``run_dir/checkpoint.pt`` when it exists (same seed, same data). Every setting
-    is checked before any work; ``out`` may be a new or empty folder, or one where train-toy saved
-    a model before (its ``.whisper-lens.json`` lists the files): nothing else there is overwritten.
+    is checked before any work; ``out``, ``data_dir`` and ``run_dir`` may each be a new or empty
+    folder, or one train-toy wrote before (its ``.whisper-lens.json`` lists the files with their
+    content hashes): nothing else there is overwritten, and a file the user edited since is kept
+    (the run is refused, naming it).
     """
     check_training(out, data_dir, run_dir, n_train=n_train, steps=steps, batch_size=batch_size, lr=lr)
     device = check_device(device)
@@ -309,6 +321,7 @@ def train(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     vocab = write_byte_vocab(run_dir / "bytes.tiktoken")
+    mark_written(run_dir, [vocab.name], COMMAND)
     tok = load_tokenizer(vocab, n_vocab=dims.n_vocab)
     data = prepare(data_dir, n_train=n_train, seed=seed)["train"]
     torch.manual_seed(seed)
@@ -318,5 +331,5 @@ def train(
     model.tokenizer = tok
     save_model(model, out, tokenizer_file=vocab)
     atomic_write(Path(out) / "history.json", lambda p: Path(p).write_text(json.dumps(history)))
-    mark_written(out, MODEL_FILES, "train-toy")  # a rerun may replace these files, and only these
+    mark_written(out, MODEL_FILES, COMMAND)  # a rerun may replace these files, and only these
     return model
