@@ -311,3 +311,12 @@ def test_bad_audio_is_one_line_naming_file_and_reason(tmp_path, monkeypatch, cap
     assert toy_transcribe(str(bad), "-o", str(tmp_path / "out")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "broken.m4a" in err
+
+
+def test_study_commands_on_a_long_file_point_to_transcribe(tmp_path, capsys):
+    """`lens` reads one window: on a longer file it names the command that takes any length."""
+    long = tmp_path / "long.wav"
+    soundfile.write(long, np.concatenate([wl.load_audio(SAMPLE)] * 4), 16000)  # 5.6 s: longer than the toy's 4 s
+    assert cli.main(["lens", str(long), "--model", "toy", "--out", str(tmp_path / "l"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "long.wav" in err and "whisper-lens transcribe" in err, err

@@ -139,7 +139,7 @@ def test_memory_is_bounded_by_the_window(toy, monkeypatch):
     monkeypatch.setattr(torch, "stft", recording_stft)
     audio = np.zeros(16000 * 60 * 20, np.float32)
     audio[16000 * 500 : 16000 * 501] = 0.1 * np.sin(np.arange(16000) / 5)  # one second of sound at 500 s
-    t = toy.transcribe(audio, temperature=0.0, timestamps=False)
+    t = toy.transcribe(audio, temperature=0.0, without_timestamps=True)
     assert max(sizes) <= 6000 * 160 + 400  # mel_peak's chunk; a window is 400 frames
     assert len(t.windows) == 300 and sum(not w.no_speech for w in t.windows) >= 1
 
@@ -181,12 +181,12 @@ def test_a_round_is_one_generate_call(toy, monkeypatch):
         return generate(model, *args, **kwargs)
 
     monkeypatch.setattr(type(toy), "generate", counted)
-    together = toy.transcribe(audios, temperature=0.0, timestamps=False)
+    together = toy.transcribe(audios, temperature=0.0, without_timestamps=True)
     rounds = max(len(t.windows) for t in together)
     assert len(calls) == rounds >= 3
     assert calls[0] == [()] * 3 and len(set(calls[1])) == 3  # later rounds: three different prompts, one call
     monkeypatch.setattr(type(toy), "generate", generate)
-    alone = [toy.transcribe(x, temperature=0.0, timestamps=False) for x in audios]
+    alone = [toy.transcribe(x, temperature=0.0, without_timestamps=True) for x in audios]
     for t, u in zip(together, alone, strict=True):  # the same tokens as alone (log-probabilities up to rounding)
         assert [(s.seek, s.start, s.end, s.tokens) for s in t.segments] == [
             (s.seek, s.start, s.end, s.tokens) for s in u.segments
@@ -206,7 +206,7 @@ def test_timestamps_follow_the_models_window(toy):
     for s in t.segments:
         assert 0 <= s.start <= s.end <= 1.36 + 1e-9
         assert round(s.start / 0.02, 6) % 1 == 0
-    plain = toy.transcribe(sample, temperature=0.0, timestamps=False)
+    plain = toy.transcribe(sample, temperature=0.0, without_timestamps=True)
     assert plain.text.strip() == "my rice is funny" and plain.segments[0].end == 1.36
 
 
@@ -228,10 +228,10 @@ def test_language_is_detected_once_per_recording(small_model):
 def test_silence_and_empty_audio_give_empty_transcripts(toy):
     """No hallucinated "a": a flat window is skipped undecoded; no audio gives no windows."""
     for audio in (np.zeros(16000 * 9, np.float32), np.zeros(0, np.float32), np.zeros(100, np.float32)):
-        t = toy.transcribe(audio, timestamps=False)
+        t = toy.transcribe(audio, without_timestamps=True)
         assert t.text == "" and t.segments == []
         assert all(w.no_speech and w.result is None for w in t.windows)
-    decoded = toy.transcribe(np.zeros(16000 * 2, np.float32), timestamps=False, skip_silence=False)
+    decoded = toy.transcribe(np.zeros(16000 * 2, np.float32), without_timestamps=True, skip_silence=False)
     assert decoded.windows[0].result is not None  # openai-whisper's behaviour when asked: silence decoded
 
 
@@ -239,7 +239,7 @@ def test_trace_and_edits_in_every_window(toy):
     """Edits act in every window; each window's trace holds its encoder output and its decoding's patterns."""
     audio = joined(sorted((SAMPLES).glob("*.wav"))[:3], 0.3)
     edits = wl.Edits().skip("encoder", [3])
-    t = toy.transcribe(audio, temperature=0.0, timestamps=False, edits=edits,
+    t = toy.transcribe(audio, temperature=0.0, without_timestamps=True, edits=edits,
                        trace=["encoder.ln_post", "decoder.blocks.1.cross_attn.pattern"])  # fmt: skip
     assert len(t.windows) >= 2
     peak = mel_peak(torch.from_numpy(audio), 80)
@@ -252,7 +252,7 @@ def test_trace_and_edits_in_every_window(toy):
         pattern = w.trace["decoder.blocks.1.cross_attn.pattern"]  # [1, H, prompt + tokens, 200]
         assert pattern.shape[-1] == 200 and pattern.shape[2] >= len(w.result.tokens)
         assert torch.allclose(pattern.sum(-1), torch.ones(()))
-    unedited = toy.transcribe(audio, temperature=0.0, timestamps=False)
+    unedited = toy.transcribe(audio, temperature=0.0, without_timestamps=True)
     assert [w.result.tokens for w in unedited.windows] != [w.result.tokens for w in t.windows]
 
 
@@ -283,7 +283,7 @@ def test_picture_of_a_windows_word_timing(toy, tmp_path):
 
     sample = SAMPLES / "sample2.wav"
     heads = [(2, 0), (3, 1)]
-    t = toy.transcribe(sample, temperature=0.0, timestamps=False, word_timestamps=True, alignment_heads=heads)
+    t = toy.transcribe(sample, temperature=0.0, without_timestamps=True, word_timestamps=True, alignment_heads=heads)
     mel, a = window_alignment(toy, sample, t, 0, heads)
     assert mel.shape == (80, 400) and a.matrix.shape == (len(a.text_tokens) + 1, t.windows[0].frames // 2)
     assert [w.word for w in a.words] == [w.word for w in t.segments[0].words]  # nothing to merge in the toy's text
