@@ -2112,3 +2112,59 @@ def test_export_reader_on_any_edited_index_or_shard(one_export, tmp_path_factory
         got = read_all()
         for key, x in got.items():
             assert key in expected and torch.equal(x, expected[key]), key
+
+
+# ----- class 4: no silent NaN or inf (edits)
+
+
+def test_an_infinite_steering_vector_is_refused_when_built():
+    """An infinite vector in add() decoded 62 copies of token 0 (avg_logprob nan)."""
+    with pytest.raises(ValueError) as excinfo:
+        wl.Edits().add("decoder.blocks.1.resid_post", torch.full((192,), float("inf")))
+    check_error(excinfo, "decoder.blocks.1.resid_post", "infinite")
+
+
+@pytest.mark.parametrize(
+    "make, names",
+    [
+        (lambda e: e.apply("decoder.blocks.2.mlp_out", lambda x: x / 0.0), ["apply", "decoder.blocks.2.mlp_out"]),
+        (lambda e: e.apply("encoder.blocks.0.resid_post", lambda x: x * float("nan")), ["apply", "encoder.blocks.0"]),
+    ],
+)
+def test_an_edit_that_makes_nan_or_inf_is_named(toy, toy_inputs, make, names):
+    """An apply() returning NaN decoded 62 copies of token 0 (avg_logprob nan), with no error."""
+    mels, tokens = toy_inputs
+    for call in (lambda e: toy.run(mels, tokens, edits=e), lambda e: toy.generate(mels, edits=e)):
+        with pytest.raises(ValueError) as excinfo:
+            call(make(wl.Edits()))
+        check_error(excinfo, *names)
+    masked = wl.Edits().replace("decoder.blocks.0.attn.scores", torch.full((1, 4, 4, 4), float("-inf")).triu(1))
+    assert toy.run(mels, tokens, edits=masked).logits.isfinite().all()  # -inf in scores masks: allowed
+
+
+# ----- class 7: audio cut short
+
+
+def test_a_wav_cut_short_is_named_not_decoded_shorter(tmp_path):
+    """A WAV with half its data cut decoded as 0.7 s with no warning."""
+    data = (SAMPLES / "sample1.wav").read_bytes()
+    half = tmp_path / "half.wav"
+    half.write_bytes(data[: len(data) // 2])
+    for call in (wl.load_audio, lambda p: load_windows([p], 80, 400)):
+        with pytest.raises(ValueError) as excinfo:
+            call(half)
+        check_error(excinfo, str(half), "cut short", "1.37 s")
+    padded = tmp_path / "odd.wav"  # a complete file with a chunk after the data still reads
+    soundfile.write(padded, np.zeros(1001, np.float32), 16000, subtype="PCM_16")
+    assert len(wl.load_audio(padded)) == 1001
+
+
+def test_a_c_decoders_warnings_stay_off_the_terminal(tmp_path, capfd):
+    """libmpg123's C warnings ("[src/libmpg123/id3.c:...] warning: ID3v2: ...") broke the one-line error."""
+    junk = tmp_path / "junk.mp3"
+    junk.write_bytes(b"ID3" + bytes(range(256)) * 20)
+    with pytest.raises(ValueError) as excinfo:
+        wl.load_audio(junk)
+    check_error(excinfo, str(junk))
+    captured = capfd.readouterr()
+    assert "libmpg123" not in captured.err and "warning" not in captured.err, captured.err

@@ -14,6 +14,7 @@ own maximum, so putting a clip in a batch never changes its features.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import stat
@@ -52,8 +53,10 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     if isinstance(sr, bool) or not isinstance(sr, int) or not 0 < sr <= MAX_SAMPLE_RATE:
         raise ValueError(f"sr must be an integer sample rate from 1 to {MAX_SAMPLE_RATE} Hz, got {sr!r}")
     path = _regular_file(path)
+    check_complete_wav(path)
     if not _sndfile_reads(path):
-        audio = _decode_with_pyav(path, sr)
+        with native_stderr_quiet():  # FFmpeg's own warnings too
+            audio = _decode_with_pyav(path, sr)
         if not np.isfinite(audio).all():
             raise ValueError(f"audio file {path} contains NaN or infinite samples")
         return audio
@@ -62,7 +65,8 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
             # librosa warns before falling back from libsndfile to audioread; the outcome is
             # reported below either way.
             warnings.simplefilter("ignore")
-            audio, _ = librosa.load(path, sr=sr, mono=True, dtype=np.float32)
+            with native_stderr_quiet():  # libmpg123 and friends write warnings straight to fd 2
+                audio, _ = librosa.load(path, sr=sr, mono=True, dtype=np.float32)
     except librosa.util.exceptions.ParameterError as error:  # decoded, but librosa rejects the samples
         raise ValueError(f"audio in {path} is not usable: {error} (NaN or infinite samples?)") from None
     except Exception as error:
@@ -80,6 +84,7 @@ def probe_audio(path: str | os.PathLike) -> None:
     Only the header is read (and, for PyAV's containers, the first packets): the check before any work.
     """
     path = _regular_file(path)
+    check_complete_wav(path)
     if _sndfile_reads(path):
         return
     try:
@@ -136,6 +141,57 @@ def _decode_with_pyav(path: str, sr: int) -> np.ndarray:
     if not chunks:
         raise ValueError(f"{path} holds an audio stream with no samples")
     return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+@contextlib.contextmanager
+def native_stderr_quiet():
+    """Keep what C libraries (libmpg123's "warning: ID3v2: ...") write to file descriptor 2 off the terminal
+    while a file is decoded: the outcome is reported in one line, decoded or not. Python's own stderr is
+    untouched (sys.stderr writes go through the same descriptor, so the block must not print)."""
+    import sys
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2 (a daemon, an embedded interpreter): nothing to hide
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def check_complete_wav(path: str) -> None:
+    """Refuse a WAV file whose data chunk announces more audio than the file holds (a copy or download cut
+    short): decoders read what is there and say nothing, so the recording would silently end early."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        size = f.seek(0, 2)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return
+    at, rate, align = 12, None, None
+    while at + 8 <= len(head):
+        chunk, length = head[at : at + 4], struct.unpack("<I", head[at + 4 : at + 8])[0]
+        if chunk == b"fmt " and at + 22 <= len(head):
+            rate, align = struct.unpack_from("<I", head, at + 12)[0], struct.unpack_from("<H", head, at + 20)[0]
+        if chunk == b"data":
+            held = size - (at + 8)
+            if length in (0, 0xFFFFFFFF) or length <= held or not rate or not align:  # 0 / ~0: a streamed WAV
+                return
+            said, got = length / (rate * align), held / (rate * align)
+            raise ValueError(f"{path} is cut short: its header announces {said:.2f} s of audio, the file holds only "
+                             f"{got:.2f} s (an interrupted copy or download?)")  # fmt: skip
+        at += 8 + length + (length & 1)
+    return
 
 
 def _regular_file(path: str | os.PathLike) -> str:

@@ -307,10 +307,23 @@ class Edits:
         return self.window
 
     def edit(self, name: str, x: Tensor) -> Tensor:
-        """Apply the edits registered at ``name`` to ``x`` (returns a new tensor; ``x`` is not modified)."""
+        """Apply the edits registered at ``name`` to ``x`` (returns a new tensor; ``x`` is not modified).
+
+        An edit that turns finite values into NaN or infinities (an infinite steering vector, a function
+        that divides by zero) is stopped here, naming it: downstream it would only be a silent NaN."""
         for op in self.ops.get(name, ()):
-            x = _apply_op(name, op, x)
+            y = _apply_op(name, op, x)
+            if x.is_floating_point() and x.device.type != "meta" and _broken(name, y) and not _broken(name, x):
+                raise ValueError(f"the {op.kind} edit at {name!r} gave NaN or infinite values (from finite ones): "
+                                 "check its vector or function")  # fmt: skip
+            x = y
         return x
+
+
+def _broken(name: str, x: Tensor) -> bool:
+    """NaN anywhere, or an infinity outside attention scores (whose masked places are -inf by design)."""
+    scores = isinstance(name, str) and name.endswith(".scores")
+    return bool(x.isnan().any()) if scores else not bool(torch.isfinite(x).all())
 
 
 def _indices(what: str, values: int | Sequence[int] | Tensor) -> list[int]:
@@ -348,8 +361,8 @@ def _as_value(name: str, value) -> Tensor:
             raise TypeError(f"the value for {name!r} must be a tensor or array of numbers, got {got}") from None
     if value.dtype.is_complex or value.dtype == torch.bool:
         raise TypeError(f"the value for {name!r} must hold real numbers, got dtype {value.dtype}")
-    if value.dtype.is_floating_point and bool(value.isnan().any()):
-        raise ValueError(f"the value for {name!r} holds NaN")
+    if value.dtype.is_floating_point and _broken(name, value):  # -inf in scores masks a place: allowed
+        raise ValueError(f"the value for {name!r} holds NaN or infinite values")
     return value
 
 
