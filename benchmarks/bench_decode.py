@@ -41,8 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import interleaved, table  # noqa: E402
-from whisper_lens.kernels import textbook  # noqa: E402
 from whisper_lens.loading import OFFICIAL, load_model, save_model  # noqa: E402
+from whisper_lens.model import textbook  # noqa: E402
 
 NEW_TOKENS = 100
 

@@ -159,7 +159,7 @@ def test_batch_of_eight_equals_one_at_a_time(small, beam_size, timestamps):
 def test_rows_that_are_done_leave_the_batch_without_changing_a_result(small, beam_size, monkeypatch):
     """On the CPU an untraced call drops finished rows from its cache; a traced call keeps every row (fixed
     shapes). Both give the same tokens, scores and per-token log-probabilities, and the drop happens."""
-    from whisper_lens.model import DecoderCache
+    from whisper_lens.decoding import DecoderCache
 
     mel = varied_mel(8, seed=23)
     kept = []
@@ -221,7 +221,7 @@ def test_rows_of_one_clip_decode_as_each_alone_and_share_its_audio(small, beam_s
     scores of that clip decoded alone with those settings; the clip's audio is encoded once and each layer
     holds its keys and values once, however many rows read them."""
     from whisper_lens import Edits
-    from whisper_lens.kernels import KVCache
+    from whisper_lens.decoding import KVCache
 
     L = SMALL.n_text_layer
     mel = varied_mel(3, seed=26)
@@ -506,7 +506,7 @@ def test_textbook_kernels_give_the_same_tokens_and_logits(small, beam_size):
 
     On these small widths oneDNN and MKL may sum in the same order and agree to the bit, so equality
     is allowed; ``test_parity`` checks that the packed products are computed (and correct)."""
-    from whisper_lens.kernels import textbook
+    from whisper_lens.model import textbook
 
     mel = varied_mel(8, seed=41)
     fast = small.generate(mel, beam_size=beam_size, max_new_tokens=12, trace=["logits"])
@@ -522,7 +522,7 @@ def test_without_onednn_private_ops_the_tokens_are_the_same(small, monkeypatch):
     """oneDNN's private ops are used only after a check that runs them; removed, the public ops give the same tokens."""
     import types
 
-    from whisper_lens import kernels
+    from whisper_lens.decoding import packed as kernels
 
     mel = varied_mel(8, seed=44)
     runs = {}

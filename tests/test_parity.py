@@ -64,7 +64,7 @@ def test_fp64_model_matches_fp32_and_the_reference(tmp_path):
 
 def test_textbook_products_give_the_same_logits_and_trace(tmp_path):
     """Inside ``kernels.textbook()`` every product is F.linear / SDPA / the written-out softmax: the same numbers."""
-    from whisper_lens.kernels import textbook
+    from whisper_lens.model import textbook
 
     ref = openai_model(TINY, seed=12)
     model = load_model(save_openai(ref, tmp_path / "tiny.pt"))
@@ -81,14 +81,18 @@ def test_textbook_products_give_the_same_logits_and_trace(tmp_path):
 
 
 def test_logits_at_some_positions_are_those_positions_of_all_logits(tmp_path):
-    """``TextDecoder.forward(at=...)`` (a prompt's pass unembeds only the positions it reads) gives those rows of
+    """Decoding's ``forward(at=...)`` (a prompt's pass unembeds only the positions it reads) gives those rows of
     the logits of every position."""
+    from whisper_lens.decoding import Kernels, forward, new_cache
+
     model = load_model(save_openai(openai_model(TINY, seed=15), tmp_path / "tiny.pt"))
     mel, tokens = random_mel(TINY, batch=3, seed=16), random_tokens(TINY, batch=3, length=9, seed=17)
     at = torch.tensor([[0, 8], [3, 3], [5, 1]])  # (B, 2): per row, any positions, in any order
     with torch.no_grad():
         xa = model.encoder(mel)
-        every, some = model.decoder(tokens, xa=xa), model.decoder(tokens, xa=xa, at=at)  # (B, T, V), (B, 2, V)
+        pos = torch.arange(9)[None]  # (1, T)
+        every = model.decoder(tokens, xa=xa)  # (B, T, V)
+        some = forward(model.decoder, Kernels(), tokens, pos, new_cache(model.decoder, xa, 9), at=at)  # (B, 2, V)
     assert some.shape == (3, 2, TINY.n_vocab)
     torch.testing.assert_close(some, every[torch.arange(3)[:, None], at], atol=1e-5, rtol=0)
     assert not torch.equal(some[0, 0], some[0, 1])
@@ -98,7 +102,7 @@ def test_logits_at_some_positions_are_those_positions_of_all_logits(tmp_path):
 def test_decoding_kernels_pack_per_call_and_compute_the_same_products(rows):
     """``Kernels.for_decoding`` packs the unembedding for 4-64 rows into an object of its own: every product
     is still x @ W^T + b, and nothing is set on the modules."""
-    from whisper_lens.kernels import Kernels, onednn_available
+    from whisper_lens.decoding import Kernels, onednn_available
     from whisper_lens.model import TextDecoder
 
     torch.manual_seed(rows)
@@ -128,7 +132,8 @@ def test_cached_attention_equals_the_fused_kernel(T):
     mask for all rows or one per row, in and out of ``textbook()``."""
     import torch.nn.functional as F
 
-    from whisper_lens.kernels import KVCache, textbook
+    from whisper_lens.decoding import KVCache
+    from whisper_lens.model import textbook
 
     g = torch.Generator().manual_seed(T)
     B, H, S, Dh = 3, 4, 50, 16
@@ -154,7 +159,7 @@ def test_cached_attention_equals_the_fused_kernel(T):
 def test_a_cache_shared_by_beams_attends_as_its_copies(T):
     """A clip's beams share its audio keys/values (``shared_by``): attention, keys, values and dropping whole
     clips (``select_rows``) are those of the cache copied once per beam (``repeat_rows``)."""
-    from whisper_lens.kernels import KVCache
+    from whisper_lens.decoding import KVCache
 
     g = torch.Generator().manual_seed(30 + T)
     B, n, H, S, Dh = 3, 4, 2, 40, 8
@@ -180,7 +185,7 @@ def test_rows_reading_clips_in_any_order_attend_as_their_own_copies(T):
     row reads are not held, and a clip leaves the cache when its last row does (``select_rows``)."""
     import torch.nn.functional as F
 
-    from whisper_lens.kernels import KVCache
+    from whisper_lens.decoding import KVCache
 
     g = torch.Generator().manual_seed(40 + T)
     C, H, S, Dh = 4, 2, 30, 8
@@ -205,7 +210,7 @@ def test_rows_reading_clips_in_any_order_attend_as_their_own_copies(T):
 
 
 def test_cache_writes_each_row_at_its_positions():
-    from whisper_lens.kernels import KVCache
+    from whisper_lens.decoding import KVCache
 
     cache = KVCache.empty(batch=2, heads=3, length=6, head_dim=4, like=torch.zeros(()))
     k, v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)  # (B, T, H, Dh)

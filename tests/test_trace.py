@@ -10,8 +10,6 @@ import torch.nn.functional as F
 
 import whisper_lens as wl
 from whisper_lens import load_model
-from whisper_lens.kernels import DEFAULT
-from whisper_lens.model import Context
 from whisper_lens.trace import IDLE
 
 from .conftest import SMALL, TINY, hf_model, openai_model, random_mel, random_tokens, save_openai
@@ -230,12 +228,12 @@ def test_skipping_a_block_equals_running_the_others_by_hand(small_run):
         edited = model.run(mel, tokens, trace=["encoder.ln_post"], edits=wl.Edits().skip("encoder", 1))
         x = run.trace["encoder.embed"]
         for i in (0, 2):
-            x = model.encoder.blocks[i](x, IDLE, DEFAULT, Context())
+            x, _ = model.encoder.blocks[i](x, IDLE)
         torch.testing.assert_close(edited.trace["encoder.ln_post"], model.encoder.ln_post(x))
         dec = model.run(mel, tokens, trace=["decoder.ln"], edits=wl.Edits().skip("decoder", [0, 2]))
         y = model.decoder.token_embedding(tokens) + model.decoder.positional_embedding[: tokens.shape[1]]
         causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).tril()
-        y = model.decoder.blocks[1](y, IDLE, DEFAULT, Context(mask=causal, xa=run.trace["encoder.ln_post"]))
+        y, _ = model.decoder.blocks[1](y, IDLE, mask=causal, xa=run.trace["encoder.ln_post"])
         torch.testing.assert_close(dec.trace["decoder.ln"], model.decoder.ln(y))
     assert not torch.allclose(dec.logits, run.logits, atol=1e-2)
 

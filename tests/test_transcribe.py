@@ -274,12 +274,12 @@ def test_word_timing_from_decoding_is_close_to_the_pass(real_tiny_en, real_clips
 
 
 def test_picture_of_a_windows_word_timing(toy, tmp_path):
-    """The alignment heads' attention under the spectrogram with the DTW path and the words: a PNG of known size."""
+    """The alignment heads' attention under the spectrogram with the DTW path and the words, saved as a PNG."""
     pytest.importorskip("matplotlib")
     from PIL import Image
 
     from whisper_lens.longform import window_alignment
-    from whisper_lens.plot import word_alignment
+    from whisper_lens.plot import save, word_alignment
 
     sample = SAMPLES / "sample2.wav"
     heads = [(2, 0), (3, 1)]
@@ -288,13 +288,14 @@ def test_picture_of_a_windows_word_timing(toy, tmp_path):
     assert mel.shape == (80, 400) and a.matrix.shape == (len(a.text_tokens) + 1, t.windows[0].frames // 2)
     assert [w.word for w in a.words] == [w.word for w in t.segments[0].words]  # nothing to merge in the toy's text
     labels = [toy.tokenizer.decode([x]) for x in a.text_tokens] + ["EOT"]
-    out = word_alignment(mel, a.matrix, a.path, labels, [(w.word, w.start, w.end) for w in a.words], tmp_path / "w.png")
-    rows = a.matrix.shape[0]
-    assert Image.open(out).size == (1200, round(min(30.0, 3.0 + max(2.0, 0.2 * rows)) * 100))
+    fig = word_alignment(mel, a.matrix, a.path, labels, [(w.word, w.start, w.end) for w in a.words])
+    out = save(fig, tmp_path / "w.png")
+    assert Image.open(out).size == (1800, round(fig.get_figheight() * 150))  # 12 in wide at 150 dpi
+    assert [t.get_text() for t in fig.axes[0].texts] == [w.word.strip() for w in a.words]
     with pytest.raises(ValueError, match="tokens has"):
-        word_alignment(mel, a.matrix, a.path, labels[:-1], [], tmp_path / "x.png")
+        word_alignment(mel, a.matrix, a.path, labels[:-1], [])
     with pytest.raises(ValueError, match="dtw_path"):
-        word_alignment(mel, a.matrix, a.path[0], labels, [], tmp_path / "x.png")
+        word_alignment(mel, a.matrix, a.path[0], labels, [])
 
 
 def test_find_alignment_heads_on_real_tiny_en(real_tiny_en, real_clips):

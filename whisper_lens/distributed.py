@@ -631,7 +631,8 @@ def _plot_removal(path: Path, summary: list[dict], stacks: list[str]) -> Path | 
 
     curves = {s: [(r["removed"], r["wer"]) for r in summary if r["stack"] == s] for s in stacks}
     try:
-        return plot.removal_curves(curves, path, metric="WER (mean over clips)", title="Removing the last k blocks")
+        fig = plot.removal_curves(curves, metric="WER (mean over clips)", title="Removing the last k blocks")
+        return plot.save(fig, path)
     except ImportError:  # matplotlib is an optional extra: the rows and the summary stand without the picture
         return None
 

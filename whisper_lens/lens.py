@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kernels import DEFAULT
 from .model import Whisper
 from .trace import Edits, Trace
 
@@ -31,8 +30,7 @@ def readout(model: Whisper, resid: Tensor) -> Tensor:
 
     The same operations as the model's own head, so the last block's output reads out to its logits bit for bit.
     """
-    x = model.decoder.ln(resid)  # (..., D)
-    return DEFAULT.linear(x, model.decoder.token_embedding).float()  # (..., V)
+    return model.decoder.unembed(model.decoder.ln(resid))  # (..., V)
 
 
 def lens_names(model: Whisper) -> list[str]:

@@ -464,8 +464,10 @@ class Recorder:
         self.active = bool(keep) or self.edits is not None
 
     def __call__(self, point: str, x: Tensor) -> Tensor:
-        if not self.active:
-            return x
+        return self.record(point, x) if self.active else x  # one line: a debugger's step leaves at once
+
+    def record(self, point: str, x: Tensor) -> Tensor:
+        """Apply the edits at ``point`` to ``x`` and keep the result if it was asked for."""
         name = self.prefix + point
         if self.edits is not None and name in self.edits.ops:
             x = self.edits.edit(name, x)
@@ -473,18 +475,14 @@ class Recorder:
             self.trace.put(name, x)  # type: ignore[union-attr]
         return x
 
-    def wants(self, point: str) -> bool:
-        """Is the value at ``point`` to be recorded or edited?"""
-        if not self.active:
-            return False
-        name = self.prefix + point
-        return name in self.keep or (self.edits is not None and name in self.edits.ops)
+    def wants(self, *points: str) -> bool:
+        """Is the value at any of ``points`` to be recorded or edited?"""
+        return self.active and any(self.prefix + p in self.keep or self.edits is not None
+                                   and self.prefix + p in self.edits.ops for p in points)  # fmt: skip
 
     def child(self, part: str) -> Recorder:
         """The recorder for a sub-module named ``part`` (``rec.child("blocks.3")``)."""
-        if not self.active:
-            return self
-        return Recorder(self.keep, self.edits, self.trace, f"{self.prefix}{part}.")
+        return Recorder(self.keep, self.edits, self.trace, f"{self.prefix}{part}.") if self.active else self
 
     def skips(self, block: str) -> bool:
         return self.edits is not None and self.edits.skips(self.prefix + block)
@@ -495,3 +493,25 @@ class Recorder:
 
 IDLE = Recorder(frozenset(), None, None)
 """The recorder of a plain forward: records nothing, edits nothing."""
+
+
+def new_recorder(trace: TraceRequest, edits: Edits | None, names: Sequence[str], n_layers: Mapping[str, int],
+                 n_heads: Mapping[str, int], shapes: Shapes | None = None, *, encoder: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Recorder:  # fmt: skip
+    """A recorder for one pass: the ``names`` the ``trace`` request asks for, and ``edits`` checked against the
+    model (``n_layers`` and ``n_heads`` per stack; ``shapes`` of the run, when known). Recorded tensors are
+    kept on ``device`` in ``dtype`` (None: as computed). ``encoder=False``: the pass starts from the audio
+    features, so an encoder name asked for is an error."""
+    keep = select_names(trace, names)
+    if edits is not None:
+        if not isinstance(edits, Edits):
+            raise TypeError(f"edits must be a whisper_lens.Edits, got {type(edits).__name__}")
+        edits.check(names, n_layers, n_heads, shapes)
+    if not encoder:
+        asked = [*keep, *(edits.ops if edits else ()), *(edits.skipped if edits else ())]
+        asked += ["encoder local_window"] if edits is not None and edits.window is not None else []
+        inside = sorted(n for n in asked if n.startswith("encoder"))
+        if inside:
+            raise ValueError(f"{inside[0]!r} is in the encoder, but audio_features skip the encoder: pass the mel "
+                             "to trace or edit the encoder")  # fmt: skip
+    return Recorder(keep, edits, Trace(device=device, dtype=dtype))

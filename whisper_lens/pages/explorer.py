@@ -202,7 +202,8 @@ EXPLORER_BODY = """
 <h1 id="title"></h1>
 <div class="note" id="meta"></div>
 <div id="player"><audio id="audio" controls preload="auto"></audio>
- <span class="note">Click the spectrogram to jump; click a token to see where it listened.</span></div>
+ <span class="note">Click the spectrogram to jump; click a token to see where it listened.
+ <span id="overlaynote"></span></span></div>
 <div id="timeline">
  <div id="specbox"><img id="spec" alt="log-mel spectrogram"><canvas id="overlay"></canvas><div id="cursor"></div></div>
  <div id="wordrow"></div>
@@ -401,13 +402,17 @@ function drawCross(i, rows) {
     `per layer: ${after.join(', ')})`;
 }
 
-// The chosen layer's mean over the spectrogram: the grid's layer, as a line (white) scaled to its maximum.
+// Over the spectrogram, a white line: the token's cross-attention, mean over the alignment heads (the
+// heads word timing reads; without them, the last layer's mean), scaled to its own maximum.
 function drawOverlay(rows) {
   const c = $('overlay'), W = timelineWidth(), Hh = 160;
   c.width = W; c.height = Hh;
   const g = c.getContext('2d');
   g.clearRect(0, 0, W, Hh);
-  const v = rows[+$('gridlayer').value || 0].mean, P = v.length;
+  const P = rows[0].mean.length, v = new Float32Array(P);
+  const heads = D.alignment_heads.length ? D.alignment_heads : null;
+  if (heads) heads.forEach(([l, h]) => rows[l].heads[h].forEach((x, p) => { v[p] += x / heads.length; }));
+  else rows[rows.length - 1].mean.forEach((x, p) => { v[p] = x; });
   let m = 1e-9; v.forEach(x => { m = Math.max(m, x); });
   g.strokeStyle = 'rgba(255,255,255,0.9)'; g.lineWidth = 1.5; g.beginPath();
   for (let p = 0; p < P; p++) {
@@ -415,6 +420,8 @@ function drawOverlay(rows) {
     p ? g.lineTo(x, y) : g.moveTo(x, y);
   }
   g.stroke();
+  $('overlaynote').textContent = 'White line: the selected token\'s cross-attention, mean over ' +
+    (heads ? `the ${heads.length} alignment heads (\u2605)` : 'the last layer\'s heads') + ', scaled to its peak.';
 }
 
 function drawLens(i) {
@@ -494,7 +501,6 @@ function drawGrid() {
     f.addEventListener('click', () => openFull(kind, l, h));
     grid.appendChild(f);
   }
-  if (explorer.selected !== null) drawOverlay(explorer.drawn.rows);
 }
 
 function openFull(kind, l, h) {

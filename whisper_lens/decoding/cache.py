@@ -1,147 +1,29 @@
-"""The fast paths: how the model's products run fast on the device they run on, and the switch back to the textbook.
+"""The keys and values a ``generate`` call attends over: a ``KVCache`` per attention layer, a ``DecoderCache`` in all.
 
-``model.py`` computes every projection and the unembedding as ``ops.linear(x, layer)``, where
-``ops`` is a ``Kernels`` passed down the forward, and a decoding step attends through its
-``KVCache``. What happens there is the business of this file alone:
-
-- ``Kernels.linear``: x @ W^T + b, ``F.linear`` unless the product has a packed weight.
-- ``Kernels.for_decoding``: the unembedding (the token embedding matrix, most of a step's
-  bytes) copied once per ``generate`` call into oneDNN's blocked ("packed") layout for the
-  call's 4 to 64 rows: 1.3x-1.6x ``F.linear``'s speed there (at 2 rows it does not pay).
-  Packing the step's small projections does not pay (0.75x-0.9x), so they are left alone. The
-  copy belongs to that call's ``Kernels``; nothing is stored on the model.
-- ``KVCache``: a decoding step's keys and values, stored contiguous (B, H, S, Dh), which the
-  fused attention kernel reads at full speed (1.3x a transposed view); the audio's keys stored
-  transposed (B, H, Dh, S) instead, attended over by the two products written out (1.05x-1.2x).
-- ``textbook()``: a context manager under which every product is ``F.linear`` and every
-  attention ``scaled_dot_product_attention``: what to step through in a debugger. It is a
-  context variable, so it holds for the thread (or asyncio task) that entered it.
-
-All of it computes the same numbers as the textbook ops up to float rounding (tests/test_parity.py).
-oneDNN's linear product is a private torch op (the one torch.compile's CPU backend emits): it is
-used only after a check that runs it once on this build and compares it with ``F.linear``
-(``onednn_available``); where the check fails, the public ops run. Figures for each choice:
-``benchmarks/bench_products.py``. The layouts that once won on a machine with twice this
-one's memory bandwidth (one row split into a block per thread, (W @ x^T)^T, values stored
-transposed, oneDNN for the encoder's many-row products) lost to the plain ops on this one
-and are gone; ``benchmarks/README.md`` has the history.
+The model (``model.py``) is handed each layer's cache and hands it back: self-attention writes a
+step's keys and values into it (``write``) and reads them (``keys``, ``values``); cross-attention
+reads the audio's. Rows of the batch that decode the same clip (a clip's beams, or the rows of
+``generate(clips=...)``) share that clip's audio keys and values, stored once and read once per
+step (``attend``). Storage layout, sharing between rows, beam reordering and rows leaving the
+batch are this file's business alone.
 """
 
 from __future__ import annotations
 
 import collections
-import contextvars
 import copy
-import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
+import dataclasses
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from ..trace import IDLE, Recorder
 
 if TYPE_CHECKING:
-    from .model import TextDecoder
-
-STEP_ROWS = 64  # the most rows of a decoding step whose products are bound by reading the weight
-PACK_FROM = 4  # fewer rows read the unembedding as fast with F.linear as packed (and packing it costs 30 ms)
-
-_TEXTBOOK = contextvars.ContextVar("whisper_lens_textbook", default=False)
-
-
-@contextmanager
-def textbook() -> Iterator[None]:
-    """Within this block every product is the textbook one: ``F.linear``, SDPA or the written-out softmax.
-
-    For stepping through the model in a debugger (or checking the fast paths): the numbers are
-    the same up to float rounding. Thread-safe: other threads keep their own setting.
-    """
-    token = _TEXTBOOK.set(True)
-    try:
-        yield
-    finally:
-        _TEXTBOOK.reset(token)
-
-
-def is_textbook() -> bool:
-    """Is ``textbook()`` in force here?"""
-    return _TEXTBOOK.get()
-
-
-@functools.cache
-def onednn_available() -> bool:
-    """Whether oneDNN's private linear ops run on this build and agree with ``F.linear`` (checked once).
-
-    The check multiplies a small random input by a plain and by a packed weight and compares
-    both with ``F.linear``; a missing op, a changed signature or a wrong result means no.
-    """
-    if not torch.backends.mkldnn.is_available():
-        return False
-    g = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(3, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
-    want = F.linear(x, w, b)  # (3, 24)
-    try:
-        with torch.no_grad():
-            plain = onednn_linear(x, w, b)  # (3, 24)
-            packed = onednn_linear(x, onednn_pack(w, 3), b)  # (3, 24)
-    except (AttributeError, RuntimeError, TypeError, NotImplementedError):
-        return False
-    return all(y.shape == want.shape and torch.allclose(y, want, atol=1e-5, rtol=1e-5) for y in (plain, packed))
-
-
-def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x @ W^T + b in oneDNN, W plain (out, in) or packed by ``onednn_pack``. No gradient flows through it."""
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")  # (rows, out)
-    return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
-
-
-def onednn_pack(weight: Tensor, rows: int) -> Tensor:
-    """oneDNN's blocked copy of W (out, in) for ``onednn_linear`` of ``rows``-row inputs (CPU, fp32, no gradient)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-
-
-class Kernels:
-    """How one forward pass or one ``generate`` call computes its products; passed down the forward as ``ops``.
-
-    ``Kernels()`` (``DEFAULT``) runs ``F.linear``. ``Kernels.for_decoding(decoder, rows)`` also
-    holds oneDNN's packed copy of the unembedding for ``rows``-row products, made from the weight
-    as it is when the call starts (a weight edited between two calls is always the one used) and
-    dropped with the object. Under ``textbook()`` every product is ``F.linear``.
-    """
-
-    def __init__(self, packed: dict[nn.Module, Tensor] | None = None, rows: int = 0) -> None:
-        self.packed = packed or {}  # layer -> its weight packed for `rows`-row inputs
-        self.rows = rows
-
-    @classmethod
-    def for_decoding(cls, decoder: TextDecoder, rows: int) -> Kernels:
-        """Kernels for a loop of ``rows``-row decoding steps of ``decoder`` (a ``TextDecoder``).
-
-        Packs the unembedding (the token embedding matrix, the step's one big product) when it
-        is fp32 on the CPU, for 4 to 64 rows, autograd off and oneDNN available; else nothing
-        is packed. The step's other products are small enough that packing them does not pay.
-        """
-        W = decoder.token_embedding.weight
-        if not (PACK_FROM <= rows <= STEP_ROWS and W.device.type == "cpu" and W.dtype == torch.float32):
-            return cls()
-        if torch.is_grad_enabled() or is_textbook() or not onednn_available():
-            return cls()
-        return cls({decoder.token_embedding: onednn_pack(W, rows)}, rows)
-
-    def linear(self, x: Tensor, layer: nn.Module) -> Tensor:
-        """x @ W^T + b with the ``layer``'s weight and bias (an ``nn.Linear``, or the embedding as the unembedding)."""
-        weight, bias = layer.weight, getattr(layer, "bias", None)
-        if _TEXTBOOK.get():
-            return F.linear(x, weight, bias)
-        packed = self.packed.get(layer)
-        if packed is not None and x.dtype == torch.float32 and x.numel() == self.rows * weight.shape[1]:
-            return onednn_linear(x, packed, bias)
-        return F.linear(x, weight, bias)
-
-
-DEFAULT = Kernels()
-"""The kernels of a plain forward: ``F.linear`` for every product, nothing packed."""
+    from ..model import TextDecoder
 
 
 class KVCache:
@@ -150,17 +32,17 @@ class KVCache:
     Decoding, self-attention: an empty cache of ``length`` positions (``KVCache.empty``); each step
     writes its keys and values at its positions (``write``) and its queries attend over all of it
     under a mask. Cross-attention: the audio's keys and values, computed once (``KVCache.holding``).
-    A teacher-forced pass wraps the keys and values it has just computed. Decoding stores values
-    (C, H, S, Dh) contiguous, and self-attention's keys too: the layout the fused attention kernel
-    reads fastest (a transposed or strided view sends it down its slower written-out path). The
-    audio's keys are stored transposed, (C, H, Dh, S) (``audio``), and attended over by the two
-    products written out: a step reads them at 1.05x-1.2x the fused kernel's speed, since the
-    scores of a few queries are then one pass over contiguous memory (``bench_products.py``).
+    ``Attention.forward`` (model.py) reads them with ``keys()`` and ``values()`` and attends. Values
+    (C, H, S, Dh) are stored contiguous, and self-attention's keys too: the layout the fused
+    attention kernel reads fastest. The audio's keys are stored transposed, (C, H, Dh, S)
+    (``audio``), and model.py attends over them with the two products written out: a step reads
+    them at 1.05x-1.2x the fused kernel's speed, since the scores of a few queries are then one pass
+    over contiguous memory (``bench_products.py``).
 
     ``owner``: the cache row each query row reads, when rows share one. A clip's beams, or the
     rows decoding one clip under several settings, attend over the same audio: its keys and values
     are stored once, and the queries of all the rows that read them attend in one go (as extra
-    query positions), so a step reads each clip's audio once, not once per row.
+    query positions, ``attend``), so a step reads each clip's audio once, not once per row.
     """
 
     def __init__(self, k: Tensor, v: Tensor, owner: Tensor | None = None, audio: bool = False) -> None:
@@ -226,7 +108,7 @@ class KVCache:
     def product(self, q: Tensor, mask: Tensor | None) -> Tensor:
         """softmax(q k^T / sqrt(Dh)) v for queries q (C, H, T, Dh), row c over cache row c: (C, H, T, Dh).
         The fused kernel, or for the audio's keys (stored transposed) the two products written out."""
-        if not self.audio or _TEXTBOOK.get():
+        if not self.audio:
             return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask)  # (C, H, T, Dh)
         scores = (q * q.shape[-1] ** -0.5) @ self.k.mT  # (C, H, T, S): one pass over keys stored (Dh, S)
         if mask is not None:
@@ -284,3 +166,56 @@ def grid_of(owner: Tensor, C: int) -> tuple[Tensor | None, int]:
         place.append(c * M + seen[c])
         seen[c] += 1
     return (None, M) if place == list(range(C * M)) else (torch.tensor(place, device=owner.device), M)
+
+
+@dataclass
+class DecoderCache:
+    """The keys and values one generation attends over, per decoder layer (``new_cache``)."""
+
+    attn: list[KVCache]  # self-attention: written at each step's positions
+    cross_attn: list[KVCache]  # the audio's, computed once
+    depths: bool = False  # the layers hold different numbers of rows (per-clip depths: ``depths.py``)
+
+    @property
+    def length(self) -> int:
+        """The positions the self-attention caches hold (the model masks the ones after each query's own)."""
+        return self.attn[0].k.shape[2]
+
+    def layers(self) -> list[tuple[KVCache, KVCache]]:
+        """Per decoder block, (self-attention cache, cross-attention cache): what ``TextDecoder.stream`` reads."""
+        return list(zip(self.attn, self.cross_attn, strict=True))
+
+    def upto(self, n: int) -> DecoderCache:
+        """The same cache seen through its first ``n`` positions (views: a step's writes go through)."""
+        return dataclasses.replace(self, attn=[c.upto(n) for c in self.attn])
+
+    def repeat_rows(self, n: int) -> DecoderCache:
+        """Each row repeated ``n`` times (row b becomes rows b*n .. b*n + n-1): every beam starts as its clip.
+        Self-attention histories are copied (beams diverge); the audio's keys and values are shared."""
+        attn, cross = [c.repeat_rows(n) for c in self.attn], [c.shared_by(n) for c in self.cross_attn]
+        return DecoderCache(attn, cross, self.depths)
+
+    def take_rows(self, rows: Tensor) -> DecoderCache:
+        """A cache of only the rows ``rows`` (L,), ascending: rows that are done leave a generation. A layer
+        whose cache holds only the first n rows (per-clip depths) keeps those of ``rows`` below n."""
+        kept = [[c.select_rows(rows[rows < c.rows]) for c in caches] for caches in (self.attn, self.cross_attn)]
+        return DecoderCache(*kept, self.depths)
+
+
+def new_cache(decoder: TextDecoder, xa: Tensor, length: int, rec: Recorder = IDLE, rows: list[int] | None = None,
+              clips: Tensor | None = None) -> DecoderCache:  # fmt: skip
+    """Empty self-attention caches of ``length`` positions and, computed once, every layer's keys and values
+    of the audio ``xa`` (C, S, D). ``clips`` (N,): the clip each row decodes (None: row n, clip n); rows of a
+    clip share its keys and values. ``rows``: per block, how many rows (the first) run it (per-clip depths)."""
+    n_ctx, D = decoder.positional_embedding.shape
+    if not 0 < length <= n_ctx:
+        raise ValueError(f"cache length must be between 1 and n_text_ctx={n_ctx}, got {length}")
+    H, depths = decoder.blocks[0].attn.n_head, rows is not None
+    rows = rows or [len(xa) if clips is None else len(clips)] * len(decoder.blocks)
+    attn = [KVCache.empty(n, H, length, D // H, like=decoder.positional_embedding) for n in rows]
+    cross = []
+    for i, (block, n) in enumerate(zip(decoder.blocks, rows, strict=True)):
+        audio = xa if clips is not None or n == len(xa) else xa[:n]  # (C, S, D): the clips whose rows run block i
+        k, v = block.cross_attn.kv(audio, rec.child(f"blocks.{i}.cross_attn"))  # (C, S, H, Dh)
+        cross.append(KVCache.holding(k, v, None if clips is None else clips[:n]))
+    return DecoderCache(attn, cross, depths)

@@ -1,0 +1,80 @@
+"""Traces and edits while decoding: each step recorded on its own, stitched into the trace of the final sequence."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..trace import IDLE, Edits, Recorder, Trace
+
+if TYPE_CHECKING:
+    from ..model import Whisper
+    from .loop import Decoding
+
+
+def pass_recorder(rec: Recorder) -> Recorder:
+    """A recorder for one decoder pass: the call's names and edits, a trace of its own."""
+    return Recorder(rec.keep, rec.edits, Trace()) if rec.active else IDLE
+
+
+def traced_names(d: Decoding) -> list[str]:
+    """The names a result's trace holds, in the model's order; a skipped block keeps only its stream."""
+    rec, dims = d.rec, d.model.dims
+    blocks = [f"encoder.blocks.{i}" for i in range(dims.n_audio_layer)]
+    blocks += [f"decoder.blocks.{i}" for i in range(dims.n_text_layer)]
+    skipped = tuple(f"{block}." for block in blocks if rec.skips(block))
+    inside = [n for n in rec.keep if n.startswith(skipped) and not n.endswith(("resid_pre", "resid_post"))]
+    return [n for n in d.model.names() if n in rec.keep and n not in inside]
+
+
+def stitch_trace(order: list[str], d: Decoding, g: int, rows: list[int], length: int) -> Trace:
+    """Clip ``g``'s trace: names computed once from the call's trace (its clip's row), decoder names from
+    the prompts' pass (row g, its prompt's positions) then from step s at row ``rows[s - 1]``, joined along
+    positions; self-attention scores/patterns are cut to the final ``length`` keys."""
+    once, prompts, steps = d.rec.trace, d.steps[0], d.steps[1:]
+    T0, c = len(d.plan.prompts[g]), g if d.options.clips is None else d.options.clips[g]
+    out = Trace()
+    for name in order:
+        if name in once:  # the encoder's and the audio's keys and values: one row per clip
+            out.put(name, once[name][c : c + 1])
+            continue
+        axis = 2 if name.endswith(("scores", "pattern")) else 1  # heads come before positions there
+        parts = [prompts[name][g : g + 1].narrow(axis, 0, T0)] + [steps[s][name][r : r + 1] for s, r in enumerate(rows)]
+        x = torch.cat(parts, dim=axis)
+        if name.endswith((".attn.scores", ".attn.pattern")) and ".cross_attn." not in name:
+            x = x[..., :length]
+        out.put(name, x)
+    return out
+
+
+def check_step_edits(model: Whisper, edits: Edits | None) -> None:
+    """Decoder edits must act on each position alone: a step sees one position at a time."""
+    if edits is None:
+        return
+    step_shapes = model.shapes(batch=1, n_tokens=1)
+    for name, ops in edits.ops.items():
+        if name.startswith("encoder.") or name.endswith(("cross_attn.k", "cross_attn.v")):
+            continue  # computed once, not per step
+        for op in ops:
+            if op.positions is not None:
+                raise ValueError(
+                    f"edit at {name!r} names positions; generate runs the decoder one position at a time, so "
+                    "decoder edits must apply to every position (use run() for position-specific edits)"
+                )
+            if op.kind == "mean" and op.mean is None:
+                raise ValueError(f"mean-ablation at {name!r} in generate needs mean= (the run's mean is unknown)")
+            if op.kind in ("replace", "add") and not fits(tuple(op.value.shape), step_shapes[name]):
+                raise ValueError(
+                    f"{op.kind} at {name!r} in generate needs a value that fits one position of one clip, "
+                    f"{list(step_shapes[name])} (size 1 or absent at the batch and position axes), "
+                    f"got shape {tuple(op.value.shape)}"
+                )
+
+
+def fits(value: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Does a value of shape ``value`` broadcast to ``shape`` without changing it?"""
+    try:
+        return torch.broadcast_shapes(value, shape) == shape
+    except RuntimeError:
+        return False
