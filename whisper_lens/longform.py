@@ -72,7 +72,7 @@ from .alignment import (
 from .audio import HOP_LENGTH, SAMPLE_RATE, TIME_PRECISION, load_audio, mel_frames, mel_peak, pad_or_trim
 from .audio import _regular_file as regular_file
 from .decoding import DecodingResult, rank_score
-from .options import checked, docs, signature
+from .options import checked, decoding_options, docs, signature
 from .tokenizer import normalize_language
 from .trace import Edits, Trace, TraceRequest, select_names
 
@@ -255,6 +255,7 @@ def transcribe(model: Whisper, audio: AudioLike | Sequence[AudioLike], **options
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer; load it with load_model(..., tokenizer=...)")
     o = checked(options)
+    decoding_options(o)  # generate's own checks of the options passed through to it
     check_decoding(model, o["beam_size"])
     if o["fp16"] and model.device.type == "cpu":
         warnings.warn("FP16 is not supported on CPU; using FP32 instead", stacklevel=2)  # openai-whisper's words

@@ -16,9 +16,16 @@ import difflib
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .alignment import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS
+from .decoding.options import DecodingOptions
+
+# generate's options (decoding/options.py's DecodingOptions): the defaults transcribe passes through are its own,
+# and the values are checked by building one DecodingOptions (``decoding_options``), so neither is restated here.
+GENERATE = {f.name: f.default for f in fields(DecodingOptions)}
+# openai-whisper's DecodingOptions names that generate spells otherwise
+TO_GENERATE = {"sample_len": "max_new_tokens"}
 
 SAME = object()  # cli_default: the command line's default is the Python default
 
@@ -235,21 +242,21 @@ TRANSCRIBE: tuple[Option, ...] = (
     # openai-whisper's DecodingOptions, passed through
     Option(
         "language",
-        None,
+        GENERATE["language"],
         "Language code or name; None: detected once per recording from its first window "
         "(English for English-only models).",
         text(),
     ),
     Option(
         "task",
-        "transcribe",
+        GENERATE["task"],
         "transcribe, or translate (into English).",
         choice("transcribe", "translate"),
         choices=("transcribe", "translate"),
     ),
     Option(
         "beam_size",
-        None,
+        GENERATE["beam_size"],
         "Beam search with this many beams at temperature 0 (None: greedy).",
         number(1, optional=True, integer=True),
         parse=optional(int),
@@ -265,33 +272,33 @@ TRANSCRIBE: tuple[Option, ...] = (
     ),
     Option(
         "patience",
-        None,
+        GENERATE["patience"],
         "Beam search's patience (openai-whisper's meaning; None: 1.0).",
         number(0, optional=True),
         parse=optional(float),
     ),
     Option(
         "length_penalty",
-        None,
+        GENERATE["length_penalty"],
         "Beam ranking's length penalty alpha (None: the mean log-probability).",
         number(0, 1, optional=True),
         parse=optional(float),
     ),
     Option(
         "sample_len",
-        None,
+        GENERATE["max_new_tokens"],
         "The most tokens a window may take (None: 224, half the context).",
         number(1, optional=True, integer=True),
         parse=optional(int),
     ),
-    Option("prefix", None, "Text forced at the start of every window's transcript.", text()),
+    Option("prefix", GENERATE["prefix"], "Text forced at the start of every window's transcript.", text()),
     Option(
         "suppress_tokens",
-        "-1",
+        GENERATE["suppress_tokens"],
         "Token ids never sampled, as '1,2,3' or a list; '-1' adds the non-speech symbols.",
         anything,
     ),
-    Option("suppress_blank", True, "Never start a transcript with a blank.", boolean, cli="bool"),
+    Option("suppress_blank", GENERATE["suppress_blank"], "Never start a transcript with a blank.", boolean, cli="bool"),
     Option(
         "without_timestamps",
         False,
@@ -302,7 +309,7 @@ TRANSCRIBE: tuple[Option, ...] = (
     ),
     Option(
         "max_initial_timestamp",
-        1.0,
+        GENERATE["max_initial_timestamp"],
         "The first timestamp of a window is at most this many seconds.",
         number(0, optional=True),
         parse=optional(float),
@@ -365,6 +372,13 @@ def checked(options: dict, table: dict[str, Option] = BY_NAME, what: str = "tran
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise TypeError(f"{what}() got an unexpected keyword argument {name!r}{hint}")
     return {name: o.check(name, options.get(name, o.default)) for name, o in table.items()}
+
+
+def decoding_options(values: dict) -> DecodingOptions:
+    """The options of ``values`` that ``generate`` takes, checked by ``DecodingOptions`` itself (at temperature 0,
+    beam search's options included: transcribe uses them there)."""
+    shared = {TO_GENERATE.get(name, name): value for name, value in values.items()}
+    return DecodingOptions(**{name: shared[name] for name in GENERATE if name in shared and name != "temperature"})
 
 
 def signature(prefix: list[inspect.Parameter], table: tuple[Option, ...] = TRANSCRIBE) -> inspect.Signature:
