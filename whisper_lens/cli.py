@@ -137,8 +137,6 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
     outputs = folder.plan([os.path.splitext(os.path.basename(a))[0] for a in args.audio], fmts)
     name = real_model(args.model)
     model = load_model(name, download_root=args.model_dir, local_files_only=args.local_files_only, **device)
-    if name in SHIPPED:
-        options["without_timestamps"] = True  # the shipped toy never saw timestamps
     if not model.tokenizer.multilingual and options["language"] not in (None, "en", "English"):
         print(f"whisper-lens: {name} is an English-only model; transcribing in English", file=sys.stderr)
         options["language"] = "en"

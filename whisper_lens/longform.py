@@ -74,7 +74,7 @@ from .audio import _regular_file as regular_file
 from .decoding import DecodingResult, rank_score
 from .options import checked, decoding_options, docs, signature
 from .tokenizer import normalize_language
-from .trace import Edits, Trace, TraceRequest, select_names
+from .trace import Edits, Trace, TraceRequest, check_trace_budget, select_names
 
 if TYPE_CHECKING:
     from .model import Whisper
@@ -255,6 +255,12 @@ def transcribe(model: Whisper, audio: AudioLike | Sequence[AudioLike], **options
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer; load it with load_model(..., tokenizer=...)")
     o = checked(options)
+    own = {"without_timestamps": False, "condition_on_previous_text": True} | {  # a model's own (the toy's config)
+        ("without_timestamps" if k == "timestamps" else k): (not v if k == "timestamps" else v)
+        for k, v in model.transcribe_defaults.items() if k in ("timestamps", "condition_on_previous_text")
+    }  # fmt: skip
+    for name in own:  # None: the model's default
+        o[name] = own[name] if o[name] is None else o[name]
     decoding_options(o)  # generate's own checks of the options passed through to it
     check_decoding(model, o["beam_size"])
     if o["fp16"] and model.device.type == "cpu":
@@ -312,11 +318,23 @@ def run_streams(model: Whisper, items: list, opts: Options, batch_size: int, pro
                 advance(model, running, opts)
             bar.update(sum(min(s.seek, s.n_frames) - seek for s, seek in zip(running, before, strict=True))
                        / FRAMES_PER_SECOND)  # fmt: skip
+            if opts.encoder_trace or opts.decoder_trace:  # the traces are kept: refuse before they outgrow memory
+                budget([s for _, s in active], list(done.values()), 2 * model.dims.n_audio_ctx)
             for i, s in active:
                 if s.done:
                     done[i] = finish(model, s, opts)
             active = [(i, s) for i, s in active if not s.done]
     return [done[i] for i in range(len(items))]
+
+
+def budget(active: list[Stream], done: list[Transcript], frames: int) -> None:
+    """Check the traces kept so far, and those the active recordings' remaining windows will add, against the limit."""
+    windows = [w for s in active for w in s.windows if w.trace is not None]
+    windows += [w for t in done for w in t.windows if w.trace is not None]
+    if windows:
+        kept = sum(w.trace.nbytes for w in windows)
+        left = sum(-(-max(0, s.n_frames - s.seek) // frames) for s in active)  # ceil: at least this many windows
+        check_trace_budget(kept, kept / len(windows), left)
 
 
 def finish(model: Whisper, s: Stream, opts: Options) -> Transcript:
@@ -389,6 +407,7 @@ def stack_edits(edits: Edits | None, stack: str) -> Edits | None:
         skipped={b for b in edits.skipped if b.startswith(mine)},
         window=edits.window if stack == "encoder" else None,
         window_layers=edits.window_layers if stack == "encoder" else None,
+        window_heads=edits.window_heads if stack == "encoder" else None,
     )
     return part if part else None
 
@@ -471,7 +490,9 @@ def advance(model: Whisper, streams: list[Stream], opts: Options) -> None:
     """Decode the next window of every stream and move each to where its next window starts."""
     W, n_mels = 2 * model.dims.n_audio_ctx, model.dims.n_mels
     sizes = [s.window_frames(W) for s in streams]
-    mels = [pad_or_trim(mel_frames(s.audio, s.seek, n, n_mels, s.peak), W) for s, n in zip(streams, sizes, strict=True)]
+    silence = model.transcribe_defaults.get("pad_with_silence", False)  # past the end: silence's mel, not zeros
+    mels = [pad_or_trim(mel_frames(s.audio, s.seek, W if silence else n, n_mels, s.peak), W)
+            for s, n in zip(streams, sizes, strict=True)]  # fmt: skip
     flat = [opts.skip_silence and bool(m[:, :n].amax() == m[:, :n].amin()) for m, n in zip(mels, sizes, strict=True)]
     for s, n, f in zip(streams, sizes, flat, strict=True):
         if f:  # nothing above the floor: no sound to decode

@@ -190,9 +190,10 @@ TRANSCRIBE: tuple[Option, ...] = (
     ),
     Option(
         "condition_on_previous_text",
-        True,
-        "Give each window the text so far as prompt (not after a decoding above temperature 0.5).",
-        boolean,
+        None,
+        "Give each window the text so far as prompt (not after a decoding above temperature 0.5); None: the "
+        "model's default (True; False for the shipped toy, by its config).",
+        boolean_or_none,
         cli="bool",
     ),
     Option("initial_prompt", None, "Text given as the prompt of the first window (names, spelling, style).", text()),
@@ -301,10 +302,10 @@ TRANSCRIBE: tuple[Option, ...] = (
     Option("suppress_blank", GENERATE["suppress_blank"], "Never start a transcript with a blank.", boolean, cli="bool"),
     Option(
         "without_timestamps",
-        False,
-        "Decode text only: each window is one segment and the next starts where "
-        "it ends (automatic for the shipped toy, trained without timestamps).",
-        boolean,
+        None,
+        "Decode text only: each window is one segment and the next starts where it ends; None: the model's "
+        "default (False; True for the shipped toy, trained without timestamps, by its config).",
+        boolean_or_none,
         cli="bool",
     ),
     Option(
