@@ -2277,3 +2277,26 @@ def test_suppressing_every_token_is_refused(toy, toy_inputs):
         with pytest.raises(ValueError) as excinfo:
             toy.generate(mels, suppress_tokens=bad)
         check_error(excinfo, "suppress_tokens")
+
+
+# ----- class 7: alignment heads as integer pairs in range
+
+
+@pytest.mark.parametrize(
+    "heads, error, names",
+    [
+        ([(0.9, 1.5)], ValueError, ["alignment_heads", "(0.9, 1.5)", "whole numbers"]),
+        ([(1, 2, 3)], ValueError, ["alignment_heads", "(1, 2, 3)"]),
+        ([1], ValueError, ["alignment_heads", "1"]),
+        ("1:0", TypeError, ["alignment_heads", "'1:0'"]),
+        ([(True, 0)], ValueError, ["alignment_heads", "True"]),
+    ],
+)
+def test_alignment_heads_are_integer_pairs(toy_model, heads, error, names, monkeypatch):
+    """Fractional heads (0.9, 1.5) were truncated to (0, 1); heads that did not unpack gave raw unpack errors."""
+    from whisper_lens import model as model_module
+
+    monkeypatch.setattr(model_module.Whisper, "generate", lambda *a, **k: pytest.fail("decoded before the check"))
+    with pytest.raises(error) as excinfo:
+        toy_model.transcribe(np.full(16000, 0.1, np.float32), word_timestamps=True, alignment_heads=heads)
+    check_error(excinfo, *names)

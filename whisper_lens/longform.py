@@ -198,6 +198,7 @@ class Options:
     encoder_trace: tuple[str, ...]  # encoder names asked for, recorded once per window
     decoder_trace: tuple[str, ...]  # decoder names asked for, recorded while decoding
     recorded: tuple[str, ...]  # every decoder name recorded while decoding (those asked for, and word timing's)
+    speculative: bool = False  # greedy passes: a bf16 draft's guesses checked by the fp32 model (generate's option)
 
 
 @dataclass
@@ -274,7 +275,7 @@ def transcribe(model: Whisper, audio: AudioLike | Sequence[AudioLike], **options
             "initial_prompt", "carry_initial_prompt", "clip_timestamps", "hallucination_silence_threshold",
             "word_timestamps", "word_timing", "prepend_punctuations", "append_punctuations", "beam_size", "best_of",
             "patience", "length_penalty", "sample_len", "prefix", "suppress_tokens", "suppress_blank",
-            "max_initial_timestamp", "skip_silence", "seed", "verbose", "task")  # fmt: skip
+            "max_initial_timestamp", "skip_silence", "seed", "verbose", "task", "speculative")  # fmt: skip
     opts = Options(
         language=language, temperatures=o["temperature"], timestamps=not o["without_timestamps"], heads=heads,
         encoder_edits=stack_edits(o["edits"], "encoder"), decoder_edits=stack_edits(o["edits"], "decoder"),
@@ -385,12 +386,21 @@ def check_heads(model: Whisper, heads: Sequence[tuple[int, int]] | None) -> tupl
         raise ValueError("word timestamps need alignment heads and this model has none: pass alignment_heads= "
                          "(e.g. find_alignment_heads(model, clips).heads)")  # fmt: skip
     d = model.dims
+    if isinstance(heads, str) or not isinstance(heads, Sequence | np.ndarray | Tensor):
+        raise TypeError(f"alignment_heads={heads!r}: give a list of (layer, head) pairs of ints, such as [(2, 0)]")
     pairs = []
     for pair in heads:
-        layer, head = (int(x) for x in pair)
+        if isinstance(pair, str) or not isinstance(pair, Sequence | np.ndarray | Tensor) or len(pair) != 2:
+            raise ValueError(f"alignment_heads: {pair!r} is not a (layer, head) pair; give pairs of ints, such as "
+                             "[(2, 0)]")  # fmt: skip
+        values = [x.item() if isinstance(x, np.generic | Tensor) else x for x in pair]
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in values):  # 0.9 was truncated to 0
+            raise ValueError(f"alignment_heads: {tuple(values)} must be whole numbers (layer, head), such as (2, 0)")
+        layer, head = values
         if not (0 <= layer < d.n_text_layer and 0 <= head < d.n_text_head):
-            raise ValueError(f"alignment head {tuple(pair)} is outside this model's decoder "
-                             f"({d.n_text_layer} layers of {d.n_text_head} heads)")  # fmt: skip
+            raise ValueError(f"alignment_heads: {tuple(values)} is outside this model's decoder "
+                             f"({d.n_text_layer} layers of {d.n_text_head} heads: layer 0 to {d.n_text_layer - 1}, "
+                             f"head 0 to {d.n_text_head - 1})")  # fmt: skip
         pairs.append((layer, head))
     if not pairs:
         raise ValueError("alignment_heads is empty: word timestamps need at least one (layer, head)")
@@ -596,7 +606,7 @@ def decode_windows(model: Whisper, xa: Tensor, prompts: list[list[int]], languag
     if temperature == 0:
         return model.generate(audio_features=xa, prompt=list(prompts), language=list(languages),
                               beam_size=opts.beam_size, patience=opts.patience, length_penalty=opts.length_penalty,
-                              **common)  # fmt: skip
+                              speculative=opts.speculative, **common)  # fmt: skip
     n, out = opts.best_of or 1, []
     for i, (p, lang) in enumerate(zip(prompts, languages, strict=True)):
         found = model.generate(audio_features=xa[i : i + 1], clips=[0] * n, prompt=p, language=lang,

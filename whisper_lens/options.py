@@ -361,6 +361,13 @@ TRANSCRIBE: tuple[Option, ...] = (
     ),
     Option("edits", None, "Interventions (wl.Edits) applied in every window.", anything, cli=None),
     Option("progress", False, "A progress bar over the audio (stderr).", boolean, cli=None),
+    Option(
+        "speculative",
+        False,
+        "The greedy (temperature 0) passes decode speculatively, as generate(speculative=True): the same results.",
+        boolean,
+        cli=None,
+    ),
 )
 BY_NAME = {o.name: o for o in TRANSCRIBE}
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..inputs import check_audio_features, check_mel
 from ..model import Whisper
 from ..trace import IDLE, Edits, Recorder, Trace, TraceRequest
+from . import speculative as speculation
 from .cache import DecoderCache, new_cache
 from .depths import rows_per_block, stream_at_depths
 from .filters import filter_logits
@@ -223,6 +224,7 @@ def generate(
     compile: bool = False,
     decoder_blocks: int | Sequence[int] | None = None,
     clips: Sequence[int] | None = None,
+    speculative: bool = False,
 ) -> list[DecodingResult]:
     """Decode a batch of 30 s log-mel windows ``mel`` [B, n_mels, 2 * n_audio_ctx] (or one [n_mels, frames]).
 
@@ -249,6 +251,9 @@ def generate(
         clip share its audio: it is encoded once and its keys and values are computed and read once
         per step, not once per row. The per-clip options above (language, prompt, decoder_blocks)
         then take one entry per row, and one result is returned per row.
+    speculative: greedy decoding (temperature 0, no beams, traces, edits or depths) where a bf16 draft's
+        guesses are checked by the fp32 model, several tokens per fp32 pass, when a one-off timing on this
+        machine says it pays (``speculative.py``); the results are the plain loop's (up to float rounding).
     Returns one ``DecodingResult`` per clip (per row with ``clips``).
     """
     options = DecodingOptions(
@@ -256,6 +261,7 @@ def generate(
         max_new_tokens=max_new_tokens, language=language, task=task, timestamps=timestamps, prompt=prompt,
         prefix=prefix, suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
         max_initial_timestamp=max_initial_timestamp, compile=compile, decoder_blocks=decoder_blocks, clips=clips,
+        speculative=speculative,
     )  # fmt: skip
     if (mel is None) == (audio_features is None):
         raise ValueError("give either mel or audio_features (the encoder's output), not both or neither")
@@ -279,6 +285,11 @@ def generate(
         raise non_finite(model, edits, "the encoder's output")
     d = prefill(model, plan, options, xa, rec)
     broken = ~torch.isfinite(d.last).all()  # on the device: read once, at the end (no sync per step)
+    draft = speculative_draft(d)
+    if draft is not None:  # several tokens per fp32 pass, the same results
+        if bool(broken):
+            raise non_finite(model, edits, "the decoder's logits")
+        return finish(d, n_sel=speculation.speculate(d, draft)[0])
     check_every = 1 if xa.device.type == "cpu" else CUDA_CHECK_EVERY
     steps = d.search.tokens.shape[1]
     for i in range(steps):
@@ -308,3 +319,10 @@ def non_finite(model: Whisper, edits: Edits | None, what: str) -> ValueError:
                           "out of range")  # fmt: skip
     return ValueError(f"{what} became NaN or infinite from the audio: values out of the model's range (samples far "
                       f"outside [-1, 1]?) in {model.dtype}")  # fmt: skip
+
+
+def speculative_draft(d: Decoding) -> speculation.Draft | None:
+    """The draft speculation decodes this call with, or None: not asked for, not greedy, or none pays here."""
+    if not (d.options.speculative and speculation.applies(d.options, d.rec)):
+        return None
+    return speculation.chosen_draft(d.model, len(d.search.tokens))
