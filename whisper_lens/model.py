@@ -287,8 +287,8 @@ class Whisper(nn.Module):
         return generate(self, mel, **options)
 
     def transcribe(self, audio, **options):
-        """Long-form, batched transcription of audio files or arrays: ``whisper_lens.transcribe.transcribe``."""
-        from .transcribe import transcribe
+        """Long-form, batched transcription of audio files or arrays: ``whisper_lens.transcribe`` (longform.py)."""
+        from .longform import transcribe
 
         return transcribe(self, audio, **options)
 
