@@ -146,7 +146,7 @@ def measure(ref, ours, hf, batch: int, repeats: int, loop: bool, beam: int | Non
         decode_ours(ours, beam, **audio)
 
     def run_textbook():
-        with textbook():  # the same loop with F.linear everywhere: whether kernels.py's packed product pays here
+        with textbook():  # the same loop, F.linear unembedding: whether decoding/packed.py's product pays here
             decode_ours(ours, beam, **audio)
 
     def run_openai():

@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from .loading import DEFAULT_MODEL, OFFICIAL, SHIPPED
 
@@ -116,12 +117,12 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
     fmts = formats(args.output_format or "all") if args.output_format or args.output_dir else ()
     temperatures = fallback_temperatures(args.temperature, args.temperature_increment_on_fallback)
     heads = parse_heads(args.alignment_heads) if args.alignment_heads else None
-    timestamps = not args.no_timestamps and args.model not in SHIPPED  # the shipped toy never saw timestamps
+    timestamps = False if args.no_timestamps else None  # None: the model's own default (the toy's: off)
     folder = OutputFolder(args.output_dir or ".") if fmts else None
     outputs = folder.plan([Path(a).stem for a in args.audio], fmts) if folder else [[] for _ in args.audio]
     model = load_model(args.model, **placement(args.device))
     transcripts = model.transcribe(list(args.audio), language=args.language, task=args.task, temperature=temperatures,
-                                   condition_on_previous_text=not args.no_condition_on_previous_text,
+                                   condition_on_previous_text=False if args.no_condition_on_previous_text else None,
                                    initial_prompt=args.initial_prompt, timestamps=timestamps,
                                    word_timestamps=args.word_timestamps,
                                    word_timing=args.word_timing, alignment_heads=heads, beam_size=args.beam_size,
@@ -332,6 +333,51 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"index: {done.index} (read it with whisper_lens.load_activations)")
 
 
+def cmd_sae_train(args: argparse.Namespace) -> None:
+    """Train a sparse autoencoder on one activation of an export with SAELens; resumable; SAELens's format."""
+    from .sae import train
+
+    done = train(args.export, args.name, args.out, architecture=args.architecture, width=args.width, k=args.k,
+                 sparsity=args.sparsity, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                 checkpoints=args.checkpoints, device=args.device)  # fmt: skip
+    resumed = "" if done.resumed_from is None else f", resumed after {done.resumed_from} rows"
+    print(f"{done.steps} steps{resumed}: {done.metrics}")
+    print(f"SAE in {done.out}/ (sae_lens.SAE.load_from_disk reads it; splice it with wl.Edits().splice)")
+
+
+def parse_features(text: str) -> list[int]:
+    """'0-99,200' -> [0, ..., 99, 200]."""
+    out = []
+    for part in text.split(","):
+        a, _, b = part.strip().partition("-")
+        if not a.isdigit() or (b and not b.isdigit()):
+            raise argparse.ArgumentTypeError(f"features are numbers and ranges like 0-99,200, got {text!r}")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+def cmd_features(args: argparse.Namespace) -> None:
+    """A self-contained page of the top moments of SAE latents, neurons or heads across clips, to listen to."""
+    from .loading import load_model
+    from .pages.common import check_page_path
+    from .pages.features import write_features
+
+    check_page_path(args.out)
+    sae = None
+    if args.sae is not None:
+        try:
+            from sae_lens import SAE
+        except ImportError:
+            raise ImportError("--sae needs SAELens: pip install 'whisper-lens[sae]'") from None
+        if not (Path(args.sae) / "cfg.json").is_file():
+            raise FileNotFoundError(f"--sae {args.sae}: no cfg.json there (a folder written by whisper-lens sae train)")
+        sae = SAE.load_from_disk(args.sae, device=args.device)
+    model = load_model(args.model, **placement(args.device))
+    path = write_features(model, args.audio, args.out, name=args.name, sae=sae, features=args.features,
+                          top_k=args.top_k, batch_size=args.batch_size, progress=True)  # fmt: skip
+    print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="whisper-lens",
@@ -489,6 +535,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per transcript (decoder names)")
     progress_arg(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sae", help="sparse autoencoders on an export's activations (SAELens: whisper-lens[sae])")
+    sae = p.add_subparsers(dest="sae_command", required=True, metavar="SAE_COMMAND")
+    p = sae.add_parser(
+        "train",
+        help="train an SAE on one activation of an export with SAELens's trainer",
+        description="Train with SAELens's SAETrainer on shuffled rows of EXPORT's NAME; OUT ends "
+        "up in SAELens's format (sae_lens.SAE.load_from_disk). Rerun to resume from its checkpoints.",
+    )
+    p.add_argument("export", help="a folder written by whisper-lens export")
+    p.add_argument("--name", required=True, help="the activation, e.g. encoder.blocks.3.resid_post")
+    p.add_argument("--out", required=True, help="output folder; rerunning the command resumes in it")
+    p.add_argument("--architecture", choices=["standard", "topk", "jumprelu"], default="topk")
+    p.add_argument("--width", type=int, default=None, help="latents (default 8 x the activation's width)")
+    p.add_argument("--k", type=int, default=32, help="active latents per row, topk (default 32)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="L1 (standard, default 5) or L0 (jumprelu, default 1) coefficient")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: one pass over the export)")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per step (default 4096)")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoints", type=int, default=4, help="checkpoints written on the way (default 4)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=cmd_sae_train)
+
+    p = sub.add_parser("features", help="a page of what SAE latents, neurons or heads fire on, to listen to",
+                       description="Top moments of each feature across the clips, each with its snippet's audio, "
+                       "spectrogram, activation and words, as one self-contained HTML page.")  # fmt: skip
+    model_arg(p)
+    p.add_argument("audio", nargs="+", help="a folder of audio files (searched recursively), or the files")
+    p.add_argument(
+        "--name",
+        required=True,
+        help="the activation: with --sae the SAE's point; else mlp.post (neurons), attn.z (heads)",
+    )
+    p.add_argument("--sae", default=None, help="an SAE folder (whisper-lens sae train, or any SAELens save)")
+    p.add_argument("--features", type=parse_features, default=None, help="e.g. 0-99,200 (default: all)")
+    p.add_argument("--top-k", type=int, default=8, help="moments per feature (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips run together (default 8)")
+    p.add_argument("--out", required=True, help="the page to write (.html)")
+    p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("train-toy", help="train the shipped toy model from scratch on espeak-ng speech (the recipe)")
     p.add_argument("--out", default="weights/toy", help="where to save the model (default weights/toy)")

@@ -280,6 +280,7 @@ def load_model(
     model.to(device=device, dtype=dtype)
     model.tokenizer = _find_tokenizer(tokenizer, found.folder or found.pt_file.parent, dims)
     model.alignment_heads = heads if heads is not None else alignment_heads_for(found, dims)
+    model.transcribe_defaults = read_transcribe_defaults(found.folder) if found.folder is not None else {}
     return model.eval()
 
 
@@ -452,6 +453,36 @@ def read_json_object(path: Path) -> dict:
     return config
 
 
+DEFAULTS_KEY = "whisper_lens_transcribe"  # in config.json: how a model wants to be decoded when not told
+DEFAULT_KINDS = {"timestamps": bool, "condition_on_previous_text": bool, "pad_with_silence": bool}  # a model's own
+
+
+def read_transcribe_defaults(folder: Path) -> dict:
+    """The decoding defaults a model carries in its ``config.json`` (``{}`` for Whisper's own models).
+
+    The shipped toy was trained without timestamps and without a previous-text prompt, on windows
+    padded with silence (``load_windows``), so its config says ``"whisper_lens_transcribe":
+    {"timestamps": false, "condition_on_previous_text": false, "pad_with_silence": true}``;
+    ``transcribe`` and the command line use these where the caller did not choose, so the toy
+    decodes the same whether it is loaded as ``"toy"`` or by its path, and a clip of one window
+    as the lens and ``generate`` on ``load_windows`` see it. (Whisper's own models pad the last
+    window's mel with zeros, as openai-whisper's ``transcribe`` does.)
+    """
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    found = read_json_object(path).get(DEFAULTS_KEY, {})
+    if not isinstance(found, dict) or any(
+        not isinstance(found.get(k), t) for k, t in DEFAULT_KINDS.items() if k in found
+    ):
+        raise CheckpointError(f"{path}: {DEFAULTS_KEY} must map some of {', '.join(DEFAULT_KINDS)} to true or false")
+    unknown = sorted(set(found) - set(DEFAULT_KINDS))
+    if unknown:
+        raise CheckpointError(f"{path}: {DEFAULTS_KEY} has {', '.join(unknown)}; a model may carry only "
+                              f"{', '.join(DEFAULT_KINDS)}")  # fmt: skip
+    return dict(found)
+
+
 def read_generation_heads(folder: Path, dims: ModelDims) -> list[tuple[int, int]] | None:
     """The ``alignment_heads`` of a hub folder's ``generation_config.json``, checked against ``dims``."""
     from .ct2 import alignment_heads_of
@@ -614,6 +645,8 @@ def save_model(model: Whisper, folder: str | os.PathLike, tokenizer_file: str | 
     tok = model.tokenizer
     sot, eot = (tok.sot, tok.eot) if tok is not None else special_ids(model.dims.n_vocab)
     config = hf_config_from_dims(model.dims, sot=sot, eot=eot)
+    if getattr(model, "transcribe_defaults", None):
+        config[DEFAULTS_KEY] = dict(model.transcribe_defaults)
     state = {openai_to_hf(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     atomic_write(folder / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
     write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")

@@ -71,7 +71,7 @@ from .audio import HOP_LENGTH, SAMPLE_RATE, TIME_PRECISION, load_audio, mel_fram
 from .audio import _regular_file as regular_file
 from .decoding import DecodingResult, rank_score
 from .tokenizer import normalize_language
-from .trace import Edits, Trace, TraceRequest, select_names
+from .trace import Edits, Trace, TraceRequest, check_trace_budget, select_names
 
 if TYPE_CHECKING:
     from .model import Whisper
@@ -200,9 +200,9 @@ def transcribe(
     compression_ratio_threshold: float | None = 2.4,
     logprob_threshold: float | None = -1.0,
     no_speech_threshold: float | None = 0.6,
-    condition_on_previous_text: bool = True,
+    condition_on_previous_text: bool | None = None,
     initial_prompt: str | None = None,
-    timestamps: bool = True,
+    timestamps: bool | None = None,
     word_timestamps: bool = False,
     word_timing: str = "pass",
     alignment_heads: Sequence[tuple[int, int]] | None = None,
@@ -232,11 +232,13 @@ def transcribe(
         (too unsure); ``no_speech_threshold`` with a low log-probability marks silence, skipped.
         Sampling (temperature > 0) is seeded from ``seed`` and the window's position, so a
         result is reproducible and does not depend on the batch.
-    condition_on_previous_text: give each window the text so far as prompt. initial_prompt:
+    condition_on_previous_text: give each window the text so far as prompt (None: the model's
+        default, ``model.transcribe_defaults``, else True). initial_prompt:
         text given as the prompt of the first window (names, spelling, style).
     timestamps: decode with timestamp tokens (openai-whisper's way: segments, and windows that
         start where the last complete segment ended). False: each window is one segment and the
-        next starts where it ends (for models trained without timestamps, such as the shipped toy).
+        next starts where it ends (for models trained without timestamps, such as the shipped toy,
+        whose config says so: None takes ``model.transcribe_defaults``, else True).
     word_timestamps: time every word from the cross-attention of ``alignment_heads`` ((layer,
         head) pairs; default ``model.alignment_heads``). ``word_timing``: "pass" (default) runs
         the decoder once more per window over its text, on the audio already encoded: openai-
@@ -255,6 +257,10 @@ def transcribe(
     """
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer; load it with load_model(..., tokenizer=...)")
+    own = {"timestamps": True, "condition_on_previous_text": True} | model.transcribe_defaults  # travel with it
+    timestamps = own["timestamps"] if timestamps is None else timestamps
+    condition_on_previous_text = own["condition_on_previous_text"] if condition_on_previous_text is None else (
+        condition_on_previous_text)  # fmt: skip
     check_decoding(model, beam_size, best_of, word_timing)
     language = check_language(model, language, task)
     heads = check_heads(model, alignment_heads) if word_timestamps else ()
@@ -307,11 +313,23 @@ def run_streams(model: Whisper, items: list, opts: Options, batch_size: int, pro
                 advance(model, running, opts)
             bar.update(sum(min(s.seek, s.n_frames) - seek for s, seek in zip(running, before, strict=True))
                        / FRAMES_PER_SECOND)  # fmt: skip
+            if opts.encoder_trace or opts.decoder_trace:  # the traces are kept: refuse before they outgrow memory
+                budget([s for _, s in active], list(done.values()), 2 * model.dims.n_audio_ctx)
             for i, s in active:
                 if s.done:
                     done[i] = finish(model, s)
             active = [(i, s) for i, s in active if not s.done]
     return [done[i] for i in range(len(items))]
+
+
+def budget(active: list[Stream], done: list[Transcript], frames: int) -> None:
+    """Check the traces kept so far, and those the active recordings' remaining windows will add, against the limit."""
+    windows = [w for s in active for w in s.windows if w.trace is not None]
+    windows += [w for t in done for w in t.windows if w.trace is not None]
+    if windows:
+        kept = sum(w.trace.nbytes for w in windows)
+        left = sum(-(-max(0, s.n_frames - s.seek) // frames) for s in active)  # ceil: at least this many windows
+        check_trace_budget(kept, kept / len(windows), left)
 
 
 def finish(model: Whisper, s: Stream) -> Transcript:
@@ -374,12 +392,21 @@ def check_heads(model: Whisper, heads: Sequence[tuple[int, int]] | None) -> tupl
         raise ValueError("word timestamps need alignment heads and this model has none: pass alignment_heads= "
                          "(e.g. find_alignment_heads(model, clips).heads)")  # fmt: skip
     d = model.dims
+    if isinstance(heads, str) or not isinstance(heads, Sequence | np.ndarray | Tensor):
+        raise TypeError(f"alignment_heads={heads!r}: give a list of (layer, head) pairs of ints, such as [(2, 0)]")
     pairs = []
     for pair in heads:
-        layer, head = (int(x) for x in pair)
+        if isinstance(pair, str) or not isinstance(pair, Sequence | np.ndarray | Tensor) or len(pair) != 2:
+            raise ValueError(f"alignment_heads: {pair!r} is not a (layer, head) pair; give pairs of ints, such as "
+                             "[(2, 0)]")  # fmt: skip
+        values = [x.item() if isinstance(x, np.generic | Tensor) else x for x in pair]
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in values):  # 0.9 was truncated to 0
+            raise ValueError(f"alignment_heads: {tuple(values)} must be whole numbers (layer, head), such as (2, 0)")
+        layer, head = values
         if not (0 <= layer < d.n_text_layer and 0 <= head < d.n_text_head):
-            raise ValueError(f"alignment head {tuple(pair)} is outside this model's decoder "
-                             f"({d.n_text_layer} layers of {d.n_text_head} heads)")  # fmt: skip
+            raise ValueError(f"alignment_heads: {tuple(values)} is outside this model's decoder "
+                             f"({d.n_text_layer} layers of {d.n_text_head} heads: layer 0 to {d.n_text_layer - 1}, "
+                             f"head 0 to {d.n_text_head - 1})")  # fmt: skip
         pairs.append((layer, head))
     if not pairs:
         raise ValueError("alignment_heads is empty: word timestamps need at least one (layer, head)")
@@ -396,6 +423,7 @@ def stack_edits(edits: Edits | None, stack: str) -> Edits | None:
         skipped={b for b in edits.skipped if b.startswith(mine)},
         window=edits.window if stack == "encoder" else None,
         window_layers=edits.window_layers if stack == "encoder" else None,
+        window_heads=edits.window_heads if stack == "encoder" else None,
     )
     return part if part else None
 
@@ -460,7 +488,9 @@ def advance(model: Whisper, streams: list[Stream], opts: Options) -> None:
     """Decode the next window of every stream and move each to where its next window starts."""
     W, n_mels = 2 * model.dims.n_audio_ctx, model.dims.n_mels
     sizes = [min(W, s.n_frames - s.seek) for s in streams]
-    mels = [pad_or_trim(mel_frames(s.audio, s.seek, n, n_mels, s.peak), W) for s, n in zip(streams, sizes, strict=True)]
+    silence = model.transcribe_defaults.get("pad_with_silence", False)  # past the end: silence's mel, not zeros
+    mels = [pad_or_trim(mel_frames(s.audio, s.seek, W if silence else n, n_mels, s.peak), W)
+            for s, n in zip(streams, sizes, strict=True)]  # fmt: skip
     flat = [opts.skip_silence and bool(m[:, :n].amax() == m[:, :n].amin()) for m, n in zip(mels, sizes, strict=True)]
     for s, n, f in zip(streams, sizes, flat, strict=True):
         if f:  # nothing above the floor: no sound to decode

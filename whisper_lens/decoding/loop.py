@@ -274,14 +274,27 @@ def generate(
     if clips is not None and max(clips) >= len(audio):
         raise ValueError(f"clips has {max(clips)}, but the batch has {len(audio)} clips (0-{len(audio) - 1})")
     plan = make_plan(model, options, n_clips=audio.shape[0] if clips is None else len(clips))
+    if edits is not None and edits.counts_generated:  # Edits.generated(k): positions after the prompt
+        lengths = {len(p) for p in plan.prompts}
+        if len(lengths) > 1:
+            raise ValueError("Edits.generated(k) needs prompts of one length; with prompts of several lengths "
+                             "give absolute positions")  # fmt: skip
+        rec = model.recorder(trace, edits.after_prompt(lengths.pop()), encoder=mel is not None)
     xa = model.encoder(audio, rec.child("encoder")) if mel is not None else audio  # (C, S, D)
+    if mel is not None and not bool(torch.isfinite(xa).all()):
+        raise non_finite(model, edits, "the encoder's output")
     d = prefill(model, plan, options, xa, rec)
+    broken = ~torch.isfinite(d.last).all()  # on the device: read once, at the end (no sync per step)
     draft = speculative_draft(d)
     if draft is not None:  # several tokens per fp32 pass, the same results
+        if bool(broken):
+            raise non_finite(model, edits, "the decoder's logits")
         return finish(d, n_sel=speculation.speculate(d, draft)[0])
     check_every = 1 if xa.device.type == "cpu" else CUDA_CHECK_EVERY
     steps = d.search.tokens.shape[1]
     for i in range(steps):
+        if i:
+            broken |= ~torch.isfinite(d.last).all()
         select(d, i)
         finished = i + 1 == steps or ((i + 1) % check_every == 0 and bool(d.search.done.all()))
         if finished and not d.tracing:
@@ -289,7 +302,23 @@ def generate(
         step(d, i)
         if finished:  # the last step only recorded the final token's activations
             break
+    if bool(broken):  # a token chosen from NaN logits is noise: no result rather than a silently wrong one
+        raise non_finite(model, edits, "the decoder's logits")
     return finish(d, n_sel=i + 1)
+
+
+def non_finite(model: Whisper, edits: Edits | None, what: str) -> ValueError:
+    """The error for NaN or infinite values met while decoding, naming their source: weights, edits, or audio."""
+    weight = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if weight is not None:
+        return ValueError(f"{what} became NaN or infinite: the weight {weight} holds NaN or infinite values (the "
+                          "weights; reload the model)")  # fmt: skip
+    if edits:
+        names = ", ".join(list(edits.ops)[:3]) or "skipped blocks"
+        return ValueError(f"{what} became NaN or infinite under the edits ({names}): an edit drives the activations "
+                          "out of range")  # fmt: skip
+    return ValueError(f"{what} became NaN or infinite from the audio: values out of the model's range (samples far "
+                      f"outside [-1, 1]?) in {model.dtype}")  # fmt: skip
 
 
 def speculative_draft(d: Decoding) -> speculation.Draft | None:
