@@ -289,12 +289,15 @@ def generate(
     if draft is not None:  # several tokens per fp32 pass, the same results
         if bool(broken):
             raise non_finite(model, edits, "the decoder's logits")
-        return finish(d, n_sel=speculation.speculate(d, draft)[0])
+        n_sel, pace = speculation.speculate(d, draft)
+        if pace.broken is not None and bool(pace.broken):
+            raise non_finite(model, edits, "the decoder's logits")
+        return finish(d, n_sel=n_sel)
     check_every = 1 if xa.device.type == "cpu" else CUDA_CHECK_EVERY
     steps = d.search.tokens.shape[1]
     for i in range(steps):
-        if i:
-            broken |= ~torch.isfinite(d.last).all()
+        if i:  # the rows still decoding: a done row keeps the logits its last selection filtered (-inf)
+            broken |= ~torch.isfinite(d.last if d.live is None else d.last[d.live]).all()
         select(d, i)
         finished = i + 1 == steps or ((i + 1) % check_every == 0 and bool(d.search.done.all()))
         if finished and not d.tracing:
