@@ -358,16 +358,17 @@ def speculation(repeats: int) -> list[list[str]]:
         for kind, k in configs:
             ps = paces[(kind, k)]
             acc, rej = sum(p.accepted for p in ps), sum(p.rejected for p in ps)
-            passes, emitted = sum(p.passes for p in ps), sum(p.emitted for p in ps)
-            rounds, drafted = passes - len(ps), sum(p.drafted for p in ps)  # the prompts' passes left out
-            tokens = (emitted - sum(len(g) for g in groups)) / batch  # per row, after the prompts' passes
-            step = weights + batch * audio  # what one fp32 step of the batch reads (rows that are done included)
-            if kind == "copy":  # a draft pass reads the bf16 copy (half), a check the fp32 weights
-                read = rounds * step + drafted * step / 2
-            else:  # each position reads the fp32 blocks and audio, each guess the bf16 head, each check the fp32 one
-                read = (drafted + rounds) * (step - unembed) + drafted * unembed / 2 + rounds * unembed
+            read = row_rounds = 0.0
+            for p, g in zip(ps, groups, strict=True):  # per call: its rounds (the prompts' pass left out)
+                rounds, step = p.passes - 1, weights + len(g) * audio  # what one fp32 step of the call reads
+                row_rounds += rounds * len(g)
+                if kind == "copy":  # a draft pass reads the bf16 copy (half), a check the fp32 weights
+                    read += rounds * step + p.drafted * step / 2
+                else:  # each position: the fp32 blocks and audio; each guess: the bf16 head; each check: fp32 head
+                    read += (p.drafted + rounds) * (step - unembed) + p.drafted * unembed / 2 + rounds * unembed
+            tokens = sum(p.emitted for p in ps) - len(xa)  # every row's, after the prompts' passes
             rows.append([str(batch), kind, "Pace" if k is None else str(k), f"{acc / max(acc + rej, 1):.1%}",
-                         f"{tokens / max(rounds, 1):.2f}", f"{read / max(tokens, 1) / 2**20:.0f}",
+                         f"{tokens / max(row_rounds, 1):.2f}", f"{read / max(tokens, 1) / 2**20:.0f}",
                          f"{base / statistics.median(times[(kind, k)]):.2f}x"])  # fmt: skip
             print(table([header, rows[-1]]).splitlines()[-1], f"load {os.getloadavg()[0]:.1f}", flush=True)
     return rows

@@ -284,17 +284,20 @@ def generate(
     if mel is not None and not bool(torch.isfinite(xa).all()):
         raise non_finite(model, edits, "the encoder's output")
     d = prefill(model, plan, options, xa, rec)
-    broken = not_finite(d.last)  # on the device: read once, at the end (no sync per step)
+    broken = ~torch.isfinite(d.last).all()  # on the device: read once, at the end (no sync per step)
     draft = speculative_draft(d)
     if draft is not None:  # several tokens per fp32 pass, the same results
         if bool(broken):
             raise non_finite(model, edits, "the decoder's logits")
-        return finish(d, n_sel=speculation.speculate(d, draft)[0])
+        n_sel, pace = speculation.speculate(d, draft)
+        if pace.broken is not None and bool(pace.broken):
+            raise non_finite(model, edits, "the decoder's logits")
+        return finish(d, n_sel=n_sel)
     check_every = 1 if xa.device.type == "cpu" else CUDA_CHECK_EVERY
     steps = d.search.tokens.shape[1]
     for i in range(steps):
-        if i:
-            broken |= not_finite(d.last)
+        if i:  # the rows still decoding: a done row keeps the logits its last selection filtered (-inf)
+            broken |= ~torch.isfinite(d.last if d.live is None else d.last[d.live]).all()
         select(d, i)
         finished = i + 1 == steps or ((i + 1) % check_every == 0 and bool(d.search.done.all()))
         if finished and not d.tracing:
@@ -305,12 +308,6 @@ def generate(
     if bool(broken):  # a token chosen from NaN logits is noise: no result rather than a silently wrong one
         raise non_finite(model, edits, "the decoder's logits")
     return finish(d, n_sel=i + 1)
-
-
-def not_finite(logits: Tensor) -> Tensor:
-    """() bool on the device: NaN or +inf in ``logits``. The filters write -inf into the logits of suppressed
-    tokens in place (and rows that are done keep theirs), so -inf is no sign of broken weights, edits or audio."""
-    return torch.isnan(logits).any() | torch.isposinf(logits).any()  # ()
 
 
 def non_finite(model: Whisper, edits: Edits | None, what: str) -> ValueError:
