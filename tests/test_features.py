@@ -36,7 +36,7 @@ def sae(real_tiny_en, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def latents(real_tiny_en, sae):
-    return feature_data(real_tiny_en, CLIPS, name=NAME, sae=sae, top_k=3)
+    return feature_data(real_tiny_en, CLIPS, name=NAME, sae=sae, top_k=3, batch_size=2)
 
 
 @pytest.fixture(scope="module")
