@@ -36,12 +36,13 @@ def sae(real_tiny_en, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def latents(real_tiny_en, sae):
-    return feature_data(real_tiny_en, CLIPS, name=NAME, sae=sae, top_k=3)
+    return feature_data(real_tiny_en, CLIPS, name=NAME, sae=sae, top_k=3, batch_size=1)
 
 
 @pytest.fixture(scope="module")
 def neurons(real_tiny_en):
-    return feature_data(real_tiny_en, CLIPS[1:], name="decoder.blocks.1.mlp.post", features=range(24), top_k=2)
+    name = "decoder.blocks.1.mlp.post"
+    return feature_data(real_tiny_en, CLIPS[1:], name=name, features=range(24), top_k=2, batch_size=1)
 
 
 def test_the_latents_page_holds_the_sae_s_own_activations(real_tiny_en, sae, latents):
