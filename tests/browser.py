@@ -35,3 +35,25 @@ def open_page(path: Path, width: int = 1400, height: int = 900):
             yield page, errors
         finally:
             browser.close()
+
+
+def screenshot(page_path: Path, out: Path, click_token: int | None = None, width: int = 1400) -> Path:
+    """A full-page PNG (256 colours) of a page, once its data is decoded; on an explorer page, token
+    ``click_token`` selected first."""
+    with open_page(page_path, width=width) as (page, errors):
+        page.wait_for_function("!window.explorer || window.explorer.ready", timeout=60_000)
+        if click_token is not None:
+            page.click(f'#transcript .tok[data-token="{click_token}"]')
+        page.screenshot(path=str(out), full_page=True)
+        if errors:
+            raise RuntimeError(f"the page logged errors: {errors}")
+    from PIL import Image
+
+    Image.open(out).convert("RGB").quantize(256).save(out, optimize=True)  # a palette PNG: a third of the size
+    return out
+
+
+if __name__ == "__main__":  # python -m tests.browser PAGE.html OUT.png [TOKEN]
+    import sys
+
+    print(screenshot(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None))

@@ -372,7 +372,7 @@ def test_transcribe_command_refuses_a_beam_as_wide_as_the_vocabulary(capsys):
     from whisper_lens.cli import main
 
     sample = PACKAGE.parent / "weights" / "toy" / "samples" / "sample1.wav"
-    assert main(["transcribe", str(sample), "--beam-size", "5000"]) == 2
+    assert main(["transcribe", str(sample), "--beam-size", "5000", "-m", "toy"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err and "--beam-size 5000" in err  # the flag, not the keyword
 
@@ -476,7 +476,7 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 
 import whisper_lens as wl  # noqa: E402
 from whisper_lens import cli, files  # noqa: E402
-from whisper_lens.audio import load_windows  # noqa: E402
+from whisper_lens.audio import load_audio, load_windows  # noqa: E402
 from whisper_lens.files import MARKER, atomic_write, output_folder  # noqa: E402
 from whisper_lens.loading import SHIPPED, save_model  # noqa: E402
 from whisper_lens.toy.train import MODEL_FILES, fit, init_weights, train, write_byte_vocab  # noqa: E402
@@ -1629,14 +1629,13 @@ def test_bad_picture_arguments(tmp_path):
     from whisper_lens import plot
 
     with pytest.raises(ValueError) as excinfo:
-        plot.cross_attention_over_mel(np.zeros((80, 20)), np.ones((2, 10)) / 10, ["a", "b"], tmp_path / "x.png",
-                                      seconds=-1.0)  # fmt: skip
+        plot.cross_attention_over_mel(np.zeros((80, 20)), np.ones((2, 10)) / 10, ["a", "b"], seconds=-1.0)
     check_error(excinfo, "seconds", "-1.0")
     with pytest.raises(ValueError) as excinfo:
-        plot.attention_grid(np.ones((1, 3, 3)) / 3, tmp_path / "x.png", crop=0)
+        plot.attention_grid(np.ones((1, 3, 3)) / 3, crop=0)
     check_error(excinfo, "crop", "0")
     with pytest.raises(ValueError) as excinfo:
-        plot.head_grid({"self": np.zeros((4, 6)), "cross": np.zeros((4, 5))}, tmp_path / "x.png")
+        plot.head_grid({"self": np.zeros((4, 6)), "cross": np.zeros((4, 5))})
     check_error(excinfo, "(4, 5)", "(4, 6)")
     assert not list(tmp_path.iterdir())  # nothing written
 
@@ -2168,3 +2167,136 @@ def test_a_c_decoders_warnings_stay_off_the_terminal(tmp_path, capfd):
     check_error(excinfo, str(junk))
     captured = capfd.readouterr()
     assert "libmpg123" not in captured.err and "warning" not in captured.err, captured.err
+
+
+# ----- class 5: one model, one behaviour (its defaults travel with its files)
+
+
+def test_the_toys_decoding_defaults_travel_with_its_files(tmp_path):
+    """The CLI recognised the toy only by the literal name `toy`: loaded by path, it decoded with timestamps."""
+    import shutil
+
+    from whisper_lens.loading import CheckpointError
+    from whisper_lens.toy.train import TOY_DEFAULTS
+
+    by_name, by_path = wl.load_model("toy"), wl.load_model(str(SHIPPED["toy"]))
+    assert by_name.transcribe_defaults == by_path.transcribe_defaults == TOY_DEFAULTS
+    save_model(by_path, tmp_path / "copy")  # and a copy saved from it keeps them
+    assert wl.load_model(tmp_path / "copy").transcribe_defaults == TOY_DEFAULTS
+    folder = Path(shutil.copytree(tmp_path / "copy", tmp_path / "bad"))
+    config = json.loads((folder / "config.json").read_text())
+    config["whisper_lens_transcribe"] = {"timestamps": "no"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as excinfo:
+        wl.load_model(folder)
+    check_error(excinfo, str(folder / "config.json"), "whisper_lens_transcribe")
+
+
+# ----- class 2: bounded memory for traces of long recordings
+
+
+def test_a_long_trace_is_refused_with_the_size_it_would_need(toy_model, monkeypatch):
+    """`transcribe(path, trace=True)` kept every window's trace: 610 MB for 2 minutes of audio on the toy, no limit,
+    no warning. Past the limit it stops after the first window, saying how much the whole trace would need."""
+    one = load_audio(SAMPLES / "sample1.wav")
+    long = np.concatenate([one, np.zeros(16000 * 2, np.float32)] * 12)  # 40 s: 10 of the toy's windows
+    first = toy_model.transcribe(one, trace="encoder.*")  # encoder names: recorded once a window, fast
+    per_window = first.windows[0].trace.nbytes
+    monkeypatch.setenv("WHISPER_LENS_TRACE_LIMIT", str(3 * per_window))
+    calls = []
+    real = type(toy_model).generate
+    monkeypatch.setattr(type(toy_model), "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.raises(ValueError) as excinfo:
+        toy_model.transcribe(long, trace="encoder.*")
+    check_error(excinfo, "GB", "WHISPER_LENS_TRACE_LIMIT", "docs/long-recordings.md")
+    assert len(calls) <= 2  # stopped after the first window (one decoding, maybe one fallback), not at the end
+    monkeypatch.setenv("WHISPER_LENS_TRACE_LIMIT", "lots")
+    with pytest.raises(ValueError) as excinfo:
+        toy_model.transcribe(one, trace="encoder.*")
+    check_error(excinfo, "WHISPER_LENS_TRACE_LIMIT", "lots")
+    monkeypatch.delenv("WHISPER_LENS_TRACE_LIMIT")
+    assert toy_model.transcribe(one, trace="encoder.ln_post").windows[0].trace["encoder.ln_post"].shape[-1] == 192
+
+
+@pytest.mark.parametrize("variant", ["16-bit", "8-bit", "96 kHz"])
+def test_transcribe_and_the_lens_agree_on_a_clip_of_one_window(tmp_path, variant):
+    """`transcribe` and `lens` disagreed on the same 1.4 s clip (8-bit and 96 kHz WAVs): transcribe padded the last
+    window's mel with zeros, the toy was trained on padded silence; loaded by path (or with the API's defaults) the
+    toy decoded with timestamps, its segment ending at 0.58 s instead of 1.36 s."""
+    import librosa
+
+    audio, _ = soundfile.read(SAMPLES / "sample1.wav", dtype="float32")
+    path = tmp_path / "clip.wav"
+    if variant == "96 kHz":
+        soundfile.write(path, librosa.resample(audio, orig_sr=16000, target_sr=96000), 96000, subtype="PCM_16")
+    else:
+        soundfile.write(path, audio, 16000, subtype="PCM_U8" if variant == "8-bit" else "PCM_16")
+    model = wl.load_model(str(SHIPPED["toy"]))  # by its path: the defaults come from its config, not its name
+    transcript = model.transcribe(path)
+    mel, _ = load_windows([path], model.dims.n_mels, 2 * model.dims.n_audio_ctx)  # what lens and generate see
+    result = model.generate(mel)[0]
+    assert [t for s in transcript.segments for t in s.tokens] == result.tokens
+    assert transcript.text.strip() == result.text.strip() and transcript.text.strip().startswith("my rice")
+    assert [(s.start, s.end) for s in transcript.segments] == [(0.0, 1.36)]
+
+
+def test_the_cli_decodes_the_toy_the_same_by_name_or_path(capsys):
+    """The CLI recognised the toy only by the literal name `toy`; by path it decoded with timestamps."""
+    outputs = []
+    for model in ("toy", str(SHIPPED["toy"])):
+        assert cli.main(["transcribe", str(SAMPLES / "sample2.wav"), "--model", model, "--no-progress"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and "every woman reads five balls" in outputs[0], outputs
+
+
+# ----- class 4: no silent NaN or inf (while decoding)
+
+
+def test_nan_weights_in_memory_stop_decoding_naming_the_weight(toy_inputs):
+    """NaN weights: generate returned 62 copies of token 0 with avg_logprob nan, no error; transcribe said
+    "audio_features has NaN ...; check the audio" (an internal name, and the wrong culprit)."""
+    model = wl.load_model()
+    mels, _ = toy_inputs
+    with torch.no_grad():
+        model.decoder.blocks[2].mlp[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError) as excinfo:
+        model.generate(mels)
+    check_error(excinfo, "decoder.blocks.2.mlp.0.weight", "weights")
+    with torch.no_grad():
+        model.decoder.blocks[2].mlp[0].weight[0, 0] = 0.0
+        model.encoder.blocks[0].attn.query.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError) as excinfo:
+        model.generate(mels)
+    check_error(excinfo, "encoder.blocks.0.attn.query.weight", "encoder's output")
+
+
+def test_suppressing_every_token_is_refused(toy, toy_inputs):
+    """Suppressing every token decoded 62 copies of token 0, avg_logprob nan."""
+    mels, _ = toy_inputs
+    for bad in (list(range(toy.dims.n_vocab)), [1.5, 2]):
+        with pytest.raises(ValueError) as excinfo:
+            toy.generate(mels, suppress_tokens=bad)
+        check_error(excinfo, "suppress_tokens")
+
+
+# ----- class 7: alignment heads as integer pairs in range
+
+
+@pytest.mark.parametrize(
+    "heads, error, names",
+    [
+        ([(0.9, 1.5)], ValueError, ["alignment_heads", "(0.9, 1.5)", "whole numbers"]),
+        ([(1, 2, 3)], ValueError, ["alignment_heads", "(1, 2, 3)"]),
+        ([1], ValueError, ["alignment_heads", "1"]),
+        ("1:0", TypeError, ["alignment_heads", "'1:0'"]),
+        ([(True, 0)], ValueError, ["alignment_heads", "True"]),
+    ],
+)
+def test_alignment_heads_are_integer_pairs(toy_model, heads, error, names, monkeypatch):
+    """Fractional heads (0.9, 1.5) were truncated to (0, 1); heads that did not unpack gave raw unpack errors."""
+    from whisper_lens import model as model_module
+
+    monkeypatch.setattr(model_module.Whisper, "generate", lambda *a, **k: pytest.fail("decoded before the check"))
+    with pytest.raises(error) as excinfo:
+        toy_model.transcribe(np.full(16000, 0.1, np.float32), word_timestamps=True, alignment_heads=heads)
+    check_error(excinfo, *names)

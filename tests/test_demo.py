@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,16 +30,28 @@ def sample_paths() -> list[str]:
 
 def test_demo_writes_the_report(tmp_path):
     out = tmp_path / "report"
-    done = cli("demo", "--out", str(out))
+    done = cli("demo", "--out", str(out), "--no-progress")
     assert done.returncode == 0, done.stderr
     report = (out / "report.md").read_text()
-    for section in ("## 1. Transcripts", "## 2. Decoder logit lens", "## 3. Layer removal", "## 4. Attention"):
+    for section in ("## 1. Transcripts", "## 2. Decoder logit lens", "## 3. Layer removal", "## 4. Attention",
+                    "## 5. Clip explorer", "## 6. No-speech lens", "## Files"):  # fmt: skip
         assert section in report
     images = [line.split("(")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
     assert len(images) >= 6
     for name in images:
         assert (out / name).stat().st_size > 10_000, name  # every picture the report shows exists and is drawn
+    links = set(re.findall(r"\]\(([^)]+)\)", report))
+    written = {p.name for p in out.iterdir() if not p.name.startswith(".")} - {"report.md"}
+    assert written <= links and links <= written  # every file written is linked, every link is a file
+    assert len([f for f in written if f.endswith(".html")]) == len(
+        json.loads((SAMPLES / "transcripts.json").read_text())
+    )
     assert "Corpus WER 0.000" in report  # the shipped model transcribes its samples exactly
+    assert "_other" not in report and "broken" not in report  # runs are named by what they are
+    assert re.search(r"last \d encoder blocks? removed|last encoder block removed", report)
+    no_speech = report.split("## 6. No-speech lens")[1].split("## Files")[0]
+    assert "| 0.000 |" not in no_speech and re.search(r"\| \d\.\d+e-0\d \||\| 0\.000\d", no_speech)  # not zeros
+    assert "demo:" not in done.stderr  # --no-progress: no bar
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
 

@@ -631,7 +631,8 @@ def _plot_removal(path: Path, summary: list[dict], stacks: list[str]) -> Path | 
 
     curves = {s: [(r["removed"], r["wer"]) for r in summary if r["stack"] == s] for s in stacks}
     try:
-        return plot.removal_curves(curves, path, metric="WER (mean over clips)", title="Removing the last k blocks")
+        fig = plot.removal_curves(curves, metric="WER (mean over clips)", title="Removing the last k blocks")
+        return plot.save(fig, path)
     except ImportError:  # matplotlib is an optional extra: the rows and the summary stand without the picture
         return None
 
@@ -914,6 +915,12 @@ class Activations:
             raise KeyError(f"the export in {self.folder} has no name {name!r}; it has {', '.join(self.names)}")
         for c in self.clips:
             yield c["clip"], self[c["clip"], name]
+
+    def batches(self, name: str, batch_size: int, **options):
+        """Shuffled ``[batch, D]`` rows of ``name`` across clips and shards, for SAEs: ``whisper_lens.sae.Batches``."""
+        from .sae import Batches
+
+        return Batches(self, name, batch_size, **options)
 
     def __iter__(self) -> Iterator[tuple[str, str, Tensor]]:
         for c in self.clips:

@@ -152,6 +152,7 @@ def removal_sweep(
     seconds: Sequence[float] | None = None,
     max_new_tokens: int | None = None,
     normalize: str | None = "english",
+    on_decoded: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
     """Decode every clip with blocks of ``stack`` removed; one row per (stack, removal, clip).
 
@@ -169,7 +170,8 @@ def removal_sweep(
     what the encoder gives with those blocks skipped, once ``ln_post`` is applied. Such settings
     then decode together, up to ``SWEEP_ROWS`` clips per ``generate`` call (``_decode_all``), and
     the full model's transcripts are decoded once for all stacks. Any other block set decodes in a
-    call of its own with ``Edits().skip``.
+    call of its own with ``Edits().skip``. ``on_decoded(n, total)``: called as each ``generate`` call
+    ends, with the number of settings it decoded and the number of settings in all (for a progress bar).
     """
     stacks = check_stacks(stack)
     if isinstance(removals, dict) and set(removals) - set(stacks):
@@ -189,7 +191,7 @@ def removal_sweep(
     text_normalizer(normalize)  # a bad choice fails before any decoding
     require_tokenizer(model)
     wanted = [(s, r) for s in stacks for r in sets[s]]
-    outputs = _decode_all(model, mel, wanted, max_new_tokens)  # (stack, removed) -> results
+    outputs = _decode_all(model, mel, wanted, max_new_tokens, on_decoded)  # (stack, removed) -> results
     if references is None:
         full = outputs.get(("decoder", ())) or outputs.get(("encoder", ()))
         full = full or model.generate(mel, max_new_tokens=max_new_tokens)
@@ -241,7 +243,8 @@ SWEEP_ROWS = 64  # a sweep decodes several settings in one generate call of at m
 SWEEP_AUDIO_BYTES = 2**31  # ... holding at most this many bytes of audio keys and values (or one setting's)
 
 
-def _decode_all(model, mel, wanted: list[tuple[str, tuple[int, ...]]], max_new_tokens: int | None) -> dict:
+def _decode_all(model, mel, wanted: list[tuple[str, tuple[int, ...]]], max_new_tokens: int | None,
+                on_decoded: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
     """Each setting's results (a list of ``DecodingResult``, one per clip), by (stack, blocks removed).
 
     A setting that removes the last k blocks is a pair (encoder blocks kept, decoder blocks kept):
@@ -271,9 +274,17 @@ def _decode_all(model, mel, wanted: list[tuple[str, tuple[int, ...]]], max_new_t
         depths = [d for _, d in group for _ in range(B)]
         results = model.generate(audio_features=xa, clips=clips, decoder_blocks=depths, max_new_tokens=max_new_tokens)
         found |= {pair: results[n * B : (n + 1) * B] for n, pair in enumerate(group)}
-    return {(stack, removed): found[pairs[stack, removed]] if (stack, removed) in pairs
-            else _decode_removed(model, mel, stack, list(removed), encodings, max_new_tokens)
-            for stack, removed in wanted}  # fmt: skip
+        if on_decoded is not None:
+            on_decoded(len(group), len(order) + len(wanted) - len(pairs))
+    out = {}
+    for stack, removed in wanted:
+        if (stack, removed) in pairs:
+            out[stack, removed] = found[pairs[stack, removed]]
+        else:
+            out[stack, removed] = _decode_removed(model, mel, stack, list(removed), encodings, max_new_tokens)
+            if on_decoded is not None:
+                on_decoded(1, len(order) + len(wanted) - len(pairs))
+    return out
 
 
 def _batches(order: list[tuple[int, int]], B: int, per_clip: int) -> list[list[tuple[int, int]]]:
@@ -382,12 +393,15 @@ def compare_attention(normal: Sequence[dict], other: Sequence[dict], metric: str
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 3) -> str:
-    """Rows as a GitHub markdown table (numbers rounded)."""
+    """Rows as a GitHub markdown table: numbers rounded to ``digits`` decimals, or written in scientific
+    notation where that would round a non-zero value to 0."""
     if not rows:
         return "(no rows)"
     columns = list(columns or rows[0].keys())
 
     def cell(v) -> str:
+        if isinstance(v, float) and v != 0 and abs(v) < 0.5 * 10**-digits:  # not a column of 0.000
+            return f"{v:.{digits - 1}e}"
         if isinstance(v, float):
             return f"{v:.{digits}f}"
         return str(v).replace("|", "\\|")

@@ -226,8 +226,7 @@ class TextDecoder(nn.Module):
     def forward(self, tokens: Tensor, rec: Recorder = IDLE, *, xa: Tensor | None = None, cache=None,
                 pos: Tensor | None = None) -> Tensor:  # fmt: skip
         """Logits (B, T, V) of ``tokens`` (B, T) over the audio features ``xa`` (B, S, D): ``stream``, unembedded."""
-        x, _ = self.stream(tokens, rec, xa=xa, cache=cache, pos=pos)  # (B, T, D)
-        return self.unembed(x)  # (B, T, V)
+        return self.unembed(self.stream(tokens, rec, xa=xa, cache=cache, pos=pos)[0])  # (B, T, V)
 
     def stream(self, tokens: Tensor, rec: Recorder = IDLE, *, xa: Tensor | None = None, cache=None,
                pos: Tensor | None = None) -> tuple[Tensor, list]:  # fmt: skip
@@ -279,16 +278,17 @@ class Whisper(nn.Module):
                                    dims.n_text_layer)  # fmt: skip
         self.tokenizer = None  # a whisper_lens.Tokenizer, set by load_model
         self.alignment_heads = None  # [(layer, head), ...] of cross-attention that tracks time, set by load_model
+        self.transcribe_defaults: dict = {}  # how the model wants to be decoded when not told (its config's)
 
     def generate(self, mel: Tensor | None = None, **options) -> list:
         """Batched decoding (greedy, sampling, beam search): ``whisper_lens.decoding.generate`` has every option."""
-        from .decoding.loop import generate
+        from .decoding.loop import generate  # imported here: model.py needs nothing of decoding
 
         return generate(self, mel, **options)
 
     def transcribe(self, audio, **options):
-        """Long-form, batched transcription of audio files or arrays: ``whisper_lens.transcribe.transcribe``."""
-        from .transcribe import transcribe
+        """Long-form, batched transcription of audio files or arrays: ``whisper_lens.transcribe`` (longform.py)."""
+        from .longform import transcribe
 
         return transcribe(self, audio, **options)
 

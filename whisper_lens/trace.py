@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -158,6 +159,39 @@ def _storage_device(device) -> torch.device | None:
     return parsed
 
 
+TRACE_LIMIT_VARIABLE = "WHISPER_LENS_TRACE_LIMIT"  # bytes of traces one transcribe call may keep in memory
+DEFAULT_TRACE_LIMIT = 4 * 2**30
+
+
+def trace_limit() -> int:
+    """The most bytes of traces ``transcribe`` keeps in memory: $WHISPER_LENS_TRACE_LIMIT, else 4 GiB."""
+    text = os.environ.get(TRACE_LIMIT_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_TRACE_LIMIT
+    try:
+        value = int(float(text))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{TRACE_LIMIT_VARIABLE}={text!r}: give a number of bytes, such as 8e9")
+    return value
+
+
+def check_trace_budget(kept: int, per_window: float, windows_left: int) -> None:
+    """Refuse to go on when the traces kept so far plus the windows still to come would pass ``trace_limit()``.
+
+    ``kept``: bytes already held; ``per_window``: bytes one window's trace takes; ``windows_left``:
+    windows still to decode (at least). The error says how much the whole trace would need.
+    """
+    need, limit = kept + per_window * windows_left, trace_limit()
+    if need > limit:
+        raise ValueError(
+            f"the trace would need about {need / 1e9:.2f} GB ({per_window / 1e6:.1f} MB per window, "
+            f"{windows_left} windows to come), more than the {limit / 1e9:.2f} GB allowed: trace fewer names, "
+            f"trace the windows one at a time (docs/long-recordings.md), or raise {TRACE_LIMIT_VARIABLE}"
+        )
+
+
 # ----------------------------------------------------------------------------- edits
 
 EditFn = Callable[[Tensor], Tensor]
@@ -174,6 +208,8 @@ class _Op:
     fn: EditFn | None = None
     heads: tuple[int, ...] = ()
     mean: Tensor | None = None  # (H', Dh) means for mean-ablation, or None = mean of this run
+    features: tuple[int, ...] = ()  # clamp: indices along the last axis
+    splice: object | None = None  # a sae.Splice: the SAE and whether the error term is kept
     generated: bool = False  # positions count from the first generated token (``Edits.generated``)
 
 
@@ -294,6 +330,37 @@ class Edits:
             raise TypeError(f"apply wants a callable, got {type(fn).__name__}")
         return self._push(name, _Op("apply", fn=fn))
 
+    def clamp(self, name: str, features: int | Sequence[int], value: float = 0.0) -> Edits:
+        """Set ``features`` (indices along the last axis) of the activation at ``name`` to ``value``, everywhere.
+
+        Made for SAE latents (``"encoder.blocks.3.resid_post.sae.latents"``, after ``splice``) and
+        neurons (``mlp.post``): ``clamp(name, [7], 0.0)`` zeroes latent 7, ``clamp(name, [7], 20.0)``
+        holds it at 20. To add to a latent instead, ``add(name, vector)`` with a one-hot ``vector``.
+        """
+        chosen = torch.tensor(_indices("features", features), dtype=torch.long)
+        if not len(chosen):
+            raise ValueError(f"clamp at {name!r}: no features given")
+        value = float(_as_value(name, value))
+        return self._push(name, _Op("clamp", value=torch.tensor(value), features=tuple(chosen.tolist())))
+
+    def splice(self, name: str, sae, error: bool = True) -> Edits:
+        """Put a sparse autoencoder at ``name``: its latents are recorded and editable as ``{name}.sae.latents``.
+
+        The activation x becomes ``decode(z') + (x - decode(z))`` with ``z = encode(x)`` and ``z'`` the
+        latents after any edits at ``{name}.sae.latents`` (``clamp``, ``add``, ``replace``, ``apply``): with
+        the error term the model's outputs are unchanged until a latent is edited. ``error=False`` gives
+        ``decode(z')``, the SAE's reconstruction alone. ``sae``: a ``sae_lens.SAE`` (``SAE.load_from_disk``,
+        or ``whisper_lens.sae.train``'s result), or any module with ``encode``/``decode`` and ``cfg.d_in``,
+        ``cfg.d_sae``. Trace ``"*.sae.latents"`` to read the latents: ``[B, T, d_sae]``.
+        """
+        from .sae import Splice
+
+        if any(op.kind == "splice" for op in self.ops.get(name, ())):
+            raise ValueError(f"{name!r} already has an SAE spliced in")
+        if name.endswith((".scores", ".pattern")):
+            raise ValueError(f"cannot splice an SAE at {name!r}: heads come before positions there")
+        return self._push(name, _Op("splice", splice=Splice(sae, error)))
+
     def local_window(self, k: int, layers: Sequence[int] | None = None, heads: Sequence[int] | None = None) -> Edits:
         """Restrict encoder self-attention (all blocks, or ``layers``; all heads, or ``heads`` of each) to frames
         within +/- ``k`` of the query; the other heads keep attending everywhere."""
@@ -337,6 +404,8 @@ class Edits:
             if name not in known:
                 raise KeyError(f"cannot edit {name!r}: no such activation; closest: {_closest(name, names)}")
             for op in ops:
+                if op.kind == "splice" and shapes is not None:
+                    op.splice.check(name, shapes[name])  # type: ignore[union-attr]
                 if op.heads:
                     headed = _PER_HEAD.match(name)
                     if not headed:
@@ -360,20 +429,47 @@ class Edits:
             return None
         return self.window, self.window_heads
 
-    def edit(self, name: str, x: Tensor, at: Tensor | None = None) -> Tensor:
+    def edit(self, name: str, x: Tensor, at: Tensor | None = None, inner=None) -> Tensor:
         """Apply the edits registered at ``name`` to ``x`` (returns a new tensor; ``x`` is not modified).
 
         ``at`` (B or 1, T): the absolute token positions of ``x``'s positions, when they are not 0..T-1
         (a decoding step): an edit at ``positions`` then acts where ``at`` holds one of them.
+        ``inner(name, value)``: how a spliced SAE's latents are edited and kept (the recorder's ``named``).
         An edit that turns finite values into NaN or infinities (an infinite steering vector, a function
         that divides by zero) is stopped here, naming it: downstream it would only be a silent NaN."""
         for op in self.ops.get(name, ()):
-            y = _apply_op(name, op, x) if at is None or op.positions is None else _apply_at(name, op, x, at)
+            if op.kind == "splice":
+                latents = f"{name}.sae.latents"
+                y = op.splice(x, lambda z, n=latents: inner(n, z) if inner else self.edit(n, z, at))  # type: ignore[union-attr]
+            else:
+                y = _apply_op(name, op, x) if at is None or op.positions is None else _apply_at(name, op, x, at)
             if x.is_floating_point() and x.device.type != "meta" and _broken(name, y) and not _broken(name, x):
                 raise ValueError(f"the {op.kind} edit at {name!r} gave NaN or infinite values (from finite ones): "
                                  "check its vector or function")  # fmt: skip
             x = y
         return x
+
+    def spliced(self) -> dict[str, object]:
+        """The SAEs spliced in, by their latents' name: ``{"encoder.blocks.3.resid_post.sae.latents": Splice}``."""
+        return {f"{n}.sae.latents": op.splice for n, ops in self.ops.items() for op in ops if op.kind == "splice"}
+
+
+def spliced_names(names: Sequence[str], edits: Edits | None) -> list[str]:
+    """``names`` with each spliced SAE's ``{name}.sae.latents`` right after its ``name`` (what a trace can ask for)."""
+    inner = edits.spliced() if edits else {}
+    if not inner:
+        return list(names)
+    return [m for n in names for m in (n, f"{n}.sae.latents") if m == n or m in inner]
+
+
+def spliced_shapes(shapes: Shapes, edits: Edits | None) -> dict[str, tuple[int, ...]]:
+    """``shapes`` with each spliced SAE's latents, ``[B, T, d_sae]`` (B and T those of the point it reads)."""
+    out = dict(shapes)
+    for latents, splice in (edits.spliced() if edits else {}).items():
+        point = shapes.get(latents.removesuffix(".sae.latents"))
+        if point is not None:
+            out[latents] = (*point[:2], splice.d_sae)  # type: ignore[attr-defined]
+    return out
 
 
 def _broken(name: str, x: Tensor) -> bool:
@@ -454,6 +550,8 @@ def _check_layer(stack: str, i: int, n_layers: Mapping[str, int]) -> None:
 def _check_fit(name: str, op: _Op, shape: tuple[int, ...]) -> None:
     """Positions within the run's length and a value that fits, checked on shapes before any compute."""
     axis = _position_axis(name)
+    if op.kind == "clamp" and max(op.features) >= shape[-1]:
+        raise IndexError(f"clamp at {name!r}: feature {max(op.features)} is out of range, it has {shape[-1]}")
     if op.positions is not None:
         length = shape[axis]
         if int(op.positions.max()) >= length:
@@ -494,6 +592,10 @@ def _apply_op(name: str, op: _Op, x: Tensor) -> Tensor:
             mean = op.mean if op.mean is not None else x[:, :, heads].mean(dim=(0, 1))  # (H', Dh)
             _check_fit(name, op, tuple(x.shape))
             x[:, :, heads] = mean.to(x)
+        return x
+    if op.kind == "clamp":
+        x = x.clone()
+        x[..., list(op.features)] = op.value.to(x)  # type: ignore[union-attr]
         return x
     if op.kind == "apply":
         y = op.fn(x)  # type: ignore[misc]
@@ -587,9 +689,12 @@ class Recorder:
 
     def record(self, point: str, x: Tensor) -> Tensor:
         """Apply the edits at ``point`` to ``x`` and keep the result if it was asked for."""
-        name = self.prefix + point
+        return self.named(self.prefix + point, x)
+
+    def named(self, name: str, x: Tensor) -> Tensor:
+        """``record`` by full name: also how a spliced SAE's latents (``{name}.sae.latents``) are edited and kept."""
         if self.edits is not None and name in self.edits.ops:
-            x = self.edits.edit(name, x, self.at)
+            x = self.edits.edit(name, x, self.at, self.named)
         if name in self.keep:
             self.trace.put(name, x)  # type: ignore[union-attr]
         return x
@@ -637,10 +742,12 @@ def new_recorder(trace: TraceRequest, edits: Edits | None, names: Sequence[str],
     model (``n_layers`` and ``n_heads`` per stack; ``shapes`` of the run, when known). Recorded tensors are
     kept on ``device`` in ``dtype`` (None: as computed). ``encoder=False``: the pass starts from the audio
     features, so an encoder name asked for is an error."""
+    if edits is not None and not isinstance(edits, Edits):
+        raise TypeError(f"edits must be a whisper_lens.Edits, got {type(edits).__name__}")
+    names = spliced_names(names, edits)  # with each spliced SAE's latents
+    shapes = None if shapes is None else spliced_shapes(shapes, edits)
     keep = select_names(trace, names)
     if edits is not None:
-        if not isinstance(edits, Edits):
-            raise TypeError(f"edits must be a whisper_lens.Edits, got {type(edits).__name__}")
         edits.check(names, n_layers, n_heads, shapes)
     if not encoder:
         asked = [*keep, *(edits.ops if edits else ()), *(edits.skipped if edits else ())]

@@ -42,6 +42,7 @@ class DecodingOptions:
     compile: bool = False
     decoder_blocks: int | Sequence[int] | None = None
     clips: Sequence[int] | None = None
+    speculative: bool = False  # greedy: a bf16 draft's guesses checked by the fp32 model (speculative.py)
 
     def __post_init__(self) -> None:
         for name in ("beam_size", "max_new_tokens", "seed"):
@@ -224,7 +225,10 @@ def suppressed(model: Whisper, suppress_tokens: str | Iterable[int] | None) -> t
                 f"suppress_tokens must be comma-separated ints like '-1,220', got {suppress_tokens!r}"
             ) from None
     else:
-        ids = [int(t) for t in (suppress_tokens or ())]
+        ids = list(suppress_tokens or ())
+        if any(isinstance(t, bool) or not isinstance(t, int | np.integer) for t in ids):
+            raise ValueError(f"suppress_tokens must hold token ids (ints), got {suppress_tokens!r}")
+        ids = [int(t) for t in ids]
     suppress = {t for t in ids if t != -1}
     bad = [t for t in suppress if not 0 <= t < model.dims.n_vocab]
     if bad:
@@ -232,6 +236,8 @@ def suppressed(model: Whisper, suppress_tokens: str | Iterable[int] | None) -> t
     if -1 in ids:
         suppress.update(tok.non_speech_tokens)
     suppress.update([tok.transcribe, tok.translate, tok.sot, tok.sot_prev, tok.sot_lm, tok.no_speech])
+    if len(suppress) >= model.dims.n_vocab:  # every step would choose among -inf: token 0, for ever, as NaN
+        raise ValueError(f"suppress_tokens leaves no token of the {model.dims.n_vocab} to decode: suppress fewer")
     return tuple(sorted(suppress))
 
 

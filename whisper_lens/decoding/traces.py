@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..trace import IDLE, Edits, Recorder, Trace
+from ..trace import IDLE, Edits, Recorder, Trace, spliced_names, spliced_shapes
 
 if TYPE_CHECKING:
     from ..model import Whisper
@@ -25,7 +25,7 @@ def traced_names(d: Decoding) -> list[str]:
     blocks += [f"decoder.blocks.{i}" for i in range(dims.n_text_layer)]
     skipped = tuple(f"{block}." for block in blocks if rec.skips(block))
     inside = [n for n in rec.keep if n.startswith(skipped) and not n.endswith(("resid_pre", "resid_post"))]
-    return [n for n in d.model.names() if n in rec.keep and n not in inside]
+    return [n for n in spliced_names(d.model.names(), rec.edits) if n in rec.keep and n not in inside]
 
 
 def stitch_trace(order: list[str], d: Decoding, g: int, rows: list[int], length: int) -> Trace:
@@ -53,7 +53,7 @@ def check_step_edits(model: Whisper, edits: Edits | None) -> None:
     position, or the positions it names (applied where a step's tokens sit at them)."""
     if edits is None:
         return
-    step_shapes = model.shapes(batch=1, n_tokens=1)
+    step_shapes = spliced_shapes(model.shapes(batch=1, n_tokens=1), edits)
     for name, ops in edits.ops.items():
         if name.startswith("encoder.") or name.endswith(("cross_attn.k", "cross_attn.v")):
             continue  # computed once, not per step

@@ -115,13 +115,23 @@ def _wav(pcm: np.ndarray, rate: int) -> bytes:
 
 def image_data_uri(a, cmap: str = "magma", vmin: float | None = None, vmax: float | None = None,
                    flip: bool = True) -> str:  # fmt: skip
-    """A 2-D array as a PNG data: URI, one pixel per value, coloured by ``cmap`` (row 0 at the bottom if ``flip``)."""
-    import matplotlib
-    from matplotlib.image import imsave
+    """A 2-D array as a PNG data: URI, one pixel per value, coloured by ``cmap`` (row 0 at the bottom if ``flip``).
 
-    a = np.asarray(a.detach().float().cpu() if hasattr(a, "detach") else a, dtype=np.float32)
+    The PNG is palette-based (256 colours of ``cmap``): a third of an RGB one's size, the same picture.
+    """
+    import matplotlib
+    from PIL import Image
+
+    a = np.asarray(a.detach().float().cpu() if hasattr(a, "detach") else a, dtype=np.float64)
+    lo = float(a.min()) if vmin is None else vmin
+    hi = float(a.max()) if vmax is None else vmax
+    index = np.clip(np.rint((a - lo) / ((hi - lo) or 1.0) * 255), 0, 255).astype(np.uint8)  # (rows, cols)
+    index = np.ascontiguousarray(index[::-1] if flip else index)
+    image = Image.frombytes("P", (index.shape[1], index.shape[0]), index.tobytes())
+    palette = (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+    image.putpalette(palette.reshape(-1).tolist())
     buf = io.BytesIO()
-    imsave(buf, a[::-1] if flip else a, cmap=matplotlib.colormaps[cmap], vmin=vmin, vmax=vmax, format="png")
+    image.save(buf, format="png", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 

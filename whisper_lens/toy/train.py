@@ -36,6 +36,7 @@ TOY_DIMS = ModelDims(
     n_vocab=256 + 1608, n_text_ctx=64, n_text_state=192, n_text_head=4, n_text_layer=4,
 )  # fmt: skip
 N_TRAIN = 16000  # training sentences of the shipped model
+TOY_DEFAULTS = {"timestamps": False, "condition_on_previous_text": False, "pad_with_silence": True}  # as trained
 MODEL_FILES = ["bytes.tiktoken", "config.json", "history.json", "model.safetensors"]  # what train writes into out
 RUN_FILES = ["bytes.tiktoken", "checkpoint.pt"]  # what train writes into run_dir (data_dir: the *.npz caches)
 COMMAND = "train-toy"  # the command the three folders' markers name
@@ -329,6 +330,7 @@ def train(
     history = fit(model, tok, torch.from_numpy(data["mel"]), list(data["text"]), steps=steps, batch_size=batch_size,
                   lr=lr, seed=seed, checkpoint=run_dir / "checkpoint.pt")  # fmt: skip
     model.tokenizer = tok
+    model.transcribe_defaults = dict(TOY_DEFAULTS)  # they travel with its files, whatever name it is loaded by
     save_model(model, out, tokenizer_file=vocab)
     atomic_write(Path(out) / "history.json", lambda p: Path(p).write_text(json.dumps(history)))
     mark_written(out, MODEL_FILES, COMMAND)  # a rerun may replace these files, and only these
