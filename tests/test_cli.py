@@ -68,7 +68,7 @@ BAD = [
     (["transcribe", "pipe.wav"], "pipe.wav"),
     (["transcribe", "text.wav"], "text.wav"),
     (["transcribe", "{sample}", "-o", "{file}"], "a-file"),
-    (["transcribe", "{sample}", "-o", "{mine}", "-f", "txt", "--word-timestamps"], "--alignment-heads"),
+    (["transcribe", "{sample}", "-o", "{mine}", "-f", "txt", "--word-timestamps", "-m", "toy"], "--alignment-heads"),
     (["transcribe", "."], "directory"),
     (["transcribe", "{sample}", "--beam-size", "0"], "--beam-size"),
     (["transcribe", "{sample}", "--beam-size", "-1"], "--beam-size"),
@@ -146,11 +146,11 @@ def test_names_lists_shapes_for_the_batch_and_tokens_asked(capsys):
 
 def test_a_rerun_replaces_its_own_output_and_keeps_nothing_stale(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["attention", SAMPLE, "--out", "att"]) == 0
+    assert cli.main(["attention", SAMPLE, "--model", "toy", "--out", "att"]) == 0
     marker = json.loads((tmp_path / "att" / ".whisper-lens.json").read_text())
     assert marker["command"] == "attention" and "clip0_attention.csv" in marker["files"]
     first = sorted(p.name for p in (tmp_path / "att").iterdir())
-    assert cli.main(["attention", SAMPLE, "--out", "att"]) == 0
+    assert cli.main(["attention", SAMPLE, "--model", "toy", "--out", "att"]) == 0
     assert sorted(p.name for p in (tmp_path / "att").iterdir()) == first
     assert (tmp_path / "att" / "clip0_attention.csv").read_text().startswith("name,")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["att"]  # no temporary or .old folder left
@@ -160,11 +160,11 @@ def test_a_rerun_replaces_its_own_output_and_keeps_nothing_stale(tmp_path, capsy
 def test_a_file_of_its_output_the_user_edited_is_kept_and_named(tmp_path, capsys, monkeypatch):
     """The marker recorded names, not contents: a lens CSV edited by hand was replaced without a word."""
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["attention", SAMPLE, "--out", "att"]) == 0
+    assert cli.main(["attention", SAMPLE, "--model", "toy", "--out", "att"]) == 0
     (tmp_path / "att" / "clip0_attention.csv").write_text("edited by hand")
     before = {p.name: p.read_bytes() for p in (tmp_path / "att").iterdir()}
     capsys.readouterr()
-    assert cli.main(["attention", SAMPLE, "--out", "att"]) == 2
+    assert cli.main(["attention", SAMPLE, "--model", "toy", "--out", "att"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "clip0_attention.csv" in err and "edited" in err, err
     assert {p.name: p.read_bytes() for p in (tmp_path / "att").iterdir()} == before
@@ -184,8 +184,8 @@ def test_a_file_named_like_a_flag_is_explained(tmp_path, capsys, monkeypatch):
 def test_errors_of_the_python_api_name_the_flags(capsys):
     """The CLI suggested Python syntax (`alignment_heads=`, `beam_size=`) for a flag."""
     for argv, flag, keyword in [
-        (["transcribe", SAMPLE, "--word-timestamps"], "--alignment-heads", "alignment_heads"),
-        (["transcribe", SAMPLE, "--beam-size", "5000"], "--beam-size 5000", "beam_size"),
+        (["transcribe", SAMPLE, "--word-timestamps", "-m", "toy"], "--alignment-heads", "alignment_heads"),
+        (["transcribe", SAMPLE, "--beam-size", "5000", "-m", "toy"], "--beam-size 5000", "beam_size"),
     ]:
         code, err = run_cli(argv, capsys)
         assert code == 2 and flag in err and f"{keyword}=" not in err and err.count("\n") == 1, err

@@ -575,8 +575,8 @@ def test_bad_input(small, tmp_path):
         small.generate(mel, prompt=list(range(SMALL.n_text_ctx)))
     with pytest.raises(ValueError, match="not a text token"):
         small.generate(mel, prefix=[small.tokenizer.sot])
-    with pytest.raises(ValueError, match="positions"):
-        small.generate(mel, edits=Edits().add("decoder.blocks.0.resid_post", torch.ones(64), positions=[1]))
+    with pytest.raises(ValueError, match="positions"):  # a value for two positions, one named
+        small.generate(mel, edits=Edits().add("decoder.blocks.0.resid_post", torch.ones(1, 2, 64), positions=[1]))
     with pytest.raises(ValueError, match="beam search is deterministic"):
         small.generate(mel, beam_size=2, temperature=0.5)
     with pytest.raises(ValueError, match="unknown language"):

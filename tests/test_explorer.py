@@ -106,6 +106,7 @@ def test_token_texts_merge_partial_bytes(real_tiny_en):
     assert len(texts) == len(ids) and "\ufffd" not in "".join(texts)
     assert "".join(t for t in texts if t != "\u2026") == " Grüße 😀 東京"
     assert token_texts(tok, [tok.sot, tok.eot]) == ["SOT", "EOT"]
+    assert token_texts(tok, ids[4:5]) == ["<20 f0 9f 98>"]  # ' 😀' cut after 3 of its bytes: the bytes shown
 
 
 def test_arrays_round_trip_within_the_stated_error():

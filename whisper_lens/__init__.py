@@ -5,11 +5,11 @@ from .audio import load_audio, load_mel, log_mel_spectrogram, pad_or_trim
 from .distributed import load_activations
 from .heads import HeadRanking, find_alignment_heads
 from .loading import load_model
+from .longform import Segment, Transcript, Window, transcribe
 from .model import ModelDims, Run, Whisper
 from .pages.explorer import show
 from .tokenizer import Tokenizer, load_tokenizer
 from .trace import Edits, Trace
-from .transcribe import Segment, Transcript, Window
 
 __all__ = [
     "Edits",
@@ -32,4 +32,5 @@ __all__ = [
     "log_mel_spectrogram",
     "pad_or_trim",
     "show",
+    "transcribe",
 ]

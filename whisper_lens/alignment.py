@@ -55,14 +55,46 @@ APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"  # joined to the word b
 SENTENCE_ENDS = ".。!！?？"
 
 
+class ReadsLikeADict:
+    """Fields read as keys too, as openai-whisper's dicts: ``result["segments"][0]["words"][0]["start"]``.
+
+    ``KEYS``: the keys openai-whisper's dict has (in its order); ``to_dict()`` returns exactly that dict.
+    """
+
+    KEYS: tuple[str, ...] = ()
+
+    def __getitem__(self, key: str):
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def keys(self) -> tuple[str, ...]:
+        return self.KEYS
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self else default
+
+    def items(self):
+        return [(k, self[k]) for k in self.keys()]
+
+
 @dataclass
-class Word:
+class Word(ReadsLikeADict):
     """A timed word of a transcript (openai-whisper's fields): seconds from the recording's start."""
+
+    KEYS = ("word", "start", "end", "probability")
 
     word: str  # with its leading space and attached punctuation
     start: float
     end: float
     probability: float  # mean probability of its tokens
+
+    def to_dict(self) -> dict:
+        return {"word": self.word, "start": float(self.start), "end": float(self.end),
+                "probability": float(self.probability)}  # fmt: skip
 
 
 @dataclass

@@ -27,8 +27,9 @@ import torch
 SAMPLE_RATE = 16000  # samples per second everything is resampled to
 N_FFT = 400  # STFT window: 25 ms
 HOP_LENGTH = 160  # STFT hop: 10 ms, so 100 frames per second
-# the file endings taken as audio when a folder is searched (formats libsndfile reads)
-AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".au", ".caf", ".w64")
+# the file endings taken as audio when a folder is searched (libsndfile's formats, and the containers PyAV reads)
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".au", ".caf", ".w64", ".m4a",
+                  ".mp4", ".webm", ".mkv", ".aac", ".wma", ".mov")  # fmt: skip
 CHUNK_LENGTH = 30  # seconds of audio in one encoder input
 N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a chunk
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a chunk
@@ -42,15 +43,23 @@ AudioInput = str | os.PathLike | np.ndarray | torch.Tensor
 def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Read an audio file as a mono float32 waveform at `sr` Hz, samples in [-1, 1].
 
-    Anything librosa can read works (wav, flac, ogg and mp3 through libsndfile); several
-    channels are averaged to one and other sample rates are resampled (soxr, high quality).
-    openai-whisper shells out to ffmpeg instead; the two resamplers differ in the last bits,
-    so compare features on 16 kHz files when exact parity matters.
+    wav, flac, ogg and mp3 are read by libsndfile (through librosa): several channels are
+    averaged to one and other sample rates are resampled (soxr, high quality). Every other
+    container people have (m4a, mp4, webm, opus, mkv, aac ...) is decoded by PyAV, FFmpeg's
+    libraries bundled in a wheel, as faster-whisper does: no ``ffmpeg`` program is needed.
+    openai-whisper shells out to ffmpeg instead; the resamplers differ in the last bits, so
+    compare features on 16 kHz files when exact parity matters.
     """
     if isinstance(sr, bool) or not isinstance(sr, int) or not 0 < sr <= MAX_SAMPLE_RATE:
         raise ValueError(f"sr must be an integer sample rate from 1 to {MAX_SAMPLE_RATE} Hz, got {sr!r}")
     path = _regular_file(path)
     check_complete_wav(path)
+    if not _sndfile_reads(path):
+        with native_stderr_quiet():  # FFmpeg's own warnings too
+            audio = _decode_with_pyav(path, sr)
+        if not np.isfinite(audio).all():
+            raise ValueError(f"audio file {path} contains NaN or infinite samples")
+        return audio
     try:
         with warnings.catch_warnings():
             # librosa warns before falling back from libsndfile to audioread; the outcome is
@@ -67,6 +76,71 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     if not np.isfinite(audio).all():
         raise ValueError(f"audio file {path} contains NaN or infinite samples")
     return audio
+
+
+def probe_audio(path: str | os.PathLike) -> None:
+    """Fail (one line naming the file and the reason) unless ``path`` is a readable file holding audio.
+
+    Only the header is read (and, for PyAV's containers, the first packets): the check before any work.
+    """
+    path = _regular_file(path)
+    check_complete_wav(path)
+    if _sndfile_reads(path):
+        return
+    try:
+        import av
+    except ImportError:
+        return  # load_audio says why later
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise ValueError(f"{path} holds no audio stream")
+            next(container.decode(container.streams.audio[0]))
+    except ValueError:
+        raise
+    except StopIteration:
+        raise ValueError(f"{path} holds an audio stream with no samples") from None
+    except Exception as error:
+        reason = str(error).strip() or type(error).__name__
+        raise ValueError(f"could not decode {path} as audio: {reason}") from None
+
+
+def _sndfile_reads(path: str) -> bool:
+    """Whether libsndfile recognises the file (wav, flac, ogg, mp3 ...)."""
+    import soundfile
+
+    try:
+        soundfile.info(path)
+    except Exception:
+        return False
+    return True
+
+
+def _decode_with_pyav(path: str, sr: int) -> np.ndarray:
+    """The first audio stream of any container FFmpeg reads, as mono float32 at ``sr`` Hz (PyAV's resampler)."""
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"cannot read {path}: it is not wav, flac, ogg or mp3, and PyAV (pip install av) is "
+                         "needed for other formats") from None  # fmt: skip
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise ValueError(f"{path} holds no audio stream")
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
+            chunks = []
+            for frame in container.decode(stream):
+                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]  # what the resampler holds
+    except ValueError:
+        raise
+    except Exception as error:  # FFmpeg's errors: invalid data, unknown format, truncated file ...
+        reason = str(error).strip() or type(error).__name__
+        raise ValueError(f"could not decode {path} as audio: {reason}") from None
+    if not chunks:
+        raise ValueError(f"{path} holds an audio stream with no samples")
+    return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
 @contextlib.contextmanager
@@ -401,8 +475,9 @@ def load_windows(audios, n_mels: int, frames: int) -> tuple[torch.Tensor, list[f
         if len(audio) > frames * HOP_LENGTH:
             raise ValueError(
                 f"{item if isinstance(item, str | os.PathLike) else 'audio'} is {len(audio) / SAMPLE_RATE:.1f} s "
-                f"long, longer than the model's {frames * HOP_LENGTH / SAMPLE_RATE:g} s window; long-form "
-                "transcription is not supported yet: cut the file into windows first"
+                f"long, longer than the model's {frames * HOP_LENGTH / SAMPLE_RATE:g} s window that this study reads: "
+                "`whisper-lens transcribe` takes recordings of any length (in Python, model.transcribe(audio, "
+                "trace=...) records every window's activations), or cut the file into windows"
             )
         mel = log_mel_spectrogram(audio, n_mels=n_mels, padding=frames * HOP_LENGTH - len(audio))
         mels.append(mel)  # (n_mels, frames)

@@ -13,11 +13,14 @@ replaced only when they are new, empty, or a previous output of the same command
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
 import sys
 import threading
+from dataclasses import asdict
+from pathlib import Path
 
 from .loading import DEFAULT_MODEL, OFFICIAL, SHIPPED
 
@@ -105,44 +108,70 @@ def cmd_names(args: argparse.Namespace) -> None:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> None:
-    """Transcribe recordings of any length (batched): segments on stdout, subtitle files in --output-dir."""
-    from pathlib import Path
+    """Transcribe recordings of any length (batched): openai-whisper's command, its flags, its files."""
+    import torch
 
+    from .audio import probe_audio
     from .loading import load_model
-    from .writers import OutputFolder, formats, render
+    from .longform import transcribe
+    from .options import TRANSCRIBE, checked
+    from .tokenizer import normalize_language
+    from .writers import Layout, OutputFolder, formats, render
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    fmts = formats(args.output_format or "all") if args.output_format or args.output_dir else ()
+    layout = Layout(args.max_line_width, args.max_line_count, args.max_words_per_line, args.highlight_words)
+    for name, value in asdict(layout).items():
+        if value and not args.word_timestamps:  # openai-whisper's rule: these lay out words
+            raise ValueError(f"--{name} requires --word_timestamps True")
     temperatures = fallback_temperatures(args.temperature, args.temperature_increment_on_fallback)
+    options = {o.name: getattr(args, o.name) for o in TRANSCRIBE if o.cli}
+    checked(options)  # every option refused here, before any work
     heads = parse_heads(args.alignment_heads) if args.alignment_heads else None
-    timestamps = False if args.no_timestamps else None  # None: the model's own default (the toy's: off)
-    folder = OutputFolder(args.output_dir or ".") if fmts else None
-    outputs = folder.plan([Path(a).stem for a in args.audio], fmts) if folder else [[] for _ in args.audio]
-    model = load_model(args.model, **placement(args.device))
-    transcripts = model.transcribe(list(args.audio), language=args.language, task=args.task, temperature=temperatures,
-                                   condition_on_previous_text=False if args.no_condition_on_previous_text else None,
-                                   initial_prompt=args.initial_prompt, timestamps=timestamps,
-                                   word_timestamps=args.word_timestamps,
-                                   word_timing=args.word_timing, alignment_heads=heads, beam_size=args.beam_size,
-                                   best_of=args.best_of, batch_size=args.batch_size,
-                                   progress=not args.no_progress)  # fmt: skip
-    for path, transcript, files in zip(args.audio, transcripts, outputs, strict=True):
-        print_transcript(path, transcript, args.word_timestamps)
-        for file in files:
-            folder.write(file, render(transcript, file.suffix[1:]))
-    if folder:
+    if options["language"] is not None:
+        normalize_language(options["language"])
+    for path in args.audio:  # every input read far enough to know it is audio
+        probe_audio(path)
+    device = placement(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = OutputFolder(args.output_dir, overwrite=args.overwrite)
+    fmts = formats(args.output_format)
+    outputs = folder.plan([os.path.splitext(os.path.basename(a))[0] for a in args.audio], fmts)
+    name = real_model(args.model)
+    model = load_model(name, download_root=args.model_dir, local_files_only=args.local_files_only, **device)
+    if not model.tokenizer.multilingual and options["language"] not in (None, "en", "English"):
+        print(f"whisper-lens: {name} is an English-only model; transcribing in English", file=sys.stderr)
+        options["language"] = "en"
+    if options["fp16"] and torch.device(args.device).type == "cpu":
+        options["fp16"] = None  # openai-whisper's command warns and runs fp32: the CPU's only choice here
+    transcripts = transcribe(model, list(args.audio), temperature=temperatures, alignment_heads=heads,
+                             progress=not args.no_progress and args.verbose is False and not args.quiet,
+                             **options)  # fmt: skip
+    for path, transcript, targets in zip(args.audio, transcripts, outputs, strict=True):
+        if args.verbose and not args.quiet:
+            print_transcript(path, transcript, args.verbose == "words")
+        for file in targets:
+            folder.write(file, render(transcript, file.suffix[1:], layout))
+    if not args.quiet:
         print(f"{', '.join(fmts)} files in {folder.folder}/", file=sys.stderr)
 
 
+def real_model(name: str | None) -> str:
+    """The model a real-speech command runs: the one named, else one the user has on disk (see loading)."""
+    from .loading import default_model
+
+    return name if name is not None else default_model()
+
+
 def fallback_temperatures(start: float, step: float | None) -> tuple[float, ...]:
-    """openai-whisper's CLI rule: from ``start`` up to 1.0 by ``step`` (no fallback when ``step`` is None or 0)."""
-    if not 0 <= start <= 1 or (step is not None and not 0 <= step <= 1):
-        raise ValueError(f"--temperature and its increment must be between 0 and 1, got {start} and {step}")
-    if not step:
+    """openai-whisper's command-line rule: from ``start`` up to 1.0 by ``step`` (no fallback when ``step`` is None)."""
+    if not 0 <= start <= 1 or (step is not None and not 0 < step <= 1):
+        raise ValueError(f"--temperature must be from 0 to 1 and its increment above 0 up to 1 (or None), got {start} "
+                         f"and {step}")  # fmt: skip
+    import numpy as np
+
+    if step is None:
         return (start,)
-    count = int((1.0 - start) / step + 1e-6) + 1
-    return tuple(round(start + k * step, 6) for k in range(count))
+    return tuple(float(t) for t in np.arange(start, 1.0 + 1e-6, step))  # openai-whisper's values, to the last bit
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
@@ -187,7 +216,7 @@ def _study_inputs(args: argparse.Namespace, device: dict):
     from .audio import load_windows
     from .loading import load_model
 
-    model = load_model(args.model, **device)
+    model = load_model(real_model(args.model), **device)
     if model.tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer beside its weights")
     mels, seconds = load_windows(args.audio, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
@@ -332,19 +361,171 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"index: {done.index} (read it with whisper_lens.load_activations)")
 
 
+def str2bool(text: str) -> bool:
+    """openai-whisper's command-line booleans: True or False."""
+    if text not in ("True", "False"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return text == "True"
+
+
+def spellings(name: str) -> list[str]:
+    """A flag under the usual spelling (--beam-size) and openai-whisper's (--beam_size)."""
+    return list(dict.fromkeys([f"--{name.replace('_', '-')}", f"--{name}"]))
+
+
+def add_option(p: argparse.ArgumentParser, o) -> None:
+    """One ``options.Option`` on the command line: its flags, default and help, from its one definition."""
+    default = o.command_line_default
+    help = f"{o.doc} (default: {default})"
+    if o.cli == "bool":
+        p.add_argument(f"--{o.name}", dest=o.name, type=str2bool, default=default, metavar="True|False", help=help)
+        flag = o.name.replace("_", "-")
+        if flag != o.name:  # --word-timestamps alone means True (--fp16 always takes its value)
+            p.add_argument(f"--{flag}", dest=o.name, action="store_true", help=argparse.SUPPRESS)
+        p.add_argument(f"--no-{flag}", dest=o.name, action="store_false", help=argparse.SUPPRESS)
+    else:
+        p.add_argument(*spellings(o.name), dest=o.name, type=o.parse, default=default, choices=o.choices, help=help)
+
+
+def transcribe_args(p: argparse.ArgumentParser) -> None:
+    """The transcribe command's arguments: openai-whisper's (every option from ``options.TRANSCRIBE``) and ours."""
+    from .options import TRANSCRIBE, optional
+
+    p.add_argument("audio", nargs="+", help="audio files (wav, flac, mp3, ogg, opus, m4a, mp4, webm ...), any length")
+    model_arg(p, real=True)
+    p.add_argument(
+        *spellings("model_dir"),
+        "--download-root",
+        dest="model_dir",
+        default=None,
+        help="where models are downloaded and looked for (default: the hub cache, ~/.cache/whisper)",
+    )
+    p.add_argument(*spellings("local_files_only"), dest="local_files_only", action="store_true",
+                   help="never download: only models already on disk")  # fmt: skip
+    p.add_argument(*spellings("output_dir"), "-o", dest="output_dir", default=".", help="folder for the files "
+                   "(default: the current one); existing files of the same names need --overwrite")  # fmt: skip
+    p.add_argument(
+        *spellings("output_format"),
+        "-f",
+        dest="output_format",
+        default="all",
+        choices=["txt", "vtt", "srt", "tsv", "json", "all"],
+        help="files to write (default: all)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace transcript files of the same names")
+    p.add_argument("--verbose", type=lambda v: v if v == "words" else str2bool(v), default=True,
+                   metavar="True|False|words", help="True: print each file's segments (default); words: and every "
+                   "word with its probability; False: a progress bar only")  # fmt: skip
+    p.add_argument(
+        *spellings("temperature"), dest="temperature", type=float, default=0.0, help="first temperature (default 0)"
+    )
+    p.add_argument(*spellings("temperature_increment_on_fallback"), dest="temperature_increment_on_fallback",
+                   type=optional(float), default=0.2, help="steps up to 1.0 for windows that fail the thresholds "
+                   "(None: no fallback; default 0.2)")  # fmt: skip
+    for o in TRANSCRIBE:
+        if o.cli:
+            add_option(p, o)
+    p.add_argument("--alignment-heads", "--alignment_heads", default=None,
+                   help="layer:head pairs to time words with (default: the model's), e.g. 1:0,2:5")  # fmt: skip
+    p.add_argument(*spellings("highlight_words"), dest="highlight_words", type=str2bool, default=False,
+                   metavar="True|False", help="(with --word_timestamps True) underline each word as it is spoken "
+                   "in srt and vtt")  # fmt: skip
+    p.add_argument(
+        *spellings("max_line_width"),
+        dest="max_line_width",
+        type=optional(int),
+        default=None,
+        help="(with --word_timestamps True) the most characters in a subtitle line",
+    )
+    p.add_argument(
+        *spellings("max_line_count"),
+        dest="max_line_count",
+        type=optional(int),
+        default=None,
+        help="(with --word_timestamps True) the most lines in a subtitle",
+    )
+    p.add_argument(
+        *spellings("max_words_per_line"),
+        dest="max_words_per_line",
+        type=optional(int),
+        default=None,
+        help="(with --word_timestamps True, no effect with --max_line_width) the most words in a line",
+    )
+    p.add_argument("--threads", type=optional(int), default=0, help="torch's CPU threads (default 0: torch's choice)")
+
+
+def common_args(p: argparse.ArgumentParser) -> None:
+    """--quiet and --no-progress, on every command (those without a progress bar take --no-progress and ignore it)."""
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    if "--no-progress" not in p._option_string_actions:
+        progress_arg(p)
+
+
+def model_arg(p: argparse.ArgumentParser, device: bool = True, real: bool = False) -> None:
+    """--model (and --device). ``real``: a command for real speech, whose default is a real model on disk."""
+    models = ", ".join(list(SHIPPED) + list(OFFICIAL))
+    if real:
+        default, said = None, "a real model already on disk (turbo first, then the smallest), else an error"
+    else:
+        default, said = DEFAULT_MODEL, DEFAULT_MODEL
+    help = f"model name ({models}), hub id, HF or faster-whisper folder, or OpenAI .pt (default: {said})"
+    p.add_argument("--model", "-m", default=default, help=help)
+    if device:
+        p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16); default cpu")
+
+
+def cmd_sae_train(args: argparse.Namespace) -> None:
+    """Train a sparse autoencoder on one activation of an export with SAELens; resumable; SAELens's format."""
+    from .sae import train
+
+    done = train(args.export, args.name, args.out, architecture=args.architecture, width=args.width, k=args.k,
+                 sparsity=args.sparsity, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                 checkpoints=args.checkpoints, device=args.device)  # fmt: skip
+    resumed = "" if done.resumed_from is None else f", resumed after {done.resumed_from} rows"
+    print(f"{done.steps} steps{resumed}: {done.metrics}")
+    print(f"SAE in {done.out}/ (sae_lens.SAE.load_from_disk reads it; splice it with wl.Edits().splice)")
+
+
+def parse_features(text: str) -> list[int]:
+    """'0-99,200' -> [0, ..., 99, 200]."""
+    out = []
+    for part in text.split(","):
+        a, _, b = part.strip().partition("-")
+        if not a.isdigit() or (b and not b.isdigit()):
+            raise argparse.ArgumentTypeError(f"features are numbers and ranges like 0-99,200, got {text!r}")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+def cmd_features(args: argparse.Namespace) -> None:
+    """A self-contained page of the top moments of SAE latents, neurons or heads across clips, to listen to."""
+    from .loading import load_model
+    from .pages.common import check_page_path
+    from .pages.features import write_features
+
+    check_page_path(args.out)
+    sae = None
+    if args.sae is not None:
+        try:
+            from sae_lens import SAE
+        except ImportError:
+            raise ImportError("--sae needs SAELens: pip install 'whisper-lens[sae]'") from None
+        if not (Path(args.sae) / "cfg.json").is_file():
+            raise FileNotFoundError(f"--sae {args.sae}: no cfg.json there (a folder written by whisper-lens sae train)")
+        sae = SAE.load_from_disk(args.sae, device=args.device)
+    model = load_model(args.model, **placement(args.device))
+    path = write_features(model, args.audio, args.out, name=args.name, sae=sae, features=args.features,
+                          top_k=args.top_k, batch_size=args.batch_size, progress=True)  # fmt: skip
+    print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="whisper-lens",
         description="A hand-written Whisper for interpretability: traces, interventions, logit lens, decoding.",
     )
+    parser.add_argument("--version", action="version", version=f"whisper-lens {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    models = ", ".join(list(SHIPPED) + list(OFFICIAL))
-
-    def model_arg(p: argparse.ArgumentParser, device: bool = True) -> None:
-        help = f"model name ({models}), hub id, HF or faster-whisper folder, or OpenAI .pt (default: {DEFAULT_MODEL})"
-        p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=help)
-        if device:
-            p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16); default cpu")
 
     def samples_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--samples", default=None, help="a folder of speech clips with transcripts.json {file: text} "
@@ -366,32 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="*", help="glob patterns to filter names (e.g. 'decoder.*.resid_post')")
     p.set_defaults(func=cmd_names)
 
-    p = sub.add_parser("transcribe", help="transcribe recordings of any length (batched), with word timestamps")
-    model_arg(p)
-    p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3), any length")
-    p.add_argument("--language", default=None, help="language code or name (default: detected per file)")
-    p.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
-    p.add_argument("--beam-size", type=int, default=None, help="beam search with N beams (default: greedy)")
-    p.add_argument("--best-of", type=int, default=None, help="samples drawn at each fallback temperature")
-    p.add_argument("--temperature", type=float, default=0.0, help="first temperature (default 0: greedy)")
-    p.add_argument("--temperature-increment-on-fallback", type=float, default=0.2,
-                   help="step up to 1.0 for windows that fail (0: no fallback; default 0.2)")  # fmt: skip
-    p.add_argument("--initial-prompt", default=None, help="text given as the prompt of the first window")
-    p.add_argument("--no-condition-on-previous-text", action="store_true",
-                   help="do not give each window the text so far as prompt")  # fmt: skip
-    p.add_argument("--no-timestamps", action="store_true",
-                   help="decode windows as text only, each one segment (automatic for the shipped toy, trained "
-                        "without timestamps)")  # fmt: skip
-    p.add_argument("--word-timestamps", action="store_true", help="time every word (DTW on the alignment heads)")
-    p.add_argument("--word-timing", choices=["pass", "decoding"], default="pass",
-                   help="pass: one decoder pass per window, openai-whisper's numbers (default); decoding: the "
-                        "patterns recorded while decoding")  # fmt: skip
-    p.add_argument("--alignment-heads", default=None, help="layer:head pairs (default: the model's), e.g. 1:0,2:5")
-    p.add_argument("--output-format", "-f", choices=["txt", "srt", "vtt", "tsv", "json", "all"], default=None,
-                   help="files to write (default: all when --output-dir is given, else none)")  # fmt: skip
-    p.add_argument("--output-dir", "-o", default=None, help="folder for the files (default: the current one)")
-    p.add_argument("--batch-size", type=int, default=8, help="recordings decoded together (default 8)")
-    progress_arg(p)
+    p = sub.add_parser("transcribe", help="transcribe recordings of any length (batched): openai-whisper's command",
+                       description="openai-whisper's `whisper` command: its flags (--beam_size 5 or --beam-size 5, "
+                       "--word_timestamps True or --word-timestamps), defaults and files, batched over the "
+                       "recordings. See docs/openai-whisper.md.")  # fmt: skip
+    transcribe_args(p)
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("explore", help="one clip as a self-contained HTML page: where each token listened")
@@ -411,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("lens", help="decoder and encoder logit lens of audio files (pictures + tables)")
-    model_arg(p)
+    model_arg(p, real=True)
     p.add_argument("audio", nargs="+")
     p.add_argument("--out", default="lens-out", help="output folder (default lens-out)")
     progress_arg(p)
@@ -447,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_hallucinate)
 
     p = sub.add_parser("attention", help="attention pictures and per-head statistics of audio files")
-    model_arg(p)
+    model_arg(p, real=True)
     p.add_argument("audio", nargs="+")
     p.add_argument("--layer", type=int, default=None, help="block to draw (default: the last)")
     p.add_argument("--out", default="attention-out", help="output folder (default attention-out)")
@@ -461,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_arg(p)
     p.add_argument("audio", nargs="+", help="a folder of audio files (searched recursively), or the files")
     p.add_argument("--stack", choices=["encoder", "decoder", "both"], required=True)
-    p.add_argument("--removals", type=int, nargs="+", metavar="K",
+    p.add_argument("--removals", type=int, action="append", metavar="K",
                    help="numbers of last blocks to remove (default: 0 to all of them)")  # fmt: skip
     p.add_argument("--references", help="JSON {clip: transcript}, clip = path in the folder or unique file name "
                    "(default: WER against the full model's own transcripts)")  # fmt: skip
@@ -477,8 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "whisper_lens export ...")  # fmt: skip
     model_arg(p)
     p.add_argument("audio", nargs="+", help="a folder of audio files (searched recursively), or the files")
-    p.add_argument("--trace", nargs="+", action="extend", required=True, metavar="PATTERN",
-                   help="activation names or glob patterns, e.g. 'encoder.blocks.*.resid_post'")  # fmt: skip
+    p.add_argument("--trace", action="append", required=True, metavar="PATTERN",
+                   help="activation names or glob patterns, e.g. 'encoder.blocks.*.resid_post' (several after one "
+                   "--trace, or --trace repeated)")  # fmt: skip
     p.add_argument("--out", required=True, help="output folder; rerunning the command resumes in it")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="stored dtype (default: the model's)")  # fmt: skip
@@ -489,6 +650,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per transcript (decoder names)")
     progress_arg(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sae", help="sparse autoencoders on an export's activations (SAELens: whisper-lens[sae])")
+    sae = p.add_subparsers(dest="sae_command", required=True, metavar="SAE_COMMAND")
+    p = sae.add_parser(
+        "train",
+        help="train an SAE on one activation of an export with SAELens's trainer",
+        description="Train with SAELens's SAETrainer on shuffled rows of EXPORT's NAME; OUT ends "
+        "up in SAELens's format (sae_lens.SAE.load_from_disk). Rerun to resume from its checkpoints.",
+    )
+    p.add_argument("export", help="a folder written by whisper-lens export")
+    p.add_argument("--name", required=True, help="the activation, e.g. encoder.blocks.3.resid_post")
+    p.add_argument("--out", required=True, help="output folder; rerunning the command resumes in it")
+    p.add_argument("--architecture", choices=["standard", "topk", "jumprelu"], default="topk")
+    p.add_argument("--width", type=int, default=None, help="latents (default 8 x the activation's width)")
+    p.add_argument("--k", type=int, default=32, help="active latents per row, topk (default 32)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="L1 (standard, default 5) or L0 (jumprelu, default 1) coefficient")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: one pass over the export)")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per step (default 4096)")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoints", type=int, default=4, help="checkpoints written on the way (default 4)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=cmd_sae_train)
+
+    p = sub.add_parser("features", help="a page of what SAE latents, neurons or heads fire on, to listen to",
+                       description="Top moments of each feature across the clips, each with its snippet's audio, "
+                       "spectrogram, activation and words, as one self-contained HTML page.")  # fmt: skip
+    model_arg(p)
+    p.add_argument("audio", nargs="+", help="a folder of audio files (searched recursively), or the files")
+    p.add_argument(
+        "--name",
+        required=True,
+        help="the activation: with --sae the SAE's point; else mlp.post (neurons), attn.z (heads)",
+    )
+    p.add_argument("--sae", default=None, help="an SAE folder (whisper-lens sae train, or any SAELens save)")
+    p.add_argument("--features", type=parse_features, default=None, help="e.g. 0-99,200 (default: all)")
+    p.add_argument("--top-k", type=int, default=8, help="moments per feature (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips run together (default 8)")
+    p.add_argument("--out", required=True, help="the page to write (.html)")
+    p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("train-toy", help="train the shipped toy model from scratch on espeak-ng speech (the recipe)")
     p.add_argument("--out", default="weights/toy", help="where to save the model (default weights/toy)")
@@ -502,7 +704,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=cmd_train_toy)
 
+    for p in sub.choices.values():
+        common_args(p)
     return parser
+
+
+# Options that take several values: "--trace A B DIR" must leave DIR to the positionals, so the values an option
+# takes are only those that look like its values (a pattern, not a path on disk; an integer), each given to argparse
+# as a repeated flag.
+LIST_OPTIONS = {
+    "--trace": lambda v: "/" not in v and not os.path.exists(v),
+    "--removals": lambda v: v.lstrip("-").isdigit(),
+}
+
+
+def split_list_options(argv: list[str]) -> list[str]:
+    """``--trace A B DIR`` -> ``--trace A --trace B DIR``: a list option takes only values that look like its own."""
+    out, i = [], 0
+    while i < len(argv):
+        flag = argv[i]
+        out.append(flag)
+        i += 1
+        if flag == "--":
+            return out + argv[i:]
+        if flag in LIST_OPTIONS and i < len(argv):
+            out.append(argv[i])  # the first value is the option's whatever it looks like
+            i += 1
+            while i < len(argv) and not argv[i].startswith("-") and LIST_OPTIONS[flag](argv[i]):
+                out += [flag, argv[i]]
+                i += 1
+    return out
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("whisper-lens")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def in_flags(message: str, parser: argparse.ArgumentParser, argv: list[str]) -> str:
@@ -521,12 +762,19 @@ def in_flags(message: str, parser: argparse.ArgumentParser, argv: list[str]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    Parser.argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    Parser.argv = split_list_options(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(Parser.argv)
+    if args.no_progress or args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # every progress bar of the command (tqdm reads it)
     main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
     previous = {sig: signal.signal(sig, _terminate) for sig in ENDING_SIGNALS} if main_thread else {}
+    quiet = open(os.devnull, "w") if args.quiet else None  # noqa: SIM115
     try:
-        args.func(args)
+        if quiet:
+            with contextlib.redirect_stdout(quiet):
+                args.func(args)
+        else:
+            args.func(args)
     except KeyboardInterrupt:
         _say("whisper-lens: interrupted (SIGINT)")
         return 128 + signal.SIGINT
@@ -542,6 +790,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if quiet:
+            quiet.close()
     return 0
 
 

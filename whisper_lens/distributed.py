@@ -916,6 +916,12 @@ class Activations:
         for c in self.clips:
             yield c["clip"], self[c["clip"], name]
 
+    def batches(self, name: str, batch_size: int, **options):
+        """Shuffled ``[batch, D]`` rows of ``name`` across clips and shards, for SAEs: ``whisper_lens.sae.Batches``."""
+        from .sae import Batches
+
+        return Batches(self, name, batch_size, **options)
+
     def __iter__(self) -> Iterator[tuple[str, str, Tensor]]:
         for c in self.clips:
             for name in self.names:

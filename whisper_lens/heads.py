@@ -34,8 +34,8 @@ from torch import Tensor
 from .alignment import POSITIONS_PER_SECOND, attention_matrix, dtw, forced_pass
 
 if TYPE_CHECKING:
+    from .longform import AudioLike
     from .model import Whisper
-    from .transcribe import AudioLike
 
 WINDOWS_PER_PASS = 8  # windows aligned together in one decoder pass
 

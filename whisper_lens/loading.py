@@ -96,6 +96,23 @@ OFFICIAL_ALIGNMENT_HEADS: dict[str, list[tuple[int, int]]] = {
     for name, pairs in json.loads((ASSETS / "alignment_heads.json").read_text()).items()
 }
 
+# Other names openai-whisper and faster-whisper accept for the same checkpoints.
+ALIASES = {"large": "large-v3"}
+# distil-whisper's models (faster-whisper's names): name -> (hub repository, faster-whisper's conversion, dims).
+DISTIL: dict[str, tuple[str, str, ModelDims]] = {
+    "distil-large-v2": ("distil-whisper/distil-large-v2", "Systran/faster-distil-whisper-large-v2",
+                        _dims(80, 1280, 20, 32, 2, 51865)),
+    "distil-large-v3": ("distil-whisper/distil-large-v3", "Systran/faster-distil-whisper-large-v3",
+                        _dims(128, 1280, 20, 32, 2, 51866)),
+    "distil-large-v3.5": ("distil-whisper/distil-large-v3.5", "distil-whisper/distil-large-v3.5-ct2",
+                          _dims(128, 1280, 20, 32, 2, 51866)),
+    "distil-medium.en": ("distil-whisper/distil-medium.en", "Systran/faster-distil-whisper-medium.en",
+                         _dims(80, 1024, 16, 24, 2, 51864)),
+    "distil-small.en": ("distil-whisper/distil-small.en", "Systran/faster-distil-whisper-small.en",
+                        _dims(80, 768, 12, 12, 4, 51864)),
+}  # fmt: skip
+NAMES = [*SHIPPED, *OFFICIAL, *ALIASES, *DISTIL]  # every model name load_model knows
+
 # Files fetched from a hub repository: the weights, their config, and the tokenizer, in the hub's
 # (transformers) layout or faster-whisper's (CTranslate2: model.bin, tokenizer.json, vocabulary.*).
 HUB_FILES = [
@@ -263,6 +280,8 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str = torch.float32,
     tokenizer=None,
+    download_root: str | os.PathLike | None = None,
+    local_files_only: bool = False,
 ) -> Whisper:
     """Load a Whisper model: the shipped toy model, an official name, a hub id, a folder (hub layout or
     faster-whisper's CTranslate2 layout) or an OpenAI .pt.
@@ -271,10 +290,12 @@ def load_model(
     weights are dequantised to it. ``tokenizer``: a ``Tokenizer``, or a path to one (a ``.tiktoken``
     file, a vocabulary file or a folder holding one); by default the one found beside the weights,
     else OpenAI's for the model's vocabulary size, else ``None``. ``model.alignment_heads``: see
-    ``alignment_heads_for``.
+    ``alignment_heads_for``. ``download_root``: where names are looked for and downloaded to, in
+    place of the hub cache and ``~/.cache/whisper`` (openai-whisper's ``download_root``, faster-whisper's
+    ``download_root``); ``local_files_only``: never download (faster-whisper's name).
     """
     device, dtype = check_placement(device, dtype)
-    found = resolve(source)
+    found = resolve(source, download_root, bool(local_files_only))
     dims, state, heads = read_weights(found)
     model = build(dims, state, found.where)
     model.to(device=device, dtype=dtype)
@@ -319,8 +340,9 @@ def read_weights(found: Found) -> tuple[ModelDims, dict[str, Tensor], list[tuple
     return dims, state, read_generation_heads(found.folder, dims)
 
 
-def resolve(source: str | os.PathLike | None) -> Found:
-    """Where the weights are. Official names are looked up on disk first, then downloaded."""
+def resolve(source: str | os.PathLike | None, root: str | os.PathLike | None = None, local: bool = False) -> Found:
+    """Where the weights are. Names are looked up on disk first (in ``root`` if given), then downloaded unless
+    ``local``."""
     if source is None:
         source = DEFAULT_MODEL
     if not isinstance(source, str | os.PathLike):
@@ -334,8 +356,16 @@ def resolve(source: str | os.PathLike | None) -> Found:
         if not (folder / "config.json").exists():
             raise CheckpointError(f"the shipped model {source!r} is missing from {folder} (incomplete checkout?)")
         return Found(folder=folder)
+    if isinstance(source, str) and source in ALIASES:
+        source = ALIASES[source]
     if isinstance(source, str) and source in OFFICIAL:
-        return find_official(source)
+        return find_official(source, root, local)
+    if isinstance(source, str) and source in DISTIL:
+        repo, faster, _ = DISTIL[source]
+        for repo_id, needed in ((repo, ("config.json", "model.safetensors")), (faster, ("config.json", "model.bin"))):
+            if (folder := hub_cached(repo_id, needed, root)) is not None:
+                return Found(folder=folder)
+        return Found(folder=fetch(repo, root, local))
     path = Path(source).expanduser()
     if path.is_dir():
         return Found(folder=path)
@@ -348,12 +378,12 @@ def resolve(source: str | os.PathLike | None) -> Found:
             f"{path} is not a Whisper checkpoint: give a model folder (hub or CTranslate2 layout) or an OpenAI .pt file"
         )
     if isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "/")):
-        return Found(folder=fetch(source))
-    names = ", ".join(list(SHIPPED) + list(OFFICIAL))
+        return Found(folder=fetch(source, root, local))
+    names = ", ".join(NAMES)
     raise CheckpointError(f"unknown model {str(source)!r}: not a path that exists, nor one of: {names}")
 
 
-def find_official(name: str) -> Found:
+def find_official(name: str, root: str | os.PathLike | None = None, local: bool = False) -> Found:
     """An official model from disk if it is anywhere a Whisper tool keeps it, else downloaded from the hub.
 
     Looked up in order: the hub cache of ``openai/whisper-NAME`` (transformers' layout), openai-whisper's
@@ -365,29 +395,32 @@ def find_official(name: str) -> Found:
 
     repo, faster = OFFICIAL[name][0], FASTER_WHISPER[name]
     file, sha256 = OPENAI_CHECKPOINTS[name]
-    pt_file = openai_whisper_cache() / file
-    looked = [f"the hub cache {HF_HUB_CACHE} for {repo}", str(pt_file), f"the hub cache for {faster}"]
-    if (folder := hub_cached(repo, ("config.json", "model.safetensors"))) is not None:
+    pt_file = (Path(root).expanduser() if root is not None else openai_whisper_cache()) / file
+    looked = [f"the hub cache {root or HF_HUB_CACHE} for {repo}", str(pt_file), f"the hub cache for {faster}"]
+    if (folder := hub_cached(repo, ("config.json", "model.safetensors"), root)) is not None:
         return Found(folder=folder, name=name)
     if pt_file.is_file():
         if file_sha256(pt_file) == sha256:
             return Found(pt_file=pt_file, name=name)
         looked[1] += " (present, but its SHA256 is not the published one: a partial or altered download)"
-    if (folder := hub_cached(faster, ("config.json", "model.bin"))) is not None:
+    if (folder := hub_cached(faster, ("config.json", "model.bin"), root)) is not None:
         return Found(folder=folder, name=name)
     try:
-        return Found(folder=fetch(repo), name=name)
+        return Found(folder=fetch(repo, root, local), name=name)
     except CheckpointError as e:
         raise CheckpointError(f"{e} (looked on disk in {'; '.join(looked)})") from None
 
 
-def hub_cached(repo_id: str, needed: tuple[str, ...]) -> Path | None:
-    """The cached snapshot of a hub repository (its main revision) when it holds the files ``needed``; no network."""
+def hub_cached(repo_id: str, needed: tuple[str, ...], root: str | os.PathLike | None = None) -> Path | None:
+    """The cached snapshot of a hub repository (its main revision) when it holds the files ``needed``; no network.
+
+    ``root``: a hub cache folder of the user's choosing (``download_root``), else the hub's default.
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=list(needed), local_files_only=True))
+        folder = Path(snapshot_download(repo_id, allow_patterns=list(needed), local_files_only=True, cache_dir=root))
     except (LocalEntryNotFoundError, OSError):
         return None
     return folder if all((folder / f).is_file() for f in needed) else None
@@ -403,13 +436,21 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def fetch(repo_id: str) -> Path:
-    """Download (or find in the hub cache) the files a Whisper repository needs; return the local folder."""
+def fetch(repo_id: str, root: str | os.PathLike | None = None, local: bool = False) -> Path:
+    """Download (or find in the hub cache, or ``root``) the files a Whisper repository needs; return the local folder.
+
+    ``local``: never download (the error says where it looked).
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
+    if local:
+        if (folder := hub_cached(repo_id, ("config.json",), root)) is not None:
+            return folder
+        raise CheckpointError(f"{repo_id!r} is not on disk (looked in the hub cache {root or 'default'}) and "
+                              "local_files_only forbids downloading it")  # fmt: skip
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, cache_dir=root))
     except RepositoryNotFoundError:
         raise CheckpointError(f"hub repository {repo_id!r} does not exist (or is private)") from None
     except LocalEntryNotFoundError:
@@ -432,7 +473,7 @@ def alignment_heads_for(found: Found, dims: ModelDims) -> list[tuple[int, int]] 
     (every one but large-v1 / large-v2, which share theirs). Heads stored with the weights (a
     CTranslate2 config.json, a hub generation_config.json) come first: see ``read_weights``.
     """
-    if found.name is not None and OFFICIAL[found.name][1] == dims:
+    if found.name in OFFICIAL_ALIGNMENT_HEADS and OFFICIAL[found.name][1] == dims:
         return OFFICIAL_ALIGNMENT_HEADS[found.name]
     if found.pt_file is not None:
         by_file = [n for n, (file, _) in OPENAI_CHECKPOINTS.items() if file == found.pt_file.name]
@@ -661,11 +702,28 @@ def save_openai_checkpoint(model: Whisper, path: str | os.PathLike) -> Path:
     return path
 
 
-def download(name: str) -> Path:
-    """Fetch an official model (or hub id) into the hub cache; return its local folder."""
+def download(name: str, download_root: str | os.PathLike | None = None) -> Path:
+    """Fetch an official model, a distil-whisper model (or a hub id) into the hub cache; return its local folder."""
     if name in SHIPPED:
         return SHIPPED[name]
-    repo = OFFICIAL[name][0] if name in OFFICIAL else name
-    if name not in OFFICIAL and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise CheckpointError(f"unknown model {name!r}; official names: {', '.join(OFFICIAL)}")
-    return fetch(repo)
+    name = ALIASES.get(name, name)
+    repo = OFFICIAL[name][0] if name in OFFICIAL else DISTIL[name][0] if name in DISTIL else name
+    if repo == name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise CheckpointError(f"unknown model {name!r}; names: {', '.join(NAMES)}")
+    return fetch(repo, download_root)
+
+
+def default_model() -> str:
+    """The model a real-speech command uses when none is named: a real one already on disk, else a one-line error.
+
+    openai-whisper's default, turbo, first; then the others from the smallest. Nothing is downloaded.
+    """
+    for name in ["turbo", *OFFICIAL]:
+        try:
+            find_official(name, local=True)
+        except CheckpointError:
+            continue
+        return name
+    raise CheckpointError("no model given and no Whisper model found on disk: pass --model NAME (tiny.en, base, "
+                          "turbo, ... are downloaded once; see `whisper-lens download`) or a folder or .pt file; "
+                          "--model toy runs the shipped toy model, which does not know real speech")  # fmt: skip

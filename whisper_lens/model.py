@@ -207,8 +207,7 @@ class AudioEncoder(nn.Module):
             brec = rec.child(f"blocks.{i}")
             x = brec("resid_pre", x)  # (B, S, D)
             if not rec.skips(f"blocks.{i}"):  # Edits.skip: the residual passes through
-                k, n = rec.window(i), x.shape[1]  # Edits.local_window: frame i sees the frames j with |i - j| <= k
-                mask = None if k is None else (torch.arange(n)[:, None] - torch.arange(n)).abs().to(x.device) <= k
+                mask = rec.window_mask(i, x.shape[1], block.attn.n_head, x.device)  # Edits.local_window, or None
                 x, _ = block(x, brec, mask=mask)  # (B, S, D)
             x = brec("resid_post", x)  # (B, S, D)
         return rec("ln_post", self.ln_post(x))  # (B, S, D)
@@ -227,8 +226,7 @@ class TextDecoder(nn.Module):
     def forward(self, tokens: Tensor, rec: Recorder = IDLE, *, xa: Tensor | None = None, cache=None,
                 pos: Tensor | None = None) -> Tensor:  # fmt: skip
         """Logits (B, T, V) of ``tokens`` (B, T) over the audio features ``xa`` (B, S, D): ``stream``, unembedded."""
-        x, _ = self.stream(tokens, rec, xa=xa, cache=cache, pos=pos)  # (B, T, D)
-        return self.unembed(x)  # (B, T, V)
+        return self.unembed(self.stream(tokens, rec, xa=xa, cache=cache, pos=pos)[0])  # (B, T, V)
 
     def stream(self, tokens: Tensor, rec: Recorder = IDLE, *, xa: Tensor | None = None, cache=None,
                pos: Tensor | None = None) -> tuple[Tensor, list]:  # fmt: skip
@@ -245,6 +243,7 @@ class TextDecoder(nn.Module):
         else:
             mask = (torch.arange(cache.length, device=tokens.device) <= pos[..., None])[:, None]  # (B or 1, 1, T, S)
             caches = cache.layers()  # [(self-attention cache, cross-attention cache)] per block
+            rec = rec.positioned(pos)  # edits at positions act where these tokens sit
         x = rec("embed", self.token_embedding(tokens) + self.positional_embedding[pos])  # (B, T, D)
         for i, block in enumerate(self.blocks):
             brec = rec.child(f"blocks.{i}")
@@ -283,13 +282,13 @@ class Whisper(nn.Module):
 
     def generate(self, mel: Tensor | None = None, **options) -> list:
         """Batched decoding (greedy, sampling, beam search): ``whisper_lens.decoding.generate`` has every option."""
-        from .decoding.loop import generate
+        from .decoding.loop import generate  # imported here: model.py needs nothing of decoding
 
         return generate(self, mel, **options)
 
     def transcribe(self, audio, **options):
-        """Long-form, batched transcription of audio files or arrays: ``whisper_lens.transcribe.transcribe``."""
-        from .transcribe import transcribe
+        """Long-form, batched transcription of audio files or arrays: ``whisper_lens.transcribe`` (longform.py)."""
+        from .longform import transcribe
 
         return transcribe(self, audio, **options)
 

@@ -12,7 +12,8 @@
 - ``hallucination_sections``: what non-speech decodes to, the no-speech probability per layer,
   the head sweep, attention during a hallucination, the logit lens along a loop;
   ``hallucination_report`` writes them as ``report.md`` (``whisper-lens hallucinate``).
-- ``demo``: the lens, removal and attention studies on the shipped toy model and its samples.
+- ``demo``: the lens, removal and attention studies on the shipped toy model and its samples, a clip
+  explorer page per clip (``pages.explorer``), and a report that links every file it writes.
 
 Each writes into a folder built beside the destination and renamed into place at the end, so
 an interrupted run never leaves a half-written report.

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..inputs import check_audio_features, check_mel
 from ..model import Whisper
 from ..trace import IDLE, Edits, Recorder, Trace, TraceRequest
+from . import speculative as speculation
 from .cache import DecoderCache, new_cache
 from .depths import rows_per_block, stream_at_depths
 from .filters import filter_logits
@@ -223,6 +224,7 @@ def generate(
     compile: bool = False,
     decoder_blocks: int | Sequence[int] | None = None,
     clips: Sequence[int] | None = None,
+    speculative: bool = False,
 ) -> list[DecodingResult]:
     """Decode a batch of 30 s log-mel windows ``mel`` [B, n_mels, 2 * n_audio_ctx] (or one [n_mels, frames]).
 
@@ -249,6 +251,9 @@ def generate(
         clip share its audio: it is encoded once and its keys and values are computed and read once
         per step, not once per row. The per-clip options above (language, prompt, decoder_blocks)
         then take one entry per row, and one result is returned per row.
+    speculative: greedy decoding (temperature 0, no beams, traces, edits or depths) where a bf16 draft's
+        guesses are checked by the fp32 model, several tokens per fp32 pass, when a one-off timing on this
+        machine says it pays (``speculative.py``); the results are the plain loop's (up to float rounding).
     Returns one ``DecodingResult`` per clip (per row with ``clips``).
     """
     options = DecodingOptions(
@@ -256,6 +261,7 @@ def generate(
         max_new_tokens=max_new_tokens, language=language, task=task, timestamps=timestamps, prompt=prompt,
         prefix=prefix, suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
         max_initial_timestamp=max_initial_timestamp, compile=compile, decoder_blocks=decoder_blocks, clips=clips,
+        speculative=speculative,
     )  # fmt: skip
     if (mel is None) == (audio_features is None):
         raise ValueError("give either mel or audio_features (the encoder's output), not both or neither")
@@ -268,13 +274,30 @@ def generate(
     if clips is not None and max(clips) >= len(audio):
         raise ValueError(f"clips has {max(clips)}, but the batch has {len(audio)} clips (0-{len(audio) - 1})")
     plan = make_plan(model, options, n_clips=audio.shape[0] if clips is None else len(clips))
+    if edits is not None and edits.counts_generated:  # Edits.generated(k): positions after the prompt
+        lengths = {len(p) for p in plan.prompts}
+        if len(lengths) > 1:
+            raise ValueError("Edits.generated(k) needs prompts of one length; with prompts of several lengths "
+                             "give absolute positions")  # fmt: skip
+        rec = model.recorder(trace, edits.after_prompt(lengths.pop()), encoder=mel is not None)
     xa = model.encoder(audio, rec.child("encoder")) if mel is not None else audio  # (C, S, D)
     if mel is not None and not bool(torch.isfinite(xa).all()):
         raise non_finite(model, edits, "the encoder's output")
     d = prefill(model, plan, options, xa, rec)
+    broken = ~torch.isfinite(d.last).all()  # on the device: read once, at the end (no sync per step)
+    draft = speculative_draft(d)
+    if draft is not None:  # several tokens per fp32 pass, the same results
+        if bool(broken):
+            raise non_finite(model, edits, "the decoder's logits")
+        n_sel, pace = speculation.speculate(d, draft)
+        if pace.broken is not None and bool(pace.broken):
+            raise non_finite(model, edits, "the decoder's logits")
+        return finish(d, n_sel=n_sel)
     check_every = 1 if xa.device.type == "cpu" else CUDA_CHECK_EVERY
     steps = d.search.tokens.shape[1]
     for i in range(steps):
+        if i:  # the rows still decoding: a done row keeps the logits its last selection filtered (-inf)
+            broken |= ~torch.isfinite(d.last if d.live is None else d.last[d.live]).all()
         select(d, i)
         finished = i + 1 == steps or ((i + 1) % check_every == 0 and bool(d.search.done.all()))
         if finished and not d.tracing:
@@ -282,6 +305,8 @@ def generate(
         step(d, i)
         if finished:  # the last step only recorded the final token's activations
             break
+    if bool(broken):  # a token chosen from NaN logits is noise: no result rather than a silently wrong one
+        raise non_finite(model, edits, "the decoder's logits")
     return finish(d, n_sel=i + 1)
 
 
@@ -297,3 +322,10 @@ def non_finite(model: Whisper, edits: Edits | None, what: str) -> ValueError:
                           "out of range")  # fmt: skip
     return ValueError(f"{what} became NaN or infinite from the audio: values out of the model's range (samples far "
                       f"outside [-1, 1]?) in {model.dtype}")  # fmt: skip
+
+
+def speculative_draft(d: Decoding) -> speculation.Draft | None:
+    """The draft speculation decodes this call with, or None: not asked for, not greedy, or none pays here."""
+    if not (d.options.speculative and speculation.applies(d.options, d.rec)):
+        return None
+    return speculation.chosen_draft(d.model, len(d.search.tokens))

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..trace import IDLE, Edits, Recorder, Trace
+from ..trace import IDLE, Edits, Recorder, Trace, spliced_names, spliced_shapes
 
 if TYPE_CHECKING:
     from ..model import Whisper
@@ -25,7 +25,7 @@ def traced_names(d: Decoding) -> list[str]:
     blocks += [f"decoder.blocks.{i}" for i in range(dims.n_text_layer)]
     skipped = tuple(f"{block}." for block in blocks if rec.skips(block))
     inside = [n for n in rec.keep if n.startswith(skipped) and not n.endswith(("resid_pre", "resid_post"))]
-    return [n for n in d.model.names() if n in rec.keep and n not in inside]
+    return [n for n in spliced_names(d.model.names(), rec.edits) if n in rec.keep and n not in inside]
 
 
 def stitch_trace(order: list[str], d: Decoding, g: int, rows: list[int], length: int) -> Trace:
@@ -49,21 +49,31 @@ def stitch_trace(order: list[str], d: Decoding, g: int, rows: list[int], length:
 
 
 def check_step_edits(model: Whisper, edits: Edits | None) -> None:
-    """Decoder edits must act on each position alone: a step sees one position at a time."""
+    """Decoder edits must act on each position alone (a step sees one position at a time): a value fits one
+    position, or the positions it names (applied where a step's tokens sit at them)."""
     if edits is None:
         return
-    step_shapes = model.shapes(batch=1, n_tokens=1)
+    step_shapes = spliced_shapes(model.shapes(batch=1, n_tokens=1), edits)
     for name, ops in edits.ops.items():
         if name.startswith("encoder.") or name.endswith(("cross_attn.k", "cross_attn.v")):
             continue  # computed once, not per step
         for op in ops:
-            if op.positions is not None:
-                raise ValueError(
-                    f"edit at {name!r} names positions; generate runs the decoder one position at a time, so "
-                    "decoder edits must apply to every position (use run() for position-specific edits)"
-                )
             if op.kind == "mean" and op.mean is None:
                 raise ValueError(f"mean-ablation at {name!r} in generate needs mean= (the run's mean is unknown)")
+            if op.kind not in ("replace", "add") or (op.positions is None and not op.heads):
+                pass
+            elif op.positions is not None and name.endswith((".scores", ".pattern")):
+                raise ValueError(f"{op.kind} at {name!r} with positions: generate edits positions of names "
+                                 "whose position axis is dim 1 (not scores or patterns)")  # fmt: skip
+            else:  # the value gives each position it names its own (or one for all, size 1); heads likewise
+                one = list(step_shapes[name])
+                one[1] = 1 if op.positions is None else len(op.positions)
+                one[2] = len(op.heads) if op.heads else one[2]
+                if not fits(tuple(op.value.shape), tuple(one)):
+                    at = "" if op.positions is None else f" at positions {op.positions.tolist()}"
+                    raise ValueError(f"{op.kind} at {name!r}{at} in generate needs a value that fits {one} (size 1 "
+                                     f"or absent at the batch axis), got shape {tuple(op.value.shape)}")  # fmt: skip
+                continue
             if op.kind in ("replace", "add") and not fits(tuple(op.value.shape), step_shapes[name]):
                 raise ValueError(
                     f"{op.kind} at {name!r} in generate needs a value that fits one position of one clip, "

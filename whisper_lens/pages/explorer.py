@@ -37,8 +37,9 @@ POSITION_SECONDS = 2 * HOP_LENGTH / SAMPLE_RATE  # 0.02 s: one encoder position
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
-    """Each token's text; a character cut across tokens (partial UTF-8 bytes) is written whole on its first
-    token and as '…' on the rest. Specials are named briefly (``study.token_label``)."""
+    """Each token's text, for a sequence of tokens read in order. A character cut across tokens (partial
+    UTF-8 bytes) is written whole on its first token and as '…' on the rest; a piece that completes no
+    character is written as its bytes (``<e6 9d>``). Specials are named briefly (``study.token_label``)."""
     from ..study import token_label
 
     out, i = [], 0
@@ -49,11 +50,19 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
             while j < min(len(ids), i + 4) and "\ufffd" in tokenizer.decode(ids[i:j]) and ids[j] < tokenizer.eot:
                 j += 1
             whole = tokenizer.decode(ids[i:j])
-            text = whole if "\ufffd" not in whole else text
-            j = j if "\ufffd" not in whole else i + 1
+            text, j = (whole, j) if "\ufffd" not in whole else (_bytes(tokenizer, ids[i]), i + 1)
         out += [text] + ["\u2026"] * (j - i - 1)
         i = j
     return out
+
+
+def _bytes(tokenizer, token: int) -> str:
+    """A token that is part of a character, as its bytes: '<e6 9d>' (U+FFFD where they cannot be read)."""
+    try:
+        raw = tokenizer._encoding.decode_single_token_bytes(token)
+    except (AttributeError, KeyError):
+        return tokenizer.decode([token])
+    return "<" + " ".join(f"{b:02x}" for b in raw) + ">"
 
 
 @torch.no_grad()
@@ -105,15 +114,14 @@ def explorer_data(
     lens_probs = lens.top_probs[:, 0, first:].float().cpu()  # (L+1, R, k)
     # p(shown token) per layer: the lens of the token actually written (its own column in the readouts)
     enc = encoder_lens(model, mel, torch.tensor([seq + [tok.eot]]))[:, 0, first:].float().cpu()  # (L_enc+1, R)
-    probs = torch.softmax(_readouts(model, run.trace, first), dim=-1)  # (L+1, R, V)
-    final_prob = probs[:, torch.arange(len(shown_ids)), torch.tensor(shown_ids)].cpu()  # (L+1, R)
+    final_prob = _token_probs(model, run.trace, first, shown_ids)  # (L+1, R): p(shown token) per layer
     bar.update()
     bar.set_postfix_str("word times")
-    words = _words(model, mel, text, seconds, align) if text else []
+    words = _words(model, mel, text, prompt[:-1], seconds, align) if text else []  # prompt less <|notimestamps|>
     bar.update()
     bar.close()
     vocab_ids = sorted(set(lens_ids.flatten().tolist()) | set(seq) | set(shown_ids))
-    labels = dict(zip(vocab_ids, token_texts(tok, vocab_ids), strict=True))
+    labels = {t: token_texts(tok, [t])[0] for t in vocab_ids}  # each id alone: the lens' candidates
     shown_texts = token_texts(tok, shown_ids)
     fed_texts = token_texts(tok, seq)
     heads = sorted({(int(a), int(b)) for a, b in (model.alignment_heads or [])})
@@ -128,7 +136,7 @@ def explorer_data(
             "n_text_head": d.n_text_head,
             "n_audio_layer": d.n_audio_layer,
             "n_audio_ctx": d.n_audio_ctx,
-        },  # fmt: skip
+        },
         "tokens": [{"id": t, "text": s, "row": i} for i, (t, s) in enumerate(zip(shown_ids, shown_texts, strict=True))],
         "fed": fed_texts,
         "fed_ids": seq,
@@ -153,21 +161,25 @@ def explorer_data(
     return data
 
 
-def _readouts(model: Whisper, trace, first: int) -> torch.Tensor:
-    """Logits (L+1, R, V) of every lens stream at the rows from ``first`` on."""
+def _token_probs(model: Whisper, trace, first: int, ids: list[int]) -> torch.Tensor:
+    """(L+1, R): the probability each lens readout gives token ``ids[r]`` at row ``first + r`` (one layer at a time)."""
     from ..lens import lens_names, readout
 
-    return torch.stack([readout(model, trace[n][0, first:].to(model.device, model.dtype)) for n in lens_names(model)])
+    rows = torch.arange(len(ids))
+    out = []
+    for name in lens_names(model):
+        logp = readout(model, trace[name][0, first:].to(model.device, model.dtype)).log_softmax(-1).cpu()  # (R, V)
+        out.append(logp[rows, torch.tensor(ids)].exp())  # (R,)
+    return torch.stack(out)  # (L+1, R)
 
 
-def _words(model: Whisper, mel: torch.Tensor, text: list[int], seconds: float, align) -> list[dict]:
+def _words(model: Whisper, mel: torch.Tensor, text: list[int], sot: list[int], seconds: float, align) -> list[dict]:
     """Word timings (alignment heads + DTW) with the indices of each word's tokens; [] without alignment heads."""
     heads = model.alignment_heads
     if not heads:
         return []
     tok = model.tokenizer
     xa = model.encoder(mel)  # (1, S, D)
-    sot = tok.sot_sequence  # English-only or the tokenizer's own language
     frames = int(round(seconds * SAMPLE_RATE / HOP_LENGTH))
     timing = align(model, xa, [text], [frames], [tuple(h) for h in heads], sot)[0]
     out, at = [], 0

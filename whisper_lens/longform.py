@@ -44,8 +44,9 @@ restores its behaviour).
 
 from __future__ import annotations
 
-import math
+import inspect
 import os
+import warnings
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from .alignment import (
     APPEND_PUNCTUATIONS,
     PREPEND_PUNCTUATIONS,
     Alignment,
+    ReadsLikeADict,
     Word,
     align,
     align_recorded,
@@ -70,6 +72,7 @@ from .alignment import (
 from .audio import HOP_LENGTH, SAMPLE_RATE, TIME_PRECISION, load_audio, mel_frames, mel_peak, pad_or_trim
 from .audio import _regular_file as regular_file
 from .decoding import DecodingResult, rank_score
+from .options import checked, decoding_options, docs, signature
 from .tokenizer import normalize_language
 from .trace import Edits, Trace, TraceRequest, check_trace_budget, select_names
 
@@ -82,8 +85,11 @@ AudioLike = str | os.PathLike | np.ndarray | Tensor
 
 
 @dataclass
-class Segment:
-    """A stretch of transcript between two timestamps, as openai-whisper's segment dicts."""
+class Segment(ReadsLikeADict):
+    """A stretch of transcript between two timestamps, as openai-whisper's segment dicts (read as one, too)."""
+
+    KEYS = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio",
+            "no_speech_prob", "words")  # fmt: skip
 
     id: int
     seek: int  # the mel frame (10 ms) where the window it came from starts
@@ -96,6 +102,16 @@ class Segment:
     compression_ratio: float
     no_speech_prob: float
     words: list[Word] = field(default_factory=list)
+
+    def to_dict(self, words: bool = True) -> dict:
+        """openai-whisper's segment dict: its keys and types; "words" with word timestamps, or when emptied."""
+        out = {"id": self.id, "seek": int(self.seek), "start": float(self.start), "end": float(self.end),
+               "text": self.text, "tokens": [int(t) for t in self.tokens], "temperature": float(self.temperature),
+               "avg_logprob": float(self.avg_logprob), "compression_ratio": float(self.compression_ratio),
+               "no_speech_prob": float(self.no_speech_prob)}  # fmt: skip
+        if words or not self.tokens:  # openai-whisper gives an emptied segment "words": [] in any case
+            out["words"] = [w.to_dict() for w in self.words]
+        return out
 
 
 @dataclass
@@ -124,18 +140,29 @@ class Window:
 
 
 @dataclass
-class Transcript:
-    """The transcription of one recording: text, language, segments (with words) and the windows decoded."""
+class Transcript(ReadsLikeADict):
+    """The transcription of one recording: text, language, segments (with words) and the windows decoded.
+
+    It reads as openai-whisper's result dict (``t["text"]``, ``t["segments"][0]["words"][0]["start"]``),
+    and ``to_dict()`` is that dict exactly: the same keys and types (``json.dumps`` writes its file).
+    """
+
+    KEYS = ("text", "segments", "language")
 
     text: str
     language: str | None
     segments: list[Segment]
     windows: list[Window]
+    word_timestamps: bool = False  # the segments were given words (their dicts have "words")
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "segments": [s.to_dict(self.word_timestamps) for s in self.segments],
+                "language": self.language}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Options:
-    """Every option of one ``transcribe`` call, checked once."""
+    """Every option of one ``transcribe`` call, checked once (``options.TRANSCRIBE`` defines them)."""
 
     language: str | None
     task: str
@@ -145,6 +172,9 @@ class Options:
     no_speech_threshold: float | None
     condition_on_previous_text: bool
     initial_prompt: str | None
+    carry_initial_prompt: bool
+    clip_timestamps: tuple[float, ...]
+    hallucination_silence_threshold: float | None
     timestamps: bool
     word_timestamps: bool
     word_timing: str  # "pass" (a decoder-only pass, openai-whisper's numbers) or "decoding" (recorded patterns)
@@ -155,14 +185,20 @@ class Options:
     best_of: int | None
     patience: float | None
     length_penalty: float | None
+    sample_len: int | None
+    prefix: str | None
     suppress_tokens: str | Sequence[int] | None
+    suppress_blank: bool
+    max_initial_timestamp: float | None
     skip_silence: bool
     seed: int
+    verbose: bool | None
     encoder_edits: Edits | None  # applied where the windows are encoded
     decoder_edits: Edits | None  # applied at every decoding step and in the word-timing pass
     encoder_trace: tuple[str, ...]  # encoder names asked for, recorded once per window
     decoder_trace: tuple[str, ...]  # decoder names asked for, recorded while decoding
     recorded: tuple[str, ...]  # every decoder name recorded while decoding (those asked for, and word timing's)
+    speculative: bool = False  # greedy passes: a bf16 draft's guesses checked by the fp32 model (generate's option)
 
 
 @dataclass
@@ -175,6 +211,8 @@ class Stream:
     language: str | None
     prompt_tokens: list[int]  # the initial prompt's tokens
     tokens: list[int]  # every token kept so far, the initial prompt first (the source of the prompts)
+    clips: list[tuple[int, int]]  # the stretches to transcribe, (start, end) in mel frames (clip_timestamps)
+    clip: int = 0  # the stretch ``seek`` is in
     prompt_from: int = 0  # tokens before this index are no longer given as prompt
     seek: int = 0
     last_speech: float = 0.0  # where speech last ended (s), for trimming words after a pause
@@ -183,104 +221,77 @@ class Stream:
 
     @property
     def done(self) -> bool:
-        return self.seek >= self.n_frames
+        return self.clip >= len(self.clips)
+
+    def settle(self) -> None:
+        """Move ``seek`` into the current stretch, or on to the next one once it has passed the end of this one."""
+        while not self.done:
+            start, end = self.clips[self.clip]
+            self.seek = max(self.seek, start)
+            if self.seek < end:
+                return
+            self.clip += 1
+
+    def window_frames(self, window: int) -> int:
+        """Mel frames of audio in the window at ``seek``: to the window's, the stretch's or the audio's end."""
+        return min(window, self.n_frames - self.seek, self.clips[self.clip][1] - self.seek)
 
 
 # ----------------------------------------------------------------------------- the public call
 
 
-def transcribe(
-    model: Whisper,
-    audio: AudioLike | Sequence[AudioLike],
-    *,
-    language: str | None = None,
-    task: str = "transcribe",
-    temperature: float | Sequence[float] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-    compression_ratio_threshold: float | None = 2.4,
-    logprob_threshold: float | None = -1.0,
-    no_speech_threshold: float | None = 0.6,
-    condition_on_previous_text: bool | None = None,
-    initial_prompt: str | None = None,
-    timestamps: bool | None = None,
-    word_timestamps: bool = False,
-    word_timing: str = "pass",
-    alignment_heads: Sequence[tuple[int, int]] | None = None,
-    prepend_punctuations: str = PREPEND_PUNCTUATIONS,
-    append_punctuations: str = APPEND_PUNCTUATIONS,
-    beam_size: int | None = None,
-    best_of: int | None = None,
-    patience: float | None = None,
-    length_penalty: float | None = None,
-    suppress_tokens: str | Sequence[int] | None = "-1",
-    skip_silence: bool = True,
-    batch_size: int = 8,
-    seed: int = 0,
-    trace: TraceRequest = None,
-    edits: Edits | None = None,
-    progress: bool = False,
-) -> Transcript | list[Transcript]:
+def transcribe(model: Whisper, audio: AudioLike | Sequence[AudioLike], **options) -> Transcript | list[Transcript]:
     """Transcribe recordings of any length with openai-whisper's algorithm (see the module's docstring).
 
+    ``wl.transcribe(model, audio, **options)`` is openai-whisper's ``whisper.transcribe`` call: the
+    same options (its ``DecodingOptions`` included) with the same defaults, and a result that reads
+    as its dict (``to_dict()`` returns that dict). ``model.transcribe(audio, **options)`` is the same.
+
     audio: a path, 16 kHz float samples (numpy or torch), or a list of them: a list gives a
-        list of ``Transcript``, its recordings decoded together, ``batch_size`` at a time.
-    language / task: as ``generate``; None detects the language once per recording, from its
-        first window (multilingual models).
-    temperature: the temperatures tried in turn on a window whose decoding fails the
-        thresholds: ``compression_ratio_threshold`` (too repetitive), ``logprob_threshold``
-        (too unsure); ``no_speech_threshold`` with a low log-probability marks silence, skipped.
-        Sampling (temperature > 0) is seeded from ``seed`` and the window's position, so a
-        result is reproducible and does not depend on the batch.
-    condition_on_previous_text: give each window the text so far as prompt (None: the model's
-        default, ``model.transcribe_defaults``, else True). initial_prompt:
-        text given as the prompt of the first window (names, spelling, style).
-    timestamps: decode with timestamp tokens (openai-whisper's way: segments, and windows that
-        start where the last complete segment ended). False: each window is one segment and the
-        next starts where it ends (for models trained without timestamps, such as the shipped toy,
-        whose config says so: None takes ``model.transcribe_defaults``, else True).
-    word_timestamps: time every word from the cross-attention of ``alignment_heads`` ((layer,
-        head) pairs; default ``model.alignment_heads``). ``word_timing``: "pass" (default) runs
-        the decoder once more per window over its text, on the audio already encoded: openai-
-        whisper's numbers; "decoding" reads the patterns recorded while the window was decoded
-        (no extra pass; the words differ: see README). Punctuation in ``prepend_punctuations`` /
-        ``append_punctuations`` joins the next / previous word.
-    beam_size, patience, length_penalty: beam search at temperature 0 (``generate``'s meaning);
-        best_of: samples drawn at each temperature above 0, the likeliest kept.
-    suppress_tokens: as ``generate``. skip_silence: skip flat (digitally silent) windows undecoded.
-    trace / edits: record activations (``Transcript.windows[k].trace``) / apply interventions,
-        in every window (encoder names once per window, decoder names at every decoding step and
-        in the word-timing pass).
-    progress: show a progress bar over the audio (stderr).
+        list of ``Transcript``, its recordings decoded together, ``batch_size`` at a time. A
+        recording's result does not depend on what it is batched with.
+
+    Options (``whisper_lens.options.TRANSCRIBE``, where each is defined once):
     """
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer; load it with load_model(..., tokenizer=...)")
-    own = {"timestamps": True, "condition_on_previous_text": True} | model.transcribe_defaults  # travel with it
-    timestamps = own["timestamps"] if timestamps is None else timestamps
-    condition_on_previous_text = own["condition_on_previous_text"] if condition_on_previous_text is None else (
-        condition_on_previous_text)  # fmt: skip
-    check_decoding(model, beam_size, best_of, word_timing)
-    language = check_language(model, language, task)
-    heads = check_heads(model, alignment_heads) if word_timestamps else ()
-    encoder_trace, decoder_trace = check_trace_and_edits(model, trace, edits)
-    timing = recorded_names(heads) if word_timestamps and word_timing == "decoding" else ()
+    o = checked(options)
+    own = {"without_timestamps": False, "condition_on_previous_text": True} | {  # a model's own (the toy's config)
+        ("without_timestamps" if k == "timestamps" else k): (not v if k == "timestamps" else v)
+        for k, v in model.transcribe_defaults.items() if k in ("timestamps", "condition_on_previous_text")
+    }  # fmt: skip
+    for name in own:  # None: the model's default
+        o[name] = own[name] if o[name] is None else o[name]
+    decoding_options(o)  # generate's own checks of the options passed through to it
+    check_decoding(model, o["beam_size"])
+    if o["fp16"] and model.device.type == "cpu":
+        warnings.warn("FP16 is not supported on CPU; using FP32 instead", stacklevel=2)  # openai-whisper's words
+    language = check_language(model, o["language"], o["task"])
+    words = o["word_timestamps"]
+    heads = check_heads(model, o["alignment_heads"]) if words else ()
+    encoder_trace, decoder_trace = check_trace_and_edits(model, o["trace"], o["edits"])
+    timing = recorded_names(heads) if words and o["word_timing"] == "decoding" else ()
+    same = ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold", "condition_on_previous_text",
+            "initial_prompt", "carry_initial_prompt", "clip_timestamps", "hallucination_silence_threshold",
+            "word_timestamps", "word_timing", "prepend_punctuations", "append_punctuations", "beam_size", "best_of",
+            "patience", "length_penalty", "sample_len", "prefix", "suppress_tokens", "suppress_blank",
+            "max_initial_timestamp", "skip_silence", "seed", "verbose", "task", "speculative")  # fmt: skip
     opts = Options(
-        language=language, task=task, temperatures=check_temperatures(temperature),
-        compression_ratio_threshold=compression_ratio_threshold, logprob_threshold=logprob_threshold,
-        no_speech_threshold=no_speech_threshold, condition_on_previous_text=bool(condition_on_previous_text),
-        initial_prompt=initial_prompt, timestamps=bool(timestamps), word_timestamps=bool(word_timestamps),
-        word_timing=word_timing, heads=heads, prepend_punctuations=prepend_punctuations,
-        append_punctuations=append_punctuations, beam_size=beam_size, best_of=best_of, patience=patience,
-        length_penalty=length_penalty, suppress_tokens=suppress_tokens, skip_silence=bool(skip_silence), seed=int(seed),
-        encoder_edits=stack_edits(edits, "encoder"), decoder_edits=stack_edits(edits, "decoder"),
+        language=language, temperatures=o["temperature"], timestamps=not o["without_timestamps"], heads=heads,
+        encoder_edits=stack_edits(o["edits"], "encoder"), decoder_edits=stack_edits(o["edits"], "decoder"),
         encoder_trace=encoder_trace, decoder_trace=decoder_trace, recorded=tuple(dict.fromkeys(decoder_trace + timing)),
+        **{name: o[name] for name in same},
     )  # fmt: skip
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     single = not isinstance(audio, list | tuple)
     items = [audio] if single else list(audio)
     for item in items:
         check_audio_input(item)
-    transcripts = run_streams(model, items, opts, batch_size, progress)
+    transcripts = run_streams(model, items, opts, o["batch_size"], o["progress"] or o["verbose"] is False)
     return transcripts[0] if single else transcripts
+
+
+transcribe.__signature__ = signature(list(inspect.signature(transcribe).parameters.values())[:2])
+transcribe.__doc__ += docs()
 
 
 def run_streams(model: Whisper, items: list, opts: Options, batch_size: int, progress: bool) -> list[Transcript]:
@@ -312,7 +323,7 @@ def run_streams(model: Whisper, items: list, opts: Options, batch_size: int, pro
                 budget([s for _, s in active], list(done.values()), 2 * model.dims.n_audio_ctx)
             for i, s in active:
                 if s.done:
-                    done[i] = finish(model, s)
+                    done[i] = finish(model, s, opts)
             active = [(i, s) for i, s in active if not s.done]
     return [done[i] for i in range(len(items))]
 
@@ -327,21 +338,13 @@ def budget(active: list[Stream], done: list[Transcript], frames: int) -> None:
         check_trace_budget(kept, kept / len(windows), left)
 
 
-def finish(model: Whisper, s: Stream) -> Transcript:
+def finish(model: Whisper, s: Stream, opts: Options) -> Transcript:
     """A finished recording's transcript: its text is every kept token after the initial prompt, decoded."""
-    return Transcript(model.tokenizer.decode(s.tokens[len(s.prompt_tokens) :]), s.language, s.segments, s.windows)
+    text = model.tokenizer.decode(s.tokens[len(s.prompt_tokens) :])
+    return Transcript(text, s.language, s.segments, s.windows, opts.word_timestamps)
 
 
 # ----------------------------------------------------------------------------- options and inputs
-
-WORD_TIMINGS = ("pass", "decoding")
-
-
-def check_temperatures(temperature: float | Sequence[float]) -> tuple[float, ...]:
-    temperatures = (temperature,) if isinstance(temperature, int | float) else tuple(temperature)
-    if not temperatures or any(not isinstance(t, int | float) or not 0 <= t < math.inf for t in temperatures):
-        raise ValueError(f"temperature must be a number >= 0 or a non-empty sequence of them, got {temperature!r}")
-    return tuple(float(t) for t in temperatures)
 
 
 def check_language(model: Whisper, language: str | None, task: str) -> str | None:
@@ -355,15 +358,11 @@ def check_language(model: Whisper, language: str | None, task: str) -> str | Non
     return language
 
 
-def check_decoding(model: Whisper, beam_size: int | None, best_of: int | None, word_timing: str) -> None:
-    """The options ``generate`` would only check after the first window was encoded."""
-    if beam_size is not None and (not isinstance(beam_size, int) or not 1 <= beam_size < model.dims.n_vocab):
+def check_decoding(model: Whisper, beam_size: int | None) -> None:
+    """What ``generate`` would only check after the first window was encoded: the beam against the vocabulary."""
+    if beam_size is not None and beam_size >= model.dims.n_vocab:
         raise ValueError(f"beam_size={beam_size!r}: it must be None or an int from 1 to {model.dims.n_vocab - 1} "
                          "(below the vocabulary size)")  # fmt: skip
-    if best_of is not None and (not isinstance(best_of, int) or best_of < 1):
-        raise ValueError(f"best_of must be a positive int or None, got {best_of!r}")
-    if word_timing not in WORD_TIMINGS:
-        raise ValueError(f"word_timing must be one of {', '.join(WORD_TIMINGS)}, got {word_timing!r}")
 
 
 def check_trace_and_edits(model: Whisper, trace: TraceRequest, edits: Edits | None) -> tuple[tuple[str, ...], ...]:
@@ -418,6 +417,7 @@ def stack_edits(edits: Edits | None, stack: str) -> Edits | None:
         skipped={b for b in edits.skipped if b.startswith(mine)},
         window=edits.window if stack == "encoder" else None,
         window_layers=edits.window_layers if stack == "encoder" else None,
+        window_heads=edits.window_heads if stack == "encoder" else None,
     )
     return part if part else None
 
@@ -443,11 +443,28 @@ def open_stream(item: AudioLike, model: Whisper, opts: Options) -> Stream:
     """Read a recording and find its peak: the state before its first window."""
     audio = load_audio(item) if isinstance(item, str | os.PathLike) else item
     audio = torch.as_tensor(audio).float()  # (N,)
-    prompt = model.tokenizer.encode(" " + opts.initial_prompt.strip()) if opts.initial_prompt else []
-    return Stream(
-        audio=audio, peak=mel_peak(audio, model.dims.n_mels), n_frames=len(audio) // HOP_LENGTH,
+    prompt = model.tokenizer.encode(" " + opts.initial_prompt.strip()) if opts.initial_prompt is not None else []
+    n_frames = len(audio) // HOP_LENGTH
+    s = Stream(
+        audio=audio, peak=mel_peak(audio, model.dims.n_mels), n_frames=n_frames,
         language=opts.language if model.tokenizer.multilingual else "en", prompt_tokens=prompt, tokens=list(prompt),
+        clips=stretches(opts.clip_timestamps, n_frames),
     )  # fmt: skip
+    s.settle()
+    return s
+
+
+def stretches(clip_timestamps: tuple[float, ...], n_frames: int) -> list[tuple[int, int]]:
+    """``clip_timestamps`` (start, end, start, ... s) as (start, end) mel frames; a lone last start runs to the end.
+
+    Stretches are cut at the end of the audio (openai-whisper would decode an empty window at
+    a start past the end for ever).
+    """
+    points = [round(t * FRAMES_PER_SECOND) for t in clip_timestamps] or [0]
+    if len(points) % 2:
+        points.append(n_frames)
+    pairs = [(a, min(b, n_frames)) for a, b in zip(points[::2], points[1::2], strict=True)]
+    return [(a, b) for a, b in pairs if a < b]
 
 
 def detect_languages(model: Whisper, streams: list[Stream], opts: Options) -> None:
@@ -476,18 +493,22 @@ class Decoded:
     result: DecodingResult
     segments: list[Segment]
     lone_end: bool  # ended with a lone timestamp: the model saw speech end, the whole window is done
+    dropped: bool = False  # its text looked hallucinated after a silence: nothing of it is kept
 
 
 def advance(model: Whisper, streams: list[Stream], opts: Options) -> None:
     """Decode the next window of every stream and move each to where its next window starts."""
     W, n_mels = 2 * model.dims.n_audio_ctx, model.dims.n_mels
-    sizes = [min(W, s.n_frames - s.seek) for s in streams]
-    mels = [pad_or_trim(mel_frames(s.audio, s.seek, n, n_mels, s.peak), W) for s, n in zip(streams, sizes, strict=True)]
+    sizes = [s.window_frames(W) for s in streams]
+    silence = model.transcribe_defaults.get("pad_with_silence", False)  # past the end: silence's mel, not zeros
+    mels = [pad_or_trim(mel_frames(s.audio, s.seek, W if silence else n, n_mels, s.peak), W)
+            for s, n in zip(streams, sizes, strict=True)]  # fmt: skip
     flat = [opts.skip_silence and bool(m[:, :n].amax() == m[:, :n].amin()) for m, n in zip(mels, sizes, strict=True)]
     for s, n, f in zip(streams, sizes, flat, strict=True):
         if f:  # nothing above the floor: no sound to decode
             s.windows.append(Window(s.seek, n, None, no_speech=True))
             s.seek += n
+            s.settle()
     live = [i for i, f in enumerate(flat) if not f]
     if not live:
         return
@@ -507,7 +528,10 @@ def advance(model: Whisper, streams: list[Stream], opts: Options) -> None:
     if opts.word_timestamps:
         time_words(model, xa, kept, opts)
     for d in kept:
-        keep_segments(d.stream, d.segments, d.result, opts)
+        if not d.dropped:
+            keep_segments(d.stream, d.segments, d.result, opts)
+    for s in streams:
+        s.settle()
 
 
 def encode(model: Whisper, mels: Tensor, opts: Options, traced: bool) -> tuple[Tensor, Trace | None]:
@@ -536,8 +560,7 @@ def window_trace(enc_trace: Trace | None, b: int, result: DecodingResult, opts: 
 
 def decode_with_fallback(model: Whisper, xa: Tensor, streams: list[Stream], opts: Options) -> list[DecodingResult]:
     """Decode each window, retrying those that fail the thresholds at the next temperature."""
-    limit = model.dims.n_text_ctx // 2 - 1  # previous text may use half the context
-    prompts = [s.tokens[s.prompt_from :][-limit:] for s in streams]
+    prompts = [prompt_of(s, opts, model.dims.n_text_ctx // 2 - 1) for s in streams]
     results: list[DecodingResult | None] = [None] * len(streams)
     todo = list(range(len(streams)))
     for k, t in enumerate(opts.temperatures):
@@ -552,6 +575,20 @@ def decode_with_fallback(model: Whisper, xa: Tensor, streams: list[Stream], opts
     return results  # type: ignore[return-value]
 
 
+def prompt_of(s: Stream, opts: Options, limit: int) -> list[int]:
+    """A window's prompt: the text kept since the last reset, at most ``limit`` tokens (half the context).
+
+    With ``carry_initial_prompt``, the initial prompt comes first in every window, and the text
+    kept since is cut from its start to leave it room.
+    """
+    if not opts.carry_initial_prompt:
+        return s.tokens[s.prompt_from :][-limit:]
+    initial = s.prompt_tokens
+    since = s.tokens[max(len(initial), s.prompt_from) :]
+    room = limit - len(initial)
+    return (initial + (since[len(since) - room :] if room > 0 else []))[-limit:]
+
+
 def decode_windows(model: Whisper, xa: Tensor, prompts: list[list[int]], languages: list[str | None],
                    temperature: float, seeds: list[int], opts: Options) -> list[DecodingResult]:  # fmt: skip
     """Decode a batch of encoded windows [B, S, D], each after its own prompt and in its own language.
@@ -563,11 +600,13 @@ def decode_windows(model: Whisper, xa: Tensor, prompts: list[list[int]], languag
     keeps the likeliest.
     """
     common = dict(task=opts.task, timestamps=opts.timestamps, suppress_tokens=opts.suppress_tokens,
-                  trace=list(opts.recorded) or None, edits=opts.decoder_edits)  # fmt: skip
+                  suppress_blank=opts.suppress_blank, prefix=opts.prefix, max_new_tokens=opts.sample_len,
+                  max_initial_timestamp=opts.max_initial_timestamp, trace=list(opts.recorded) or None,
+                  edits=opts.decoder_edits)  # fmt: skip
     if temperature == 0:
         return model.generate(audio_features=xa, prompt=list(prompts), language=list(languages),
                               beam_size=opts.beam_size, patience=opts.patience, length_penalty=opts.length_penalty,
-                              **common)  # fmt: skip
+                              speculative=opts.speculative, **common)  # fmt: skip
     n, out = opts.best_of or 1, []
     for i, (p, lang) in enumerate(zip(prompts, languages, strict=True)):
         found = model.generate(audio_features=xa[i : i + 1], clips=[0] * n, prompt=p, language=lang,
@@ -647,8 +686,73 @@ def time_words(model: Whisper, xa: Tensor, kept: list[Decoded], opts: Options) -
         end = last_end(d.segments)
         if not d.lone_end and end is not None and end > offset:  # the next window starts after the last word
             d.stream.seek = round(end * FRAMES_PER_SECOND)
+        if opts.hallucination_silence_threshold is not None:
+            skip_hallucinations(d, 2 * model.dims.n_audio_ctx, opts.hallucination_silence_threshold)
+            if d.dropped:
+                continue
+        end = last_end(d.segments)
         if end is not None:
             d.stream.last_speech = end
+
+
+PUNCTUATION = PREPEND_PUNCTUATIONS + APPEND_PUNCTUATIONS  # not counted when judging a segment's words
+
+
+def word_anomaly(w: Word) -> float:
+    """How unlike a real word: improbable (below 0.15), too short (under 0.133 s) or too long (over 2 s)."""
+    duration = w.end - w.start
+    return (w.probability < 0.15) + max(0.0, 0.133 - duration) * 15 + max(0.0, duration - 2.0)
+
+
+def looks_hallucinated(segment: Segment | None) -> bool:
+    """A segment whose first eight words (punctuation aside) score as anomalous as one point each, or 3 in all."""
+    if segment is None or not segment.words:
+        return False
+    words = [w for w in segment.words if w.word not in PUNCTUATION][:8]
+    score = sum(word_anomaly(w) for w in words)
+    return score >= 3 or score + 0.01 >= len(words)
+
+
+def skip_hallucinations(d: Decoded, window: int, threshold: float) -> None:
+    """openai-whisper's ``hallucination_silence_threshold`` rules for one window, after its words are timed.
+
+    1. Where the window did not end with a lone timestamp, the next one starts after the last word
+       only if more than ``threshold`` seconds are left after it; else at this window's end.
+    2. If the first segment with words looks hallucinated and starts more than ``threshold``
+       after the window's start, the whole window is dropped and the next starts at that segment.
+    3. A segment that looks hallucinated, with silence (or hallucinations) before and after it,
+       is dropped with everything after it; the next window starts at it (or, within
+       ``threshold`` of the recording's end, the recording is done).
+    """
+    s = d.stream
+    offset = d.seek * HOP_LENGTH / SAMPLE_RATE
+    window_end = (d.seek + window) * HOP_LENGTH / SAMPLE_RATE
+    audio_end = d.seek * HOP_LENGTH / SAMPLE_RATE + d.frames * HOP_LENGTH / SAMPLE_RATE
+    if not d.lone_end:
+        end = last_end(d.segments)
+        if end is not None and end > offset:
+            s.seek = round(end * FRAMES_PER_SECOND) if window_end - end > threshold else d.seek + d.frames
+    first = next((seg for seg in d.segments if seg.words), None)
+    if looks_hallucinated(first) and first.start - offset > threshold:
+        s.seek = d.seek + round((first.start - offset) * FRAMES_PER_SECOND)
+        d.dropped = True
+        return
+    previous_end = s.last_speech
+    for k, seg in enumerate(d.segments):
+        if not seg.words:
+            continue
+        if looks_hallucinated(seg):
+            after = next((x for x in d.segments[k + 1 :] if x.words), None)
+            next_start = after.words[0].start if after is not None else audio_end
+            silence_before = seg.start - previous_end > threshold or seg.start < threshold or seg.start - offset < 2.0
+            silence_after = next_start - seg.end > threshold or looks_hallucinated(after) or window_end - seg.end < 2.0
+            if silence_before and silence_after:
+                s.seek = round(max(offset + 1, seg.start) * FRAMES_PER_SECOND)
+                if s.n_frames * HOP_LENGTH / SAMPLE_RATE - seg.end < threshold:
+                    s.seek = s.n_frames
+                del d.segments[k:]
+                return
+        previous_end = seg.end
 
 
 def align_kept(model: Whisper, xa: Tensor, kept: list[Decoded], texts: list[list[int]], opts: Options) -> list:
@@ -669,6 +773,13 @@ def align_kept(model: Whisper, xa: Tensor, kept: list[Decoded], texts: list[list
     return out
 
 
+def clock(seconds: float) -> str:
+    """MM:SS.mmm (HH:MM:SS.mmm from an hour on), as openai-whisper's verbose lines."""
+    ms = round(seconds * 1000)
+    hours, ms = divmod(ms, 3_600_000)
+    return (f"{hours:02d}:" if hours else "") + f"{ms // 60_000:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}"
+
+
 def last_end(segments: list[Segment]) -> float | None:
     """Where the last word ends, else the last segment's end (None without segments)."""
     for seg in reversed(segments):
@@ -679,6 +790,9 @@ def last_end(segments: list[Segment]) -> float | None:
 
 def keep_segments(s: Stream, segments: list[Segment], r: DecodingResult, opts: Options) -> None:
     """Append a window's segments to the stream (empty or instantaneous ones emptied) and update the prompt."""
+    if opts.verbose:
+        for seg in segments:
+            print(f"[{clock(seg.start)} --> {clock(seg.end)}] {seg.text}")
     for seg in segments:
         if seg.start == seg.end or seg.text.strip() == "":
             seg.text, seg.tokens, seg.words = "", [], []
