@@ -2238,15 +2238,6 @@ def test_transcribe_and_the_lens_agree_on_a_clip_of_one_window(tmp_path, variant
     assert [(s.start, s.end) for s in transcript.segments] == [(0.0, 1.36)]
 
 
-def test_the_cli_decodes_the_toy_the_same_by_name_or_path(capsys):
-    """The CLI recognised the toy only by the literal name `toy`; by path it decoded with timestamps."""
-    outputs = []
-    for model in ("toy", str(SHIPPED["toy"])):
-        assert cli.main(["transcribe", str(SAMPLES / "sample2.wav"), "--model", model, "--no-progress"]) == 0
-        outputs.append(capsys.readouterr().out)
-    assert outputs[0] == outputs[1] and "every woman reads five balls" in outputs[0], outputs
-
-
 # ----- class 4: no silent NaN or inf (while decoding)
 
 
