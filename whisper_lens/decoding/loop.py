@@ -11,6 +11,7 @@ call's ``Kernels``. What varies wraps it (``step_function``): a recorder per ste
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -294,7 +295,7 @@ def generate(
     steps = d.search.tokens.shape[1]
     for i in range(steps):
         if i:
-            broken |= ~torch.isfinite(d.last).all()
+            broken |= ~(d.last < math.inf).all()  # NaN or +inf; -inf is a token the filters forbade (in place)
         select(d, i)
         finished = i + 1 == steps or ((i + 1) % check_every == 0 and bool(d.search.done.all()))
         if finished and not d.tracing:
