@@ -106,9 +106,9 @@ class Attention(nn.Module):
 
     def kv(self, x: Tensor, rec: Recorder) -> tuple[Tensor, Tensor]:
         """Per-head keys and values (B, S, H, Dh) of the sequence ``x`` (B, S, D) that the queries attend over."""
-        k = rec("k", self.key(x).view(*x.shape[:2], self.n_head, -1))  # (B, S, H, Dh)
-        v = rec("v", self.value(x).view(*x.shape[:2], self.n_head, -1))  # (B, S, H, Dh)
-        return k, v
+        heads = (*x.shape[:2], self.n_head, x.shape[2] // self.n_head)  # (B, S, H, Dh): D split into H heads
+        k = rec("k", self.key(x).view(heads))  # (B, S, H, Dh)
+        return k, rec("v", self.value(x).view(heads))  # k and v (B, S, H, Dh)
 
     def forward(self, x: Tensor, rec: Recorder, *, xa: Tensor | None = None, mask: Tensor | None = None,
                 cache=None, pos: Tensor | None = None) -> tuple[Tensor, object]:  # fmt: skip
@@ -207,7 +207,7 @@ class AudioEncoder(nn.Module):
             brec = rec.child(f"blocks.{i}")
             x = brec("resid_pre", x)  # (B, S, D)
             if not rec.skips(f"blocks.{i}"):  # Edits.skip: the residual passes through
-                mask = rec.window_mask(i, x.shape[1], block.attn.n_head, x.device)  # Edits.local_window, or None
+                mask = rec.window_mask(i, x.shape[1], block.attn.n_head, x.device) if rec.active else None  # Edits
                 x, _ = block(x, brec, mask=mask)  # (B, S, D)
             x = brec("resid_post", x)  # (B, S, D)
         return rec("ln_post", self.ln_post(x))  # (B, S, D)
@@ -322,7 +322,7 @@ class Whisper(nn.Module):
             mel = check_mel(mel, self.dims, w.device, w.dtype)  # (B, n_mels, 2S)
         else:
             audio_features = check_audio_features(audio_features, self.dims, w.device, w.dtype)  # (B, S, D)
-        tokens = check_tokens(tokens, self.dims, len(mel if mel is not None else audio_features), w.device)
+        tokens = check_tokens(tokens, self.dims, (mel if mel is not None else audio_features).shape[0], w.device)
         rec = self.recorder(trace, edits, trace_device=trace_device, trace_dtype=trace_dtype, tokens=tokens,
                             encoder=mel is not None)  # fmt: skip
         xa = self.encoder(mel, rec.child("encoder")) if mel is not None else audio_features  # (B, S, D)
