@@ -11,7 +11,6 @@ call's ``Kernels``. What varies wraps it (``step_function``): a recorder per ste
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
