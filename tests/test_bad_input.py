@@ -1278,7 +1278,7 @@ def test_output_files_never_replace_the_users(tmp_path):
     (tmp_path / "talk.srt").write_text("my own subtitles")
     with pytest.raises(FileExistsError) as excinfo:
         OutputFolder(tmp_path).plan(["talk"], ("srt", "txt"))
-    check_error(excinfo, "talk.srt", "did not write")
+    check_error(excinfo, "talk.srt", "--overwrite")
     assert (tmp_path / "talk.srt").read_text() == "my own subtitles" and not (tmp_path / "talk.txt").exists()
     (tmp_path / "file").write_text("x")
     for out in (tmp_path / "file", tmp_path / "file" / "sub"):
@@ -1717,19 +1717,21 @@ def test_train_toy_may_rewrite_its_own_folders_but_not_a_file_edited_since(tmp_p
 
 
 def test_a_transcript_the_user_edited_is_kept_and_named(tmp_path):
-    """A transcript written by an earlier run and edited by hand was replaced on the next run without a word."""
+    """A transcript written by an earlier run and edited by hand was replaced on the next run without a word.
+    Transcript files follow openai-whisper's folders (no hidden marker): any existing one stops the run, named,
+    unless --overwrite is given."""
     from whisper_lens.writers import OutputFolder
 
     folder = OutputFolder(tmp_path / "subs")
     [[srt, txt]] = folder.plan(["talk"], ("srt", "txt"))
     folder.write(srt, "1\n00:00:00,000 --> 00:00:01,000\nhello\n\n")
     folder.write(txt, "hello\n")
-    folder.plan(["talk"], ("srt", "txt"))  # unedited: the rerun may replace them
     srt.write_text("1\n00:00:00,000 --> 00:00:01,000\nhello, corrected by hand\n\n")
     with pytest.raises(FileExistsError) as excinfo:
         OutputFolder(tmp_path / "subs").plan(["talk"], ("srt", "txt"))
-    check_error(excinfo, "talk.srt", "edited")
+    check_error(excinfo, "talk.srt", "--overwrite")
     assert "corrected by hand" in srt.read_text()
+    assert sorted(p.name for p in (tmp_path / "subs").iterdir()) == ["talk.srt", "talk.txt"]  # no marker
 
 
 def test_a_full_disk_or_file_size_limit_names_the_file(tmp_path):

@@ -96,6 +96,9 @@ def probe_audio(path: str | os.PathLike) -> None:
             if not container.streams.audio:
                 raise ValueError(f"{path} holds no audio stream")
             next(container.decode(container.streams.audio[0]))
+    except av.error.FFmpegError as error:  # FFmpeg's errors (some of them are ValueErrors too)
+        reason = str(error).strip() or type(error).__name__
+        raise ValueError(f"could not decode {path} as audio: {reason}") from None
     except ValueError:
         raise
     except StopIteration:
@@ -110,7 +113,8 @@ def _sndfile_reads(path: str) -> bool:
     import soundfile
 
     try:
-        soundfile.info(path)
+        with native_stderr_quiet():  # libmpg123 warns on fd 2 while it probes
+            soundfile.info(path)
     except Exception:
         return False
     return True
@@ -133,8 +137,10 @@ def _decode_with_pyav(path: str, sr: int) -> np.ndarray:
             for frame in container.decode(stream):
                 chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
             chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]  # what the resampler holds
-    except ValueError:
-        raise
+    except ValueError as error:
+        if not isinstance(error, av.error.FFmpegError):  # ours above; FFmpeg's InvalidDataError is a ValueError too
+            raise
+        raise ValueError(f"could not decode {path} as audio: {str(error).strip()}") from None
     except Exception as error:  # FFmpeg's errors: invalid data, unknown format, truncated file ...
         reason = str(error).strip() or type(error).__name__
         raise ValueError(f"could not decode {path} as audio: {reason}") from None

@@ -166,8 +166,11 @@ class OutputFolder:
     def __init__(self, folder: str | os.PathLike, overwrite: bool = False) -> None:
         self.folder = Path(folder)
         self.overwrite = overwrite
-        if self.folder.exists() and not self.folder.is_dir():
-            raise NotADirectoryError(f"--output_dir {self.folder} exists and is not a folder")
+        for p in (self.folder, *self.folder.parents):  # the folder, or the nearest part of its path that exists
+            if os.path.lexists(p):
+                if not p.is_dir():
+                    raise NotADirectoryError(f"--output_dir {self.folder}: {p} exists and is not a folder")
+                break
 
     def plan(self, stems: list[str], fmts: tuple[str, ...]) -> list[list[Path]]:
         """The output paths of every stem (one list per stem, one path per format), checked."""
