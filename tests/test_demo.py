@@ -57,13 +57,13 @@ def test_demo_writes_the_report(tmp_path):
 
 def test_study_commands(tmp_path):
     paths = sample_paths()[:2]
-    lens = cli("lens", *paths, "--out", str(tmp_path / "lens"))
+    lens = cli("lens", *paths, "--model", "toy", "--out", str(tmp_path / "lens"))
     assert lens.returncode == 0, lens.stderr
     assert "top1_agreement" in lens.stdout and (tmp_path / "lens" / "clip0_lens.png").exists()
     ablate = cli("ablate", *paths, "--stack", "decoder", "--out", str(tmp_path / "ablate"))
     assert ablate.returncode == 0, ablate.stderr
     assert (tmp_path / "ablate" / "removal.png").exists() and (tmp_path / "ablate" / "ablate.csv").exists()
-    attention = cli("attention", paths[0], "--out", str(tmp_path / "att"))
+    attention = cli("attention", paths[0], "--model", "toy", "--out", str(tmp_path / "att"))
     assert attention.returncode == 0, attention.stderr
     assert (tmp_path / "att" / "clip0_cross_over_mel.png").exists()
 
@@ -73,9 +73,9 @@ def test_study_commands(tmp_path):
     [
         (["ablate", "{sample}", "--reference", ""], "reference transcript is empty"),
         (["ablate", "{sample}", "--reference", "a", "--reference", "b"], "give one --reference per audio file"),
-        (["lens", "{missing}"], "no-such.wav"),
+        (["lens", "{missing}", "--model", "toy"], "no-such.wav"),
         (["demo", "--out", "{file}"], "exists and is a file"),
-        (["attention", "{sample}", "--layer", "9"], "out of range"),
+        (["attention", "{sample}", "--model", "toy", "--layer", "9"], "out of range"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, args, message):
