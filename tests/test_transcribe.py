@@ -152,8 +152,9 @@ def test_batched_equals_one_by_one_with_fallback(toy):
     samples = sorted(SAMPLES.glob("*.wav"))
     a, b, c = joined(samples, 0.3), joined(samples[::-1], 0.6), wl.load_audio(samples[0])
     # a strict log-probability threshold makes some windows fall back to sampling at 0.4 (still prompted after)
+    # condition_on_previous_text=True: the toy's own default is off (its files say so); the batching is what's tested
     options = dict(word_timestamps=True, alignment_heads=[(2, 0), (3, 1)], temperature=(0.0, 0.4), best_of=2,
-                   logprob_threshold=-0.3, seed=3)  # fmt: skip
+                   logprob_threshold=-0.3, seed=3, condition_on_previous_text=True)  # fmt: skip
     together = toy.transcribe([a, b, c], batch_size=2, **options)
     alone = [toy.transcribe(x, **options) for x in (a, b, c)]
     assert any(w.result.temperature > 0 for t in together for w in t.windows if w.result)  # fallback happened
@@ -181,12 +182,13 @@ def test_a_round_is_one_generate_call(toy, monkeypatch):
         return generate(model, *args, **kwargs)
 
     monkeypatch.setattr(type(toy), "generate", counted)
-    together = toy.transcribe(audios, temperature=0.0, without_timestamps=True)
+    prompted = dict(temperature=0.0, without_timestamps=True, condition_on_previous_text=True)  # the toy's: off
+    together = toy.transcribe(audios, **prompted)
     rounds = max(len(t.windows) for t in together)
     assert len(calls) == rounds >= 3
     assert calls[0] == [()] * 3 and len(set(calls[1])) == 3  # later rounds: three different prompts, one call
     monkeypatch.setattr(type(toy), "generate", generate)
-    alone = [toy.transcribe(x, temperature=0.0, without_timestamps=True) for x in audios]
+    alone = [toy.transcribe(x, **prompted) for x in audios]
     for t, u in zip(together, alone, strict=True):  # the same tokens as alone (log-probabilities up to rounding)
         assert [(s.seek, s.start, s.end, s.tokens) for s in t.segments] == [
             (s.seek, s.start, s.end, s.tokens) for s in u.segments
