@@ -10,8 +10,11 @@ call's ``Kernels``. What varies wraps it (``step_function``): a recorder per ste
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
-from collections.abc import Callable, Iterable, Sequence
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +27,7 @@ from . import speculative as speculation
 from .cache import DecoderCache, new_cache
 from .depths import rows_per_block, stream_at_depths
 from .filters import filter_logits
-from .options import DecodingOptions, Plan, Prompt, make_plan
+from .options import DecodingOptions, Plan, make_plan
 from .packed import Kernels
 from .results import DecodingResult, finish
 from .rows import compacted, drops_done_rows
@@ -205,26 +208,9 @@ def generate(
     mel: Tensor | None = None,
     *,
     audio_features: Tensor | None = None,
-    beam_size: int | None = None,
-    max_new_tokens: int | None = None,
-    language: str | Sequence[str | None] | None = None,
-    task: str = "transcribe",
-    timestamps: bool = False,
     trace: TraceRequest = None,
     edits: Edits | None = None,
-    patience: float | None = None,
-    length_penalty: float | None = None,
-    temperature: float = 0.0,
-    seed: int | None = None,
-    prompt: Prompt | Sequence[Prompt] = None,
-    prefix: Prompt = None,
-    suppress_tokens: str | Iterable[int] | None = "-1",
-    suppress_blank: bool = True,
-    max_initial_timestamp: float | None = 1.0,
-    compile: bool = False,
-    decoder_blocks: int | Sequence[int] | None = None,
-    clips: Sequence[int] | None = None,
-    speculative: bool = False,
+    **options,
 ) -> list[DecodingResult]:
     """Decode a batch of 30 s log-mel windows ``mel`` [B, n_mels, 2 * n_audio_ctx] (or one [n_mels, frames]).
 
@@ -256,13 +242,8 @@ def generate(
         machine says it pays (``speculative.py``); the results are the plain loop's (up to float rounding).
     Returns one ``DecodingResult`` per clip (per row with ``clips``).
     """
-    options = DecodingOptions(
-        beam_size=beam_size, patience=patience, length_penalty=length_penalty, temperature=temperature, seed=seed,
-        max_new_tokens=max_new_tokens, language=language, task=task, timestamps=timestamps, prompt=prompt,
-        prefix=prefix, suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
-        max_initial_timestamp=max_initial_timestamp, compile=compile, decoder_blocks=decoder_blocks, clips=clips,
-        speculative=speculative,
-    )  # fmt: skip
+    options = decoding_options(options)  # the keywords are DecodingOptions' fields: defined, defaulted, checked there
+    decoder_blocks, clips = options.decoder_blocks, options.clips
     if (mel is None) == (audio_features is None):
         raise ValueError("give either mel or audio_features (the encoder's output), not both or neither")
     rec = model.recorder(trace, edits, encoder=mel is not None)
@@ -310,6 +291,17 @@ def generate(
     return finish(d, n_sel=i + 1)
 
 
+def decoding_options(options: dict) -> DecodingOptions:
+    """``DecodingOptions(**options)``, with an unknown keyword named beside the closest option."""
+    names = [f.name for f in dataclasses.fields(DecodingOptions)]
+    for name in options:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; the options are {', '.join(names)}"
+            raise TypeError(f"generate() got an unexpected keyword argument {name!r}{hint}")
+    return DecodingOptions(**options)
+
+
 def non_finite(model: Whisper, edits: Edits | None, what: str) -> ValueError:
     """The error for NaN or infinite values met while decoding, naming their source: weights, edits, or audio."""
     weight = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
@@ -329,3 +321,14 @@ def speculative_draft(d: Decoding) -> speculation.Draft | None:
     if not (d.options.speculative and speculation.applies(d.options, d.rec)):
         return None
     return speculation.chosen_draft(d.model, len(d.search.tokens))
+
+
+generate.__signature__ = inspect.signature(generate).replace(
+    parameters=[
+        *list(inspect.signature(generate).parameters.values())[:-1],
+        *(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+            for f in dataclasses.fields(DecodingOptions)
+        ),
+    ]
+)
