@@ -6,6 +6,7 @@ is checked on the architecture, not on a trained model.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -135,6 +136,20 @@ def real_mels(real_clips) -> torch.Tensor:
     from whisper_lens.audio import load_windows
 
     return load_windows([p for p, _ in real_clips], 80, 3000)[0]
+
+
+@contextmanager
+def openai_alignment_heads(model, heads: list[tuple[int, int]]):
+    """openai-whisper's ``model`` with ``heads`` [(layer, head)] as its alignment heads, restored afterwards."""
+    mask = torch.zeros(model.dims.n_text_layer, model.dims.n_text_head, dtype=torch.bool)
+    for layer, h in heads:
+        mask[layer, h] = True
+    before = model.alignment_heads
+    model.register_buffer("alignment_heads", mask.to_sparse(), persistent=False)
+    try:
+        yield model
+    finally:
+        model.register_buffer("alignment_heads", before, persistent=False)
 
 
 @pytest.fixture(scope="session")

@@ -13,12 +13,11 @@ import sys
 import numpy as np
 import pytest
 import soundfile
-import torch
 
 import whisper_lens as wl
 from whisper_lens import cli
 
-from .conftest import DATA
+from .conftest import DATA, openai_alignment_heads
 
 OFFICIAL_HEADS = [(1, 0), (2, 0), (2, 5), (3, 0), (3, 1), (3, 2), (3, 3), (3, 4)]  # tiny.en's
 
@@ -35,13 +34,8 @@ def openai_tiny(real_tiny_en_openai, monkeypatch_module):
 
     monkeypatch_module.setattr(whisper.timing, "dtw_cpu", whisper.timing.dtw_cpu.py_func)
     monkeypatch_module.setattr(whisper.timing, "backtrace", whisper.timing.backtrace.py_func)
-    heads = torch.zeros(4, 6, dtype=torch.bool)
-    for layer, h in OFFICIAL_HEADS:
-        heads[layer, h] = True
-    before = real_tiny_en_openai.alignment_heads
-    real_tiny_en_openai.register_buffer("alignment_heads", heads.to_sparse(), persistent=False)
-    yield real_tiny_en_openai
-    real_tiny_en_openai.register_buffer("alignment_heads", before, persistent=False)
+    with openai_alignment_heads(real_tiny_en_openai, OFFICIAL_HEADS) as model:
+        yield model
 
 
 @pytest.fixture(scope="module")

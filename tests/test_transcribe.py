@@ -26,7 +26,7 @@ from whisper_lens.loading import SHIPPED
 from whisper_lens.longform import Segment, Transcript, Window
 from whisper_lens.writers import FORMATS, OutputFolder, render
 
-from .conftest import DATA, real_tiny_en_folder
+from .conftest import DATA, openai_alignment_heads, real_tiny_en_folder
 
 SAMPLES = SHIPPED["toy"] / "samples"  # the toy's five sentences, 1.4-2.6 s each
 OFFICIAL_HEADS = [(1, 0), (2, 0), (2, 5), (3, 0), (3, 1), (3, 2), (3, 3), (3, 4)]  # tiny.en's, from its config.json
@@ -46,13 +46,8 @@ def toy():
 @pytest.fixture(scope="module")
 def openai_with_heads(real_tiny_en_openai):
     """openai-whisper's tiny.en with OpenAI's alignment heads (the fixture's model has the default: half the layers)."""
-    heads = torch.zeros(4, 6, dtype=torch.bool)
-    for layer, h in OFFICIAL_HEADS:
-        heads[layer, h] = True
-    before = real_tiny_en_openai.alignment_heads
-    real_tiny_en_openai.register_buffer("alignment_heads", heads.to_sparse(), persistent=False)
-    yield real_tiny_en_openai
-    real_tiny_en_openai.register_buffer("alignment_heads", before, persistent=False)
+    with openai_alignment_heads(real_tiny_en_openai, OFFICIAL_HEADS) as model:
+        yield model
 
 
 def test_official_heads_are_the_checkpoints(real_tiny_en):
