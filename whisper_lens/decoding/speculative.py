@@ -70,6 +70,7 @@ from torch import Tensor
 from ..model import TEXTBOOK
 from ..trace import IDLE
 from .cache import DecoderCache, KVCache, new_cache
+from .filters import nonfinite
 from .packed import DEFAULT, STEP_ROWS, Kernels, onednn_available, onednn_linear, onednn_pack
 
 if TYPE_CHECKING:
@@ -219,7 +220,7 @@ def filter_rows(logits: Tensor, sampled: Tensor, n: Tensor, plan: Plan, tok, voc
     # force a timestamp when timestamps together are likelier than any single text token
     logprobs = F.log_softmax(logits.float(), dim=-1)  # (M, V)
     ts_mass = logprobs[:, ts:].logsumexp(dim=-1)  # (M,)
-    best_text = logprobs[:, :ts].max(dim=-1).values  # (M,)
+    best_text = logprobs[:, :ts].amax(dim=-1)  # (M,)
     logits[:, :ts].masked_fill_((ts_mass > best_text)[:, None], -math.inf)
     return logits
 
@@ -339,7 +340,7 @@ def speculate(d: Decoding, draft: Draft, guesses: int | None = None) -> tuple[in
             t1 = now(dev)
             logits = verify(d, rows, live, proposed, ops)  # (L, k + 1, V)
             t2 = now(dev)
-        bad = ~torch.isfinite(logits).all()  # checked as the plain loop checks each step's logits
+        bad = nonfinite(logits)  # checked as the plain loop checks each step's logits
         pace.broken = bad if pace.broken is None else pace.broken | bad
         accepted, emitted = accept(d, rows, logits, proposed, live)
         if k:  # the draft fed positions last .. last + k - 1; those after the accepted guesses hold wrong tokens
