@@ -219,7 +219,7 @@ def test_info_lists_the_machine_and_the_choices():
     out = info()
     assert out.returncode == 0, out.stderr
     assert "cpu:" in out.stdout and f"torch:  {torch.__version__}" in out.stdout
-    assert "demo rows=3: fast  (plain 2 ms, fast 1 ms;" in out.stdout
+    assert "demo rows=3: fast  (plain 2 ms, fast 1 ms; timed in " in out.stdout
 
 
 def test_info_calibrate_times_batch_1_and_8_and_bad_input_is_one_line():

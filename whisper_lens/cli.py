@@ -130,7 +130,7 @@ def show_choices(choices: list) -> None:
         if (c.device, c.torch, c.threads) != where:
             where = (c.device, c.torch, c.threads)
             print(f"  {c.device}, torch {c.torch}, {c.threads} threads:")
-        print(f"    {c.what} {c.shape}: {c.chosen}  ({describe(c)}; {c.when})")
+        print(f"    {c.what} {c.shape}: {c.chosen}  ({describe(c)}; timed in {c.cost:.2f} s, {c.when})")
 
 
 def cmd_names(args: argparse.Namespace) -> None:

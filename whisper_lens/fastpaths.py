@@ -62,7 +62,8 @@ _FORCED: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("forced
 @dataclass(frozen=True)
 class Choice:
     """One choice: ``what`` ("unembedding", "draft") for ``shape`` on ``device``, the ``chosen`` candidate and
-    the ``seconds`` each candidate took per step (best of its repeats), as measured ``when`` (UTC, ISO 8601)."""
+    the ``seconds`` each candidate took per step (best of its repeats), as measured ``when`` (UTC, ISO 8601);
+    ``cost``: the seconds the timing took in all."""
 
     what: str
     device: str
@@ -72,6 +73,7 @@ class Choice:
     when: str
     torch: str = torch.__version__
     threads: int = 1
+    cost: float = 0.0
 
     @property
     def key(self) -> str:
@@ -159,7 +161,15 @@ def choose(what: str, device: torch.device | str, shape: str, measure: Callable[
         choice = timed(what, device_name(device), shape, measure)
         _MEMORY[key] = choice
         _RETIMED.add(key)
-        LOG.info("fast path %s on %s, %s: %s (%s)", what, choice.device, shape, choice.chosen, describe(choice))
+        LOG.info(
+            "fast path %s on %s, %s: %s (%s; timed in %.2f s)",
+            what,
+            choice.device,
+            shape,
+            choice.chosen,
+            describe(choice),
+            choice.cost,
+        )
         if how != "memory":
             write_cache(choice)
         return choice.chosen
@@ -167,6 +177,7 @@ def choose(what: str, device: torch.device | str, shape: str, measure: Callable[
 
 def timed(what: str, device: str, shape: str, measure: Callable[[], dict[str, float]]) -> Choice:
     """Run ``measure`` and make the choice from its times (the plain op where it fails or nothing wins)."""
+    start = time.perf_counter()
     try:
         seconds = {str(k): float(v) for k, v in measure().items()}
     except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError) as e:
@@ -178,7 +189,8 @@ def timed(what: str, device: str, shape: str, measure: Callable[[], dict[str, fl
         if seconds[best] < (1 - MARGIN) * seconds[PLAIN]:
             chosen = best
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return Choice(what, device, shape, chosen, seconds, when, torch.__version__, torch.get_num_threads())
+    cost = time.perf_counter() - start
+    return Choice(what, device, shape, chosen, seconds, when, torch.__version__, torch.get_num_threads(), cost)
 
 
 def best_of(fn: Callable[[], object], device: torch.device | str = "cpu", repeats: int = 3, budget: float = 0.2):
@@ -254,6 +266,7 @@ def read_cache() -> dict[str, Choice]:
         try:
             choice = Choice(**entry)
             ok = isinstance(choice.chosen, str) and all(isinstance(v, (int, float)) for v in choice.seconds.values())
+            ok = ok and isinstance(choice.cost, (int, float))
         except (TypeError, AttributeError):
             continue
         if ok:

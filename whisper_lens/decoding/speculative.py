@@ -510,15 +510,19 @@ def chosen_draft(model: Whisper, rows: int) -> Draft | None:
 
 
 @torch.no_grad()
-def calibrate(model: Whisper, rows: int, k: int = 4, repeats: int = 3) -> str | None:
+def calibrate(model: Whisper, rows: int, k: int = 4, repeats: int = 3, budget: float = 0.05) -> dict[str, float]:
     """Time a plain step, each kind's guess and an fp32 check of k + 1 positions on ``rows`` rows of silence-like
-    input (best of ``repeats``); return the seconds per token of the plain step ("plain") and of each kind
-    ("copy", "head"), expected at agreement ``AGREEMENT``."""
+    input (best of ``repeats``, fewer past ``budget`` seconds each); return the seconds per token of the plain
+    step ("plain", with the plain loop's kernels) and of each kind ("copy", "head"), expected at agreement
+    ``AGREEMENT``."""
     decoder, dev = model.decoder, model.device
     d = model.dims
-    xa = torch.zeros(rows, d.n_audio_ctx, d.n_audio_state, device=dev, dtype=model.dtype)  # (R, S, D)
+    xa = torch.zeros(1, d.n_audio_ctx, d.n_audio_state, device=dev, dtype=model.dtype)  # (1, S, D)
     length = 64 + k + 2
-    cache = new_cache(decoder, xa, min(length, d.n_text_ctx))
+    one = new_cache(decoder, xa, min(length, d.n_text_ctx))  # one clip's audio keys/values, copied for each row:
+    cache = DecoderCache([c.repeat_rows(rows) for c in one.attn],  # a step reads every row's, as in decoding
+                         [KVCache(c.k.mT.repeat(rows, 1, 1, 1).mT, c.v.repeat(rows, 1, 1, 1), None, c.audio)
+                          for c in one.cross_attn])  # fmt: skip
     n = min(32, d.n_text_ctx - k - 2)  # attend over a typical number of positions
     pos1 = torch.full((rows, 1), n, device=dev)  # (R, 1)
     posk = (n + torch.arange(k + 1, device=dev)).expand(rows, k + 1)  # (R, k + 1)
@@ -526,20 +530,21 @@ def calibrate(model: Whisper, rows: int, k: int = 4, repeats: int = 3) -> str | 
     tokk = torch.zeros(rows, k + 1, dtype=torch.long, device=dev)
     copy_draft, head_draft = draft_for(model, "copy"), draft_for(model, "head")
     ops = verifying_kernels(model, head_draft, rows * (MAX_GUESSES + 1))
+    plain_ops = Kernels.for_decoding(decoder, rows)  # the plain loop's
     dcache = cast_cache(cache, copy_draft.dtype)
 
     def best(fn) -> float:
-        return fastpaths.best_of(fn, dev, repeats)
+        return fastpaths.best_of(fn, dev, repeats, budget)
 
     def head_guess():
         x = stream(decoder, tok1, pos1, cache)  # (R, 1, D)
         F.linear(x[:, 0].to(head_draft.dtype), head_draft.head).float().argmax(dim=-1)
 
-    plain = best(lambda: unembed(decoder, stream(decoder, tok1, pos1, cache), ops))
+    plain = best(lambda: unembed(decoder, stream(decoder, tok1, pos1, cache), plain_ops))
     check = best(lambda: unembed(decoder, stream(decoder, tokk, posk, cache), ops))
     streams = torch.zeros(rows, k + 1, d.n_text_state, device=dev)  # (R, k + 1, D)
     unembed_k = best(lambda: ops.linear(streams, decoder.token_embedding))  # the check of the head kind
-    unembed1 = best(lambda: ops.linear(streams[:, :1], decoder.token_embedding))  # a plain step's unembedding
+    unembed1 = best(lambda: plain_ops.linear(streams[:, :1], decoder.token_embedding))  # a plain step's
     copy_s = best(lambda: copy_draft.decoder.unembed(stream(copy_draft.decoder, tok1, pos1, dcache)))
     head_s = best(head_guess)
     tokens = sum(AGREEMENT**i for i in range(k + 1))
