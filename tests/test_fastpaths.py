@@ -228,6 +228,7 @@ def test_info_calibrate_times_batch_1_and_8_and_bad_input_is_one_line():
     timed = out.stdout.split("timed now")[1].split("fast paths chosen")[0]
     for what in ("draft rows=1 ", "draft rows=8 ", "unembedding rows=1 ", "unembedding rows=8 "):
         assert what in timed
-    bad = info("--calibrate", "no-such-model")
-    assert bad.returncode == 2 and bad.stdout == ""
-    assert bad.stderr.startswith("whisper-lens: error:") and len(bad.stderr.strip().splitlines()) == 1
+    plain, unknown = subprocess_env(WHISPER_LENS_FASTPATHS="plain"), subprocess_env(WHISPER_LENS_FASTPATHS="fastest")
+    for bad in (info("--calibrate", "no-such-model"), info("--calibrate", env=plain), info(env=unknown)):
+        assert bad.returncode == 2 and bad.stdout == ""
+        assert bad.stderr.startswith("whisper-lens: error:") and len(bad.stderr.strip().splitlines()) == 1

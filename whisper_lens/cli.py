@@ -95,6 +95,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.calibrate is not None:
         from .loading import load_model
 
+        if fastpaths.mode() == "plain":  # checked before any output: the error is the command's one line
+            raise ValueError(f"{fastpaths.ENV}=plain turns the fast paths off: there is nothing to calibrate")
+
         name = calibration_model(args.calibrate)
         model = load_model(name, **placement(args.device))
     for key, value in fastpaths.machine().items():
