@@ -54,6 +54,7 @@ FORMAT = 1  # the cache file's layout; another number is ignored
 
 _MEMORY: dict[str, Choice] = {}  # key -> the choice, this process
 _RETIMED: set[str] = set()  # keys timed again in this process under "retime"
+_TIMING: list[float] = []  # while timings run inside one another: the seconds spent in the inner ones, per level
 _LOCK = threading.RLock()  # one timing at a time: two at once would slow each other down
 _FRESH: contextvars.ContextVar[bool] = contextvars.ContextVar("fresh_fastpaths", default=False)  # calibrate()
 _FORCED: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("forced_fastpaths", default={})  # noqa: B039
@@ -63,7 +64,7 @@ _FORCED: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("forced
 class Choice:
     """One choice: ``what`` ("unembedding", "draft") for ``shape`` on ``device``, the ``chosen`` candidate and
     the ``seconds`` each candidate took per step (best of its repeats), as measured ``when`` (UTC, ISO 8601);
-    ``cost``: the seconds the timing took in all."""
+    ``cost``: the seconds its timing took (less those of other choices it needed, each with its own cost)."""
 
     what: str
     device: str
@@ -178,22 +179,27 @@ def choose(what: str, device: torch.device | str, shape: str, measure: Callable[
 def timed(what: str, device: str, shape: str, measure: Callable[[], dict[str, float]]) -> Choice:
     """Run ``measure`` and make the choice from its times (the plain op where it fails or nothing wins)."""
     start = time.perf_counter()
+    _TIMING.append(0.0)
     try:
         seconds = {str(k): float(v) for k, v in measure().items()}
     except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError) as e:
         LOG.warning("timing the fast paths of %s failed (%s): the plain op runs", what, e)
         seconds = {}
+    finally:
+        inner = _TIMING.pop()
+        if _TIMING:
+            _TIMING[-1] += time.perf_counter() - start
     chosen = PLAIN
     if PLAIN in seconds and all(v > 0 for v in seconds.values()):
         best = min(seconds, key=seconds.get)
         if seconds[best] < (1 - MARGIN) * seconds[PLAIN]:
             chosen = best
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    cost = time.perf_counter() - start
+    cost = time.perf_counter() - start - inner
     return Choice(what, device, shape, chosen, seconds, when, torch.__version__, torch.get_num_threads(), cost)
 
 
-def best_of(fn: Callable[[], object], device: torch.device | str = "cpu", repeats: int = 3, budget: float = 0.2):
+def best_of(fn: Callable[[], object], device: torch.device | str = "cpu", repeats: int = 5, budget: float = 0.1):
     """The shortest of up to ``repeats`` timed runs of ``fn`` (after one untimed run), in seconds; fewer runs where
     they would take more than ``budget`` seconds in all. CUDA work is waited for before each clock reading."""
     device = torch.device(device)

@@ -510,7 +510,7 @@ def chosen_draft(model: Whisper, rows: int) -> Draft | None:
 
 
 @torch.no_grad()
-def calibrate(model: Whisper, rows: int, k: int = 4, repeats: int = 3, budget: float = 0.05) -> dict[str, float]:
+def calibrate(model: Whisper, rows: int, k: int = 4, repeats: int = 5, budget: float = 0.05) -> dict[str, float]:
     """Time a plain step, each kind's guess and an fp32 check of k + 1 positions on ``rows`` rows of silence-like
     input (best of ``repeats``, fewer past ``budget`` seconds each); return the seconds per token of the plain
     step ("plain", with the plain loop's kernels) and of each kind ("copy", "head"), expected at agreement
