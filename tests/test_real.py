@@ -235,7 +235,7 @@ def test_cli_commands_take_a_bare_openai_pt(real_tiny_en_pt, real_clips, tmp_pat
     assert main(["names", "--model", str(real_tiny_en_pt), "decoder.blocks.3.cross_attn.pattern"]) == 0
     assert capsys.readouterr().out.split() == ["decoder.blocks.3.cross_attn.pattern", "[1,", "6,", "4,", "1500]"]
     clip = str(real_clips[11][0])  # forever.flac: "feels like these days go on forever"
-    assert main(["transcribe", "--model", str(real_tiny_en_pt), clip]) == 0
+    assert main(["transcribe", "--model", str(real_tiny_en_pt), clip, "--output_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out  # the long-form command: a header line, then the segments with their times
     assert out.startswith(f"{clip} [en, ") and out.rstrip().endswith("] Feels like these days go on forever.")
     assert main(["lens", "--model", str(real_tiny_en_pt), clip, "--out", str(tmp_path / "lens")]) == 0
