@@ -498,11 +498,9 @@ class Decoded:
 
 def advance(model: Whisper, streams: list[Stream], opts: Options) -> None:
     """Decode the next window of every stream and move each to where its next window starts."""
-    W, n_mels = 2 * model.dims.n_audio_ctx, model.dims.n_mels
+    W = 2 * model.dims.n_audio_ctx
     sizes = [s.window_frames(W) for s in streams]
-    silence = model.transcribe_defaults.get("pad_with_silence", False)  # past the end: silence's mel, not zeros
-    mels = [pad_or_trim(mel_frames(s.audio, s.seek, W if silence else n, n_mels, s.peak), W)
-            for s, n in zip(streams, sizes, strict=True)]  # fmt: skip
+    mels = [window_mel(model, s.audio, s.seek, n, s.peak) for s, n in zip(streams, sizes, strict=True)]
     flat = [opts.skip_silence and bool(m[:, :n].amax() == m[:, :n].amin()) for m, n in zip(mels, sizes, strict=True)]
     for s, n, f in zip(streams, sizes, flat, strict=True):
         if f:  # nothing above the floor: no sound to decode
@@ -532,6 +530,20 @@ def advance(model: Whisper, streams: list[Stream], opts: Options) -> None:
             keep_segments(d.stream, d.segments, d.result, opts)
     for s in streams:
         s.settle()
+
+
+def window_mel(model: Whisper, audio: Tensor, seek: int, frames: int, peak: float) -> Tensor:
+    """The log-mel of the window at ``seek`` holding ``frames`` frames of audio, padded to the model's window.
+
+    Whisper's own models get openai-whisper's padding: the frames past the audio are zeros (its
+    ``transcribe`` pads the mel). A model trained on clips padded with *silence*, as the shipped toy
+    (``"pad_with_silence": true`` in its config, ``model.transcribe_defaults``), gets the mel of
+    silence there, as ``audio.load_windows`` (the lens, ``generate`` on a clip) gives it: so a clip
+    of one window is read alike by ``transcribe`` and the lens. [n_mels, 2 * n_audio_ctx]
+    """
+    W, n_mels = 2 * model.dims.n_audio_ctx, model.dims.n_mels
+    silence = bool(getattr(model, "transcribe_defaults", {}).get("pad_with_silence", False))
+    return pad_or_trim(mel_frames(audio, seek, W if silence else frames, n_mels, peak), W)  # (n_mels, W)
 
 
 def encode(model: Whisper, mels: Tensor, opts: Options, traced: bool) -> tuple[Tensor, Trace | None]:
@@ -827,9 +839,7 @@ def window_alignment(
     if not text:
         raise ValueError(f"window {index} kept no text (no speech): there are no words to align")
     samples = torch.as_tensor(load_audio(audio) if isinstance(audio, str | os.PathLike) else audio).float()
-    n_mels = model.dims.n_mels
-    mel = mel_frames(samples, window.seek, window.frames, n_mels, mel_peak(samples, n_mels))  # (n_mels, frames)
-    mel = pad_or_trim(mel, 2 * model.dims.n_audio_ctx)  # (n_mels, W)
+    mel = window_mel(model, samples, window.seek, window.frames, mel_peak(samples, model.dims.n_mels))  # (n_mels, W)
     xa = model.encoder(mel[None].to(model.device, model.dtype))  # (1, S, D)
     sot = tok.sot_sequence_for(transcript.language, "transcribe") if tok.multilingual else tok.sot_sequence
     return mel, align(model, xa, [text], [window.frames], check_heads(model, alignment_heads), sot)[0]
