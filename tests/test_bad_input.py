@@ -2243,6 +2243,39 @@ def test_transcribe_and_the_lens_agree_on_a_clip_of_one_window(tmp_path, variant
     assert [(s.start, s.end) for s in transcript.segments] == [(0.0, 1.36)]
 
 
+def test_word_timestamps_never_erase_the_text(toy_model):
+    """`--word-timestamps --alignment-heads 0:1` reported "no speech" and erased the transcript: head (0, 1) puts
+    every word at 0.0 s, the segment shrank to [0.0, 0.0] and an instantaneous segment loses its text."""
+    sample = SHIPPED["toy"] / "samples" / "sample1.wav"
+    plain = toy_model.transcribe(sample)
+    timed = toy_model.transcribe(sample, word_timestamps=True, alignment_heads=[(0, 1)])
+    assert timed.text == plain.text == "my rice is funny"
+    assert [s.text for s in timed.segments] == [s.text for s in plain.segments]
+    assert [w.word for s in timed.segments for w in s.words] == ["my", " rice", " is", " funny"]
+    assert [(s.start, s.end) for s in timed.segments] == [(s.start, s.end) for s in plain.segments]  # not [(0, 0)]
+
+
+def test_audio_after_the_last_word_is_not_decoded_again(toy_model):
+    """With heads from find_alignment_heads the next window started after the last word, inside audio already
+    transcribed: "our painter drops three stones" + "es". A window whose text runs to the end is the last."""
+    from whisper_lens.heads import find_alignment_heads
+
+    samples = SHIPPED["toy"] / "samples"
+    expected = json.loads((samples / "transcripts.json").read_text())
+    paths = [samples / name for name in expected]
+    heads = find_alignment_heads(toy_model, paths).heads
+    timed_all = toy_model.transcribe(paths, word_timestamps=True, alignment_heads=heads)
+    for path, timed in zip(paths, timed_all, strict=True):
+        assert timed.text == expected[path.name] and len(timed.windows) == 1, (path.name, timed.text)
+        words = [w for s in timed.segments for w in s.words]
+        assert " ".join(w.word.strip() for w in words) == expected[path.name]
+        assert all(0 <= w.start <= w.end <= len(wl.load_audio(path)) / 16000 + 0.02 for w in words)
+    long = np.concatenate([wl.load_audio(p) for p in paths[:3]])  # 7 s: two of the toy's 4 s windows
+    timed = toy_model.transcribe(long, word_timestamps=True, alignment_heads=heads)
+    assert len(timed.windows) == 2 and timed.windows[-1].seek + timed.windows[-1].frames == len(long) // 160
+    assert timed.text == toy_model.transcribe(long).text  # the end of the last window is read once
+
+
 # ----- class 4: no silent NaN or inf (while decoding)
 
 

@@ -20,7 +20,8 @@ positions of 20 ms). openai-whisper's ``transcribe`` walks through a recording l
    ``<|startofprev|>``, so names and style carry over, unless a window needed a temperature
    above 0.5 (its text is not trusted as a prompt).
 6. With word timestamps, each window's words are timed from the cross-attention of the
-   alignment heads (``alignment.py``), and the next window starts after the last word.
+   alignment heads (``alignment.py``), and the next window starts after the last word
+   (unless the window's text runs to the end of the recording: see below).
 
 How this module runs it
 -----------------------
@@ -39,7 +40,10 @@ encoder's output, so only the decoder runs again.
 One deliberate difference: a window whose spectrogram is flat (nothing in it within 80 dB of
 the recording's peak: digital silence) holds no information at all and is skipped as silence
 without decoding, where openai-whisper decodes it and may write "you" (``skip_silence=False``
-restores its behaviour).
+restores its behaviour). And with word timestamps, a window whose kept text runs to the end of
+the recording (or of a ``clip_timestamps`` stretch) ends it: openai-whisper starts one more
+window after the last word and reads the audio already transcribed a second time (the tail of
+the last word: "... three stones" + "es").
 """
 
 from __future__ import annotations
@@ -493,6 +497,7 @@ class Decoded:
     result: DecodingResult
     segments: list[Segment]
     lone_end: bool  # ended with a lone timestamp: the model saw speech end, the whole window is done
+    read_to_end: bool = False  # its kept text runs to the end of the audio (or of the stretch): nothing is left
     dropped: bool = False  # its text looked hallucinated after a silence: nothing of it is kept
 
 
@@ -521,7 +526,8 @@ def advance(model: Whisper, streams: list[Stream], opts: Options) -> None:
             s.seek += n
             continue
         segments, advance_by, lone_end = cut_segments(r, s, n, model.tokenizer)
-        kept.append(Decoded(b, s, s.seek, n, r, segments, lone_end))
+        read_to_end = s.seek + advance_by >= s.clips[s.clip][1]
+        kept.append(Decoded(b, s, s.seek, n, r, segments, lone_end, read_to_end))
         s.seek += advance_by
     if opts.word_timestamps:
         time_words(model, xa, kept, opts)
@@ -681,7 +687,12 @@ def cut_segments(r: DecodingResult, s: Stream, frames: int, tok) -> tuple[list[S
 
 
 def time_words(model: Whisper, xa: Tensor, kept: list[Decoded], opts: Options) -> None:
-    """Time the words of every kept window, then let the last word move ``seek`` (openai-whisper's rules)."""
+    """Time the words of every kept window, then let the last word move ``seek`` (openai-whisper's rules).
+
+    The last word moves ``seek`` only where the window leaves audio unread: not after a lone final
+    timestamp (the model saw speech end), nor where the kept text runs to the end of the audio (or
+    of the stretch), which would decode what was already transcribed a second time.
+    """
     tok = model.tokenizer
     texts = [[t for seg in d.segments for t in seg.tokens if t < tok.eot] for d in kept]
     if opts.word_timing == "decoding":
@@ -696,7 +707,7 @@ def time_words(model: Whisper, xa: Tensor, kept: list[Decoded], opts: Options) -
         merge_punctuations(words, opts.prepend_punctuations, opts.append_punctuations)
         split_into_segments(d.segments, words, tok.eot, offset, d.stream.last_speech, median)
         end = last_end(d.segments)
-        if not d.lone_end and end is not None and end > offset:  # the next window starts after the last word
+        if not (d.lone_end or d.read_to_end) and end is not None and end > offset:  # next: after the last word
             d.stream.seek = round(end * FRAMES_PER_SECOND)
         if opts.hallucination_silence_threshold is not None:
             skip_hallucinations(d, 2 * model.dims.n_audio_ctx, opts.hallucination_silence_threshold)
@@ -740,7 +751,7 @@ def skip_hallucinations(d: Decoded, window: int, threshold: float) -> None:
     offset = d.seek * HOP_LENGTH / SAMPLE_RATE
     window_end = (d.seek + window) * HOP_LENGTH / SAMPLE_RATE
     audio_end = d.seek * HOP_LENGTH / SAMPLE_RATE + d.frames * HOP_LENGTH / SAMPLE_RATE
-    if not d.lone_end:
+    if not (d.lone_end or d.read_to_end):
         end = last_end(d.segments)
         if end is not None and end > offset:
             s.seek = round(end * FRAMES_PER_SECOND) if window_end - end > threshold else d.seek + d.frames
