@@ -1250,6 +1250,50 @@ def test_transcribe_refuses_bad_options(toy_model, options, error, names):
     check_error(excinfo, *names)
 
 
+@pytest.mark.parametrize(
+    "options, names",
+    [
+        (dict(logprob_threshold=float("nan")), ["logprob_threshold", "nan"]),
+        (dict(logprob_threshold=float("-inf")), ["logprob_threshold", "-inf", "finite"]),
+        (dict(compression_ratio_threshold=float("inf")), ["compression_ratio_threshold", "inf", "finite"]),
+        (dict(hallucination_silence_threshold=float("inf")), ["hallucination_silence_threshold", "finite"]),
+        (dict(no_speech_threshold=5), ["no_speech_threshold", "5", "from 0 to 1"]),
+        (dict(no_speech_threshold="0.5"), ["no_speech_threshold", "'0.5'"]),
+        (dict(logprob_threshold="-1"), ["logprob_threshold", "'-1'"]),
+        (dict(prepend_punctuations=None), ["prepend_punctuations", "None"]),
+        (dict(append_punctuations=None), ["append_punctuations", "None"]),
+        (dict(seed="1"), ["seed", "'1'"]),
+        (dict(seed=1.5), ["seed", "1.5"]),
+        (dict(seed=2**70, temperature=0.5), ["seed", str(2**70)]),  # torch's "Overflow when unpacking long long"
+        (dict(beam_size=5, temperature=0.5), ["beam_size=5", "temperature=0.5"]),  # the beam was ignored
+        (dict(beam_size=5, temperature=(0.2, 0.4)), ["beam_size=5", "temperature=(0.2, 0.4)"]),
+        (dict(suppress_tokens=True), ["suppress_tokens", "True"]),  # "'bool' object is not iterable" (Hypothesis)
+        (dict(best_of=2**70), ["best_of", str(2**70)]),  # a list of 2**70 rows
+    ],
+)
+def test_transcribe_options_are_checked_before_any_window(toy_model, options, names, monkeypatch):
+    """Every option is refused before the first window is read or decoded, in one line naming the keyword."""
+    from whisper_lens import longform
+
+    monkeypatch.setattr(longform, "run_streams", lambda *a, **k: pytest.fail("a window was decoded before the check"))
+    with pytest.raises((ValueError, TypeError)) as excinfo:
+        toy_model.transcribe(SHIPPED["toy"] / "samples" / "sample1.wav", **options)
+    check_error(excinfo, *names)
+
+
+def test_seed_none_is_unseeded_sampling_in_transcribe_as_in_generate(toy_model):
+    """`generate(seed=None)` samples unseeded, `transcribe(seed=None)` was refused ("seed must be an int")."""
+    import whisper_lens as wl
+
+    sample = SHIPPED["toy"] / "samples" / "sample1.wav"
+    mel, _ = wl.audio.load_windows([sample], 80, 400)
+    assert toy_model.generate(mel, temperature=0.5, seed=None)[0].tokens
+    t = toy_model.transcribe(sample, temperature=0.5, seed=None)
+    assert [w.result.temperature for w in t.windows] == [0.5] and t.text.strip()
+    seeded = [toy_model.transcribe(sample, temperature=1.0, seed=3).text for _ in range(2)]
+    assert seeded[0] == seeded[1]  # a seed still fixes the samples
+
+
 def test_transcribe_refuses_a_batch_dependent_edit(toy_model):
     import numpy as np
 

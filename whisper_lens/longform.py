@@ -76,7 +76,7 @@ from .alignment import (
 from .audio import HOP_LENGTH, SAMPLE_RATE, TIME_PRECISION, load_audio, mel_frames, mel_peak, pad_or_trim
 from .audio import _regular_file as regular_file
 from .decoding import DecodingResult, rank_score
-from .options import checked, decoding_options, docs, signature
+from .options import check_together, checked, decoding_options, docs, signature
 from .tokenizer import normalize_language
 from .trace import Edits, Trace, TraceRequest, check_trace_budget, select_names
 
@@ -195,7 +195,7 @@ class Options:
     suppress_blank: bool
     max_initial_timestamp: float | None
     skip_silence: bool
-    seed: int
+    seed: int | None  # None: unseeded
     verbose: bool | None
     encoder_edits: Edits | None  # applied where the windows are encoded
     decoder_edits: Edits | None  # applied at every decoding step and in the word-timing pass
@@ -267,7 +267,8 @@ def transcribe(model: Whisper, audio: AudioLike | Sequence[AudioLike], **options
     for name in own:  # None: the model's default
         o[name] = own[name] if o[name] is None else o[name]
     decoding_options(o)  # generate's own checks of the options passed through to it
-    check_decoding(model, o["beam_size"])
+    check_together(o)
+    check_decoding(model, o["beam_size"], o["best_of"])
     if o["fp16"] and model.device.type == "cpu":
         warnings.warn("FP16 is not supported on CPU; using FP32 instead", stacklevel=2)  # openai-whisper's words
     language = check_language(model, o["language"], o["task"])
@@ -362,11 +363,13 @@ def check_language(model: Whisper, language: str | None, task: str) -> str | Non
     return language
 
 
-def check_decoding(model: Whisper, beam_size: int | None) -> None:
-    """What ``generate`` would only check after the first window was encoded: the beam against the vocabulary."""
-    if beam_size is not None and beam_size >= model.dims.n_vocab:
-        raise ValueError(f"beam_size={beam_size!r}: it must be None or an int from 1 to {model.dims.n_vocab - 1} "
-                         "(below the vocabulary size)")  # fmt: skip
+def check_decoding(model: Whisper, beam_size: int | None, best_of: int | None = None) -> None:
+    """What ``generate`` would only check after the first window was encoded: the beam against the vocabulary,
+    and the samples drawn together (as many decoder rows as a beam of that width) likewise."""
+    for name, value in (("beam_size", beam_size), ("best_of", best_of)):
+        if value is not None and value >= model.dims.n_vocab:
+            raise ValueError(f"{name}={value!r}: it must be None or an int from 1 to {model.dims.n_vocab - 1} "
+                             "(below the vocabulary size)")  # fmt: skip
 
 
 def check_trace_and_edits(model: Whisper, trace: TraceRequest, edits: Edits | None) -> tuple[tuple[str, ...], ...]:
@@ -582,7 +585,8 @@ def decode_with_fallback(model: Whisper, xa: Tensor, streams: list[Stream], opts
     results: list[DecodingResult | None] = [None] * len(streams)
     todo = list(range(len(streams)))
     for k, t in enumerate(opts.temperatures):
-        seeds = [opts.seed + 7919 * streams[i].seek + k for i in todo]  # a window's own, whatever its batch
+        # a window's own seed, whatever its batch (torch takes seeds below 2**64); None: unseeded
+        seeds = [None if opts.seed is None else (opts.seed + 7919 * streams[i].seek + k) % 2**64 for i in todo]
         found = decode_windows(model, xa[todo], [prompts[i] for i in todo], [streams[i].language for i in todo], t,
                                seeds, opts)  # fmt: skip
         for i, r in zip(todo, found, strict=True):
@@ -608,7 +612,7 @@ def prompt_of(s: Stream, opts: Options, limit: int) -> list[int]:
 
 
 def decode_windows(model: Whisper, xa: Tensor, prompts: list[list[int]], languages: list[str | None],
-                   temperature: float, seeds: list[int], opts: Options) -> list[DecodingResult]:  # fmt: skip
+                   temperature: float, seeds: list[int | None], opts: Options) -> list[DecodingResult]:  # fmt: skip
     """Decode a batch of encoded windows [B, S, D], each after its own prompt and in its own language.
 
     At temperature 0 (greedy, or beam search) the batch is one ``generate`` call with one prompt
