@@ -260,7 +260,7 @@ TRANSCRIBE: tuple[Option, ...] = (
     Option(
         "beam_size",
         GENERATE["beam_size"],
-        "Beam search with this many beams at temperature 0 (None: greedy).",
+        "Beam search with this many beams at temperature 0 (None: greedy); refused where no temperature is 0.",
         number(1, optional=True, integer=True),
         parse=optional(int),
         cli_default=5,
