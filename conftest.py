@@ -25,11 +25,16 @@ offline: the loader's ordinary look-up, nothing special-cased in the library.
 
 from __future__ import annotations
 
+import os
 import types
 from pathlib import Path
 from unittest import mock
 
 import pytest
+
+# the suite keeps the fast paths it times in memory: it never writes the user's cache (tests/test_fastpaths.py
+# gives the cache its own folder where it is the point)
+os.environ.setdefault("WHISPER_LENS_FASTPATHS", "memory")
 
 ROOT = Path(__file__).resolve().parent
 HUB_REPO = "Systran/faster-whisper-tiny.en"  # where load_model("tiny.en") looks in the hub cache

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from common import interleaved, table
 
 from whisper_lens.decoding.cache import KVCache
-from whisper_lens.decoding.packed import STEP_ROWS, onednn_available, onednn_linear, onednn_pack
+from whisper_lens.decoding.packed import onednn_available, onednn_linear, onednn_pack
 
 VOCAB = 51865
+STEP_ROWS = 64  # this table times a packed copy up to this many rows, oneDNN's plain product beyond
 COLD_BYTES = 96 * 2**20  # distinct weights cycled per timing: three times a 32 MiB last-level cache
 
 

@@ -100,8 +100,9 @@ def test_logits_at_some_positions_are_those_positions_of_all_logits(tmp_path):
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 8, 40, 64, 65])
 def test_decoding_kernels_pack_per_call_and_compute_the_same_products(rows):
-    """``Kernels.for_decoding`` packs the unembedding for 4-64 rows into an object of its own: every product
-    is still x @ W^T + b, and nothing is set on the modules."""
+    """``Kernels.for_decoding`` packs the unembedding (where the timing chose it; here forced) into an object of
+    its own: every product is still x @ W^T + b, and nothing is set on the modules."""
+    from whisper_lens import fastpaths
     from whisper_lens.decoding import Kernels, onednn_available
     from whisper_lens.model import TextDecoder
 
@@ -109,11 +110,10 @@ def test_decoding_kernels_pack_per_call_and_compute_the_same_products(rows):
     dec = TextDecoder(n_vocab=1001, n_ctx=16, n_state=64, n_head=2, n_layer=2)
     before = {name: dict(vars(m)) for name, m in dec.named_modules()}
     layers = [m for m in dec.modules() if isinstance(m, torch.nn.Linear)] + [dec.token_embedding]
-    with torch.no_grad():
+    with torch.no_grad(), fastpaths.forced(unembedding="packed"):
         ops = Kernels.for_decoding(dec, rows)
         assert onednn_available()  # this build of torch has oneDNN's linear: the packed path is tested
-        packs = 4 <= rows <= 64
-        assert set(ops.packed) == ({dec.token_embedding} if packs else set())
+        assert set(ops.packed) == {dec.token_embedding}
         for m in layers:
             x = torch.randn(rows, m.weight.shape[1])
             b = getattr(m, "bias", None)
@@ -121,9 +121,12 @@ def test_decoding_kernels_pack_per_call_and_compute_the_same_products(rows):
             torch.testing.assert_close(ops.linear(x, m), want, atol=2e-5, rtol=2e-5)
             torch.testing.assert_close(ops.linear(x[:1], m), want[:1], atol=2e-5, rtol=2e-5)  # other rows: unpacked
     assert {name: dict(vars(m)) for name, m in dec.named_modules()} == before
-    assert not Kernels.for_decoding(dec, 8).packed  # autograd on: oneDNN's op has no gradient, nothing packed
-    with torch.no_grad():
-        assert not Kernels.for_decoding(dec.double(), 8).packed
+    with fastpaths.forced(unembedding="packed"):
+        assert not Kernels.for_decoding(dec, 8).packed  # autograd on: oneDNN's op has no gradient, nothing packed
+        with torch.no_grad():
+            assert not Kernels.for_decoding(dec.double(), 8).packed
+    with torch.no_grad(), fastpaths.forced(unembedding="plain"):
+        assert not Kernels.for_decoding(dec, rows).packed
 
 
 @pytest.mark.parametrize("T", [1, 4])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from whisper_lens import load_model
+from whisper_lens import fastpaths, load_model
 from whisper_lens.audio import load_windows
 from whisper_lens.decoding import filter_logits, make_plan
 from whisper_lens.decoding import speculative as sp
@@ -237,19 +237,20 @@ def test_pace_switches_drafting_off_when_it_does_not_pay():
     assert costly.next_k(room=10) == 0
 
 
-@pytest.mark.parametrize("choice", [None, "copy", "head"])
-def test_every_choice_of_the_measured_fast_path_gives_the_same_numbers(odd, odd_mel, choice, monkeypatch):
+@pytest.mark.parametrize("choice", ["plain", "copy", "head"])
+def test_every_choice_of_the_measured_fast_path_gives_the_same_numbers(odd, odd_mel, choice):
     """Whatever the one-off timing chose on this machine (a kind of draft, or none), the results are the same."""
-    monkeypatch.setitem(sp._CHOICES, ("cpu", odd.dims, 8), choice)
     options = dict(timestamps=True, max_new_tokens=17, language="en")
-    spec, pace = sp.decode(odd, odd_mel, **options)
+    with fastpaths.forced(draft=choice):
+        spec, pace = sp.decode(odd, odd_mel, **options)
     assert_same(odd.generate(odd_mel, **options), spec)
-    assert (pace.accepted + pace.rejected == 0) == (choice is None)  # none: plain steps, nothing guessed
+    assert (pace.accepted + pace.rejected == 0) == (choice == "plain")  # plain: plain steps, nothing guessed
 
 
-def test_calibration_names_a_kind_or_none(odd):
-    """The one-off timing returns one of the three answers (which one depends on the machine)."""
-    assert sp.calibrate(odd, rows=2, repeats=1) in (None, "copy", "head")
+def test_calibration_times_each_kind_and_the_plain_step(odd):
+    """The one-off timing gives seconds per token for the plain step and each kind of draft."""
+    seconds = sp.calibrate(odd, rows=2, repeats=1)
+    assert set(seconds) == {"plain", "copy", "head"} and all(0 < s < math.inf for s in seconds.values())
 
 
 # ----------------------------------------------------------------------------- generate and transcribe

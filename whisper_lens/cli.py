@@ -87,6 +87,55 @@ def cmd_download(args: argparse.Namespace) -> None:
     print(download(args.name))
 
 
+def cmd_info(args: argparse.Namespace) -> None:
+    """The machine and the fast paths chosen on it (``whisper_lens.fastpaths``); ``--calibrate``: time them now."""
+    from . import fastpaths
+
+    model, name = None, None
+    if args.calibrate is not None:
+        from .loading import load_model
+
+        if fastpaths.mode() == "plain":  # checked before any output: the error is the command's one line
+            raise ValueError(f"{fastpaths.ENV}=plain turns the fast paths off: there is nothing to calibrate")
+
+        name = calibration_model(args.calibrate)
+        model = load_model(name, **placement(args.device))
+    for key, value in fastpaths.machine().items():
+        print(f"{key + ':':<7} {value}")
+    if model is not None:
+        print(f"\ntimed now with {name} on {args.device}, batch 1 and 8 (seconds per step of each candidate):")
+        show_choices(fastpaths.calibrate(model, (1, 8)))
+    print("\nfast paths chosen on this machine (seconds per step of each candidate, best of a few):")
+    show_choices(fastpaths.choices())
+
+
+def calibration_model(name: str) -> str:
+    """``info --calibrate``'s model: the one named, else the real tiny.en where it is on disk, else the toy."""
+    from .loading import CheckpointError, find_official
+
+    if name != "default":
+        return name
+    try:
+        find_official("tiny.en", local=True)
+        return "tiny.en"
+    except CheckpointError:
+        return DEFAULT_MODEL
+
+
+def show_choices(choices: list) -> None:
+    """The choices, under a line per device, torch version and thread count."""
+    from .fastpaths import describe
+
+    if not choices:
+        print("  none yet: each is timed at its first use (--calibrate times them now)")
+    where = None
+    for c in sorted(choices, key=lambda c: (c.device, c.torch, c.threads, c.what, c.shape)):
+        if (c.device, c.torch, c.threads) != where:
+            where = (c.device, c.torch, c.threads)
+            print(f"  {c.device}, torch {c.torch}, {c.threads} threads:")
+        print(f"    {c.what} {c.shape}: {c.chosen}  ({describe(c)}; timed in {c.cost:.2f} s, {c.when})")
+
+
 def cmd_names(args: argparse.Namespace) -> None:
     from .loading import load_model
     from .model import activation_shapes
@@ -550,6 +599,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download", help="fetch an official model into the hub cache")
     p.add_argument("name", help=f"one of: {', '.join(OFFICIAL)}, or a hub id")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("info", help="this machine and the fast paths timed on it (--calibrate: time them now)")
+    p.add_argument("--calibrate", nargs="?", const="default", default=None, metavar="MODEL",
+                   help="time greedy decoding's fast paths now for batch 1 and 8 with MODEL (default: the real "
+                   f"tiny.en where it is on disk, else {DEFAULT_MODEL})")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="the device --calibrate times on: cpu (fp32) or cuda (fp16)")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("names", help="list every activation name with its shape")
     model_arg(p, device=False)  # shapes only: nothing runs

@@ -13,6 +13,16 @@ if TYPE_CHECKING:
     from .options import Plan
 
 
+def nonfinite(logits: Tensor) -> Tensor:
+    """Whether ``logits`` hold NaN or inf anywhere: a bool on the device (no host sync).
+
+    One sum rather than ``isfinite(...).all()``: a sum is NaN or inf where any term is, and it is
+    one vectorised pass (``isfinite`` over the vocabulary costs a step ~0.2 ms at batch 1). A sum
+    can overflow only where some logit is past ~1e33, itself out of any model's range.
+    """
+    return ~logits.sum().isfinite()
+
+
 def filter_logits(logits: Tensor, sampled: Tensor, plan: Plan, tok, vocab: Tensor) -> Tensor:
     """Forbid (set to -inf) what the rules forbid next. ``logits`` (N, V); ``sampled`` (N, n): each row's tokens so far.
 
@@ -49,6 +59,6 @@ def filter_logits(logits: Tensor, sampled: Tensor, plan: Plan, tok, vocab: Tenso
     # force a timestamp when timestamps together are likelier than any single text token
     logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
     ts_mass = logprobs[:, ts:].logsumexp(dim=-1)  # (N,)
-    best_text = logprobs[:, :ts].max(dim=-1).values  # (N,)
+    best_text = logprobs[:, :ts].amax(dim=-1)  # (N,)
     logits[:, :ts].masked_fill_((ts_mass > best_text)[:, None], -math.inf)
     return logits

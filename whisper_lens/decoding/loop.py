@@ -26,7 +26,7 @@ from ..trace import IDLE, Edits, Recorder, Trace, TraceRequest
 from . import speculative as speculation
 from .cache import DecoderCache, new_cache
 from .depths import rows_per_block, stream_at_depths
-from .filters import filter_logits
+from .filters import filter_logits, nonfinite
 from .options import DecodingOptions, Plan, make_plan
 from .packed import Kernels
 from .results import DecodingResult, finish
@@ -54,6 +54,7 @@ class Decoding:
     steps: list[Trace]  # when tracing: the prompts' pass, then each step's
     generator: torch.Generator | None  # sampling with a seed
     vocab: Tensor  # (V,) arange(V) on the device, for the filters
+    broken: Tensor  # () bool on the device: did any logits computed so far hold NaN or inf (read once, at the end)
     live: Tensor | None = None  # (L,) the rows the cache holds and a step computes (None: all N, fixed shapes)
     step: Callable[[Tensor, Tensor], Tensor] | None = None  # (tokens (N, 1), pos) -> logits (N, V): step_function
 
@@ -100,7 +101,7 @@ def prefill(model: Whisper, plan: Plan, options: DecodingOptions, xa: Tensor, re
     live = torch.arange(G * K, device=dev) if drops_done_rows(options, rec, dev) else None
     d = Decoding(model, plan, options, rec, ops, cache, search, start, last, clips,
                  steps=[r.trace] if rec.keep else [], generator=gen,
-                 vocab=torch.arange(model.dims.n_vocab, device=dev), live=live)  # fmt: skip
+                 vocab=torch.arange(model.dims.n_vocab, device=dev), broken=nonfinite(last), live=live)  # fmt: skip
     d.step = step_function(d)
     return d
 
@@ -177,22 +178,31 @@ def forward(decoder, ops: Kernels, tokens: Tensor, pos: Tensor, cache: DecoderCa
 def step_function(d: Decoding) -> Callable[[Tensor, Tensor], Tensor]:
     """The call's step (tokens (N, 1), pos (N or 1, 1)) -> logits (N, V): ``forward`` over the call's cache,
     wrapped as the call asks: a recorder per step (traced or edited), compiled (one fixed shape), or on
-    the rows not done yet (``rows.compacted``)."""
+    the rows not done yet (``rows.compacted``). Whichever it is, the logits it computes are checked for
+    NaN and inf into ``d.broken`` (on the device, read once when the loop ends)."""
+
+    def checked(compute: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def step(*args, **kwargs) -> Tensor:
+            logits = compute(*args, **kwargs)  # (N, T, V): fresh, before any filter writes -inf into them
+            d.broken |= nonfinite(logits)
+            return logits
+
+        return step
+
     if d.rec.active:
 
         def traced(tokens: Tensor, pos: Tensor) -> Tensor:
             r = pass_recorder(d.rec)
-            logits = forward(d.model.decoder, d.ops, tokens, pos, d.cache, r)[:, 0]  # (N, V)
+            logits = checked(forward)(d.model.decoder, d.ops, tokens, pos, d.cache, r)[:, 0]  # (N, V)
             if d.tracing:
                 d.steps.append(r.trace)
             return logits
 
         return traced
     if d.live is not None:
-        return compacted(d, forward)
-    plain = functools.partial(forward, d.model.decoder, d.ops)
-    step = torch.compile(plain, dynamic=False) if d.options.compile else plain
-    return lambda tokens, pos: step(tokens, pos, d.cache)[:, 0]  # (N, V)
+        return compacted(d, checked(forward))
+    plain = checked(torch.compile(forward, dynamic=False) if d.options.compile else forward)
+    return lambda tokens, pos: plain(d.model.decoder, d.ops, tokens, pos, d.cache)[:, 0]  # (N, V)
 
 
 def checked_audio(model: Whisper, mel: Tensor | None, audio_features: Tensor | None) -> Tensor:
@@ -265,10 +275,9 @@ def generate(
     if mel is not None and not bool(torch.isfinite(xa).all()):
         raise non_finite(model, edits, "the encoder's output")
     d = prefill(model, plan, options, xa, rec)
-    broken = ~torch.isfinite(d.last).all()  # on the device: read once, at the end (no sync per step)
     draft = speculative_draft(d)
     if draft is not None:  # several tokens per fp32 pass, the same results
-        if bool(broken):
+        if bool(d.broken):
             raise non_finite(model, edits, "the decoder's logits")
         n_sel, pace = speculation.speculate(d, draft)
         if pace.broken is not None and bool(pace.broken):
@@ -277,8 +286,6 @@ def generate(
     check_every = 1 if xa.device.type == "cpu" else CUDA_CHECK_EVERY
     steps = d.search.tokens.shape[1]
     for i in range(steps):
-        if i:  # the rows still decoding: a done row keeps the logits its last selection filtered (-inf)
-            broken |= ~torch.isfinite(d.last if d.live is None else d.last[d.live]).all()
         select(d, i)
         finished = i + 1 == steps or ((i + 1) % check_every == 0 and bool(d.search.done.all()))
         if finished and not d.tracing:
@@ -286,7 +293,7 @@ def generate(
         step(d, i)
         if finished:  # the last step only recorded the final token's activations
             break
-    if bool(broken):  # a token chosen from NaN logits is noise: no result rather than a silently wrong one
+    if bool(d.broken):  # a token chosen from NaN logits is noise: no result rather than a silently wrong one
         raise non_finite(model, edits, "the decoder's logits")
     return finish(d, n_sel=i + 1)
 

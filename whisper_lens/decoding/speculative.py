@@ -26,7 +26,8 @@ one fp32 unembedding of the k + 1 final streams. Both are the same network, so t
 always pick the fp32 token. A draft is made once per model and kept outside the model, in a weak
 map (nothing is set on the modules); a weight changed in place since it was made is noticed
 (``Tensor._version``) and the draft is made again. Which kind runs, or none, is decided by a
-one-off timing per device, shape and row count (``chosen_draft``, ``calibrate``), logged.
+one-off timing per device, shape and row count (``chosen_draft``, ``calibrate``), kept and logged
+by ``whisper_lens.fastpaths`` (listed by ``whisper-lens info``).
 
 Caches and positions
 --------------------
@@ -67,10 +68,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import fastpaths
 from ..model import TEXTBOOK
 from ..trace import IDLE
 from .cache import DecoderCache, KVCache, new_cache
-from .packed import DEFAULT, STEP_ROWS, Kernels, onednn_available, onednn_linear, onednn_pack
+from .filters import nonfinite
+from .packed import DEFAULT, Kernels, onednn_available, onednn_linear, onednn_pack, packing_pays
 
 if TYPE_CHECKING:
     from ..model import TextDecoder, Whisper
@@ -155,10 +158,12 @@ class AnyRows(Kernels):
 
 def verifying_kernels(model: Whisper, draft: Draft, rows: int) -> Kernels:
     """The kernels of a verification pass of at most ``rows`` rows: the fp32 unembedding packed for them (kept in
-    the draft, which is made again when the weights change), or plain ones where packing does not apply."""
+    the draft, which is made again when the weights change), or plain ones where packing does not apply or does
+    not pay for ``rows`` rows on this machine (``packing_pays``)."""
     W = model.decoder.token_embedding.weight
-    rows = min(rows, STEP_ROWS)
     if not (W.device.type == "cpu" and W.dtype == torch.float32 and onednn_available() and not TEXTBOOK.get()):
+        return DEFAULT
+    if rows not in draft.verifying and not packing_pays(W, rows):
         return DEFAULT
     if rows not in draft.verifying:
         draft.verifying[rows] = AnyRows({model.decoder.token_embedding: onednn_pack(W, rows)}, rows)
@@ -219,7 +224,7 @@ def filter_rows(logits: Tensor, sampled: Tensor, n: Tensor, plan: Plan, tok, voc
     # force a timestamp when timestamps together are likelier than any single text token
     logprobs = F.log_softmax(logits.float(), dim=-1)  # (M, V)
     ts_mass = logprobs[:, ts:].logsumexp(dim=-1)  # (M,)
-    best_text = logprobs[:, :ts].max(dim=-1).values  # (M,)
+    best_text = logprobs[:, :ts].amax(dim=-1)  # (M,)
     logits[:, :ts].masked_fill_((ts_mass > best_text)[:, None], -math.inf)
     return logits
 
@@ -339,7 +344,7 @@ def speculate(d: Decoding, draft: Draft, guesses: int | None = None) -> tuple[in
             t1 = now(dev)
             logits = verify(d, rows, live, proposed, ops)  # (L, k + 1, V)
             t2 = now(dev)
-        bad = ~torch.isfinite(logits).all()  # checked as the plain loop checks each step's logits
+        bad = nonfinite(logits)  # checked as the plain loop checks each step's logits
         pace.broken = bad if pace.broken is None else pace.broken | bad
         accepted, emitted = accept(d, rows, logits, proposed, live)
         if k:  # the draft fed positions last .. last + k - 1; those after the accepted guesses hold wrong tokens
@@ -488,39 +493,37 @@ def accept(d: Decoding, rows: Rows, logits: Tensor, guesses: Tensor, live: Tenso
 # ----------------------------------------------------------------------------- which draft, measured here
 
 AGREEMENT = 0.95  # the agreement rate a calibration assumes (bf16 copies agree with fp32 at ~99 % on speech)
-_CHOICES: dict[tuple, str | None] = {}  # (device, dims, rows) -> the kind of draft that pays here, or None
-
-
-def choices() -> dict[tuple, str | None]:
-    """What the calibrations of this process chose: (device, dims, rows) -> "copy", "head" or None (plain)."""
-    return dict(_CHOICES)
 
 
 def chosen_draft(model: Whisper, rows: int) -> Draft | None:
     """The draft that pays for ``rows`` rows of ``model`` on this machine, or None where none does.
 
-    Decided by timing, once per device, shape and row count in a process (``calibrate``), never
-    from the name of the machine; logged, and listed by ``choices()``. Either way the numbers are
-    the plain loop's: the choice only changes how many tokens a pass yields.
+    Decided by timing (``calibrate``) once per machine, device, shape and row count, never from
+    the name of the machine, and kept by ``fastpaths`` (in memory and in the user cache folder;
+    logged, listed by ``fastpaths.choices("draft")`` and ``whisper-lens info``). Either way the
+    numbers are the plain loop's: the choice only changes how many tokens a pass yields.
     """
-    key = (str(model.device), model.dims, rows)
-    if key not in _CHOICES:
-        _CHOICES[key] = calibrate(model, rows)
-        LOG.info("speculative decoding on %s, %s, %d rows: %s", *key, _CHOICES[key] or "off (plain loop)")
-    kind = _CHOICES[key]
-    return None if kind is None else draft_for(model, kind)
+    d, dtype = model.dims, str(model.dtype).removeprefix("torch.")
+    key = fastpaths.shape(rows=rows, vocab=d.n_vocab, state=d.n_text_state, heads=d.n_text_head,
+                          layers=d.n_text_layer, audio_ctx=d.n_audio_ctx, dtype=dtype)  # fmt: skip
+    kind = fastpaths.choose("draft", model.device, key, lambda: calibrate(model, rows))
+    return None if kind == fastpaths.PLAIN else draft_for(model, kind)
 
 
 @torch.no_grad()
-def calibrate(model: Whisper, rows: int, k: int = 4, repeats: int = 3) -> str | None:
+def calibrate(model: Whisper, rows: int, k: int = 4, repeats: int = 5, budget: float = 0.05) -> dict[str, float]:
     """Time a plain step, each kind's guess and an fp32 check of k + 1 positions on ``rows`` rows of silence-like
-    input; return the kind with the most expected tokens per second at agreement ``AGREEMENT``, if it beats
-    the plain step (best of ``repeats``)."""
+    input (best of ``repeats``, fewer past ``budget`` seconds each); return the seconds per token of the plain
+    step ("plain", with the plain loop's kernels) and of each kind ("copy", "head"), expected at agreement
+    ``AGREEMENT``."""
     decoder, dev = model.decoder, model.device
     d = model.dims
-    xa = torch.zeros(rows, d.n_audio_ctx, d.n_audio_state, device=dev, dtype=model.dtype)  # (R, S, D)
+    xa = torch.zeros(1, d.n_audio_ctx, d.n_audio_state, device=dev, dtype=model.dtype)  # (1, S, D)
     length = 64 + k + 2
-    cache = new_cache(decoder, xa, min(length, d.n_text_ctx))
+    one = new_cache(decoder, xa, min(length, d.n_text_ctx))  # one clip's audio keys/values, copied for each row:
+    cache = DecoderCache([c.repeat_rows(rows) for c in one.attn],  # a step reads every row's, as in decoding
+                         [KVCache(c.k.mT.repeat(rows, 1, 1, 1).mT, c.v.repeat(rows, 1, 1, 1), None, c.audio)
+                          for c in one.cross_attn])  # fmt: skip
     n = min(32, d.n_text_ctx - k - 2)  # attend over a typical number of positions
     pos1 = torch.full((rows, 1), n, device=dev)  # (R, 1)
     posk = (n + torch.arange(k + 1, device=dev)).expand(rows, k + 1)  # (R, k + 1)
@@ -528,34 +531,29 @@ def calibrate(model: Whisper, rows: int, k: int = 4, repeats: int = 3) -> str | 
     tokk = torch.zeros(rows, k + 1, dtype=torch.long, device=dev)
     copy_draft, head_draft = draft_for(model, "copy"), draft_for(model, "head")
     ops = verifying_kernels(model, head_draft, rows * (MAX_GUESSES + 1))
+    plain_ops = Kernels.for_decoding(decoder, rows)  # the plain loop's
     dcache = cast_cache(cache, copy_draft.dtype)
 
     def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = now(dev)
-            fn()
-            times.append(now(dev) - t)
-        return min(times)
+        return fastpaths.best_of(fn, dev, repeats, budget)
 
     def head_guess():
         x = stream(decoder, tok1, pos1, cache)  # (R, 1, D)
         F.linear(x[:, 0].to(head_draft.dtype), head_draft.head).float().argmax(dim=-1)
 
-    plain = best(lambda: unembed(decoder, stream(decoder, tok1, pos1, cache), ops))
+    plain = best(lambda: unembed(decoder, stream(decoder, tok1, pos1, cache), plain_ops))
     check = best(lambda: unembed(decoder, stream(decoder, tokk, posk, cache), ops))
     streams = torch.zeros(rows, k + 1, d.n_text_state, device=dev)  # (R, k + 1, D)
     unembed_k = best(lambda: ops.linear(streams, decoder.token_embedding))  # the check of the head kind
-    unembed1 = best(lambda: ops.linear(streams[:, :1], decoder.token_embedding))  # a plain step's unembedding
+    unembed1 = best(lambda: plain_ops.linear(streams[:, :1], decoder.token_embedding))  # a plain step's
     copy_s = best(lambda: copy_draft.decoder.unembed(stream(copy_draft.decoder, tok1, pos1, dcache)))
     head_s = best(head_guess)
     tokens = sum(AGREEMENT**i for i in range(k + 1))
-    rates = {None: 1 / plain, "copy": tokens / (k * copy_s + check),
-             "head": tokens / (k * head_s + plain - unembed1 + unembed_k)}  # fmt: skip
+    seconds = {fastpaths.PLAIN: plain, "copy": (k * copy_s + check) / tokens,
+               "head": (k * head_s + plain - unembed1 + unembed_k) / tokens}  # fmt: skip
     LOG.debug("calibration, %d rows: plain %.4f s, check %.4f, unembeddings %.4f / %.4f, copy guess %.4f, "
               "head guess %.4f", rows, plain, check, unembed_k, unembed1, copy_s, head_s)  # fmt: skip
-    return max(rates, key=rates.get)
+    return seconds
 
 
 # ----------------------------------------------------------------------------- entry
