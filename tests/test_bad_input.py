@@ -1250,6 +1250,50 @@ def test_transcribe_refuses_bad_options(toy_model, options, error, names):
     check_error(excinfo, *names)
 
 
+@pytest.mark.parametrize(
+    "options, names",
+    [
+        (dict(logprob_threshold=float("nan")), ["logprob_threshold", "nan"]),
+        (dict(logprob_threshold=float("-inf")), ["logprob_threshold", "-inf", "finite"]),
+        (dict(compression_ratio_threshold=float("inf")), ["compression_ratio_threshold", "inf", "finite"]),
+        (dict(hallucination_silence_threshold=float("inf")), ["hallucination_silence_threshold", "finite"]),
+        (dict(no_speech_threshold=5), ["no_speech_threshold", "5", "from 0 to 1"]),
+        (dict(no_speech_threshold="0.5"), ["no_speech_threshold", "'0.5'"]),
+        (dict(logprob_threshold="-1"), ["logprob_threshold", "'-1'"]),
+        (dict(prepend_punctuations=None), ["prepend_punctuations", "None"]),
+        (dict(append_punctuations=None), ["append_punctuations", "None"]),
+        (dict(seed="1"), ["seed", "'1'"]),
+        (dict(seed=1.5), ["seed", "1.5"]),
+        (dict(seed=2**70, temperature=0.5), ["seed", str(2**70)]),  # torch's "Overflow when unpacking long long"
+        (dict(beam_size=5, temperature=0.5), ["beam_size=5", "temperature=0.5"]),  # the beam was ignored
+        (dict(beam_size=5, temperature=(0.2, 0.4)), ["beam_size=5", "temperature=(0.2, 0.4)"]),
+        (dict(suppress_tokens=True), ["suppress_tokens", "True"]),  # "'bool' object is not iterable" (Hypothesis)
+        (dict(best_of=2**70), ["best_of", str(2**70)]),  # a list of 2**70 rows
+    ],
+)
+def test_transcribe_options_are_checked_before_any_window(toy_model, options, names, monkeypatch):
+    """Every option is refused before the first window is read or decoded, in one line naming the keyword."""
+    from whisper_lens import longform
+
+    monkeypatch.setattr(longform, "run_streams", lambda *a, **k: pytest.fail("a window was decoded before the check"))
+    with pytest.raises((ValueError, TypeError)) as excinfo:
+        toy_model.transcribe(SHIPPED["toy"] / "samples" / "sample1.wav", **options)
+    check_error(excinfo, *names)
+
+
+def test_seed_none_is_unseeded_sampling_in_transcribe_as_in_generate(toy_model):
+    """`generate(seed=None)` samples unseeded, `transcribe(seed=None)` was refused ("seed must be an int")."""
+    import whisper_lens as wl
+
+    sample = SHIPPED["toy"] / "samples" / "sample1.wav"
+    mel, _ = wl.audio.load_windows([sample], 80, 400)
+    assert toy_model.generate(mel, temperature=0.5, seed=None)[0].tokens
+    t = toy_model.transcribe(sample, temperature=0.5, seed=None)
+    assert [w.result.temperature for w in t.windows] == [0.5] and t.text.strip()
+    seeded = [toy_model.transcribe(sample, temperature=1.0, seed=3).text for _ in range(2)]
+    assert seeded[0] == seeded[1]  # a seed still fixes the samples
+
+
 def test_transcribe_refuses_a_batch_dependent_edit(toy_model):
     import numpy as np
 
@@ -2220,11 +2264,12 @@ def test_a_long_trace_is_refused_with_the_size_it_would_need(toy_model, monkeypa
     assert toy_model.transcribe(one, trace="encoder.ln_post").windows[0].trace["encoder.ln_post"].shape[-1] == 192
 
 
-@pytest.mark.parametrize("variant", ["16-bit"])
+@pytest.mark.parametrize("variant", ["16-bit", "8-bit", "96 kHz"])
 def test_transcribe_and_the_lens_agree_on_a_clip_of_one_window(tmp_path, variant):
     """Loaded by path (or with the API's defaults) the toy decoded with timestamps, its segment ending at 0.58 s
-    instead of 1.36 s. (The 8-bit and 96 kHz cases are still open: transcribe's last window is the zero-padded
-    mel of the whole recording, the lens pads the audio, and on those two copies the toy reads them differently.)"""
+    instead of 1.36 s. On the 8-bit and 96 kHz copies transcribe and the lens still read different text: transcribe
+    padded the last window's mel with zeros, the lens pads the audio with silence, as the toy was trained (its
+    config now says so: "pad_with_silence"). Whisper's own models keep openai-whisper's zeros (test_transcribe)."""
     import librosa
 
     audio, _ = soundfile.read(SAMPLES / "sample1.wav", dtype="float32")
@@ -2238,7 +2283,41 @@ def test_transcribe_and_the_lens_agree_on_a_clip_of_one_window(tmp_path, variant
     mel, _ = load_windows([path], model.dims.n_mels, 2 * model.dims.n_audio_ctx)  # what lens and generate see
     result = model.generate(mel)[0]
     assert transcript.text.strip().startswith("my rice") and result.text.strip().startswith("my rice")
+    assert transcript.segments[0].tokens == result.tokens and transcript.text == result.text  # the same reading
     assert [(s.start, s.end) for s in transcript.segments] == [(0.0, 1.36)]
+
+
+def test_word_timestamps_never_erase_the_text(toy_model):
+    """`--word-timestamps --alignment-heads 0:1` reported "no speech" and erased the transcript: head (0, 1) puts
+    every word at 0.0 s, the segment shrank to [0.0, 0.0] and an instantaneous segment loses its text."""
+    sample = SHIPPED["toy"] / "samples" / "sample1.wav"
+    plain = toy_model.transcribe(sample)
+    timed = toy_model.transcribe(sample, word_timestamps=True, alignment_heads=[(0, 1)])
+    assert timed.text == plain.text == "my rice is funny"
+    assert [s.text for s in timed.segments] == [s.text for s in plain.segments]
+    assert [w.word for s in timed.segments for w in s.words] == ["my", " rice", " is", " funny"]
+    assert [(s.start, s.end) for s in timed.segments] == [(s.start, s.end) for s in plain.segments]  # not [(0, 0)]
+
+
+def test_audio_after_the_last_word_is_not_decoded_again(toy_model):
+    """With heads from find_alignment_heads the next window started after the last word, inside audio already
+    transcribed: "our painter drops three stones" + "es". A window whose text runs to the end is the last."""
+    from whisper_lens.heads import find_alignment_heads
+
+    samples = SHIPPED["toy"] / "samples"
+    expected = json.loads((samples / "transcripts.json").read_text())
+    paths = [samples / name for name in expected]
+    heads = find_alignment_heads(toy_model, paths).heads
+    timed_all = toy_model.transcribe(paths, word_timestamps=True, alignment_heads=heads)
+    for path, timed in zip(paths, timed_all, strict=True):
+        assert timed.text == expected[path.name] and len(timed.windows) == 1, (path.name, timed.text)
+        words = [w for s in timed.segments for w in s.words]
+        assert " ".join(w.word.strip() for w in words) == expected[path.name]
+        assert all(0 <= w.start <= w.end <= len(wl.load_audio(path)) / 16000 + 0.02 for w in words)
+    long = np.concatenate([wl.load_audio(p) for p in paths[:3]])  # 7 s: two of the toy's 4 s windows
+    timed = toy_model.transcribe(long, word_timestamps=True, alignment_heads=heads)
+    assert len(timed.windows) == 2 and timed.windows[-1].seek + timed.windows[-1].frames == len(long) // 160
+    assert timed.text == toy_model.transcribe(long).text  # the end of the last window is read once
 
 
 # ----- class 4: no silent NaN or inf (while decoding)

@@ -189,3 +189,47 @@ def test_errors_of_the_python_api_name_the_flags(capsys):
     ]:
         code, err = run_cli(argv, capsys)
         assert code == 2 and flag in err and f"{keyword}=" not in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--logprob-threshold", "nan"], ["--logprob-threshold", "nan"]),
+        (["--logprob_threshold=-inf"], ["--logprob-threshold", "-inf"]),
+        (["--no-speech-threshold", "5"], ["--no-speech-threshold", "5"]),
+        (["--compression-ratio-threshold", "inf"], ["--compression-ratio-threshold", "inf"]),
+        (["--no_speech_threshold", "0.5x"], ["--no_speech_threshold", "0.5x"]),
+        (["--beam-size", "5", "--temperature", "0.5"], ["--beam-size 5", "--temperature (0.5, 0.7, 0.9)"]),
+        (["--beam_size=5", "--temperature", "0.5", "--temperature_increment_on_fallback", "None"], ["--beam-size 5"]),
+    ],
+)
+def test_transcribe_options_are_refused_before_any_window_in_flag_names(flags, named, capsys, monkeypatch, tmp_path):
+    """`--beam-size 5 --temperature 0.5` ignored the beam (the API refuses it); NaN or out-of-range thresholds are
+    refused before any window is decoded, in the command's flag names, not Python's keywords."""
+    from whisper_lens import longform
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(longform, "run_streams", lambda *a, **k: pytest.fail("a window was decoded before the check"))
+    code, err = run_cli(["transcribe", SAMPLE, "-m", "toy", "--no-progress", *flags], capsys)
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert all(n in err for n in named) and "_threshold=" not in err and "beam_size=" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_transcribe_command_word_timestamps_keep_the_text_and_seed_none_samples(capsys, tmp_path, monkeypatch):
+    """`--word-timestamps --alignment-heads 0:1` printed "no speech" and wrote an empty transcript (head (0, 1) puts
+    every word at 0 s); `--seed None` samples unseeded, as the API's seed=None. `--temperature 0.5` alone is not
+    refused: the default beam (5, openai-whisper's) acts only at temperature 0."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["transcribe", SAMPLE, "-m", "toy", "--no-progress", "-f", "json", "--word-timestamps",
+            "--alignment-heads", "0:1"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "no speech" not in out and "my rice is funny" in out, out
+    result = json.loads((tmp_path / "sample1.json").read_text())
+    assert result["text"] == "my rice is funny" and [w["word"] for w in result["segments"][0]["words"]] == [
+        "my", " rice", " is", " funny"]  # fmt: skip
+    for extra in (["--seed", "None", "--temperature", "0.5"], ["--temperature", "0.5"]):
+        assert cli.main(["transcribe", SAMPLE, "-m", "toy", "--no-progress", "-f", "txt", "--overwrite", *extra]) == 0
+        assert (tmp_path / "sample1.txt").read_text().strip()
+    capsys.readouterr()

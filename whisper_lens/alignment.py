@@ -249,7 +249,10 @@ def split_into_segments(
     ``time_offset`` (the window's start) and are rounded to 10 ms. At each segment's edges the
     first and last word are trimmed if they are implausibly long after a pause
     (``last_speech``: where speech last ended), and the segment's start and end move to its
-    words' unless a word runs far past the model's own segment timestamp.
+    words' unless a word runs far past the model's own segment timestamp. Words that all sit at
+    one instant (heads that do not track time) say nothing of where the segment is: its bounds
+    stay the decoding's, so the words never shrink it to nothing (an instantaneous segment
+    loses its text; openai-whisper's would).
     """
     longest = median * 2
     index = 0
@@ -263,7 +266,7 @@ def split_into_segments(
                 words.append(Word(t.word, float(start), float(end), t.probability))
             taken += len(t.tokens)
             index += 1
-        if words:
+        if words and words[-1].end > words[0].start:  # words that span time: they bound the segment
             first, last = words[0], words[-1]
             after_pause = first.end - last_speech > median * 4
             if after_pause and (first.end - first.start > longest or

@@ -163,7 +163,7 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
     from .audio import probe_audio
     from .loading import load_model
     from .longform import transcribe
-    from .options import TRANSCRIBE, checked
+    from .options import TRANSCRIBE, check_together, checked
     from .tokenizer import normalize_language
     from .writers import Layout, OutputFolder, formats, render
 
@@ -173,7 +173,10 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} requires --word_timestamps True")
     temperatures = fallback_temperatures(args.temperature, args.temperature_increment_on_fallback)
     options = {o.name: getattr(args, o.name) for o in TRANSCRIBE if o.cli}
+    if min(temperatures) > 0 and not given("beam_size"):  # the default beam acts only at temperature 0: none here
+        options["beam_size"] = None
     checked(options)  # every option refused here, before any work
+    check_together({**options, "temperature": temperatures})  # --beam-size 5 --temperature 0.5: as the API refuses it
     heads = parse_heads(args.alignment_heads) if args.alignment_heads else None
     if options["language"] is not None:
         normalize_language(options["language"])
@@ -202,6 +205,14 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
             folder.write(file, render(transcript, file.suffix[1:], layout))
     if not args.quiet:
         print(f"{', '.join(fmts)} files in {folder.folder}/", file=sys.stderr)
+
+
+def given(name: str) -> bool:
+    """Whether the command line being run gave the option ``name`` (under either spelling, or one argparse
+    completes to it), rather than leaving it at its default."""
+    flags = spellings(name)
+    written = [a.split("=", 1)[0] for a in Parser.argv if a.startswith("--")]
+    return any(w in flags or (len(w) > 3 and any(f.startswith(w) for f in flags)) for w in written)
 
 
 def real_model(name: str | None) -> str:

@@ -495,16 +495,19 @@ def read_json_object(path: Path) -> dict:
 
 
 DEFAULTS_KEY = "whisper_lens_transcribe"  # in config.json: how a model wants to be decoded when not told
-DEFAULT_KINDS = {"timestamps": bool, "condition_on_previous_text": bool}  # the defaults a model may carry
+DEFAULT_KINDS = {"timestamps": bool, "condition_on_previous_text": bool, "pad_with_silence": bool}  # a model's own
 
 
 def read_transcribe_defaults(folder: Path) -> dict:
     """The decoding defaults a model carries in its ``config.json`` (``{}`` for Whisper's own models).
 
-    The shipped toy was trained without timestamps and without a previous-text prompt, so its
-    config says ``"whisper_lens_transcribe": {"timestamps": false, "condition_on_previous_text":
-    false}``; ``transcribe`` and the command line use these where the caller did not choose, so the
-    toy decodes the same whether it is loaded as ``"toy"`` or by its path.
+    The shipped toy was trained without timestamps and without a previous-text prompt, on clips
+    padded with silence (``audio.load_windows``), so its config says ``"whisper_lens_transcribe":
+    {"timestamps": false, "condition_on_previous_text": false, "pad_with_silence": true}``;
+    ``transcribe`` and the command line use these where the caller did not choose, so the toy
+    decodes the same whether it is loaded as ``"toy"`` or by its path, and ``transcribe`` pads a
+    recording's last window as the lens pads a clip (``longform.window_mel``). Whisper's own models
+    carry none: their last window's mel is padded with zeros, as openai-whisper's ``transcribe`` does.
     """
     path = folder / "config.json"
     if not path.is_file():

@@ -20,7 +20,8 @@ positions of 20 ms). openai-whisper's ``transcribe`` walks through a recording l
    ``<|startofprev|>``, so names and style carry over, unless a window needed a temperature
    above 0.5 (its text is not trusted as a prompt).
 6. With word timestamps, each window's words are timed from the cross-attention of the
-   alignment heads (``alignment.py``), and the next window starts after the last word.
+   alignment heads (``alignment.py``), and the next window starts after the last word
+   (unless the window's text runs to the end of the recording: see below).
 
 How this module runs it
 -----------------------
@@ -39,7 +40,10 @@ encoder's output, so only the decoder runs again.
 One deliberate difference: a window whose spectrogram is flat (nothing in it within 80 dB of
 the recording's peak: digital silence) holds no information at all and is skipped as silence
 without decoding, where openai-whisper decodes it and may write "you" (``skip_silence=False``
-restores its behaviour).
+restores its behaviour). And with word timestamps, a window whose kept text runs to the end of
+the recording (or of a ``clip_timestamps`` stretch) ends it: openai-whisper starts one more
+window after the last word and reads the audio already transcribed a second time (the tail of
+the last word: "... three stones" + "es").
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ from .alignment import (
 from .audio import HOP_LENGTH, SAMPLE_RATE, TIME_PRECISION, load_audio, mel_frames, mel_peak, pad_or_trim
 from .audio import _regular_file as regular_file
 from .decoding import DecodingResult, rank_score
-from .options import checked, decoding_options, docs, signature
+from .options import check_together, checked, decoding_options, docs, signature
 from .tokenizer import normalize_language
 from .trace import Edits, Trace, TraceRequest, check_trace_budget, select_names
 
@@ -191,7 +195,7 @@ class Options:
     suppress_blank: bool
     max_initial_timestamp: float | None
     skip_silence: bool
-    seed: int
+    seed: int | None  # None: unseeded
     verbose: bool | None
     encoder_edits: Edits | None  # applied where the windows are encoded
     decoder_edits: Edits | None  # applied at every decoding step and in the word-timing pass
@@ -263,7 +267,8 @@ def transcribe(model: Whisper, audio: AudioLike | Sequence[AudioLike], **options
     for name in own:  # None: the model's default
         o[name] = own[name] if o[name] is None else o[name]
     decoding_options(o)  # generate's own checks of the options passed through to it
-    check_decoding(model, o["beam_size"])
+    check_together(o)
+    check_decoding(model, o["beam_size"], o["best_of"])
     if o["fp16"] and model.device.type == "cpu":
         warnings.warn("FP16 is not supported on CPU; using FP32 instead", stacklevel=2)  # openai-whisper's words
     language = check_language(model, o["language"], o["task"])
@@ -358,11 +363,13 @@ def check_language(model: Whisper, language: str | None, task: str) -> str | Non
     return language
 
 
-def check_decoding(model: Whisper, beam_size: int | None) -> None:
-    """What ``generate`` would only check after the first window was encoded: the beam against the vocabulary."""
-    if beam_size is not None and beam_size >= model.dims.n_vocab:
-        raise ValueError(f"beam_size={beam_size!r}: it must be None or an int from 1 to {model.dims.n_vocab - 1} "
-                         "(below the vocabulary size)")  # fmt: skip
+def check_decoding(model: Whisper, beam_size: int | None, best_of: int | None = None) -> None:
+    """What ``generate`` would only check after the first window was encoded: the beam against the vocabulary,
+    and the samples drawn together (as many decoder rows as a beam of that width) likewise."""
+    for name, value in (("beam_size", beam_size), ("best_of", best_of)):
+        if value is not None and value >= model.dims.n_vocab:
+            raise ValueError(f"{name}={value!r}: it must be None or an int from 1 to {model.dims.n_vocab - 1} "
+                             "(below the vocabulary size)")  # fmt: skip
 
 
 def check_trace_and_edits(model: Whisper, trace: TraceRequest, edits: Edits | None) -> tuple[tuple[str, ...], ...]:
@@ -493,16 +500,15 @@ class Decoded:
     result: DecodingResult
     segments: list[Segment]
     lone_end: bool  # ended with a lone timestamp: the model saw speech end, the whole window is done
+    read_to_end: bool = False  # its kept text runs to the end of the audio (or of the stretch): nothing is left
     dropped: bool = False  # its text looked hallucinated after a silence: nothing of it is kept
 
 
 def advance(model: Whisper, streams: list[Stream], opts: Options) -> None:
     """Decode the next window of every stream and move each to where its next window starts."""
-    W, n_mels = 2 * model.dims.n_audio_ctx, model.dims.n_mels
+    W = 2 * model.dims.n_audio_ctx
     sizes = [s.window_frames(W) for s in streams]
-    silence = model.transcribe_defaults.get("pad_with_silence", False)  # past the end: silence's mel, not zeros
-    mels = [pad_or_trim(mel_frames(s.audio, s.seek, W if silence else n, n_mels, s.peak), W)
-            for s, n in zip(streams, sizes, strict=True)]  # fmt: skip
+    mels = [window_mel(model, s.audio, s.seek, n, s.peak) for s, n in zip(streams, sizes, strict=True)]
     flat = [opts.skip_silence and bool(m[:, :n].amax() == m[:, :n].amin()) for m, n in zip(mels, sizes, strict=True)]
     for s, n, f in zip(streams, sizes, flat, strict=True):
         if f:  # nothing above the floor: no sound to decode
@@ -523,7 +529,8 @@ def advance(model: Whisper, streams: list[Stream], opts: Options) -> None:
             s.seek += n
             continue
         segments, advance_by, lone_end = cut_segments(r, s, n, model.tokenizer)
-        kept.append(Decoded(b, s, s.seek, n, r, segments, lone_end))
+        read_to_end = s.seek + advance_by >= s.clips[s.clip][1]
+        kept.append(Decoded(b, s, s.seek, n, r, segments, lone_end, read_to_end))
         s.seek += advance_by
     if opts.word_timestamps:
         time_words(model, xa, kept, opts)
@@ -532,6 +539,20 @@ def advance(model: Whisper, streams: list[Stream], opts: Options) -> None:
             keep_segments(d.stream, d.segments, d.result, opts)
     for s in streams:
         s.settle()
+
+
+def window_mel(model: Whisper, audio: Tensor, seek: int, frames: int, peak: float) -> Tensor:
+    """The log-mel of the window at ``seek`` holding ``frames`` frames of audio, padded to the model's window.
+
+    Whisper's own models get openai-whisper's padding: the frames past the audio are zeros (its
+    ``transcribe`` pads the mel). A model trained on clips padded with *silence*, as the shipped toy
+    (``"pad_with_silence": true`` in its config, ``model.transcribe_defaults``), gets the mel of
+    silence there, as ``audio.load_windows`` (the lens, ``generate`` on a clip) gives it: so a clip
+    of one window is read alike by ``transcribe`` and the lens. [n_mels, 2 * n_audio_ctx]
+    """
+    W, n_mels = 2 * model.dims.n_audio_ctx, model.dims.n_mels
+    silence = bool(getattr(model, "transcribe_defaults", {}).get("pad_with_silence", False))
+    return pad_or_trim(mel_frames(audio, seek, W if silence else frames, n_mels, peak), W)  # (n_mels, W)
 
 
 def encode(model: Whisper, mels: Tensor, opts: Options, traced: bool) -> tuple[Tensor, Trace | None]:
@@ -564,7 +585,8 @@ def decode_with_fallback(model: Whisper, xa: Tensor, streams: list[Stream], opts
     results: list[DecodingResult | None] = [None] * len(streams)
     todo = list(range(len(streams)))
     for k, t in enumerate(opts.temperatures):
-        seeds = [opts.seed + 7919 * streams[i].seek + k for i in todo]  # a window's own, whatever its batch
+        # a window's own seed, whatever its batch (torch takes seeds below 2**64); None: unseeded
+        seeds = [None if opts.seed is None else (opts.seed + 7919 * streams[i].seek + k) % 2**64 for i in todo]
         found = decode_windows(model, xa[todo], [prompts[i] for i in todo], [streams[i].language for i in todo], t,
                                seeds, opts)  # fmt: skip
         for i, r in zip(todo, found, strict=True):
@@ -590,7 +612,7 @@ def prompt_of(s: Stream, opts: Options, limit: int) -> list[int]:
 
 
 def decode_windows(model: Whisper, xa: Tensor, prompts: list[list[int]], languages: list[str | None],
-                   temperature: float, seeds: list[int], opts: Options) -> list[DecodingResult]:  # fmt: skip
+                   temperature: float, seeds: list[int | None], opts: Options) -> list[DecodingResult]:  # fmt: skip
     """Decode a batch of encoded windows [B, S, D], each after its own prompt and in its own language.
 
     At temperature 0 (greedy, or beam search) the batch is one ``generate`` call with one prompt
@@ -669,7 +691,12 @@ def cut_segments(r: DecodingResult, s: Stream, frames: int, tok) -> tuple[list[S
 
 
 def time_words(model: Whisper, xa: Tensor, kept: list[Decoded], opts: Options) -> None:
-    """Time the words of every kept window, then let the last word move ``seek`` (openai-whisper's rules)."""
+    """Time the words of every kept window, then let the last word move ``seek`` (openai-whisper's rules).
+
+    The last word moves ``seek`` only where the window leaves audio unread: not after a lone final
+    timestamp (the model saw speech end), nor where the kept text runs to the end of the audio (or
+    of the stretch), which would decode what was already transcribed a second time.
+    """
     tok = model.tokenizer
     texts = [[t for seg in d.segments for t in seg.tokens if t < tok.eot] for d in kept]
     if opts.word_timing == "decoding":
@@ -684,7 +711,7 @@ def time_words(model: Whisper, xa: Tensor, kept: list[Decoded], opts: Options) -
         merge_punctuations(words, opts.prepend_punctuations, opts.append_punctuations)
         split_into_segments(d.segments, words, tok.eot, offset, d.stream.last_speech, median)
         end = last_end(d.segments)
-        if not d.lone_end and end is not None and end > offset:  # the next window starts after the last word
+        if not (d.lone_end or d.read_to_end) and end is not None and end > offset:  # next: after the last word
             d.stream.seek = round(end * FRAMES_PER_SECOND)
         if opts.hallucination_silence_threshold is not None:
             skip_hallucinations(d, 2 * model.dims.n_audio_ctx, opts.hallucination_silence_threshold)
@@ -728,7 +755,7 @@ def skip_hallucinations(d: Decoded, window: int, threshold: float) -> None:
     offset = d.seek * HOP_LENGTH / SAMPLE_RATE
     window_end = (d.seek + window) * HOP_LENGTH / SAMPLE_RATE
     audio_end = d.seek * HOP_LENGTH / SAMPLE_RATE + d.frames * HOP_LENGTH / SAMPLE_RATE
-    if not d.lone_end:
+    if not (d.lone_end or d.read_to_end):
         end = last_end(d.segments)
         if end is not None and end > offset:
             s.seek = round(end * FRAMES_PER_SECOND) if window_end - end > threshold else d.seek + d.frames
@@ -827,9 +854,7 @@ def window_alignment(
     if not text:
         raise ValueError(f"window {index} kept no text (no speech): there are no words to align")
     samples = torch.as_tensor(load_audio(audio) if isinstance(audio, str | os.PathLike) else audio).float()
-    n_mels = model.dims.n_mels
-    mel = mel_frames(samples, window.seek, window.frames, n_mels, mel_peak(samples, n_mels))  # (n_mels, frames)
-    mel = pad_or_trim(mel, 2 * model.dims.n_audio_ctx)  # (n_mels, W)
+    mel = window_mel(model, samples, window.seek, window.frames, mel_peak(samples, model.dims.n_mels))  # (n_mels, W)
     xa = model.encoder(mel[None].to(model.device, model.dtype))  # (1, S, D)
     sot = tok.sot_sequence_for(transcript.language, "transcribe") if tok.multilingual else tok.sot_sequence
     return mel, align(model, xa, [text], [window.frames], check_heads(model, alignment_heads), sot)[0]

@@ -48,14 +48,16 @@ def boolean_or_none(name: str, value):
 
 
 def number(low: float = -math.inf, high: float = math.inf, optional: bool = False, integer: bool = False):
-    """A check for a number in [low, high] (an int if ``integer``), or None if ``optional``."""
+    """A check for a finite number in [low, high] (an int if ``integer``), or None if ``optional``: NaN, inf
+    and numbers written as text ("0.5") are refused, never compared or used."""
 
     def check(name: str, value):
         if value is None and optional:
             return None
         kinds = int if integer else int | float
-        if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-            what = "an int" if integer else "a number"
+        finite = isinstance(value, kinds) and not isinstance(value, bool) and abs(value) < math.inf  # not NaN or inf
+        if not (finite and low <= value <= high):
+            what = "an int" if integer else "a finite number"
             span = f" from {low} to {high}" if high < math.inf else f" >= {low}" if low > -math.inf else ""
             raise ValueError(f"{name} must be {what}{span}{' or None' if optional else ''}, got {value!r}")
         return value if integer else float(value)
@@ -258,7 +260,7 @@ TRANSCRIBE: tuple[Option, ...] = (
     Option(
         "beam_size",
         GENERATE["beam_size"],
-        "Beam search with this many beams at temperature 0 (None: greedy).",
+        "Beam search with this many beams at temperature 0 (None: greedy); refused where no temperature is 0.",
         number(1, optional=True, integer=True),
         parse=optional(int),
         cli_default=5,
@@ -348,9 +350,10 @@ TRANSCRIBE: tuple[Option, ...] = (
     Option(
         "seed",
         0,
-        "Seed of the sampling above temperature 0: a window's samples depend only on it and the window's position.",
-        number(integer=True),
-        parse=int,
+        "Seed of the sampling above temperature 0: a window's samples depend only on it and the window's position "
+        "(None: unseeded, as generate's seed=None: each run samples anew).",
+        number(integer=True, optional=True),
+        parse=optional(int),
     ),
     Option(
         "trace",
@@ -380,6 +383,20 @@ def checked(options: dict, table: dict[str, Option] = BY_NAME, what: str = "tran
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise TypeError(f"{what}() got an unexpected keyword argument {name!r}{hint}")
     return {name: o.check(name, options.get(name, o.default)) for name, o in table.items()}
+
+
+def check_together(values: dict) -> None:
+    """Options that contradict each other, refused before any work as ``generate`` refuses them.
+
+    ``beam_size`` acts only at temperature 0: given with temperatures none of which is 0, it would
+    be ignored without a word (``generate(beam_size=5, temperature=0.5)`` is refused too).
+    """
+    temps, beam = values["temperature"], values["beam_size"]
+    if beam is not None and min(temps) > 0:
+        shown = ", ".join(f"{t:g}" for t in temps)
+        shown = shown if len(temps) == 1 else f"({shown})"
+        raise ValueError(f"beam_size={beam} is used only at temperature 0, and temperature={shown} has no 0: give a "
+                         "temperature of 0 (beam search, sampling as the fallback) or leave out beam_size")  # fmt: skip
 
 
 def decoding_options(values: dict) -> DecodingOptions:

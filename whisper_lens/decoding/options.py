@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,6 +49,8 @@ class DecodingOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
                 raise TypeError(f"{name} must be an int or None, got {value!r}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator takes
+            raise ValueError(f"seed must be an int from -2**63 to 2**64 - 1 or None, got {self.seed!r}")
         if self.beam_size is not None and self.beam_size < 1:
             raise ValueError(f"beam_size must be a positive int or None, got {self.beam_size!r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -66,6 +68,8 @@ class DecodingOptions:
             check_number("max_initial_timestamp", self.max_initial_timestamp, low=0.0)
         if self.clips is not None:
             check_clips(self.clips)
+        if not isinstance(self.suppress_tokens, Iterator):  # (an iterator is read once, by make_plan)
+            suppress_ids(self.suppress_tokens)  # their form (their range needs the model: make_plan)
 
     @property
     def capacity(self) -> int:
@@ -214,21 +218,28 @@ def max_new_for(model: Whisper, options: DecodingOptions, prompt_length: int, cl
     return options.max_new_tokens
 
 
-def suppressed(model: Whisper, suppress_tokens: str | Iterable[int] | None) -> tuple[int, ...]:
-    """The tokens always forbidden: those asked for (``-1``: the non-speech symbols) and the prompt-only specials."""
-    tok = model.tokenizer
+def suppress_ids(suppress_tokens: object) -> list[int]:
+    """``suppress_tokens`` as token ids: text like '-1,220', a list of ints, or None (none); else a one-line error."""
+    if suppress_tokens is None:
+        return []
     if isinstance(suppress_tokens, str):
         try:
-            ids = [int(t) for t in suppress_tokens.split(",") if t.strip()]
+            return [int(t) for t in suppress_tokens.split(",") if t.strip()]
         except ValueError:
             raise ValueError(
                 f"suppress_tokens must be comma-separated ints like '-1,220', got {suppress_tokens!r}"
             ) from None
-    else:
-        ids = list(suppress_tokens or ())
-        if any(isinstance(t, bool) or not isinstance(t, int | np.integer) for t in ids):
-            raise ValueError(f"suppress_tokens must hold token ids (ints), got {suppress_tokens!r}")
-        ids = [int(t) for t in ids]
+    ids = list(suppress_tokens) if isinstance(suppress_tokens, Iterable) else None
+    if ids is None or any(isinstance(t, bool) or not isinstance(t, int | np.integer) for t in ids):
+        raise ValueError(f"suppress_tokens must be token ids (a list of ints, or text like '-1,220'), "
+                         f"got {suppress_tokens!r}")  # fmt: skip
+    return [int(t) for t in ids]
+
+
+def suppressed(model: Whisper, suppress_tokens: str | Iterable[int] | None) -> tuple[int, ...]:
+    """The tokens always forbidden: those asked for (``-1``: the non-speech symbols) and the prompt-only specials."""
+    tok = model.tokenizer
+    ids = suppress_ids(suppress_tokens)
     suppress = {t for t in ids if t != -1}
     bad = [t for t in suppress if not 0 <= t < model.dims.n_vocab]
     if bad:

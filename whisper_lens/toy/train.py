@@ -36,7 +36,7 @@ TOY_DIMS = ModelDims(
     n_vocab=256 + 1608, n_text_ctx=64, n_text_state=192, n_text_head=4, n_text_layer=4,
 )  # fmt: skip
 N_TRAIN = 16000  # training sentences of the shipped model
-TOY_DEFAULTS = {"timestamps": False, "condition_on_previous_text": False}  # trained on neither: saved with it
+TOY_DEFAULTS = {"timestamps": False, "condition_on_previous_text": False, "pad_with_silence": True}  # as trained
 MODEL_FILES = ["bytes.tiktoken", "config.json", "history.json", "model.safetensors"]  # what train writes into out
 RUN_FILES = ["bytes.tiktoken", "checkpoint.pt"]  # what train writes into run_dir (data_dir: the *.npz caches)
 COMMAND = "train-toy"  # the command the three folders' markers name
