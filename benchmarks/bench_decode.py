@@ -333,7 +333,8 @@ def speculation(repeats: int) -> list[list[str]]:
     rows = [header]
     for batch in (1, 8):
         groups = [xa[i : i + batch] for i in range(0, len(xa), batch)]
-        configs = [("copy", 4), ("head", 4), ("head", 8), ("copy", None), ("head", None)]
+        configs = [("copy", 4), ("head", 4), ("int8", 4), ("int8", 8), ("copy", None), ("head", None), ("int8", None)]
+        configs = [c for c in configs if sp.draft_for(model, c[0]) is not None]  # int8 where this build has it
 
         def run(kind, k, groups=groups):
             paces = [sp.decode(model, audio_features=g, timestamps=True, draft=sp.draft_for(model, kind),
@@ -364,8 +365,9 @@ def speculation(repeats: int) -> list[list[str]]:
                 row_rounds += rounds * len(g)
                 if kind == "copy":  # a draft pass reads the bf16 copy (half), a check the fp32 weights
                     read += rounds * step + p.drafted * step / 2
-                else:  # each position: the fp32 blocks and audio; each guess: the bf16 head; each check: fp32 head
-                    read += (p.drafted + rounds) * (step - unembed) + p.drafted * unembed / 2 + rounds * unembed
+                else:  # each position: the fp32 blocks and audio; each guess: the bf16 (int8) head; each check: fp32
+                    share = 1 / 4 if kind == "int8" else 1 / 2
+                    read += (p.drafted + rounds) * (step - unembed) + p.drafted * unembed * share + rounds * unembed
             tokens = sum(p.emitted for p in ps) - len(xa)  # every row's, after the prompts' passes
             rows.append([str(batch), kind, "Pace" if k is None else str(k), f"{acc / max(acc + rej, 1):.1%}",
                          f"{tokens / max(row_rounds, 1):.2f}", f"{read / max(tokens, 1) / 2**20:.0f}",

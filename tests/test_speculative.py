@@ -27,7 +27,7 @@ from .conftest import openai_model, save_openai
 whisper = pytest.importorskip("whisper")
 
 MULTI = os.path.join(os.path.dirname(whisper.__file__), "assets", "multilingual.tiktoken")
-KINDS = ["copy", "head"]
+KINDS = ["copy", "head"]  # bf16; "int8" (the head in int8) is checked on real speech at batch 8 and on odd shapes
 SHIPPED = Path(__file__).resolve().parent.parent / "whisper_lens" / "assets" / "speech"
 # odd shapes: 5 heads of 8, three decoder blocks over a 24-position audio, a 40-token context
 ODD = ModelDims(n_mels=80, n_audio_ctx=24, n_audio_state=40, n_audio_head=5, n_audio_layer=1, n_vocab=51865,
@@ -72,20 +72,22 @@ def plain_results(real_tiny_en, real_features) -> dict[bool, list]:
 @pytest.mark.parametrize("timestamps", [False, True])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_real_speech_gives_the_plain_loops_results(real_tiny_en, real_features, plain_results, timestamps, batch):
-    """Both bf16 drafts of the real tiny.en (the decoder's copy, its head), over every clip: results equal, and
-    most guesses accepted."""
-    accepted, proposed = dict.fromkeys(KINDS, 0), dict.fromkeys(KINDS, 0)
+    """Both bf16 drafts of the real tiny.en (the decoder's copy, its head), and at batch 8 the int8 head, over
+    every clip: results equal, and most guesses accepted."""
+    kinds = KINDS + ["int8"] if batch == 8 else KINDS
+    assert sp.draft_for(real_tiny_en, "int8") is not None  # the CPU build tested has torch's int8 linear layer
+    accepted, proposed = dict.fromkeys(kinds, 0), dict.fromkeys(kinds, 0)
     for first in range(0, len(real_features), batch):
         xa = real_features[first : first + batch]
         plain = plain_results[timestamps][first : first + batch]
-        for kind in KINDS:
+        for kind in kinds:
             draft = sp.draft_for(real_tiny_en, kind)
             spec, pace = sp.decode(real_tiny_en, audio_features=xa, timestamps=timestamps, draft=draft, guesses=4)
             assert_same(plain, spec)
             assert pace.emitted == sum(len(r.tokens) + 1 for r in plain)  # every token and each EOT
             accepted[kind] += pace.accepted
             proposed[kind] += pace.accepted + pace.rejected
-    for kind in KINDS:  # bf16 agrees with fp32 nearly always (not needed for equality: for the speed)
+    for kind in kinds:  # bf16 and int8 agree with fp32 nearly always (not needed for equality: for the speed)
         assert accepted[kind] > 0.8 * proposed[kind], kind
 
 
@@ -209,13 +211,18 @@ def test_filter_rows_equals_filter_logits_row_by_row(odd):
 def test_the_draft_is_made_once_kept_off_the_model_and_made_again_after_an_edit(odd):
     keys = set(odd.state_dict())
     attributes = set(vars(odd))
-    draft, head = sp.draft_for(odd), sp.draft_for(odd, "head")
-    assert sp.draft_for(odd) is draft and sp.draft_for(odd, "head") is head
+    draft, head, int8 = sp.draft_for(odd), sp.draft_for(odd, "head"), sp.draft_for(odd, "int8")
+    assert sp.draft_for(odd) is draft and sp.draft_for(odd, "head") is head and sp.draft_for(odd, "int8") is int8
     assert draft.decoder.token_embedding.weight.dtype == head.head.dtype == torch.bfloat16
+    assert (draft.kind, head.kind, int8.kind) == ("copy", "head", "int8")
+    x = torch.randn(3, ODD.n_text_state)  # the int8 head's logits follow the fp32 unembedding's to within int8's steps
+    fp32 = x @ odd.decoder.token_embedding.weight.T  # (3, V)
+    assert (int8.head_logits(x) - fp32).abs().max() < 0.05 * fp32.abs().max()
     assert set(odd.state_dict()) == keys and set(vars(odd)) == attributes  # nothing set on the model
     with torch.no_grad():
         odd.decoder.blocks[0].mlp[0].weight.mul_(1.0)  # an in-place edit (same values, new version)
     assert sp.draft_for(odd) is not draft and sp.draft_for(odd, "head") is not head
+    assert sp.draft_for(odd, "int8") is not int8
 
 
 def test_pace_switches_drafting_off_when_it_does_not_pay():
@@ -237,7 +244,7 @@ def test_pace_switches_drafting_off_when_it_does_not_pay():
     assert costly.next_k(room=10) == 0
 
 
-@pytest.mark.parametrize("choice", ["plain", "copy", "head"])
+@pytest.mark.parametrize("choice", ["plain", "copy", "head", "int8"])
 def test_every_choice_of_the_measured_fast_path_gives_the_same_numbers(odd, odd_mel, choice):
     """Whatever the one-off timing chose on this machine (a kind of draft, or none), the results are the same."""
     options = dict(timestamps=True, max_new_tokens=17, language="en")
@@ -250,7 +257,7 @@ def test_every_choice_of_the_measured_fast_path_gives_the_same_numbers(odd, odd_
 def test_calibration_times_each_kind_and_the_plain_step(odd):
     """The one-off timing gives seconds per token for the plain step and each kind of draft."""
     seconds = sp.calibrate(odd, rows=2, repeats=1)
-    assert set(seconds) == {"plain", "copy", "head"} and all(0 < s < math.inf for s in seconds.values())
+    assert set(seconds) == {"plain", "copy", "head", "int8"} and all(0 < s < math.inf for s in seconds.values())
 
 
 # ----------------------------------------------------------------------------- generate and transcribe

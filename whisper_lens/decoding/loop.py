@@ -247,7 +247,7 @@ def generate(
         clip share its audio: it is encoded once and its keys and values are computed and read once
         per step, not once per row. The per-clip options above (language, prompt, decoder_blocks)
         then take one entry per row, and one result is returned per row.
-    speculative: greedy decoding (temperature 0, no beams, traces, edits or depths) where a bf16 draft's
+    speculative: greedy decoding (temperature 0, no beams, traces, edits or depths) where a bf16 or int8 draft's
         guesses are checked by the fp32 model, several tokens per fp32 pass, when a one-off timing on this
         machine says it pays (``speculative.py``); the results are the plain loop's (up to float rounding).
     Returns one ``DecodingResult`` per clip (per row with ``clips``).

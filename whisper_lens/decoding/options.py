@@ -42,7 +42,7 @@ class DecodingOptions:
     compile: bool = False
     decoder_blocks: int | Sequence[int] | None = None
     clips: Sequence[int] | None = None
-    speculative: bool = False  # greedy: a bf16 draft's guesses checked by the fp32 model (speculative.py)
+    speculative: bool = False  # greedy: a bf16 or int8 draft's guesses checked by the fp32 model (speculative.py)
 
     def __post_init__(self) -> None:
         for name in ("beam_size", "max_new_tokens", "seed"):

@@ -60,6 +60,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -83,6 +84,7 @@ if TYPE_CHECKING:
     from .results import DecodingResult
 
 LOG = logging.getLogger(__name__)
+KINDS = ("copy", "head", "int8")  # the drafts (``Draft``)
 MAX_GUESSES = 8  # the most tokens the draft proposes per round
 FIRST_GUESSES = 4  # the proposals of the first drafting round, before anything is measured
 
@@ -94,24 +96,32 @@ FIRST_GUESSES = 4  # the proposals of the first drafting round, before anything 
 class Draft:
     """What proposes the guesses, made from a model's decoder, and the weight versions it was made from.
 
-    Two kinds. ``decoder`` set ("copy"): a copy of the whole decoder in ``dtype``, with its own
+    Three kinds. ``decoder`` set ("copy"): a copy of the whole decoder in ``dtype``, with its own
     cache; one fp32 pass over k + 1 positions verifies. ``head`` set ("head"): only the
-    unembedding in ``dtype`` (the step's one big product: 80 of tiny's 108 MiB); the guesses come
+    unembedding in bfloat16 (the step's one big product: 80 of tiny's 108 MiB); the guesses come
     from the fp32 blocks' own final stream, step by step, and verifying them is one fp32
-    unembedding of the k + 1 streams. The head kind reads the blocks' weights at every position
-    but writes the fp32 cache as the plain loop does; the copy kind reads half the bytes per guess
-    but its small low-precision products cost more per call on a CPU.
+    unembedding of the k + 1 streams. "int8" is the head kind with the unembedding in int8
+    (``int8_head``: a quarter of the bytes, through torch's dynamically quantised linear layer).
+    The head kinds read the blocks' weights at every position but write the fp32 cache as the
+    plain loop does; the copy kind reads half the bytes per guess but its small low-precision
+    products cost more per call on a CPU.
     """
 
     decoder: TextDecoder | None  # "copy": the same modules, weights in ``dtype``
     dtype: torch.dtype
     made_from: tuple[tuple[int, int], ...]  # (data pointer, version) of each source parameter
-    head: Tensor | None = None  # "head": the unembedding (V, D) in ``dtype``
+    head: Tensor | torch.nn.Module | None = None  # the head kinds: the unembedding (V, D) in ``dtype``, or int8's layer
     verifying: dict[int, Kernels] = field(default_factory=dict)  # rows -> kernels of the fp32 verification pass
 
     @property
     def kind(self) -> str:
-        return "copy" if self.decoder is not None else "head"
+        return "copy" if self.decoder is not None else "int8" if self.dtype == torch.qint8 else "head"
+
+    def head_logits(self, x: Tensor) -> Tensor:
+        """A head kind's guessing logits (L, V), fp32, of final streams ``x`` (L, D)."""
+        if isinstance(self.head, Tensor):
+            return F.linear(x.to(self.dtype), self.head).float()  # (L, V)
+        return self.head(x.float()).float()  # (L, V)
 
     @staticmethod
     def stamp(decoder: TextDecoder) -> tuple[tuple[int, int], ...]:
@@ -122,21 +132,52 @@ class Draft:
 _DRAFTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {dtype: Draft}
 
 
-def draft_for(model: Whisper, kind: str = "copy", dtype: torch.dtype = torch.bfloat16) -> Draft:
-    """``model``'s draft of ``kind`` ("copy" or "head") in ``dtype``, made at first use and kept (outside the
-    model, while it lives); made again when the decoder's weights have changed."""
-    if kind not in ("copy", "head"):
-        raise ValueError(f"a draft is a 'copy' of the decoder or its 'head' (the unembedding), got {kind!r}")
+def draft_for(model: Whisper, kind: str = "copy", dtype: torch.dtype = torch.bfloat16) -> Draft | None:
+    """``model``'s draft of ``kind`` ("copy" or "head" in ``dtype``, or "int8"), made at first use and kept
+    (outside the model, while it lives); made again when the decoder's weights have changed. None for "int8"
+    where this build or device has no int8 linear layer."""
+    if kind not in KINDS:
+        raise ValueError(f"a draft is a 'copy' of the decoder, its 'head' (the unembedding) or its 'int8' head, "
+                         f"got {kind!r}")  # fmt: skip
+    if kind == "int8":
+        dtype = torch.qint8
     drafts = _DRAFTS.setdefault(model, {})
     stamp = Draft.stamp(model.decoder)
     draft = drafts.get((kind, dtype))
     if draft is None or draft.made_from != stamp:
         if kind == "copy":
             draft = Draft(cast_copy(model.decoder, dtype), dtype, stamp)
+        elif kind == "int8":
+            head = int8_head(model.decoder.token_embedding.weight)
+            if head is None:
+                return None
+            draft = Draft(None, dtype, stamp, head=head)
         else:
             draft = Draft(None, dtype, stamp, head=model.decoder.token_embedding.weight.detach().to(dtype))
         drafts[(kind, dtype)] = draft
     return draft
+
+
+def int8_head(weight: Tensor) -> torch.nn.Module | None:
+    """The unembedding ``weight`` (V, D) as an int8 linear layer: weights quantised per row (one scale per
+    token), activations quantised on the fly (torch's dynamic quantisation, x86's fbgemm or oneDNN). Only
+    its argmax is used, as a guess. None where this build or device lacks it (it is CPU-only, and torch
+    marks the API deprecated: a torch without it leaves the other kinds)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return None
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    lin.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+            head = quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                    dtype=torch.qint8)[0]  # fmt: skip
+            y = head(torch.ones(2, weight.shape[1]))  # (2, V): it runs here
+    except (ImportError, AttributeError, RuntimeError, NotImplementedError):
+        return None
+    return head if y.shape == (2, weight.shape[0]) else None
 
 
 class AnyRows(Kernels):
@@ -431,7 +472,7 @@ def guess_from_streams(d: Decoding, draft: Draft, rows: Rows, live: Tensor, k: i
         x = stream(decoder, tokens, pos, d.cache.upto(int(pos.max()) + 1))  # (L, 1, D): the final stream
         streams.append(x)
         if j < k:
-            logits = F.linear(x[:, 0].to(draft.dtype), draft.head).float()  # (L, V)
+            logits = draft.head_logits(x[:, 0])  # (L, V)
             hist = history(d, rows, live, guesses)  # (L, W)
             guess = filter_rows(logits, hist, m + j, d.plan, d.model.tokenizer, d.vocab).argmax(dim=-1)  # (L,)
             guesses = torch.cat([guesses, guess[:, None]], dim=1)  # (L, j + 1)
@@ -529,7 +570,7 @@ def calibrate(model: Whisper, rows: int, k: int = 4, repeats: int = 5, budget: f
     posk = (n + torch.arange(k + 1, device=dev)).expand(rows, k + 1)  # (R, k + 1)
     tok1 = torch.zeros(rows, 1, dtype=torch.long, device=dev)
     tokk = torch.zeros(rows, k + 1, dtype=torch.long, device=dev)
-    copy_draft, head_draft = draft_for(model, "copy"), draft_for(model, "head")
+    copy_draft, head_draft, int8_draft = draft_for(model, "copy"), draft_for(model, "head"), draft_for(model, "int8")
     ops = verifying_kernels(model, head_draft, rows * (MAX_GUESSES + 1))
     plain_ops = Kernels.for_decoding(decoder, rows)  # the plain loop's
     dcache = cast_cache(cache, copy_draft.dtype)
@@ -537,9 +578,9 @@ def calibrate(model: Whisper, rows: int, k: int = 4, repeats: int = 5, budget: f
     def best(fn) -> float:
         return fastpaths.best_of(fn, dev, repeats, budget)
 
-    def head_guess():
+    def head_guess(draft: Draft):
         x = stream(decoder, tok1, pos1, cache)  # (R, 1, D)
-        F.linear(x[:, 0].to(head_draft.dtype), head_draft.head).float().argmax(dim=-1)
+        draft.head_logits(x[:, 0]).argmax(dim=-1)
 
     plain = best(lambda: unembed(decoder, stream(decoder, tok1, pos1, cache), plain_ops))
     check = best(lambda: unembed(decoder, stream(decoder, tokk, posk, cache), ops))
@@ -547,10 +588,13 @@ def calibrate(model: Whisper, rows: int, k: int = 4, repeats: int = 5, budget: f
     unembed_k = best(lambda: ops.linear(streams, decoder.token_embedding))  # the check of the head kind
     unembed1 = best(lambda: plain_ops.linear(streams[:, :1], decoder.token_embedding))  # a plain step's
     copy_s = best(lambda: copy_draft.decoder.unembed(stream(copy_draft.decoder, tok1, pos1, dcache)))
-    head_s = best(head_guess)
+    head_s = best(lambda: head_guess(head_draft))
     tokens = sum(AGREEMENT**i for i in range(k + 1))
     seconds = {fastpaths.PLAIN: plain, "copy": (k * copy_s + check) / tokens,
                "head": (k * head_s + plain - unembed1 + unembed_k) / tokens}  # fmt: skip
+    if int8_draft is not None:
+        int8_s = best(lambda: head_guess(int8_draft))
+        seconds["int8"] = (k * int8_s + plain - unembed1 + unembed_k) / tokens
     LOG.debug("calibration, %d rows: plain %.4f s, check %.4f, unembeddings %.4f / %.4f, copy guess %.4f, "
               "head guess %.4f", rows, plain, check, unembed_k, unembed1, copy_s, head_s)  # fmt: skip
     return seconds
