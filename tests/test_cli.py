@@ -201,6 +201,7 @@ def test_errors_of_the_python_api_name_the_flags(capsys):
         (["--no_speech_threshold", "0.5x"], ["--no_speech_threshold", "0.5x"]),
         (["--beam-size", "5", "--temperature", "0.5"], ["--beam-size 5", "--temperature (0.5, 0.7, 0.9)"]),
         (["--beam_size=5", "--temperature", "0.5", "--temperature_increment_on_fallback", "None"], ["--beam-size 5"]),
+        (["--seed", str(2**70), "--temperature", "0.5"], ["error: --seed must be", str(2**70)]),
     ],
 )
 def test_transcribe_options_are_refused_before_any_window_in_flag_names(flags, named, capsys, monkeypatch, tmp_path):

@@ -822,6 +822,7 @@ def in_flags(message: str, parser: argparse.ArgumentParser, argv: list[str]) -> 
         if not flags or action.dest in ("help", "model"):
             continue
         message = re.sub(rf"(?<![\w.-]){action.dest}=", f"{flags[0]} ", message)
+        message = re.sub(rf"^{action.dest}\b(?!-)", flags[0], message)  # "seed must be ..." names --seed
         if "_" in action.dest:
             message = re.sub(rf"(?<![\w.-]){action.dest}\b", flags[0], message)
     return " ".join(message.split())
