@@ -32,9 +32,10 @@ from unittest import mock
 
 import pytest
 
-# the suite keeps the fast paths it times in memory: it never writes the user's cache (tests/test_fastpaths.py
-# gives the cache its own folder where it is the point)
-os.environ.setdefault("WHISPER_LENS_FASTPATHS", "memory")
+# the suite times no fast path (the plain ops; a timing per shape and row count cost minutes over the suite) and
+# never writes the user's cache: tests/test_fastpaths.py, test_parity.py and test_speculative.py force each choice
+# and check that the numbers do not change, and give the cache its own folder where it is the point
+os.environ.setdefault("WHISPER_LENS_FASTPATHS", "plain")
 
 ROOT = Path(__file__).resolve().parent
 HUB_REPO = "Systran/faster-whisper-tiny.en"  # where load_model("tiny.en") looks in the hub cache

@@ -50,12 +50,6 @@ def textbook() -> Iterator[None]:
         TEXTBOOK.reset(token)
 
 
-def written_out() -> bool:
-    """Whether this thread is inside ``textbook()``. False while ``torch.compile`` traces a step (its tracer
-    cannot read a context variable; a compiled step is never the textbook one)."""
-    return not torch.compiler.is_compiling() and TEXTBOOK.get()
-
-
 @dataclass(frozen=True)
 class ModelDims:
     """The ten numbers that fix a Whisper network's shape (OpenAI's field names)."""
@@ -125,7 +119,7 @@ class Attention(nn.Module):
         ``decoding.KVCache``): a step's self-attention writes its own there at positions ``pos`` (B or 1, T) first.
         """
         q = rec("q", self.query(x).view(*x.shape[:2], self.n_head, -1)).transpose(1, 2)  # (B, H, T, Dh)
-        written = written_out() or rec.wants("scores", "pattern")  # the formula written out
+        written = not torch.compiler.is_compiling() and TEXTBOOK.get() or rec.wants("scores", "pattern")  # written out
         if cache is None:  # teacher-forced: the keys and values of the whole sequence, computed here
             k, v = self.kv(x if xa is None else xa, rec)  # (B, S, H, Dh)
             k, v = cache = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, Dh)
