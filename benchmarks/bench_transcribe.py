@@ -19,6 +19,7 @@ compared with openai-whisper's.
     pip install -e '.[bench]'
     python benchmarks/bench_transcribe.py               # 2 threads, 3 repeats (a few minutes)
     python benchmarks/bench_transcribe.py --repeats 1 --threads 1
+    python benchmarks/bench_transcribe.py --speculative   # also ours with exact speculation, interleaved
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def recordings() -> list[np.ndarray]:
     return [joined(clips, 2.0), joined(clips[::-1], 2.8)]
 
 
-def measure(words: bool, previous: bool, audios, ours, ref, fast, repeats: int) -> tuple[dict, dict]:
+def measure(words: bool, previous: bool, audios, ours, ref, fast, repeats: int,
+            speculative: bool = False) -> tuple[dict, dict]:  # fmt: skip
     """Median seconds of each implementation transcribing both recordings, and the texts each gave;
     with ``fast`` None, ours and openai-whisper's only, else faster-whisper's only.
 
@@ -65,9 +67,9 @@ def measure(words: bool, previous: bool, audios, ours, ref, fast, repeats: int) 
 
     texts = {}
 
-    def run_ours():
-        options = dict(word_timestamps=words, condition_on_previous_text=previous)
-        texts["ours"] = [t.text for t in ours.transcribe(audios, **options)]
+    def run_ours(spec: bool = False):
+        options = dict(word_timestamps=words, condition_on_previous_text=previous, speculative=spec)
+        texts["spec" if spec else "ours"] = [t.text for t in ours.transcribe(audios, **options)]
 
     def run_openai():
         with torch.no_grad():
@@ -83,7 +85,8 @@ def measure(words: bool, previous: bool, audios, ours, ref, fast, repeats: int) 
         return go
 
     if fast is None:
-        return interleaved({"ours": run_ours, "openai": run_openai}, repeats=repeats), texts
+        runs = {"ours": run_ours, "openai": run_openai} | ({"spec": lambda: run_ours(True)} if speculative else {})
+        return interleaved(runs, repeats=repeats), texts
     return interleaved({"float32": run_fast("float32"), "int8": run_fast("int8")}, repeats=repeats), texts
 
 
@@ -91,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--speculative", action="store_true", help="also ours with speculative=True")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -113,9 +117,10 @@ def main() -> None:
           f"load average before: {os.getloadavg()[0]:.1f}")  # fmt: skip
 
     rows = [["word timestamps", "ours batched (s)", "openai-whisper (s)", "ratio", "faster-whisper fp32 (s)",
-             "faster-whisper int8 (s)"]]  # fmt: skip
+             "faster-whisper int8 (s)"] + (["ours speculative (s)"] if args.speculative else [])]  # fmt: skip
     configs = ((False, True), (True, True), (False, False))
-    found = [measure(words, previous, audios, ours, ref, None, args.repeats) for words, previous in configs]
+    found = [measure(words, previous, audios, ours, ref, None, args.repeats, args.speculative)
+             for words, previous in configs]  # fmt: skip
     fast = {ct: WhisperModel(str(folder), device="cpu", compute_type=ct, cpu_threads=args.threads)
             for ct in ("float32", "int8")}  # fmt: skip
     for (words, previous), (times, texts) in zip(configs, found, strict=True):
@@ -124,7 +129,9 @@ def main() -> None:
         label = ("on" if words else "off") + ("" if previous else ", no previous text")
         rows.append([label + ("" if same else " (texts differ!)"), f"{times['ours']:.2f}",
                      f"{times['openai']:.2f}", f"{times['openai'] / times['ours']:.2f}x",
-                     f"{fast_times['float32']:.2f}", f"{fast_times['int8']:.2f}"])  # fmt: skip
+                     f"{fast_times['float32']:.2f}", f"{fast_times['int8']:.2f}"]
+                    + ([f"{times['spec']:.2f}" + ("" if texts["spec"] == texts["ours"] else " (texts differ!)")]
+                       if args.speculative else []))  # fmt: skip
         for ct in ("float32", "int8"):
             if fast_texts[ct] != texts["openai"]:
                 print(f"faster-whisper {ct}: texts differ from openai-whisper's: {fast_texts[ct]}")
