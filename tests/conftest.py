@@ -64,6 +64,21 @@ def save_openai(model, path: Path) -> Path:
     return path
 
 
+def ending_model(dims: ModelDims, seed: int, boost: float, folder: Path):
+    """Our load of a random multilingual model of ``dims`` whose end-of-text is made likelier (``boost`` along the
+    final LayerNorm's bias), so that rows of a batch end at various lengths."""
+    import whisper
+
+    from whisper_lens import load_model
+
+    ref = openai_model(dims, seed=seed)
+    with torch.no_grad():
+        bias = ref.decoder.ln.bias
+        ref.decoder.token_embedding.weight[50257] += boost * bias / bias.norm() ** 2
+    multi = Path(whisper.__file__).parent / "assets" / "multilingual.tiktoken"
+    return load_model(save_openai(ref, folder / "model.pt"), tokenizer=str(multi))
+
+
 @pytest.fixture(scope="session")
 def small_hf_dir(tmp_path_factory):
     """A small-shape transformers model saved with save_pretrained, and the model itself."""

@@ -14,17 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from whisper_lens import fastpaths, load_model
+from whisper_lens import fastpaths
 from whisper_lens.audio import load_windows
 from whisper_lens.decoding import onednn_available
 from whisper_lens.model import ModelDims
 
-from .conftest import openai_model, save_openai
+from .conftest import ending_model
 
 whisper = pytest.importorskip("whisper")
 
 ROOT = Path(__file__).resolve().parent.parent
-MULTI = os.path.join(os.path.dirname(whisper.__file__), "assets", "multilingual.tiktoken")
 SHIPPED = ROOT / "whisper_lens" / "assets" / "speech"
 LITTLE = ModelDims(n_mels=80, n_audio_ctx=16, n_audio_state=32, n_audio_head=2, n_audio_layer=1, n_vocab=51865,
                    n_text_ctx=32, n_text_state=32, n_text_head=2, n_text_layer=2)  # fmt: skip
@@ -44,11 +43,7 @@ def own_cache(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="module")
 def little(tmp_path_factory):
     """A small random model whose end-of-text is made likelier (rows end at various lengths)."""
-    ref = openai_model(LITTLE, seed=3)
-    with torch.no_grad():
-        bias = ref.decoder.ln.bias
-        ref.decoder.token_embedding.weight[50257] += 1.5 * bias / bias.norm() ** 2
-    return load_model(save_openai(ref, tmp_path_factory.mktemp("little") / "little.pt"), tokenizer=MULTI)
+    return ending_model(LITTLE, 3, 1.5, tmp_path_factory.mktemp("little"))
 
 
 def assert_same_numbers(want, got) -> None:

@@ -22,7 +22,7 @@ from whisper_lens.decoding import filter_logits, make_plan
 from whisper_lens.decoding import speculative as sp
 from whisper_lens.model import ModelDims
 
-from .conftest import openai_model, save_openai
+from .conftest import ending_model, openai_model, save_openai
 
 whisper = pytest.importorskip("whisper")
 
@@ -105,11 +105,7 @@ def test_adaptive_pace_gives_the_plain_loops_results(real_tiny_en, real_features
 @pytest.fixture(scope="module")
 def odd(tmp_path_factory):
     """A random model of odd shapes whose end-of-text is made likelier (rows end at various lengths)."""
-    ref = openai_model(ODD, seed=5)
-    with torch.no_grad():
-        bias = ref.decoder.ln.bias
-        ref.decoder.token_embedding.weight[50257] += 2.0 * bias / bias.norm() ** 2
-    return load_model(save_openai(ref, tmp_path_factory.mktemp("odd") / "odd.pt"), tokenizer=MULTI)
+    return ending_model(ODD, 5, 2.0, tmp_path_factory.mktemp("odd"))
 
 
 @pytest.fixture(scope="module")
