@@ -190,10 +190,11 @@ def step_function(d: Decoding) -> Callable[[Tensor, Tensor], Tensor]:
         return step
 
     if d.rec.active:
+        recorded = checked(forward)
 
         def traced(tokens: Tensor, pos: Tensor) -> Tensor:
             r = pass_recorder(d.rec)
-            logits = checked(forward)(d.model.decoder, d.ops, tokens, pos, d.cache, r)[:, 0]  # (N, V)
+            logits = recorded(d.model.decoder, d.ops, tokens, pos, d.cache, r)[:, 0]  # (N, V)
             if d.tracing:
                 d.steps.append(r.trace)
             return logits
@@ -279,8 +280,8 @@ def generate(
     if draft is not None:  # several tokens per fp32 pass, the same results
         if bool(d.broken):
             raise non_finite(model, edits, "the decoder's logits")
-        n_sel, pace = speculation.speculate(d, draft)
-        if pace.broken is not None and bool(pace.broken):
+        n_sel, _ = speculation.speculate(d, draft)
+        if bool(d.broken):
             raise non_finite(model, edits, "the decoder's logits")
         return finish(d, n_sel=n_sel)
     check_every = 1 if xa.device.type == "cpu" else CUDA_CHECK_EVERY

@@ -285,7 +285,6 @@ class Pace:
     passes: int = 0  # fp32 passes
     emitted: int = 0  # tokens emitted by them (all rows)
     drafted: int = 0  # draft passes (guesses per row), over all rounds
-    broken: Tensor | None = None  # on the device: did any fp32 logits hold NaN or inf (read once, at the end)
 
     def next_k(self, room: int) -> int:
         """Guesses for the next round, at most ``room`` (the most tokens a row may still take, minus one)."""
@@ -385,8 +384,7 @@ def speculate(d: Decoding, draft: Draft, guesses: int | None = None) -> tuple[in
             t1 = now(dev)
             logits = verify(d, rows, live, proposed, ops)  # (L, k + 1, V)
             t2 = now(dev)
-        bad = nonfinite(logits)  # checked as the plain loop checks each step's logits
-        pace.broken = bad if pace.broken is None else pace.broken | bad
+        d.broken |= nonfinite(logits)  # checked as the plain loop checks each step's logits
         accepted, emitted = accept(d, rows, logits, proposed, live)
         if k:  # the draft fed positions last .. last + k - 1; those after the accepted guesses hold wrong tokens
             rows.draft_next[live] = torch.minimum(last + k, last + 1 + accepted)
