@@ -26,6 +26,7 @@ as STREAM counts it) and the fraction of it our loop reaches.
     python benchmarks/bench_decode.py --loop-only --beam 5   # beam search, batch 1 (openai-whisper's only)
     python benchmarks/bench_decode.py --profile base [--batch 1]   # where our loop's time goes, op by op
     python benchmarks/bench_decode.py --steady   # steady ms per step against CTranslate2 fp32 / int8 only
+    python benchmarks/bench_decode.py --steady --compile   # the same, with ours compiled (generate(compile=True))
     python benchmarks/bench_decode.py --speculative   # exact speculation on real speech: acceptance, bytes, time
 
 Steady decoding against CTranslate2 (faster-whisper's engine): ms per decoding step once the
@@ -168,11 +169,16 @@ def measure(ref, ours, hf, batch: int, repeats: int, loop: bool, beam: int | Non
 
 
 def profile(name: str, batch: int = 8) -> None:
-    """Our decoding loop once under the torch profiler: the ops that take the time, with their shapes.
+    """Our decoding loop once under the torch profiler: the ops that take the time, with their shapes; then the
+    Python calls per step (``cProfile``) and the functions that make most of them.
 
     Each line's share is of the whole ``generate`` call (cache set-up, weight packing and the 100
-    steps); "per call" divided into the bytes an op reads gives its read rate.
+    steps); "per call" divided into the bytes an op reads gives its read rate. Python calls per step
+    are counted as (calls for 100 tokens - calls for 20 tokens) / 80, so that set-up cancels out.
     """
+    import cProfile
+    import pstats
+
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -185,6 +191,22 @@ def profile(name: str, batch: int = 8) -> None:
     print(f"{name}, batch {batch}, {NEW_TOKENS} tokens, {torch.get_num_threads()} threads")
     ops = prof.key_averages(group_by_input_shape=True)
     print(ops.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=32, max_shapes_column_width=60))
+
+    counts, ops = {}, {}
+    for n in (NEW_TOKENS, SHORT_TOKENS):
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            timed_ours(ours, xa, n)
+        ops[n] = sum(e.count for e in prof.key_averages())
+        calls = cProfile.Profile()
+        calls.runcall(timed_ours, ours, xa, n)
+        counts[n] = {k: v[1] for k, v in pstats.Stats(calls).stats.items()}  # function -> calls
+    steps = NEW_TOKENS - SHORT_TOKENS
+    print(f"torch ops per step (nested ones included): {(ops[NEW_TOKENS] - ops[SHORT_TOKENS]) / steps:.0f}")
+    per_step = {k: (v - counts[SHORT_TOKENS].get(k, 0)) / steps
+                for k, v in counts[NEW_TOKENS].items()}  # fmt: skip
+    print(f"Python calls per step: {sum(per_step.values()):.0f}; the functions called most:")
+    for (file, line, fn), c in sorted(per_step.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {c:6.1f}  {fn} ({Path(file).name}:{line})")
 
 
 # ----------------------------------------------------------------------------- steady decoding against CTranslate2
@@ -246,11 +268,14 @@ def timed_ours(ours, xa: torch.Tensor, n: int, **options) -> float:
 
 
 def steady_step(ours, ct2: Ct2, key: str, xa: torch.Tensor, prompt: list[int]) -> float:
-    """Seconds per step of ours (``key`` "ours") or CTranslate2 (``key`` its compute type), once the loop runs."""
+    """Seconds per step of ours (``key`` "ours", or "compiled": ``compile=True``) or CTranslate2 (``key`` its compute
+    type), once the loop runs."""
     eot = ours.tokenizer.eot
 
     def seconds(n: int) -> float:
-        return timed_ours(ours, xa, n) if key == "ours" else ct2.seconds(key, xa, prompt, n, eot)
+        if key in ("ours", "compiled"):
+            return timed_ours(ours, xa, n, compile=key == "compiled")
+        return ct2.seconds(key, xa, prompt, n, eot)
 
     return (seconds(NEW_TOKENS) - seconds(SHORT_TOKENS)) / (NEW_TOKENS - SHORT_TOKENS)
 
@@ -267,12 +292,15 @@ def steady_models(folder: Path) -> list[tuple[str, object, Path]]:
     return [("tiny.en (real)", load_model(real), real), ("base.en (random)", base, folder / "base-ct2")]
 
 
-def steady(repeats: int, threads: int) -> list[list[str]]:
-    """Steady ms per decoding step, ours and CTranslate2 fp32 / int8, batch 1 and 8, interleaved by repeat."""
+def steady(repeats: int, threads: int, compiled: bool = False) -> list[list[str]]:
+    """Steady ms per decoding step, ours and CTranslate2 fp32 / int8, batch 1 and 8, interleaved by repeat;
+    ``compiled`` adds ours with ``compile=True`` (its compiling done in the warm-up round, not timed)."""
     import statistics
 
-    header = ["model", "batch", "ours ms/step", "CTranslate2 fp32 ms/step", "CTranslate2 int8 ms/step",
-              "ours / CT2 fp32"]  # fmt: skip
+    ours_keys = ["ours", "compiled"] if compiled else ["ours"]
+    header = ["model", "batch", "ours ms/step", *(["ours compiled ms/step"] if compiled else []),
+              "CTranslate2 fp32 ms/step", "CTranslate2 int8 ms/step", "ours / CT2 fp32",
+              *(["compiled / CT2 fp32", "eager / compiled"] if compiled else [])]  # fmt: skip
     rows = [header]
     mel = torch.as_tensor(load_mel_speech())  # (80, 3000): the first shipped clip, padded
     with tempfile.TemporaryDirectory() as tmp:
@@ -283,15 +311,19 @@ def steady(repeats: int, threads: int) -> list[list[str]]:
             for batch in (1, 8):
                 with torch.no_grad():
                     xa = ours.encoder(mel.expand(batch, -1, -1).contiguous())  # (B, S, D)
-                times: dict[str, list[float]] = {"ours": [], "float32": [], "int8": []}
+                times: dict[str, list[float]] = {k: [] for k in [*ours_keys, "float32", "int8"]}
+                torch._dynamo.reset()  # a fresh compile per shape: dynamo's limit of recompiles is never reached
                 for r in range(repeats + 1):  # the first round warms up
                     for key in times:
                         step = steady_step(ours, ct2, key, xa, prompt)
                         if r:
                             times[key].append(step)
                 ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-                rows.append([label, str(batch), f"{ms['ours']:.2f}", f"{ms['float32']:.2f}", f"{ms['int8']:.2f}",
-                             f"{ms['ours'] / ms['float32']:.2f}"])  # fmt: skip
+                row = [label, str(batch), *(f"{ms[k]:.2f}" for k in [*ours_keys, "float32", "int8"]),
+                       f"{ms['ours'] / ms['float32']:.2f}"]  # fmt: skip
+                if compiled:
+                    row += [f"{ms['compiled'] / ms['float32']:.2f}", f"{ms['ours'] / ms['compiled']:.2f}x"]
+                rows.append(row)
                 print(table([header, rows[-1]]).splitlines()[-1], f"load {os.getloadavg()[0]:.1f}", flush=True)
             ct2.close()
     return rows
@@ -386,6 +418,7 @@ def main() -> None:
     parser.add_argument("--beam", type=int, default=None, help="beam search with this many beams instead of greedy")
     parser.add_argument("--steady", action="store_true", help="only steady ms/step against CTranslate2 fp32 / int8")
     parser.add_argument("--speculative", action="store_true", help="only exact speculation on the real tiny.en")
+    parser.add_argument("--compile", action="store_true", help="with --steady: add ours with compile=True")
     args = parser.parse_args()
     if args.profile:
         return profile(args.profile, args.batch)
@@ -395,7 +428,7 @@ def main() -> None:
         return
     if args.steady:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
-        print(table(steady(args.repeats or 3, torch.get_num_threads())))
+        print(table(steady(args.repeats or 3, torch.get_num_threads(), args.compile)))
         return
     import transformers
 

@@ -15,8 +15,16 @@
    runs, ``KVCache.holding(...).attend``: keys stored transposed (B, H, Dh, S), softmax(q k^T) v
    written out. The speed-up is the last over the first. Layers' buffers are cycled so that the
    reads come from memory, not the cache.
+3. ``--drafts``: what a speculative draft's guess costs (decoding/speculative.py). The unembedding
+   (51865 x D) and a D x D projection at 1, 2, 4 and 8 rows in fp32 (``F.linear``), in bf16
+   (weight and input cast, as the "copy" and "head" drafts run) and in int8 (the "int8" draft's
+   dynamically quantised linear layer, one scale per output row), with each one's speed-up over
+   fp32 (how often the guesses agree with fp32 is measured on real speech: ``bench_decode.py
+   --speculative``); and the timestamp rule's best text token over a step's logits (N, V), ``amax`` against
+   ``max().values`` (decoding/filters.py).
 
     python benchmarks/bench_products.py [--repeats 20]
+    python benchmarks/bench_products.py --drafts [--repeats 20]
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from common import interleaved, table
 
 from whisper_lens.decoding.cache import KVCache
 from whisper_lens.decoding.packed import onednn_available, onednn_linear, onednn_pack
+from whisper_lens.decoding.speculative import int8_head
 
 VOCAB = 51865
 STEP_ROWS = 64  # this table times a packed copy up to this many rows, oneDNN's plain product beyond
@@ -75,11 +84,53 @@ def attention_case(B: int, H: int, repeats: int) -> list[str]:
     return [f"{B} x {H} x {S} x {Dh}", *gbs, f"{t['contiguous'] / t['audio']:.2f}x"]
 
 
+def draft_case(out: int, D: int, n: int, repeats: int) -> list[str]:
+    """One row of the drafts table: fp32 ``F.linear``'s time for n rows x (out, D), and bf16's and int8's speed-ups.
+
+    Each kind cycles COLD_BYTES of its own copies (four times as many int8 copies as fp32 ones), so that
+    each product reads its weight from memory, as in a step; times are per product."""
+    g = torch.Generator().manual_seed(out + n)
+    w = torch.randn(out, D, generator=g) / 20
+    x = torch.randn(n, D, generator=g)
+    count = {k: -(-COLD_BYTES // (out * D * size)) for k, size in (("fp32", 4), ("bf16", 2), ("int8", 1))}
+    fp32 = [w.clone() for _ in range(count["fp32"])]
+    bf16 = [w.bfloat16() for _ in range(count["bf16"])]
+    fns = {"fp32": lambda: [F.linear(x, v) for v in fp32], "bf16": lambda: [F.linear(x.bfloat16(), h) for h in bf16]}
+    if int8_head(w) is not None:  # where this build has torch's dynamic quantisation
+        heads = [int8_head(w) for _ in range(count["int8"])]
+        fns["int8"] = lambda: [h(x) for h in heads]
+    t = {k: v / count[k] for k, v in interleaved(fns, repeats=repeats).items()}  # seconds per product
+    ups = [f"{t['fp32'] / t[k]:.2f}x" if k in t else "n/a" for k in ("bf16", "int8")]
+    return [f"{out} x {D}", str(n), f"{t['fp32'] * 1e3:.3f}", *ups]
+
+
+def best_text_token(N: int, repeats: int) -> list[str]:
+    """The timestamp rule's best text token of a step's logits (N, V): ``amax`` against ``max().values``, in µs."""
+    logits = torch.randn(N, VOCAB, generator=torch.Generator().manual_seed(N))[:, :50257]  # (N, text tokens)
+    assert torch.equal(logits.amax(-1), logits.max(-1).values)
+    t = interleaved({"amax": lambda: [logits.amax(-1) for _ in range(100)],
+                     "max": lambda: [logits.max(-1).values for _ in range(100)]}, repeats=repeats)  # fmt: skip
+    return [str(N), f"{t['amax'] * 1e4:.1f}", f"{t['max'] * 1e4:.1f}", f"{t['max'] / t['amax']:.2f}x"]
+
+
+def drafts(repeats: int) -> None:
+    """The two tables of ``--drafts``."""
+    shapes = [(out, D, n) for D in (384, 512) for out in (VOCAB, D) for n in (1, 2, 4, 8)]
+    rows = [draft_case(out, D, n, repeats) for out, D, n in shapes]
+    print(table([["weight (out x in)", "rows", "fp32 F.linear ms", "bf16 speed-up", "int8 speed-up"], *rows]))
+    print()
+    rows = [best_text_token(N, repeats) for N in (1, 8, 40)]
+    print(table([["rows", "amax µs", "max().values µs", "amax speed-up"], *rows]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--drafts", action="store_true", help="only the drafts' products (bf16, int8) and amax")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, oneDNN linear: {onednn_available()}")
+    if args.drafts:
+        return drafts(args.repeats)
     shapes = [(out, D, n) for D in (384, 512) for out in (VOCAB, D) for n in (1, 5, 8, 40)]
     shapes += [(D, D, 12000) for D in (384, 512)]
     rows = [linear_case(out, D, n, args.repeats) for out, D, n in shapes]
