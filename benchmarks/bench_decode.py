@@ -420,6 +420,8 @@ def main() -> None:
     parser.add_argument("--speculative", action="store_true", help="only exact speculation on the real tiny.en")
     parser.add_argument("--compile", action="store_true", help="with --steady: add ours with compile=True")
     args = parser.parse_args()
+    if args.compile and not args.steady:
+        parser.error("--compile goes with --steady")
     if args.profile:
         return profile(args.profile, args.batch)
     if args.speculative:
