@@ -551,7 +551,7 @@ def window_mel(model: Whisper, audio: Tensor, seek: int, frames: int, peak: floa
     of one window is read alike by ``transcribe`` and the lens. [n_mels, 2 * n_audio_ctx]
     """
     W, n_mels = 2 * model.dims.n_audio_ctx, model.dims.n_mels
-    silence = bool(getattr(model, "transcribe_defaults", {}).get("pad_with_silence", False))
+    silence = bool(model.transcribe_defaults.get("pad_with_silence", False))
     return pad_or_trim(mel_frames(audio, seek, W if silence else frames, n_mels, peak), W)  # (n_mels, W)
 
 

@@ -587,14 +587,18 @@ def calibrate(model: Whisper, rows: int, k: int = 4, repeats: int = 5, budget: f
     unembed1 = best(lambda: plain_ops.linear(streams[:, :1], decoder.token_embedding))  # a plain step's
     copy_s = best(lambda: copy_draft.decoder.unembed(stream(copy_draft.decoder, tok1, pos1, dcache)))
     head_s = best(lambda: head_guess(head_draft))
+    int8_s = best(lambda: head_guess(int8_draft)) if int8_draft is not None else None
     tokens = sum(AGREEMENT**i for i in range(k + 1))
-    seconds = {fastpaths.PLAIN: plain, "copy": (k * copy_s + check) / tokens,
-               "head": (k * head_s + plain - unembed1 + unembed_k) / tokens}  # fmt: skip
-    if int8_draft is not None:
-        int8_s = best(lambda: head_guess(int8_draft))
-        seconds["int8"] = (k * int8_s + plain - unembed1 + unembed_k) / tokens
+
+    def head_kind(guess: float) -> float:  # k guesses, then the plain step with a (k + 1)-row unembedding
+        return (k * guess + plain - unembed1 + unembed_k) / tokens
+
+    seconds = {fastpaths.PLAIN: plain, "copy": (k * copy_s + check) / tokens, "head": head_kind(head_s)}
+    if int8_s is not None:
+        seconds["int8"] = head_kind(int8_s)
     LOG.debug("calibration, %d rows: plain %.4f s, check %.4f, unembeddings %.4f / %.4f, copy guess %.4f, "
-              "head guess %.4f", rows, plain, check, unembed_k, unembed1, copy_s, head_s)  # fmt: skip
+              "head guess %.4f, int8 guess %s", rows, plain, check, unembed_k, unembed1, copy_s, head_s,
+              "n/a" if int8_s is None else f"{int8_s:.4f}")  # fmt: skip
     return seconds
 
 
