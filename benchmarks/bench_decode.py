@@ -312,7 +312,8 @@ def steady(repeats: int, threads: int, compiled: bool = False) -> list[list[str]
                 with torch.no_grad():
                     xa = ours.encoder(mel.expand(batch, -1, -1).contiguous())  # (B, S, D)
                 times: dict[str, list[float]] = {k: [] for k in [*ours_keys, "float32", "int8"]}
-                torch._dynamo.reset()  # a fresh compile per shape: dynamo's limit of recompiles is never reached
+                if compiled:
+                    torch._dynamo.reset()  # a fresh compile per shape: dynamo's limit of recompiles is never reached
                 for r in range(repeats + 1):  # the first round warms up
                     for key in times:
                         step = steady_step(ours, ct2, key, xa, prompt)
