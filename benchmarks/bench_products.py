@@ -21,7 +21,9 @@
    dynamically quantised linear layer, one scale per output row), with each one's speed-up over
    fp32 (how often the guesses agree with fp32 is measured on real speech: ``bench_decode.py
    --speculative``); and the timestamp rule's best text token over a step's logits (N, V), ``amax`` against
-   ``max().values`` (decoding/filters.py).
+   ``max().values`` (decoding/filters.py); and what small ops cost whatever their size: the greedy
+   choice over the vocabulary (``argmax`` against ``max().indices`` and ``amax``) and ``F.gelu`` on
+   one and ten rows of tiny's MLP.
 
     python benchmarks/bench_products.py [--repeats 20]
     python benchmarks/bench_products.py --drafts [--repeats 20]
@@ -104,23 +106,49 @@ def draft_case(out: int, D: int, n: int, repeats: int) -> list[str]:
     return [f"{out} x {D}", str(n), f"{t['fp32'] * 1e3:.3f}", *ups]
 
 
+def per_call_us(fns: dict, repeats: int, calls: int = 100) -> dict[str, float]:
+    """Microseconds per call of each function, ``calls`` calls per timing, interleaved."""
+    t = interleaved({k: (lambda f=f: [f() for _ in range(calls)]) for k, f in fns.items()}, repeats=repeats)
+    return {k: v / calls * 1e6 for k, v in t.items()}
+
+
 def best_text_token(N: int, repeats: int) -> list[str]:
     """The timestamp rule's best text token of a step's logits (N, V): ``amax`` against ``max().values``, in µs."""
     logits = torch.randn(N, VOCAB, generator=torch.Generator().manual_seed(N))[:, :50257]  # (N, text tokens)
     assert torch.equal(logits.amax(-1), logits.max(-1).values)
-    t = interleaved({"amax": lambda: [logits.amax(-1) for _ in range(100)],
-                     "max": lambda: [logits.max(-1).values for _ in range(100)]}, repeats=repeats)  # fmt: skip
-    return [str(N), f"{t['amax'] * 1e4:.1f}", f"{t['max'] * 1e4:.1f}", f"{t['max'] / t['amax']:.2f}x"]
+    us = per_call_us({"amax": lambda: logits.amax(-1), "max": lambda: logits.max(-1).values}, repeats)
+    return [str(N), f"{us['amax']:.1f}", f"{us['max']:.1f}", f"{us['max'] / us['amax']:.2f}x"]
+
+
+def small_op_costs(repeats: int) -> list[list[str]]:
+    """What a decoding step's small ops cost here whatever their size: the greedy choice over the vocabulary
+    (``argmax``, ``max().indices``, and ``amax`` for comparison) at 1 and 8 rows, and ``F.gelu`` on one and ten
+    rows of tiny's MLP (1,536 and 15,360 numbers), in µs per call."""
+    rows = []
+    for N in (1, 8):
+        logits = torch.randn(N, VOCAB, generator=torch.Generator().manual_seed(N))  # (N, V)
+        assert torch.equal(logits.argmax(-1), logits.max(-1).indices)
+        us = per_call_us({"argmax": lambda x=logits: x.argmax(-1), "max": lambda x=logits: x.max(-1).indices,
+                          "amax": lambda x=logits: x.amax(-1)}, repeats)  # fmt: skip
+        rows.append([f"{N} x {VOCAB} logits", f"argmax {us['argmax']:.1f}",
+                     f"max().indices {us['max']:.1f}", f"amax {us['amax']:.1f}"])  # fmt: skip
+    for n in (1536, 15360):
+        x = torch.randn(1, 1, n, generator=torch.Generator().manual_seed(n))
+        us = per_call_us({"gelu": lambda x=x: F.gelu(x)}, repeats)
+        rows.append([f"{n} numbers", f"F.gelu {us['gelu']:.1f}", "", ""])
+    return rows
 
 
 def drafts(repeats: int) -> None:
-    """The two tables of ``--drafts``."""
+    """The three tables of ``--drafts``."""
     shapes = [(out, D, n) for D in (384, 512) for out in (VOCAB, D) for n in (1, 2, 4, 8)]
     rows = [draft_case(out, D, n, repeats) for out, D, n in shapes]
     print(table([["weight (out x in)", "rows", "fp32 F.linear ms", "bf16 speed-up", "int8 speed-up"], *rows]))
     print()
     rows = [best_text_token(N, repeats) for N in (1, 8, 40)]
     print(table([["rows", "amax µs", "max().values µs", "amax speed-up"], *rows]))
+    print()
+    print(table([["small op (µs per call)", "", "", ""], *small_op_costs(repeats)]))
 
 
 def main() -> None:
